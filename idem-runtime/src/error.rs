@@ -1,0 +1,112 @@
+//! The one error type of idem.
+
+use std::time::Duration;
+
+/// A boxed error from a store's backend (a Redis, PostgreSQL or SQLite client error).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in an idempotent call, each variant meaningful to a caller.
+///
+/// An `#[idempotent]` function's error type must implement `From<idem::Error>`; the body's own
+/// errors pass through untouched, and idem's errors are converted with that `From`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call with the same key is running now (and `on_conflict = "reject"`, the
+    /// default). Retry later; the running call's result will then be replayed.
+    #[error("a call with this idempotency key is already in flight")]
+    InFlight,
+
+    /// The key was used before with different arguments (a different fingerprint). The stored
+    /// result is not returned and the body did not run: the caller reused a key by mistake.
+    #[error("idempotency key reused with a different request (fingerprint mismatch)")]
+    KeyReuse,
+
+    /// The user key is empty or longer than [`MAX_KEY_LEN`](crate::key::MAX_KEY_LEN) bytes.
+    /// Nothing ran.
+    #[error("invalid idempotency key: {reason}")]
+    InvalidKey {
+        /// What is wrong with the key.
+        reason: String,
+    },
+
+    /// This caller's claim was taken over by another caller after its lease expired (it stalled,
+    /// or could not renew). Its result was not stored; the newer holder's result stands.
+    #[error("the claim's lease was lost to a newer holder (stale fencing token)")]
+    LeaseLost,
+
+    /// The store could not be reached or failed. The body does not run without a claim.
+    #[error("idempotency store error ({backend}): {source}")]
+    Store {
+        /// Which backend failed: `"memory"`, `"sqlite"`, `"redis"`, `"postgres"`, or a custom name.
+        backend: &'static str,
+        /// The backend's own error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A stored record could not be decoded (truncated, altered, or of an unknown format version).
+    /// The body is not re-run silently: remove the record or fix the store.
+    #[error("corrupt idempotency record: {reason}")]
+    Corrupt {
+        /// What was wrong with the record.
+        reason: String,
+    },
+
+    /// A stored record holds a result of another type than the caller expects (the function's
+    /// result type changed while records of the old type were still live, or two functions
+    /// share a scope and key).
+    #[error("stored result has type `{found}`, expected `{expected}`")]
+    TypeMismatch {
+        /// The type the caller expects.
+        expected: String,
+        /// The type recorded in the stored envelope.
+        found: String,
+    },
+
+    /// `on_conflict = "wait"`: the call in flight did not finish within the wait limit.
+    #[error("gave up waiting {0:?} for the call in flight with this key")]
+    WaitTimeout(Duration),
+
+    /// The result could not be encoded as JSON (or the arguments could not be fingerprinted),
+    /// e.g. a map with non-string keys.
+    #[error("could not encode value as JSON: {0}")]
+    Encode(#[source] serde_json::Error),
+
+    /// The encoded result is larger than the configured limit, so it was not stored.
+    #[error("result of {size} bytes exceeds the record size limit of {limit} bytes")]
+    TooLarge {
+        /// The encoded size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl Error {
+    /// Wraps a backend error as [`Error::Store`].
+    pub fn store(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Store {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// Builds an [`Error::Corrupt`] with a reason.
+    pub fn corrupt(reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether retrying the same call later may succeed (in flight, store trouble, wait timeout).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::InFlight | Error::Store { .. } | Error::WaitTimeout(_) | Error::LeaseLost
+        )
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,464 @@
+//! The call the `#[idempotent]` macro expands to: claim, run the body at most once, complete or
+//! release, replay.
+//!
+//! Everything here is plain Rust, usable (and tested) without the macro:
+//!
+//! ```
+//! # use idem_runtime::{exec::{Call, ErrorPolicy}, key::StorageKey, MemoryStore, Error};
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let store = MemoryStore::new();
+//! let out: Result<u32, Error> = Call::new(StorageKey::derive("docs", "k1"))
+//!     .store(&store)
+//!     .run(ErrorPolicy::never(), async { Ok(42) })
+//!     .await;
+//! assert_eq!(out.unwrap(), 42);
+//! # }
+//! ```
+
+use std::any::type_name;
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::fingerprint::{Fingerprint, FingerprintBuilder};
+use crate::key::{IntoKey, StorageKey};
+use crate::metrics::{bump, COUNTERS};
+use crate::record::{Outcome, Record};
+use crate::store::{default_store, Claim, FencingToken, Store};
+
+/// Default time a completed result is kept: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default lease of an in-flight claim: 30 seconds.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default limit on an encoded result: 8 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 8 << 20;
+
+/// What a call does when its key is in flight elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Fail at once with [`Error::InFlight`].
+    Reject,
+    /// Wait up to this long for the other call's result and replay it (or run, if the other call
+    /// released its claim); past it, [`Error::WaitTimeout`].
+    Wait(Duration),
+}
+
+/// The return type of an idempotent function: `Result<T, E>` with a storable `T` and an `E`
+/// that idem's errors convert into.
+#[diagnostic::on_unimplemented(
+    message = "`#[idempotent]` functions must return `Result<T, E>`, not `{Self}`",
+    label = "the return type must be `Result<T, E>`",
+    note = "`T` must implement `Serialize + DeserializeOwned` (it is stored and replayed), and `E` must implement `From<idem::Error>`"
+)]
+pub trait IdempotentResult: Sized {
+    /// The stored, replayed success value.
+    type Ok: Serialize + DeserializeOwned;
+    /// The function's error type.
+    type Err: From<Error>;
+    /// Splits into a `Result`.
+    fn into_result(self) -> Result<Self::Ok, Self::Err>;
+    /// Rebuilds from a `Result`.
+    fn from_result(result: Result<Self::Ok, Self::Err>) -> Self;
+}
+
+impl<T: Serialize + DeserializeOwned, E: From<Error>> IdempotentResult for Result<T, E> {
+    type Ok = T;
+    type Err = E;
+    fn into_result(self) -> Result<T, E> {
+        self
+    }
+    fn from_result(result: Result<T, E>) -> Self {
+        result
+    }
+}
+
+type Encode<E> = fn(&E) -> serde_json::Result<Vec<u8>>;
+type Decode<E> = fn(&[u8]) -> serde_json::Result<E>;
+
+/// Which `Err` results are kept and replayed (`cache_errors`). By default none: the claim is
+/// released so a retry runs the body again.
+pub struct ErrorPolicy<E> {
+    keep: Option<fn(&E) -> bool>,
+    codec: Option<(Encode<E>, Decode<E>)>,
+}
+
+impl<E> ErrorPolicy<E> {
+    /// Keep no errors (the default).
+    pub fn never() -> Self {
+        ErrorPolicy { keep: None, codec: None }
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> {
+    /// Keep every error (`cache_errors = true`).
+    pub fn always() -> Self {
+        fn yes<E>(_: &E) -> bool {
+            true
+        }
+        Self::when(yes::<E>)
+    }
+
+    /// Keep the errors `keep` accepts (`cache_errors = path::to::predicate`).
+    pub fn when(keep: fn(&E) -> bool) -> Self {
+        ErrorPolicy {
+            keep: Some(keep),
+            codec: Some((|e| serde_json::to_vec(e), |b| serde_json::from_slice(b))),
+        }
+    }
+}
+
+/// Computes a fingerprint by adding values to a builder; used by the macro for the parameters.
+pub fn fingerprint_with(add: impl FnOnce(&mut FingerprintBuilder) -> Result<()>) -> Result<Fingerprint> {
+    let mut b = FingerprintBuilder::new();
+    add(&mut b)?;
+    Ok(b.finish())
+}
+
+/// One idempotent call: where to look (store, key), what must match (fingerprint), and for how
+/// long (ttl, lease). Build it, then [`run`](Call::run) the body.
+pub struct Call<'s> {
+    store: Option<&'s dyn Store>,
+    key: Result<StorageKey>,
+    fingerprint: Result<Option<Fingerprint>>,
+    ttl: Duration,
+    lease: Duration,
+    on_conflict: OnConflict,
+    max_record_bytes: usize,
+}
+
+impl<'s> Call<'s> {
+    /// A call under `key` (usually from [`StorageKey::derive`]; an error there is returned by
+    /// [`run`](Call::run) without running anything). Defaults: no fingerprint, 24h ttl, 30s
+    /// lease, reject conflicts, the process-wide store.
+    pub fn new(key: Result<StorageKey>) -> Self {
+        Call {
+            store: None,
+            key,
+            fingerprint: Ok(None),
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
+            on_conflict: OnConflict::Reject,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+        }
+    }
+
+    /// A call keyed by content: the key is the fingerprint itself, so equal arguments share one
+    /// record (the macro's default when no `key = ...` is given).
+    pub fn by_content(scope: &(impl IntoKey + ?Sized), fingerprint: Result<Fingerprint>) -> Self {
+        match fingerprint {
+            Ok(fp) => Call::new(StorageKey::derive(scope, &fp.to_hex())).fingerprint(Ok(Some(fp))),
+            Err(e) => Call::new(Err(e)),
+        }
+    }
+
+    /// Uses `store` instead of the process-wide one.
+    pub fn store(mut self, store: &'s dyn Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// What must match when the key is reused; `Ok(None)` turns the check off.
+    pub fn fingerprint(mut self, fingerprint: Result<Option<Fingerprint>>) -> Self {
+        self.fingerprint = fingerprint;
+        self
+    }
+
+    /// How long a completed result is kept and replayed.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a claim is held before another caller may take it over; renewed every third of
+    /// it while the body runs.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// What to do when the key is in flight elsewhere.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.on_conflict = on_conflict;
+        self
+    }
+
+    /// The largest encoded result that is stored; larger ones fail with [`Error::TooLarge`].
+    pub fn max_record_bytes(mut self, limit: usize) -> Self {
+        self.max_record_bytes = limit;
+        self
+    }
+
+    /// Runs `body` at most once per key: replays a stored result, or claims the key, runs the
+    /// body, and stores its result (and `Err`s the `errors` policy keeps).
+    pub async fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+    {
+        R::from_result(self.run_inner(errors, body).await)
+    }
+
+    async fn run_inner<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> Result<R::Ok, R::Err>
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+    {
+        let key = self.key?;
+        let fingerprint = self.fingerprint?;
+        let default;
+        let store: &dyn Store = match self.store {
+            Some(s) => s,
+            None => {
+                default = default_store();
+                &*default
+            }
+        };
+        let token = match claim(store, &key, fingerprint.as_ref(), self.lease, self.on_conflict).await? {
+            Claimed::Token(token) => token,
+            Claimed::Replay(bytes) => {
+                bump(&COUNTERS.hits);
+                tracing::debug!(target: "idem", key = %key, "replay");
+                return replay::<R::Ok, R::Err>(&bytes, &errors);
+            }
+        };
+        bump(&COUNTERS.misses);
+        tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
+        let mut guard = ReleaseGuard { store, key: &key, token, armed: true };
+        let output = drive_renewing(store, &key, token, self.lease, body).await.into_result();
+
+        let (outcome, payload, type_name) = match &output {
+            Ok(v) => (Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>()),
+            Err(e) => match (errors.keep, errors.codec) {
+                (Some(keep), Some((encode, _))) if keep(e) => (Outcome::Err, encode(e), type_name::<R::Err>()),
+                _ => {
+                    guard.release().await;
+                    return output;
+                }
+            },
+        };
+        let payload = match payload {
+            Ok(p) => p,
+            Err(e) => {
+                guard.release().await;
+                return Err(Error::Encode(e).into());
+            }
+        };
+        let record = Record {
+            outcome,
+            fingerprint,
+            token: token.0,
+            completed_at_ms: unix_ms(),
+            ttl_ms: self.ttl.as_millis() as u64,
+            type_name,
+            payload: &payload,
+        }
+        .encode();
+        if record.len() > self.max_record_bytes {
+            guard.release().await;
+            return Err(Error::TooLarge { size: record.len(), limit: self.max_record_bytes }.into());
+        }
+        guard.armed = false;
+        match store.complete(&key, token, &record, self.ttl).await {
+            Ok(()) => {
+                tracing::debug!(target: "idem", key = %key, token = token.0, ?outcome, "completed");
+                output
+            }
+            Err(Error::LeaseLost) => {
+                bump(&COUNTERS.leases_lost);
+                tracing::warn!(target: "idem", key = %key, token = token.0,
+                    "lease lost before completion: the newer holder's result stands");
+                Err(Error::LeaseLost.into())
+            }
+            Err(e) => {
+                // The body ran: its effect is real, so the caller gets its result. The claim
+                // stays in flight until its lease runs out (releasing it would invite a re-run).
+                bump(&COUNTERS.store_errors);
+                tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
+                    "could not store the result; returning it unstored");
+                output
+            }
+        }
+    }
+}
+
+enum Claimed {
+    Token(FencingToken),
+    Replay(bytes::Bytes),
+}
+
+async fn claim(
+    store: &dyn Store,
+    key: &StorageKey,
+    fingerprint: Option<&Fingerprint>,
+    lease: Duration,
+    on_conflict: OnConflict,
+) -> Result<Claimed> {
+    let deadline = match on_conflict {
+        OnConflict::Reject => None,
+        OnConflict::Wait(d) => Some((Instant::now() + d, d)),
+    };
+    let mut pause = Duration::from_millis(2);
+    let mut counted_conflict = false;
+    loop {
+        match store.claim(key, fingerprint, lease).await {
+            Err(e) => {
+                bump(&COUNTERS.store_errors);
+                tracing::warn!(target: "idem", key = %key, error = %e, "claim failed");
+                return Err(e);
+            }
+            Ok(Claim::Acquired { token, takeover }) => {
+                if takeover {
+                    bump(&COUNTERS.takeovers);
+                    tracing::info!(target: "idem", key = %key, token = token.0, "took over an expired lease");
+                }
+                return Ok(Claimed::Token(token));
+            }
+            Ok(Claim::Completed(bytes)) => return Ok(Claimed::Replay(bytes)),
+            Ok(Claim::KeyReuse) => {
+                bump(&COUNTERS.key_reuses);
+                tracing::warn!(target: "idem", key = %key, "key reused with a different fingerprint");
+                return Err(Error::KeyReuse);
+            }
+            Ok(Claim::InFlight) => {
+                if !counted_conflict {
+                    counted_conflict = true;
+                    bump(&COUNTERS.conflicts);
+                    tracing::debug!(target: "idem", key = %key, ?on_conflict, "in flight elsewhere");
+                }
+                let Some((deadline, limit)) = deadline else {
+                    return Err(Error::InFlight);
+                };
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::WaitTimeout(limit));
+                }
+                store.wait_for_change(key, pause.min(deadline - now)).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn replay<T: DeserializeOwned, E: From<Error>>(bytes: &[u8], errors: &ErrorPolicy<E>) -> Result<T, E> {
+    let record = Record::decode(bytes)?;
+    let check = |expected: &str| {
+        if record.type_name == expected {
+            Ok(())
+        } else {
+            Err(Error::TypeMismatch { expected: expected.to_owned(), found: record.type_name.to_owned() })
+        }
+    };
+    match record.outcome {
+        Outcome::Ok => {
+            check(type_name::<T>())?;
+            serde_json::from_slice(record.payload)
+                .map_err(|e| Error::corrupt(format!("stored value does not decode as {}: {e}", type_name::<T>())).into())
+        }
+        Outcome::Err => {
+            let Some((_, decode)) = errors.codec else {
+                // An error was kept by an earlier version that cached errors; this caller cannot
+                // decode errors at all.
+                return Err(Error::TypeMismatch {
+                    expected: type_name::<T>().to_owned(),
+                    found: record.type_name.to_owned(),
+                }
+                .into());
+            };
+            check(type_name::<E>())?;
+            match decode(record.payload) {
+                Ok(e) => Err(e),
+                Err(e) => Err(Error::corrupt(format!("stored error does not decode as {}: {e}", type_name::<E>())).into()),
+            }
+        }
+    }
+}
+
+/// Polls `body` to completion while renewing the lease every third of it. The body is polled
+/// once before any timer exists, so bodies that finish at once pay nothing for renewal.
+async fn drive_renewing<F: Future>(store: &dyn Store, key: &StorageKey, token: FencingToken, lease: Duration, body: F) -> F::Output {
+    let mut body = pin!(body);
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll(cx))).await {
+        return out;
+    }
+    let period = (lease / 3).max(Duration::from_millis(10));
+    let mut tick = pin!(tokio::time::sleep(period));
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            biased;
+            out = body.as_mut() => return out,
+            _ = tick.as_mut(), if !lost => {
+                // Renew while still polling the body: a slow store must not stall it.
+                let mut renew = store.renew(key, token, lease);
+                let result = loop {
+                    tokio::select! {
+                        biased;
+                        out = body.as_mut() => return out,
+                        r = renew.as_mut() => break r,
+                    }
+                };
+                match result {
+                    Ok(()) => tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed"),
+                    Err(Error::LeaseLost) => {
+                        lost = true;
+                        tracing::warn!(target: "idem", key = %key, token = token.0, "lease lost while the body runs");
+                    }
+                    Err(e) => {
+                        bump(&COUNTERS.store_errors);
+                        tracing::warn!(target: "idem", key = %key, error = %e, "lease renewal failed; will retry");
+                    }
+                }
+                tick.as_mut().reset(Instant::now() + period);
+            }
+        }
+    }
+}
+
+/// Releases the claim if the call ends without completing: on `Err`, and (in the background)
+/// when the body panics or the call's future is dropped.
+struct ReleaseGuard<'a> {
+    store: &'a dyn Store,
+    key: &'a StorageKey,
+    token: FencingToken,
+    armed: bool,
+}
+
+impl ReleaseGuard<'_> {
+    async fn release(&mut self) {
+        self.armed = false;
+        bump(&COUNTERS.releases);
+        match self.store.release(self.key, self.token).await {
+            Ok(()) => tracing::debug!(target: "idem", key = %self.key, token = self.token.0, "released"),
+            Err(e) => {
+                if !matches!(e, Error::LeaseLost) {
+                    bump(&COUNTERS.store_errors);
+                }
+                tracing::warn!(target: "idem", key = %self.key, error = %e, "release failed; the lease will expire");
+            }
+        }
+    }
+}
+
+impl Drop for ReleaseGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            bump(&COUNTERS.releases);
+            tracing::debug!(target: "idem", key = %self.key, token = self.token.0,
+                panicking = std::thread::panicking(), "body did not finish; releasing");
+            self.store.release_in_background(self.key.clone(), self.token);
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

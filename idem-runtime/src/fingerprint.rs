@@ -1,0 +1,200 @@
+//! Fingerprints: what must match when a key is reused.
+//!
+//! A fingerprint is the SHA-256 of the canonical JSON of the fingerprinted values: object keys
+//! sorted by their UTF-8 bytes, no whitespace, strings escaped as serde_json escapes them. So two
+//! `HashMap`s with equal content (whatever their iteration order) give the same fingerprint, and
+//! the fingerprint does not depend on serde_json's `preserve_order` feature.
+
+use std::fmt;
+use std::io::Write;
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// SHA-256 of the canonical JSON of a call's fingerprinted values.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of one value.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        let value = serde_json::to_value(value).map_err(Error::Encode)?;
+        let mut hasher = HashWriter(Sha256::new());
+        write_canonical(&value, &mut hasher).map_err(Error::Encode)?;
+        Ok(Fingerprint(hasher.0.finalize().into()))
+    }
+
+    /// The fingerprint of raw bytes (the HTTP layer hashes method, path and body this way).
+    pub fn of_bytes(parts: &[&[u8]]) -> Self {
+        let mut h = Sha256::new();
+        for p in parts {
+            // Length-prefix each part so ("ab","c") and ("a","bc") differ.
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p);
+        }
+        Fingerprint(h.finalize().into())
+    }
+
+    /// 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        crate::hex::encode(&self.0)
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        crate::hex::decode::<32>(s).map(Fingerprint)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", self.to_hex())
+    }
+}
+
+/// Builds a fingerprint from several values, hashed as the canonical JSON array of them.
+///
+/// The `#[idempotent]` macro adds each non-skipped parameter in declaration order.
+pub struct FingerprintBuilder {
+    hasher: HashWriter,
+    count: usize,
+}
+
+impl Default for FingerprintBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FingerprintBuilder {
+    /// An empty builder (fingerprint of `[]`).
+    pub fn new() -> Self {
+        FingerprintBuilder {
+            hasher: HashWriter(Sha256::new()),
+            count: 0,
+        }
+    }
+
+    /// Adds one value. Fails with [`Error::Encode`] if it cannot be represented as JSON.
+    pub fn add<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<&mut Self> {
+        let value = serde_json::to_value(value).map_err(Error::Encode)?;
+        self.hasher.0.update(if self.count == 0 { b"[" } else { b"," });
+        self.count += 1;
+        write_canonical(&value, &mut self.hasher).map_err(Error::Encode)?;
+        Ok(self)
+    }
+
+    /// The fingerprint of the values added so far.
+    pub fn finish(mut self) -> Fingerprint {
+        if self.count == 0 {
+            self.hasher.0.update(b"[");
+        }
+        self.hasher.0.update(b"]");
+        Fingerprint(self.hasher.0.finalize().into())
+    }
+}
+
+/// Canonical JSON of `value` as a `String` (exposed for tests and debugging).
+pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    let value = serde_json::to_value(value).map_err(Error::Encode)?;
+    let mut out = Vec::new();
+    write_canonical(&value, &mut out).map_err(Error::Encode)?;
+    Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
+}
+
+fn write_canonical<W: Write>(value: &Value, out: &mut W) -> serde_json::Result<()> {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.write_all(b"{").map_err(serde_json::Error::io)?;
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",").map_err(serde_json::Error::io)?;
+                }
+                serde_json::to_writer(&mut *out, k)?;
+                out.write_all(b":").map_err(serde_json::Error::io)?;
+                write_canonical(v, out)?;
+            }
+            out.write_all(b"}").map_err(serde_json::Error::io)
+        }
+        Value::Array(items) => {
+            out.write_all(b"[").map_err(serde_json::Error::io)?;
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",").map_err(serde_json::Error::io)?;
+                }
+                write_canonical(v, out)?;
+            }
+            out.write_all(b"]").map_err(serde_json::Error::io)
+        }
+        scalar => serde_json::to_writer(out, scalar),
+    }
+}
+
+struct HashWriter(Sha256);
+
+impl Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, HashMap};
+
+    #[test]
+    fn equal_hashmaps_fingerprint_equal() {
+        // Build two maps with different insertion orders and enough entries that their
+        // iteration orders differ.
+        let mut a = HashMap::new();
+        let mut b = HashMap::new();
+        for i in 0..64 {
+            a.insert(format!("k{i}"), i);
+        }
+        for i in (0..64).rev() {
+            b.insert(format!("k{i}"), i);
+        }
+        assert_eq!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&b).unwrap());
+        let sorted: BTreeMap<_, _> = a.clone().into_iter().collect();
+        assert_eq!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&sorted).unwrap());
+        b.insert("k0".into(), 1000);
+        assert_ne!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&b).unwrap());
+    }
+
+    #[test]
+    fn canonical_form_sorts_keys_and_strips_space() {
+        let v: Value = serde_json::from_str(r#"{ "b": [1, {"z": 1, "a": "x\"y"}], "a": null }"#).unwrap();
+        assert_eq!(canonical_json(&v).unwrap(), r#"{"a":null,"b":[1,{"a":"x\"y","z":1}]}"#);
+    }
+
+    #[test]
+    fn builder_is_the_array_of_its_parts() {
+        let mut b = FingerprintBuilder::new();
+        b.add(&1).unwrap().add("two").unwrap();
+        assert_eq!(b.finish(), Fingerprint::of(&(1, "two")).unwrap());
+        assert_eq!(FingerprintBuilder::new().finish(), Fingerprint::of(&Vec::<u8>::new()).unwrap());
+    }
+
+    #[test]
+    fn non_string_map_keys_are_an_encode_error_not_a_panic() {
+        let mut m = HashMap::new();
+        m.insert(vec![1u8], 1);
+        assert!(matches!(Fingerprint::of(&m), Err(Error::Encode(_))));
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let f = Fingerprint::of("x").unwrap();
+        assert_eq!(Fingerprint::from_hex(&f.to_hex()), Some(f));
+    }
+}

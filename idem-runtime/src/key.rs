@@ -1,0 +1,186 @@
+//! User keys and storage keys.
+//!
+//! A user key is whatever the `key = ...` expression gives (a string, an integer, a UUID). It is
+//! never used as a backend key or as SQL text: the storage key is
+//! `hex(SHA-256(scope, 0x00, user key))`, fixed length and safe for every backend.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The longest accepted user key, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A value usable as an idempotency key or scope: it appends its bytes to a buffer.
+///
+/// Implemented for strings, integers, `bool`, `char` and references to them, and for
+/// `uuid::Uuid` with the `uuid` feature. Implement it for your own id types.
+pub trait IntoKey {
+    /// Appends this key's bytes to `out`.
+    fn append_key(&self, out: &mut Vec<u8>);
+}
+
+impl<K: IntoKey + ?Sized> IntoKey for &K {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        (**self).append_key(out)
+    }
+}
+
+impl IntoKey for str {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes())
+    }
+}
+
+impl IntoKey for String {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes())
+    }
+}
+
+impl IntoKey for std::borrow::Cow<'_, str> {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes())
+    }
+}
+
+impl IntoKey for [u8] {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self)
+    }
+}
+
+impl IntoKey for Vec<u8> {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self)
+    }
+}
+
+macro_rules! display_keys {
+    ($($t:ty),*) => {$(
+        impl IntoKey for $t {
+            fn append_key(&self, out: &mut Vec<u8>) {
+                use std::io::Write;
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, "{}", self);
+            }
+        }
+    )*};
+}
+display_keys!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool, char);
+
+#[cfg(feature = "uuid")]
+impl IntoKey for uuid::Uuid {
+    fn append_key(&self, out: &mut Vec<u8>) {
+        let mut buf = uuid::Uuid::encode_buffer();
+        out.extend_from_slice(self.hyphenated().encode_lower(&mut buf).as_bytes())
+    }
+}
+
+/// The key a record is stored under: 64 lowercase hex digits of
+/// SHA-256(scope, 0x00, user key).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorageKey([u8; 64]);
+
+impl StorageKey {
+    /// Derives the storage key of `user_key` in `scope`, checking the user key's length.
+    pub fn derive(scope: &(impl IntoKey + ?Sized), user_key: &(impl IntoKey + ?Sized)) -> Result<Self> {
+        let mut buf = Vec::with_capacity(96);
+        scope.append_key(&mut buf);
+        let scope_len = buf.len();
+        buf.push(0);
+        user_key.append_key(&mut buf);
+        let key_len = buf.len() - scope_len - 1;
+        if key_len == 0 {
+            return Err(Error::InvalidKey {
+                reason: "the key is empty".into(),
+            });
+        }
+        if key_len > MAX_KEY_LEN {
+            return Err(Error::InvalidKey {
+                reason: format!("the key is {key_len} bytes long; the limit is {MAX_KEY_LEN}"),
+            });
+        }
+        Ok(Self::from_digest(&Sha256::digest(&buf).into()))
+    }
+
+    /// The storage key made from a digest directly (used when the key is the fingerprint).
+    pub fn from_digest(digest: &[u8; 32]) -> Self {
+        let mut hex = [0u8; 64];
+        crate::hex::encode_into(digest, &mut hex);
+        StorageKey(hex)
+    }
+
+    /// Parses 64 lowercase hex digits (as stored by a backend).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 || !bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let mut hex = [0u8; 64];
+        hex.copy_from_slice(bytes);
+        Some(StorageKey(hex))
+    }
+
+    /// The key as 64 lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from hex digits, which are ASCII.
+        std::str::from_utf8(&self.0).expect("storage keys are ASCII hex")
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StorageKey({})", self.as_str())
+    }
+}
+
+impl fmt::Display for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_key_is_fixed_length_hex_and_scoped() {
+        let a = StorageKey::derive("svc::charge", "order-1").unwrap();
+        let b = StorageKey::derive("svc::refund", "order-1").unwrap();
+        assert_eq!(a.as_str().len(), 64);
+        assert_ne!(a, b, "scopes must not share records");
+        assert_eq!(a, StorageKey::derive("svc::charge", &String::from("order-1")).unwrap());
+        assert_eq!(StorageKey::from_hex(a.as_str()), Some(a));
+    }
+
+    #[test]
+    fn scope_and_key_are_separated() {
+        // ("ab", "c") and ("a", "bc") must not collide.
+        assert_ne!(
+            StorageKey::derive("ab", "c").unwrap(),
+            StorageKey::derive("a", "bc").unwrap()
+        );
+    }
+
+    #[test]
+    fn known_vector() {
+        // sha256("s\0k")
+        let k = StorageKey::derive("s", "k").unwrap();
+        let mut h = Sha256::new();
+        h.update(b"s\0k");
+        assert_eq!(k, StorageKey::from_digest(&h.finalize().into()));
+    }
+
+    #[test]
+    fn empty_and_long_keys_are_invalid() {
+        assert!(matches!(StorageKey::derive("s", ""), Err(Error::InvalidKey { .. })));
+        let long = "x".repeat(MAX_KEY_LEN + 1);
+        assert!(matches!(StorageKey::derive("s", &long), Err(Error::InvalidKey { .. })));
+        assert!(StorageKey::derive("s", &"x".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(StorageKey::derive("s", &42u64).is_ok());
+    }
+}

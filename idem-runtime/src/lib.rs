@@ -1,0 +1,25 @@
+//! The runtime of [idem](https://docs.rs/idem): everything `#[idempotent]` does, without macros.
+//!
+//! Use it through the `idem` crate. The modules, one concept each:
+//! [`key`] (user keys and storage keys), [`fingerprint`] (canonical JSON hashing),
+//! [`record`] (the stored envelope), [`store`] (the `Store` trait and its backends),
+//! [`exec`] (the claim/run/complete state machine the macro calls), [`metrics`].
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod exec;
+pub mod fingerprint;
+mod hex;
+pub mod key;
+pub mod metrics;
+pub mod record;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use exec::{Call, ErrorPolicy, IdempotentResult, OnConflict};
+pub use fingerprint::Fingerprint;
+pub use key::{IntoKey, StorageKey};
+pub use metrics::{metrics, Metrics};
+pub use store::memory::MemoryStore;
+pub use store::{default_store, install, Claim, FencingToken, RecordState, Store, StoredRecord};

@@ -1,0 +1,236 @@
+//! The stored record: a versioned, checksummed envelope around a result's serde_json bytes.
+//!
+//! Stores keep these bytes opaque; only this module reads them. The byte format is pinned by a
+//! golden test, so records written by one release stay readable by the next. Layout (v1, all
+//! integers big-endian):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | magic `IDEM` |
+//! | 1 | format version, `1` |
+//! | 1 | outcome: `0` = `Ok`, `1` = `Err` |
+//! | 1 | flags: bit 0 = has fingerprint |
+//! | 32 | fingerprint (zeros if none) |
+//! | 8 | fencing token of the claim that wrote it |
+//! | 8 | completed at, milliseconds since the Unix epoch (writer's clock, informational) |
+//! | 8 | ttl in milliseconds |
+//! | 2 | length of the type name |
+//! | n | Rust type name of the payload, UTF-8 |
+//! | 4 | payload length |
+//! | m | payload (serde_json bytes for `#[idempotent]`) |
+//! | 4 | CRC-32 of everything before it |
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+
+/// The magic bytes every record starts with.
+pub const MAGIC: &[u8; 4] = b"IDEM";
+/// The format version this release writes.
+pub const FORMAT_VERSION: u8 = 1;
+const FIXED_HEADER: usize = 4 + 1 + 1 + 1 + 32 + 8 + 8 + 8 + 2;
+
+/// Whether the stored payload is the `Ok` or the `Err` of the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The body returned `Ok`.
+    Ok,
+    /// The body returned `Err` and the error was kept (`cache_errors`).
+    Err,
+}
+
+/// A decoded (or to-be-encoded) record, borrowing its strings from the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// `Ok` or `Err`.
+    pub outcome: Outcome,
+    /// The fingerprint of the call that produced it, if fingerprinting was on.
+    pub fingerprint: Option<Fingerprint>,
+    /// The fencing token of the claim that completed it.
+    pub token: u64,
+    /// When it was completed, ms since the Unix epoch (the writer's clock; for humans only,
+    /// expiry is the store's business).
+    pub completed_at_ms: u64,
+    /// The ttl it was stored with, in ms.
+    pub ttl_ms: u64,
+    /// `std::any::type_name` of the payload's type.
+    pub type_name: &'a str,
+    /// The encoded value.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// Encodes the record in the current format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(FIXED_HEADER + self.type_name.len() + 4 + self.payload.len() + 4);
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.push(match self.outcome {
+            Outcome::Ok => 0,
+            Outcome::Err => 1,
+        });
+        out.push(u8::from(self.fingerprint.is_some()));
+        out.extend_from_slice(&self.fingerprint.map(|f| f.0).unwrap_or([0; 32]));
+        out.extend_from_slice(&self.token.to_be_bytes());
+        out.extend_from_slice(&self.completed_at_ms.to_be_bytes());
+        out.extend_from_slice(&self.ttl_ms.to_be_bytes());
+        let name = self.type_name.as_bytes();
+        let name = &name[..name.len().min(u16::MAX as usize)];
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(self.payload);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    /// Decodes a record, checking magic, version, lengths and checksum. Any defect is
+    /// [`Error::Corrupt`]; this never panics, whatever the input.
+    pub fn decode(bytes: &'a [u8]) -> Result<Record<'a>> {
+        let mut r = Reader { bytes, pos: 0 };
+        if r.take(4)? != MAGIC {
+            return Err(Error::corrupt("not an idem record (bad magic)"));
+        }
+        let version = r.u8()?;
+        if version != FORMAT_VERSION {
+            return Err(Error::corrupt(format!(
+                "unknown record format version {version} (this release reads {FORMAT_VERSION})"
+            )));
+        }
+        if bytes.len() < 4 {
+            return Err(Error::corrupt("truncated record"));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(body).to_be_bytes() != crc {
+            return Err(Error::corrupt("checksum mismatch (record altered or truncated)"));
+        }
+        let outcome = match r.u8()? {
+            0 => Outcome::Ok,
+            1 => Outcome::Err,
+            other => return Err(Error::corrupt(format!("unknown outcome tag {other}"))),
+        };
+        let flags = r.u8()?;
+        if flags & !1 != 0 {
+            return Err(Error::corrupt(format!("unknown flags {flags:#x}")));
+        }
+        let fp: [u8; 32] = r.take(32)?.try_into().expect("took 32 bytes");
+        let fingerprint = (flags & 1 == 1).then_some(Fingerprint(fp));
+        let token = r.u64()?;
+        let completed_at_ms = r.u64()?;
+        let ttl_ms = r.u64()?;
+        let name_len = r.u16()? as usize;
+        let type_name = std::str::from_utf8(r.take(name_len)?)
+            .map_err(|_| Error::corrupt("type name is not UTF-8"))?;
+        let payload_len = r.u32()? as usize;
+        let payload = r.take(payload_len)?;
+        if r.pos != body.len() {
+            return Err(Error::corrupt("trailing bytes after payload"));
+        }
+        Ok(Record {
+            outcome,
+            fingerprint,
+            token,
+            completed_at_ms,
+            ttl_ms,
+            type_name,
+            payload,
+        })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| Error::corrupt("truncated record"))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record<'static> {
+        Record {
+            outcome: Outcome::Ok,
+            fingerprint: Some(Fingerprint([0xab; 32])),
+            token: 7,
+            completed_at_ms: 1_700_000_000_000,
+            ttl_ms: 86_400_000,
+            type_name: "app::Receipt",
+            payload: br#"{"id":"r_1","amount":500}"#,
+        }
+    }
+
+    /// Golden bytes: if this test fails, the stored format changed. Bump FORMAT_VERSION and keep
+    /// a decoder for version 1 instead of editing the expectation.
+    #[test]
+    fn golden_v1_bytes() {
+        let bytes = sample().encode();
+        let golden = concat!(
+            "4944454d", "01", "00", "01",
+            "abababababababababababababababababababababababababababababababab",
+            "0000000000000007", "0000018bcfe56800", "0000000005265c00",
+            "000c", "6170703a3a52656365697074",
+            "00000019", "7b226964223a22725f31222c22616d6f756e74223a3530307d",
+        );
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(&hex[..hex.len() - 8], golden);
+        // The checksum is CRC-32 (IEEE) of the rest.
+        assert_eq!(&hex[hex.len() - 8..], format!("{:08x}", crc32fast::hash(&bytes[..bytes.len() - 4])));
+        assert_eq!(Record::decode(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn round_trip_without_fingerprint_and_err_outcome() {
+        let rec = Record { outcome: Outcome::Err, fingerprint: None, ..sample() };
+        assert_eq!(Record::decode(&rec.encode()).unwrap(), rec);
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_corrupt() {
+        let bytes = sample().encode();
+        for n in 0..bytes.len() {
+            assert!(matches!(Record::decode(&bytes[..n]), Err(Error::Corrupt { .. })), "truncated to {n}");
+        }
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(matches!(Record::decode(&b), Err(Error::Corrupt { .. })), "flip byte {i} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_and_future_versions_are_corrupt() {
+        assert!(matches!(Record::decode(b"garbage"), Err(Error::Corrupt { .. })));
+        let mut b = sample().encode();
+        b[4] = 2;
+        let err = Record::decode(&b).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! The `Store` trait: one record per storage key, moved through the claim state machine.
+//!
+//! ```text
+//! absent ──claim──▶ in_flight{token, lease_until} ──complete(token)──▶ completed{record, expires_at}
+//!    ▲                   │ release(token)                                        │
+//!    └───────────────────┴──────────── lease expired / ttl expired ─────────────┘
+//! ```
+//!
+//! Every backend passes the same conformance suite (`tests/conformance`). Stores treat the
+//! record bytes as opaque; [`crate::record`] encodes and decodes them.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+
+pub mod memory;
+
+/// A fencing token: strictly increasing across the claims of a store, so a holder whose lease
+/// was taken over can be told apart from the newer holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub u64);
+
+/// What [`Store::claim`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller now holds the key and must run the body, then `complete` or `release`.
+    Acquired {
+        /// The caller's fencing token.
+        token: FencingToken,
+        /// Whether this claim took over an expired lease of another holder (crash recovery).
+        takeover: bool,
+    },
+    /// A completed record with a matching fingerprint: replay it.
+    Completed(Bytes),
+    /// Another holder's lease is live.
+    InFlight,
+    /// A live record (in flight or completed) has a different fingerprint.
+    KeyReuse,
+}
+
+/// The state of a stored record, as [`Store::get`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// Claimed, body running (lease live).
+    InFlight {
+        /// The holder's token.
+        token: FencingToken,
+    },
+    /// Completed, record bytes kept until the ttl runs out.
+    Completed {
+        /// The token of the claim that completed it.
+        token: FencingToken,
+        /// The encoded [`crate::record::Record`].
+        record: Bytes,
+    },
+}
+
+/// A live record, as [`Store::get`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// The fingerprint stored with the claim, if any.
+    pub fingerprint: Option<Fingerprint>,
+    /// In flight or completed.
+    pub state: RecordState,
+}
+
+/// A backend that keeps idempotency records: the state machine of design section 3.
+///
+/// Every method is one atomic step against the backend. Expiry is measured on the store's own
+/// clock where it has one. Fingerprints match when either side is `None` or both are equal.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// A short name for errors and logs: `"memory"`, `"sqlite"`, `"redis"`, `"postgres"`.
+    fn backend(&self) -> &'static str;
+
+    /// Atomically: if no live record exists (none, lease expired, or ttl expired), create an
+    /// in-flight record with a new token and a lease of `lease`; else report what is there.
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim>;
+
+    /// Stores `record` as the completed result, kept for `ttl`, if `token` still holds the key;
+    /// else fails with [`crate::Error::LeaseLost`] and changes nothing.
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<()>;
+
+    /// Deletes the in-flight record if `token` still holds it, so the next call runs at once;
+    /// else fails with [`crate::Error::LeaseLost`].
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()>;
+
+    /// Extends the lease to `lease` from now if `token` still holds the key; else
+    /// [`crate::Error::LeaseLost`].
+    async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()>;
+
+    /// The live record under `key`, if any.
+    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>>;
+
+    /// Removes expired records (completed past their ttl, in flight past their lease) and
+    /// returns how many it removed.
+    async fn purge_expired(&self) -> Result<u64>;
+
+    /// Releases a claim without being awaited: called from a drop guard when the body panicked
+    /// or its future was dropped. Stores spawn the release on their own runtime handle. The
+    /// default does nothing, leaving the lease to expire.
+    fn release_in_background(&self, key: StorageKey, token: FencingToken) {
+        let _ = (key, token);
+    }
+
+    /// Waits until the record under `key` may have changed, or `max` has passed. Used by
+    /// `on_conflict = "wait"` between claims. The default sleeps `max`; stores that can be told
+    /// of changes return sooner.
+    async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
+        let _ = key;
+        tokio::time::sleep(max).await
+    }
+}
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Store + ?Sized> Store for $ty {
+            fn backend(&self) -> &'static str {
+                (**self).backend()
+            }
+            async fn claim(&self, key: &StorageKey, fingerprint: Option<&Fingerprint>, lease: Duration) -> Result<Claim> {
+                (**self).claim(key, fingerprint, lease).await
+            }
+            async fn complete(&self, key: &StorageKey, token: FencingToken, record: &[u8], ttl: Duration) -> Result<()> {
+                (**self).complete(key, token, record, ttl).await
+            }
+            async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
+                (**self).release(key, token).await
+            }
+            async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
+                (**self).renew(key, token, lease).await
+            }
+            async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
+                (**self).get(key).await
+            }
+            async fn purge_expired(&self) -> Result<u64> {
+                (**self).purge_expired().await
+            }
+            fn release_in_background(&self, key: StorageKey, token: FencingToken) {
+                (**self).release_in_background(key, token)
+            }
+            async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
+                (**self).wait_for_change(key, max).await
+            }
+        }
+    )*};
+}
+forward_store!(&S, Arc<S>, Box<S>);
+
+static DEFAULT_STORE: RwLock<Option<Arc<dyn Store>>> = RwLock::new(None);
+
+/// Sets the process-wide store used by `#[idempotent]` functions without a `store = ...`
+/// argument, and returns the one it replaces. Call it once at start-up, before the first call.
+pub fn install(store: impl Store + 'static) -> Option<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = Arc::new(store);
+    let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
+    slot.replace(store)
+}
+
+/// The process-wide store: the one given to [`install`], else an in-memory store created on
+/// first use.
+pub fn default_store() -> Arc<dyn Store> {
+    if let Some(s) = DEFAULT_STORE.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return s.clone();
+    }
+    let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
+    slot.get_or_insert_with(|| Arc::new(memory::MemoryStore::new()))
+        .clone()
+}
