@@ -1,1 +1,69 @@
-pub fn x(){}
+//! # idem — make async functions safe to retry
+//!
+//! ```
+//! use idem::idempotent;
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct ChargeRequest { order_id: u64, amount: u64 }
+//! # #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)] struct Receipt { id: String }
+//! # #[derive(Debug)] enum PaymentError { Idem(idem::Error) }
+//! # impl From<idem::Error> for PaymentError { fn from(e: idem::Error) -> Self { PaymentError::Idem(e) } }
+//!
+//! #[idempotent(key = format!("charge:{}", req.order_id), ttl = "24h")]
+//! async fn charge(req: ChargeRequest) -> Result<Receipt, PaymentError> {
+//!     // Runs at most once per order id; every retry gets this receipt back.
+//!     Ok(Receipt { id: format!("r_{}", req.amount) })
+//! }
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let first = charge(ChargeRequest { order_id: 1, amount: 500 }).await.unwrap();
+//! let retry = charge(ChargeRequest { order_id: 1, amount: 500 }).await.unwrap();
+//! assert_eq!(first, retry);
+//! # }
+//! ```
+//!
+//! The function derives a key, claims it in a [`Store`], runs its body at most once per key,
+//! stores the result as JSON, and replays it to every later call with the same key, across
+//! threads, and (with a shared store) processes and machines.
+//!
+//! ## Arguments of `#[idempotent(...)]`
+//!
+//! | argument | meaning | default |
+//! |---|---|---|
+//! | `key = EXPR` | an expression over the parameters (borrowed, never moved) giving an [`IntoKey`]: a string, an integer, a `Uuid` | the fingerprint of the non-skipped parameters |
+//! | `ttl = "24h"` / `ttl = 3600` / `ttl = EXPR` | how long a completed result is replayed | `24h` |
+//! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed while the body runs | `30s` |
+//! | `store = EXPR` | the store: `&S`, `Arc<S>`, `Arc<dyn Store>` | [`install`]ed store, else an in-memory one |
+//! | `scope = EXPR` | a namespace (e.g. a tenant id); scopes never share records | `module_path!()::fn_name` |
+//! | `skip(a, b)` | parameters left out of the fingerprint (handles, connections) | none |
+//! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
+//! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result | `reject` |
+//! | `cache_errors = true` / `cache_errors = path::to::predicate` | also keep `Err` results (all, or those the `fn(&E) -> bool` accepts) | errors are not kept |
+//!
+//! The function must be `async` and return `Result<T, E>` with `T: Serialize + DeserializeOwned`
+//! and `E: From<idem::Error>`. It works on free functions, `&self`/`&mut self` methods,
+//! generic functions and methods inside `#[async_trait]` impls.
+//!
+//! ## Guarantees
+//!
+//! - **At most once per key**: the claim is one atomic store operation; every claim gets a
+//!   strictly increasing fencing token, and a holder whose lease was taken over cannot store its
+//!   result ([`Error::LeaseLost`]).
+//! - **Replay is exact**: the stored serde_json bytes are decoded into the same value.
+//! - **Key reuse is caught**: same key, different arguments is [`Error::KeyReuse`].
+//! - **Failures release**: an `Err` (unless kept), a panic or a dropped future releases the claim,
+//!   so a retry runs at once. A crashed process's claim is taken over when its lease expires.
+//! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
+
+#![warn(missing_docs)]
+
+pub use idem_macros::idempotent;
+pub use idem_runtime::{
+    default_store, error, exec, fingerprint, install, key, metrics, record, store, Call, Claim, Error,
+    ErrorPolicy, FencingToken, Fingerprint, IdempotentResult, IntoDuration, IntoKey, MemoryStore,
+    Metrics, OnConflict, RecordState, Result, StorageKey, Store, StoredRecord,
+};
+
+/// Items the `#[idempotent]` expansion names. Not public API: may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use idem_runtime::exec::{fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, DEFAULT_LEASE};
+    pub use idem_runtime::{Fingerprint, StorageKey};
+}

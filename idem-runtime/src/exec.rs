@@ -462,3 +462,28 @@ fn unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A value usable as `ttl = EXPR`, `lease = EXPR` or `wait = EXPR`: a `Duration`, or whole
+/// seconds as an integer.
+pub trait IntoDuration {
+    /// The duration.
+    fn into_duration(self) -> Duration;
+}
+
+impl IntoDuration for Duration {
+    fn into_duration(self) -> Duration {
+        self
+    }
+}
+
+macro_rules! seconds {
+    ($($t:ty),*) => {$(
+        impl IntoDuration for $t {
+            fn into_duration(self) -> Duration {
+                // Negative seconds make no sense as a duration; they count as zero.
+                Duration::from_secs(u64::try_from(self).unwrap_or(0))
+            }
+        }
+    )*};
+}
+seconds!(u64, u32, usize, i64, i32);

@@ -17,7 +17,7 @@ pub mod record;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use exec::{Call, ErrorPolicy, IdempotentResult, OnConflict};
+pub use exec::{Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict};
 pub use fingerprint::Fingerprint;
 pub use key::{IntoKey, StorageKey};
 pub use metrics::{metrics, Metrics};

@@ -1,0 +1,249 @@
+//! Parsing of `#[idempotent(...)]` arguments: hand-written `Parse` impls over custom keywords,
+//! every value keeping its span, all errors of the list reported together.
+
+use proc_macro2::{Span, TokenStream, TokenTree};
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned as _;
+use syn::{Expr, ExprLit, Ident, Lit, LitStr, Path, Token};
+
+use crate::duration::parse_millis;
+
+mod kw {
+    syn::custom_keyword!(key);
+    syn::custom_keyword!(ttl);
+    syn::custom_keyword!(lease);
+    syn::custom_keyword!(store);
+    syn::custom_keyword!(scope);
+    syn::custom_keyword!(skip);
+    syn::custom_keyword!(fingerprint);
+    syn::custom_keyword!(on_conflict);
+    syn::custom_keyword!(wait);
+    syn::custom_keyword!(cache_errors);
+}
+
+const ARGUMENTS: &str =
+    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`";
+
+/// A duration argument: a literal checked now, or an expression evaluated at run time.
+pub enum DurationArg {
+    /// `"24h"` or `3600` (seconds), in milliseconds.
+    Millis(u64),
+    /// Any other expression: a `std::time::Duration` or integer seconds.
+    Expr(Box<Expr>),
+}
+
+/// `fingerprint = ...`
+pub enum FingerprintArg {
+    /// `fingerprint = false`: no check on key reuse.
+    Off(Span),
+    /// `fingerprint = EXPR`: the fingerprint of this value.
+    Expr(Box<Expr>),
+}
+
+/// `on_conflict = ...`
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    Reject,
+    Wait,
+}
+
+/// `cache_errors = ...`
+pub enum CacheErrors {
+    /// `cache_errors = true` (`false` is the default and parses to `None`).
+    All,
+    /// `cache_errors = path::to::predicate`.
+    When(Path),
+}
+
+/// An argument's value with the span of its name, for "first set here" and cross-argument
+/// errors.
+pub struct Arg<T> {
+    pub name: Span,
+    pub value: T,
+}
+
+#[derive(Default)]
+pub struct Args {
+    pub key: Option<Arg<Expr>>,
+    pub ttl: Option<Arg<DurationArg>>,
+    pub lease: Option<Arg<DurationArg>>,
+    pub store: Option<Arg<Expr>>,
+    pub scope: Option<Arg<Expr>>,
+    pub skip: Option<Arg<Vec<Ident>>>,
+    pub fingerprint: Option<Arg<FingerprintArg>>,
+    pub on_conflict: Option<Arg<Conflict>>,
+    pub wait: Option<Arg<DurationArg>>,
+    pub cache_errors: Option<Arg<Option<CacheErrors>>>,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let mut args = Args::default();
+        let mut errors: Option<syn::Error> = None;
+        while !input.is_empty() {
+            if let Err(e) = args.parse_one(input) {
+                push(&mut errors, e);
+                // Skip to the next top-level comma and go on, so every mistake is reported.
+                while !input.is_empty() && !input.peek(Token![,]) {
+                    input.parse::<TokenTree>()?;
+                }
+            }
+            if input.is_empty() {
+                break;
+            }
+            input.parse::<Token![,]>()?;
+        }
+        match errors {
+            Some(e) => Err(e),
+            None => Ok(args),
+        }
+    }
+}
+
+pub fn push(errors: &mut Option<syn::Error>, e: syn::Error) {
+    match errors {
+        Some(all) => all.combine(e),
+        None => *errors = Some(e),
+    }
+}
+
+/// Stores a parsed argument, or reports it as a duplicate pointing at both places.
+fn set<T>(slot: &mut Option<Arg<T>>, name: Span, label: &str, value: T) -> syn::Result<()> {
+    if let Some(first) = slot {
+        let mut e = syn::Error::new(name, format!("duplicate argument `{label}`: give it once"));
+        e.combine(syn::Error::new(first.name, format!("`{label}` first set here")));
+        return Err(e);
+    }
+    *slot = Some(Arg { name, value });
+    Ok(())
+}
+
+impl Args {
+    fn parse_one(&mut self, input: ParseStream) -> syn::Result<()> {
+        let look = input.lookahead1();
+        if look.peek(kw::key) {
+            let name = input.parse::<kw::key>()?.span;
+            input.parse::<Token![=]>()?;
+            set(&mut self.key, name, "key", input.parse()?)
+        } else if look.peek(kw::ttl) {
+            let name = input.parse::<kw::ttl>()?.span;
+            input.parse::<Token![=]>()?;
+            let value = parse_duration(input, "ttl")?;
+            set(&mut self.ttl, name, "ttl", value)
+        } else if look.peek(kw::lease) {
+            let name = input.parse::<kw::lease>()?.span;
+            input.parse::<Token![=]>()?;
+            let value = parse_duration(input, "lease")?;
+            set(&mut self.lease, name, "lease", value)
+        } else if look.peek(kw::store) {
+            let name = input.parse::<kw::store>()?.span;
+            input.parse::<Token![=]>()?;
+            set(&mut self.store, name, "store", input.parse()?)
+        } else if look.peek(kw::scope) {
+            let name = input.parse::<kw::scope>()?.span;
+            input.parse::<Token![=]>()?;
+            set(&mut self.scope, name, "scope", input.parse()?)
+        } else if look.peek(kw::skip) {
+            let name = input.parse::<kw::skip>()?.span;
+            let content;
+            syn::parenthesized!(content in input);
+            let idents = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+            set(&mut self.skip, name, "skip", idents.into_iter().collect())
+        } else if look.peek(kw::fingerprint) {
+            let name = input.parse::<kw::fingerprint>()?.span;
+            input.parse::<Token![=]>()?;
+            let expr: Expr = input.parse()?;
+            let value = match &expr {
+                Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) if !b.value => FingerprintArg::Off(b.span),
+                Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => {
+                    return Err(syn::Error::new(
+                        b.span,
+                        "`fingerprint = true` is the default: remove it, or give `fingerprint = false` or an expression",
+                    ))
+                }
+                _ => FingerprintArg::Expr(Box::new(expr)),
+            };
+            set(&mut self.fingerprint, name, "fingerprint", value)
+        } else if look.peek(kw::on_conflict) {
+            let name = input.parse::<kw::on_conflict>()?.span;
+            input.parse::<Token![=]>()?;
+            let lit: LitStr = input.parse().map_err(|e| {
+                syn::Error::new(e.span(), "expected `on_conflict = \"reject\"` or `on_conflict = \"wait\"`")
+            })?;
+            let value = match lit.value().as_str() {
+                "reject" => Conflict::Reject,
+                "wait" => Conflict::Wait,
+                other => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        format!("unknown `on_conflict` value \"{other}\": expected \"reject\" (fail with `Error::InFlight`) or \"wait\" (wait for the result)"),
+                    ))
+                }
+            };
+            set(&mut self.on_conflict, name, "on_conflict", value)
+        } else if look.peek(kw::wait) {
+            let name = input.parse::<kw::wait>()?.span;
+            input.parse::<Token![=]>()?;
+            let value = parse_duration(input, "wait")?;
+            set(&mut self.wait, name, "wait", value)
+        } else if look.peek(kw::cache_errors) {
+            let name = input.parse::<kw::cache_errors>()?.span;
+            input.parse::<Token![=]>()?;
+            let value = if input.peek(syn::LitBool) {
+                input.parse::<syn::LitBool>()?.value.then_some(CacheErrors::All)
+            } else {
+                let path: Path = input.parse().map_err(|e| {
+                    syn::Error::new(e.span(), "expected `cache_errors = true` or `cache_errors = path::to::predicate` (a `fn(&E) -> bool`)")
+                })?;
+                Some(CacheErrors::When(path))
+            };
+            set(&mut self.cache_errors, name, "cache_errors", value)
+        } else if input.peek(Ident) {
+            let ident: Ident = input.parse()?;
+            Err(syn::Error::new(
+                ident.span(),
+                format!("unknown argument `{ident}`: expected one of {ARGUMENTS}"),
+            ))
+        } else {
+            Err(look.error())
+        }
+    }
+}
+
+/// `"24h"`-style strings and integer seconds are checked here; other expressions at run time.
+fn parse_duration(input: ParseStream, what: &str) -> syn::Result<DurationArg> {
+    let expr: Expr = input.parse()?;
+    let millis = match &expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_millis(&s.value()).map_err(|why| {
+            syn::Error::new(
+                s.span(),
+                format!("`{what}` is not a duration ({why}): write e.g. \"30s\", \"15m\", \"24h\", \"7d\" or \"1h30m\""),
+            )
+        })?,
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i
+            .base10_parse::<u64>()
+            .map_err(|e| syn::Error::new(i.span(), format!("`{what}` in seconds must be a whole number: {e}")))?
+            .checked_mul(1000)
+            .ok_or_else(|| syn::Error::new(i.span(), format!("`{what}` is too large")))?,
+        Expr::Lit(other) => {
+            return Err(syn::Error::new(
+                other.span(),
+                format!("`{what}` must be a duration string such as \"24h\", a number of seconds, or an expression giving a `std::time::Duration`"),
+            ))
+        }
+        _ => return Ok(DurationArg::Expr(Box::new(expr))),
+    };
+    if millis == 0 {
+        return Err(syn::Error::new(
+            expr.span(),
+            format!("`{what}` must be greater than zero: a zero {what} would keep nothing"),
+        ));
+    }
+    Ok(DurationArg::Millis(millis))
+}
+
+/// Parses the attribute's token stream.
+pub fn parse(tokens: TokenStream) -> syn::Result<Args> {
+    syn::parse2(tokens)
+}

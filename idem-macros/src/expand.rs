@@ -1,0 +1,152 @@
+//! Code generation: the annotated function's body becomes one call,
+//! `::idem::__private::Call::new(..)...run(policy, async { body }).await`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Expr, ItemFn, Stmt};
+
+use crate::args::{self, Args, CacheErrors, Conflict, DurationArg, FingerprintArg};
+use crate::fallback;
+use crate::validate::{self, async_trait_block, Plan, Shape};
+
+pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            let e = syn::Error::new(e.span(), format!("`#[idempotent]` goes on an `async fn` with a body: {e}"));
+            return fallback::expand(item, e);
+        }
+    };
+    let parsed = args::parse(args);
+    // Report argument errors and signature errors together.
+    let (args, plan) = match parsed {
+        Ok(args) => match validate::validate(&args, &func) {
+            Ok(plan) => (args, plan),
+            Err(e) => return fallback::expand(item, e),
+        },
+        Err(mut e) => {
+            if let Err(more) = validate::validate(&Args::default(), &func) {
+                e.combine(more);
+            }
+            return fallback::expand(item, e);
+        }
+    };
+    expand(args, plan, func)
+}
+
+fn expand(args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
+    let p = quote!(::idem::__private);
+    let fn_name = func.sig.ident.to_string();
+
+    let scope = match &args.scope {
+        Some(s) => {
+            let e = &s.value;
+            quote!(&(#e))
+        }
+        None => quote!(::core::concat!(::core::module_path!(), "::", #fn_name)),
+    };
+
+    let default_fingerprint = {
+        let adds = plan.fingerprinted.iter().map(|ident| {
+            // Spanned at the parameter, so "Serialize is not implemented" points at it.
+            quote_spanned!(ident.span()=> __idem_fp.add(&#ident)?;)
+        });
+        quote!(#p::fingerprint_with(|__idem_fp| { #(#adds)* ::core::result::Result::Ok(()) }))
+    };
+
+    let call = match (&args.key, &args.fingerprint) {
+        (None, _) => quote!(#p::Call::by_content(#scope, #default_fingerprint)),
+        (Some(key), fp) => {
+            let key = &key.value;
+            let fp = match fp.as_ref().map(|f| &f.value) {
+                None => quote!(#default_fingerprint.map(::core::option::Option::Some)),
+                Some(FingerprintArg::Off(_)) => quote!(::core::result::Result::Ok(::core::option::Option::None)),
+                Some(FingerprintArg::Expr(e)) => {
+                    quote_spanned!(e.span()=> #p::Fingerprint::of(&(#e)).map(::core::option::Option::Some))
+                }
+            };
+            let key_span = key.span();
+            quote_spanned!(key_span=> #p::Call::new(#p::StorageKey::derive(#scope, &(#key))).fingerprint(#fp))
+        }
+    };
+
+    let duration = |d: &DurationArg| match d {
+        DurationArg::Millis(ms) => quote!(::core::time::Duration::from_millis(#ms)),
+        DurationArg::Expr(e) => quote_spanned!(e.span()=> #p::IntoDuration::into_duration(#e)),
+    };
+    let mut settings = TokenStream::new();
+    if let Some(ttl) = &args.ttl {
+        let d = duration(&ttl.value);
+        settings.extend(quote!(.ttl(#d)));
+    }
+    let lease = args.lease.as_ref().map(|l| duration(&l.value));
+    if let Some(lease) = &lease {
+        settings.extend(quote!(.lease(#lease)));
+    }
+    let wait = match (&args.wait, args.on_conflict.as_ref().map(|c| c.value)) {
+        (Some(w), _) => Some(duration(&w.value)),
+        // `on_conflict = "wait"` without a limit waits as long as a lease.
+        (None, Some(Conflict::Wait)) => Some(lease.clone().unwrap_or_else(|| quote!(#p::DEFAULT_LEASE))),
+        _ => None,
+    };
+    if let Some(w) = wait {
+        settings.extend(quote!(.on_conflict(#p::OnConflict::Wait(#w))));
+    }
+    let bind_store = args.store.as_ref().map(|s| {
+        let e = &s.value;
+        quote_spanned!(e.span()=> let __idem_store = #e;)
+    });
+    if bind_store.is_some() {
+        settings.extend(quote!(.store(&__idem_store)));
+    }
+
+    let policy = match args.cache_errors.as_ref().and_then(|c| c.value.as_ref().map(|v| (c.name, v))) {
+        None => quote!(#p::ErrorPolicy::never()),
+        Some((name, CacheErrors::All)) => quote_spanned!(name=> #p::ErrorPolicy::always()),
+        Some((_, CacheErrors::When(path))) => quote_spanned!(path.span()=> #p::ErrorPolicy::when(#path)),
+    };
+
+    let ret_span = plan.ret.as_ref().map(|r| r.span()).unwrap_or_else(Span::call_site);
+    let run_with = |body: TokenStream| {
+        let run = match &plan.ret {
+            Some(ret) => quote_spanned!(ret_span=> .run::<#ret, _>),
+            None => quote!(.run),
+        };
+        quote! {
+            #bind_store
+            #call #settings #run(#policy, async #body).await
+        }
+    };
+
+    match plan.shape {
+        Shape::Async => {
+            let block = &func.block;
+            let body = run_with(quote!(#block));
+            func.block = Box::new(syn::parse_quote!({ #body }));
+        }
+        Shape::AsyncTrait => {
+            // async-trait's block is: a type hint, `let param = param;` rebindings, then
+            // `let __ret: R = { body }; __ret`. Keep the first two outside, so the key
+            // expression uses the rebound parameters, and wrap the rest.
+            let stmts = &async_trait_block(&func).expect("validated").block.stmts;
+            let split = stmts.iter().position(is_ret_binding).unwrap_or(0);
+            let (prefix, rest) = stmts.split_at(split);
+            let run = run_with(quote!({ #(#rest)* }));
+            let body = quote!(#(#prefix)* #run);
+            let Some(Stmt::Expr(Expr::Call(call), None)) = func.block.stmts.last_mut() else {
+                unreachable!("validated")
+            };
+            let Some(Expr::Async(block)) = call.args.first_mut() else { unreachable!("validated") };
+            block.block = syn::parse_quote!({ #body });
+        }
+    }
+    // Lints the expansion could trip in user crates.
+    func.attrs.push(syn::parse_quote!(#[allow(clippy::used_underscore_binding, clippy::redundant_closure_call, clippy::needless_question_mark)]));
+    quote!(#func)
+}
+
+/// `let __ret: R = ...;`, the statement async-trait binds the body's value with.
+fn is_ret_binding(stmt: &Stmt) -> bool {
+    matches!(stmt, Stmt::Local(local) if matches!(&local.pat, syn::Pat::Type(t) if matches!(&*t.pat, syn::Pat::Ident(i) if i.ident == "__ret")))
+}

@@ -1,0 +1,143 @@
+//! Checks of the arguments against the function they annotate, before any code is generated.
+
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{Expr, FnArg, Ident, ItemFn, Pat, ReturnType, Stmt, Type};
+
+use crate::args::{push, Args, Conflict, FingerprintArg};
+
+/// How the function's body is shaped.
+pub enum Shape {
+    /// `async fn`: the body is wrapped directly.
+    Async,
+    /// A method already rewritten by `#[async_trait]`: the body is the `async move` block
+    /// inside the returned `Box::pin(...)`, the last statement of the function.
+    AsyncTrait,
+}
+
+/// What validation learnt: everything expansion needs beyond the arguments.
+pub struct Plan {
+    pub shape: Shape,
+    /// Parameters that make up the default fingerprint, in order.
+    pub fingerprinted: Vec<Ident>,
+    /// The `Result<T, E>` the body produces (`None` when only inference can tell, under
+    /// `#[async_trait]`).
+    pub ret: Option<Type>,
+}
+
+pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
+    let mut errors = None;
+    let sig = &func.sig;
+
+    if let Some(c) = &sig.constness {
+        push(&mut errors, syn::Error::new(c.span, "`#[idempotent]` cannot be used on a `const fn`: remove `const` and make the function `async`"));
+    }
+    let shape = if sig.asyncness.is_some() {
+        Shape::Async
+    } else if async_trait_block(func).is_some() {
+        Shape::AsyncTrait
+    } else {
+        push(&mut errors, syn::Error::new(sig.fn_token.span, "`#[idempotent]` works on `async fn` only: add `async` before `fn`"));
+        Shape::Async
+    };
+
+    let ret = match (&sig.output, &shape) {
+        (ReturnType::Default, _) => {
+            push(&mut errors, syn::Error::new(sig.ident.span(), "`#[idempotent]` functions must return `Result<T, E>` (`T: Serialize + DeserializeOwned`, `E: From<idem::Error>`): add a return type"));
+            None
+        }
+        (ReturnType::Type(_, ty), Shape::Async) => Some((**ty).clone()),
+        (ReturnType::Type(_, ty), Shape::AsyncTrait) => future_output(ty),
+    };
+
+    let params: Vec<(&Pat, Span)> = sig
+        .inputs
+        .iter()
+        .filter_map(|arg| match arg {
+            FnArg::Typed(t) => Some((&*t.pat, t.pat.span())),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let name_of = |pat: &Pat| match pat {
+        Pat::Ident(p) => Some(p.ident.clone()),
+        _ => None,
+    };
+    let names: Vec<Ident> = params.iter().filter_map(|(p, _)| name_of(p)).collect();
+
+    if let Some(skip) = &args.skip {
+        for ident in &skip.value {
+            if ident == "self" {
+                push(&mut errors, syn::Error::new(ident.span(), "`self` is never part of the fingerprint: remove it from `skip`"));
+            } else if !names.iter().any(|n| n == ident) {
+                let list = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+                let have = if list.is_empty() { "the function has no named parameters".to_string() } else { format!("parameters are {list}") };
+                push(&mut errors, syn::Error::new(ident.span(), format!("`skip({ident})`: no parameter named `{ident}`; {have}")));
+            }
+        }
+        if args.fingerprint.is_some() {
+            push(&mut errors, syn::Error::new(skip.name, "`skip` only shapes the default fingerprint: remove it, or remove `fingerprint = ...`"));
+        }
+    }
+
+    if let (Some(fp), None) = (&args.fingerprint, &args.key) {
+        if let FingerprintArg::Off(span) = fp.value {
+            push(&mut errors, syn::Error::new(span, "`fingerprint = false` needs a `key = ...`: without a key, calls are keyed by their fingerprint"));
+        }
+    }
+
+    if let (Some(c), Some(w)) = (&args.on_conflict, &args.wait) {
+        if c.value == Conflict::Reject {
+            push(&mut errors, syn::Error::new(w.name, "`wait = ...` contradicts `on_conflict = \"reject\"`: remove one of them"));
+        }
+    }
+
+    let mut fingerprinted = Vec::new();
+    if args.fingerprint.is_none() {
+        let skipped = |i: &Ident| args.skip.as_ref().is_some_and(|s| s.value.iter().any(|x| x == i));
+        for (pat, span) in &params {
+            match name_of(pat) {
+                Some(ident) if skipped(&ident) => {}
+                Some(ident) => fingerprinted.push(ident),
+                None => push(&mut errors, syn::Error::new(*span, "a destructured parameter cannot be fingerprinted: bind it to a name (and `skip` it if needed), or give `fingerprint = ...`")),
+            }
+        }
+    }
+
+    match errors {
+        Some(e) => Err(e),
+        None => Ok(Plan { shape, fingerprinted, ret }),
+    }
+}
+
+/// The `async move { ... }` block of a body rewritten by `#[async_trait]`:
+/// `Box::pin(async move { ... })` as the function's last statement.
+pub fn async_trait_block(func: &ItemFn) -> Option<&syn::ExprAsync> {
+    let Some(Stmt::Expr(Expr::Call(call), None)) = func.block.stmts.last() else {
+        return None;
+    };
+    let Expr::Path(path) = &*call.func else { return None };
+    let segs: Vec<_> = path.path.segments.iter().map(|s| s.ident.to_string()).collect();
+    if !segs.ends_with(&["Box".to_string(), "pin".to_string()]) || call.args.len() != 1 {
+        return None;
+    }
+    match call.args.first() {
+        Some(Expr::Async(block)) if block.capture.is_some() => Some(block),
+        _ => None,
+    }
+}
+
+/// `Output` of `Pin<Box<dyn Future<Output = R> + ...>>`.
+fn future_output(ty: &Type) -> Option<Type> {
+    use syn::visit::Visit;
+    struct Find(Option<Type>);
+    impl<'a> Visit<'a> for Find {
+        fn visit_assoc_type(&mut self, a: &'a syn::AssocType) {
+            if a.ident == "Output" && self.0.is_none() {
+                self.0 = Some(a.ty.clone());
+            }
+        }
+    }
+    let mut f = Find(None);
+    f.visit_type(ty);
+    f.0
+}
