@@ -1,0 +1,209 @@
+//! Exactly once under concurrency; release on panic and cancellation; lease takeover, renewal
+//! and fencing.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem::{idempotent, Error, MemoryStore, StorageKey, Store};
+use support::AppError;
+
+/// Counts body runs per key.
+#[derive(Default)]
+struct Ledger(Mutex<HashMap<u32, usize>>);
+
+impl Ledger {
+    fn record(&self, key: u32) {
+        *self.0.lock().unwrap().entry(key).or_default() += 1;
+    }
+    fn runs(&self, key: u32) -> usize {
+        self.0.lock().unwrap().get(&key).copied().unwrap_or(0)
+    }
+}
+
+#[idempotent(key = key, store = store.clone(), skip(store, ledger), on_conflict = "wait", wait = "20s")]
+async fn waiting(store: Arc<MemoryStore>, ledger: Arc<Ledger>, key: u32) -> Result<u64, AppError> {
+    ledger.record(key);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(rand::random())
+}
+
+#[idempotent(key = key, store = store.clone(), skip(store, ledger))]
+async fn rejecting(store: Arc<MemoryStore>, ledger: Arc<Ledger>, key: u32) -> Result<u64, AppError> {
+    ledger.record(key);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(rand::random())
+}
+
+const CALLS: u32 = 1_000;
+const KEYS: u32 = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_waiting_callers_over_fifty_keys_run_each_body_once() {
+    let store = Arc::new(MemoryStore::new());
+    let ledger = Arc::new(Ledger::default());
+    let tasks: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let (store, ledger) = (store.clone(), ledger.clone());
+            tokio::spawn(async move { (i % KEYS, waiting(store, ledger, i % KEYS).await.unwrap()) })
+        })
+        .collect();
+    let mut values: HashMap<u32, u64> = HashMap::new();
+    for t in tasks {
+        let (key, value) = t.await.unwrap();
+        let first = *values.entry(key).or_insert(value);
+        assert_eq!(first, value, "every caller of key {key} gets the first caller's value");
+    }
+    for key in 0..KEYS {
+        assert_eq!(ledger.runs(key), 1, "key {key}");
+    }
+    assert_eq!(values.len(), KEYS as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_rejecting_callers_get_in_flight_or_the_replay_never_a_second_run() {
+    let store = Arc::new(MemoryStore::new());
+    let ledger = Arc::new(Ledger::default());
+    let tasks: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let (store, ledger) = (store.clone(), ledger.clone());
+            tokio::spawn(async move { (i % KEYS, rejecting(store, ledger, i % KEYS).await) })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let mut in_flight = 0;
+    for key in 0..KEYS {
+        assert_eq!(ledger.runs(key), 1, "key {key}");
+        // The one stored value per key, read back after the run.
+        let stored = rejecting(store.clone(), ledger.clone(), key).await.unwrap();
+        for (_, outcome) in outcomes.iter().filter(|(k, _)| *k == key) {
+            match outcome {
+                Ok(v) => assert_eq!(*v, stored),
+                Err(AppError::Idem(Error::InFlight)) => in_flight += 1,
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(ledger.0.lock().unwrap().values().sum::<usize>(), KEYS as usize);
+    assert!(in_flight > 0, "with 20 ms bodies some callers must have met a claim in flight");
+}
+
+static PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(key = "boom", store = store.clone(), skip(store), lease = "60s")]
+async fn panics_first(store: Arc<MemoryStore>) -> Result<u32, AppError> {
+    if PANIC_RUNS.fetch_add(1, SeqCst) == 0 {
+        panic!("the first run panics");
+    }
+    Ok(7)
+}
+
+#[tokio::test]
+async fn a_panicking_body_releases_the_claim_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let joined = tokio::spawn(panics_first(store.clone())).await;
+    assert!(joined.unwrap_err().is_panic());
+    // The lease is 60 s; the retry runs now instead of meeting `InFlight`.
+    assert_eq!(panics_first(store.clone()).await.unwrap(), 7);
+    assert_eq!(PANIC_RUNS.load(SeqCst), 2);
+}
+
+#[idempotent(key = "slow", store = store.clone(), skip(store, ledger), lease = "60s")]
+async fn slow_once(store: Arc<MemoryStore>, ledger: Arc<Ledger>, delay_ms: u64) -> Result<u32, AppError> {
+    ledger.record(0);
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    Ok(1)
+}
+
+#[tokio::test]
+async fn a_dropped_call_releases_the_claim_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let ledger = Arc::new(Ledger::default());
+    let timed_out = tokio::time::timeout(Duration::from_millis(20), slow_once(store.clone(), ledger.clone(), 10_000)).await;
+    assert!(timed_out.is_err(), "the call was cancelled by the timeout");
+    // Same arguments (they are fingerprinted), so the retry reuses the key legally.
+    let second = tokio::time::timeout(Duration::from_secs(5), slow_once(store.clone(), ledger.clone(), 10_000));
+    // Started, not rejected: it claims (the first claim was released) and runs.
+    let handle = tokio::spawn(second);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(ledger.runs(0), 2, "the retry ran at once, without waiting out the 60 s lease");
+    handle.abort();
+}
+
+#[idempotent(key = "takeover", store = store.clone(), skip(store), lease = "100ms")]
+async fn after_crash(store: Arc<MemoryStore>) -> Result<String, AppError> {
+    Ok("recovered".into())
+}
+
+#[tokio::test]
+async fn an_expired_claim_is_taken_over() {
+    let store = Arc::new(MemoryStore::new());
+    // A "crashed" holder: claims and never completes, releases or renews.
+    let key = StorageKey::derive(concat!(module_path!(), "::after_crash"), "takeover").unwrap();
+    let fp = idem::fingerprint::FingerprintBuilder::new().finish();
+    let claim = store.claim(&key, Some(&fp), Duration::from_millis(100)).await.unwrap();
+    let idem::Claim::Acquired { token: stale, .. } = claim else { panic!("{claim:?}") };
+    assert!(matches!(after_crash(store.clone()).await.unwrap_err().idem(), Some(Error::InFlight)));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(after_crash(store.clone()).await.unwrap(), "recovered");
+    // The crashed holder wakes up: its token is stale, nothing is overwritten.
+    assert!(matches!(store.complete(&key, stale, b"late", Duration::from_secs(60)).await, Err(Error::LeaseLost)));
+    assert!(matches!(store.release(&key, stale).await, Err(Error::LeaseLost)));
+    assert_eq!(after_crash(store.clone()).await.unwrap(), "recovered");
+}
+
+#[tokio::test]
+async fn a_long_body_keeps_its_lease_renewed() {
+    let store = Arc::new(MemoryStore::new());
+    let ledger = Arc::new(Ledger::default());
+    #[idempotent(key = "long", store = store.clone(), skip(store, ledger), lease = "100ms")]
+    async fn long(store: Arc<MemoryStore>, ledger: Arc<Ledger>) -> Result<u32, AppError> {
+        ledger.record(0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(1)
+    }
+    let first = tokio::spawn(long(store.clone(), ledger.clone()));
+    // Five leases later the first call still holds the key: a second caller is rejected.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(90)).await;
+        let err = long(store.clone(), ledger.clone()).await.unwrap_err();
+        assert!(matches!(err.idem(), Some(Error::InFlight)), "{err:?}");
+    }
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(ledger.runs(0), 1);
+}
+
+#[idempotent(key = "fenced", store = store.clone(), skip(store, block_ms), lease = "100ms")]
+async fn fenced(store: Arc<MemoryStore>, who: String, block_ms: u64) -> Result<String, AppError> {
+    // Blocking the thread starves the lease renewal, as a stalled (or SIGSTOPped) worker would.
+    std::thread::sleep(Duration::from_millis(block_ms));
+    Ok(who)
+}
+
+#[test]
+fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
+    let store = Arc::new(MemoryStore::new());
+    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let s = store.clone();
+    // `who` is fingerprinted, so both callers pass the same `who` to reuse the key legally;
+    // the result tells which body's value was stored.
+    let stalled = std::thread::spawn(move || rt().block_on(fenced(s, "w".into(), 400)));
+    std::thread::sleep(Duration::from_millis(200));
+    let s = store.clone();
+    let newer = std::thread::spawn(move || rt().block_on(fenced(s, "w".into(), 0)));
+    assert_eq!(newer.join().unwrap().unwrap(), "w");
+    let err = stalled.join().unwrap().unwrap_err();
+    assert!(matches!(err.idem(), Some(Error::LeaseLost)), "{err:?}");
+    let key = StorageKey::derive(concat!(module_path!(), "::fenced"), "fenced").unwrap();
+    let rec = rt().block_on(store.get(&key)).unwrap().unwrap();
+    let idem::RecordState::Completed { token, record } = rec.state else { panic!() };
+    let decoded = idem::record::Record::decode(&record).unwrap();
+    assert_eq!(decoded.token, token.0, "the record is the newer holder's");
+    assert!(token.0 >= 2, "the newer claim has a larger fencing token");
+}
