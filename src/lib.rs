@@ -53,6 +53,7 @@
 //! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub use idem_macros::idempotent;
 pub use idem_runtime::{
@@ -60,6 +61,16 @@ pub use idem_runtime::{
     ErrorPolicy, FencingToken, Fingerprint, IdempotentResult, IntoDuration, IntoKey, MemoryStore,
     Metrics, OnConflict, RecordState, Result, StorageKey, Store, StoredRecord,
 };
+
+#[cfg(feature = "postgres")]
+pub use idem_runtime::store::postgres::PostgresStore;
+#[cfg(feature = "redis")]
+pub use idem_runtime::store::redis::RedisStore;
+#[cfg(feature = "sqlite")]
+pub use idem_runtime::store::sqlite::SqliteStore;
+pub use idem_runtime::store::connect;
+#[cfg(feature = "http")]
+pub use idem_runtime::http;
 
 /// Items the `#[idempotent]` expansion names. Not public API: may change in any release.
 #[doc(hidden)]

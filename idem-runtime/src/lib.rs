@@ -11,6 +11,8 @@ pub mod error;
 pub mod exec;
 pub mod fingerprint;
 mod hex;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod key;
 pub mod metrics;
 pub mod record;

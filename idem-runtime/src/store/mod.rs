@@ -20,6 +20,12 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 /// A fencing token: strictly increasing across the claims of a store, so a holder whose lease
 /// was taken over can be told apart from the newer holder.
@@ -184,4 +190,41 @@ pub fn default_store() -> Arc<dyn Store> {
     let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
     slot.get_or_insert_with(|| Arc::new(memory::MemoryStore::new()))
         .clone()
+}
+
+/// Opens a store from a URL, for configuration by environment variable (`IDEM_STORE`):
+/// `memory`, `sqlite:PATH` (feature `sqlite`), `redis://...` (feature `redis`),
+/// `postgres://...` or `postgresql://...` (feature `postgres`).
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    let unsupported = |feature: &str| {
+        crate::Error::store(
+            "config",
+            format!("store URL `{url}` needs idem's `{feature}` feature, which this build lacks"),
+        )
+    };
+    if url == "memory" || url.is_empty() {
+        return Ok(Arc::new(memory::MemoryStore::new()));
+    }
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        #[cfg(feature = "sqlite")]
+        return Ok(Arc::new(sqlite::SqliteStore::open(path.trim_start_matches("//")).await?));
+        #[cfg(not(feature = "sqlite"))]
+        return Err({ let _ = path; unsupported("sqlite") });
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        #[cfg(feature = "redis")]
+        return Ok(Arc::new(redis::RedisStore::connect(url).await?));
+        #[cfg(not(feature = "redis"))]
+        return Err(unsupported("redis"));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(Arc::new(postgres::PostgresStore::connect(url).await?));
+        #[cfg(not(feature = "postgres"))]
+        return Err(unsupported("postgres"));
+    }
+    Err(crate::Error::store(
+        "config",
+        format!("unknown store URL `{url}`: expected `memory`, `sqlite:PATH`, `redis://...` or `postgres://...`"),
+    ))
 }
