@@ -35,8 +35,24 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     expand(args, plan, func)
 }
 
-fn expand(args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
-    let p = quote!(::idem::__private);
+fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
+    if matches!(plan.shape, Shape::AsyncTrait) && func.sig.receiver().is_some() {
+        // async-trait moves `self` into `__self` before the body; our arguments run after that
+        // rebinding, so they must say `__self` too (as async-trait does for the body).
+        for expr in [args.key.as_mut(), args.store.as_mut(), args.scope.as_mut()].into_iter().flatten() {
+            expr.value = rename_self(&expr.value);
+        }
+        if let Some(fp) = args.fingerprint.as_mut() {
+            if let FingerprintArg::Expr(e) = &mut fp.value {
+                **e = rename_self(e);
+            }
+        }
+    }
+
+    // Runtime paths carry the return type's span: rustc reports an unusable return type at
+    // the first token of the call chain, which is then the user's signature, not the attribute.
+    let ret_span = plan.ret.as_ref().map(|r| r.span()).unwrap_or_else(Span::call_site);
+    let p = quote_spanned!(ret_span=> ::idem::__private);
     let fn_name = func.sig.ident.to_string();
 
     let scope = match &args.scope {
@@ -103,19 +119,24 @@ fn expand(args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
 
     let policy = match args.cache_errors.as_ref().and_then(|c| c.value.as_ref().map(|v| (c.name, v))) {
         None => quote!(#p::ErrorPolicy::never()),
-        Some((name, CacheErrors::All)) => quote_spanned!(name=> #p::ErrorPolicy::always()),
-        Some((_, CacheErrors::When(path))) => quote_spanned!(path.span()=> #p::ErrorPolicy::when(#path)),
+        // Paths written out (not `#p`) so every token carries the argument's span and a
+        // missing `Serialize` on the error type is reported at `cache_errors`.
+        Some((name, CacheErrors::All)) => quote_spanned!(name=> ::idem::__private::ErrorPolicy::always()),
+        Some((_, CacheErrors::When(path))) => {
+            quote_spanned!(path.span()=> ::idem::__private::ErrorPolicy::when(#path))
+        }
     };
 
-    let ret_span = plan.ret.as_ref().map(|r| r.span()).unwrap_or_else(Span::call_site);
     let run_with = |body: TokenStream| {
-        let run = match &plan.ret {
-            Some(ret) => quote_spanned!(ret_span=> .run::<#ret, _>),
-            None => quote!(.run),
+        // The whole call carries the return type's span, so an unusable return type is
+        // reported once, at the user's signature.
+        let call = match &plan.ret {
+            Some(ret) => quote_spanned!(ret_span=> #call #settings .run::<#ret, _>(#policy, async #body).await),
+            None => quote!(#call #settings .run(#policy, async #body).await),
         };
         quote! {
             #bind_store
-            #call #settings #run(#policy, async #body).await
+            #call
         }
     };
 
@@ -149,4 +170,26 @@ fn expand(args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
 /// `let __ret: R = ...;`, the statement async-trait binds the body's value with.
 fn is_ret_binding(stmt: &Stmt) -> bool {
     matches!(stmt, Stmt::Local(local) if matches!(&local.pat, syn::Pat::Type(t) if matches!(&*t.pat, syn::Pat::Ident(i) if i.ident == "__ret")))
+}
+
+/// `self` → `__self` in an expression, token by token so that macro arguments
+/// (`format!("{}", self.id)`) are renamed too.
+fn rename_self(expr: &Expr) -> Expr {
+    fn walk(tokens: TokenStream) -> TokenStream {
+        tokens
+            .into_iter()
+            .map(|tt| match tt {
+                proc_macro2::TokenTree::Ident(i) if i == "self" => {
+                    proc_macro2::TokenTree::Ident(proc_macro2::Ident::new("__self", i.span()))
+                }
+                proc_macro2::TokenTree::Group(g) => {
+                    let mut ng = proc_macro2::Group::new(g.delimiter(), walk(g.stream()));
+                    ng.set_span(g.span());
+                    proc_macro2::TokenTree::Group(ng)
+                }
+                other => other,
+            })
+            .collect()
+    }
+    syn::parse2(walk(quote!(#expr))).unwrap_or_else(|_| expr.clone())
 }

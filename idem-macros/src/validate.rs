@@ -36,6 +36,9 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
         Shape::Async
     } else if async_trait_block(func).is_some() {
         Shape::AsyncTrait
+    } else if sig.constness.is_some() {
+        // Already reported at `const`; one mistake, one error.
+        Shape::Async
     } else {
         push(&mut errors, syn::Error::new(sig.fn_token.span, "`#[idempotent]` works on `async fn` only: add `async` before `fn`"));
         Shape::Async

@@ -1,0 +1,18 @@
+use idem::idempotent;
+
+#[derive(Debug)]
+pub struct AppError;
+impl From<idem::Error> for AppError {
+    fn from(_: idem::Error) -> Self {
+        AppError
+    }
+}
+
+pub struct Db;
+
+#[idempotent(key = id)]
+async fn charge(db: &Db, id: u64) -> Result<u64, AppError> {
+    let _ = db;
+    Ok(id)
+}
+fn main() {}

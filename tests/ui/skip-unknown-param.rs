@@ -1,0 +1,16 @@
+use idem::idempotent;
+
+#[derive(Debug)]
+pub struct AppError;
+impl From<idem::Error> for AppError {
+    fn from(_: idem::Error) -> Self {
+        AppError
+    }
+}
+
+#[idempotent(key = id, skip(db))]
+async fn charge(id: u64, conn: &str) -> Result<u64, AppError> {
+    let _ = conn;
+    Ok(id)
+}
+fn main() {}
