@@ -41,10 +41,18 @@ static EMAILS_SENT: AtomicU32 = AtomicU32::new(0);
 /// Sends the welcome email for a message, once per message id. `worker` is who ran it: it is
 /// skipped from the fingerprint, since every worker passes its own number.
 #[idempotent(key = msg.id, store = store.clone(), skip(store, worker), on_conflict = "wait", lease = "5s", ttl = "1h")]
-async fn send_welcome(store: Arc<dyn Store>, worker: usize, msg: Message) -> Result<Sent, JobError> {
+async fn send_welcome(
+    store: Arc<dyn Store>,
+    worker: usize,
+    msg: Message,
+) -> Result<Sent, JobError> {
     EMAILS_SENT.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(50)).await; // the email provider's API
-    Ok(Sent { message_id: msg.id, provider_id: format!("em_{:08x}", rand::random::<u32>()), worker })
+    Ok(Sent {
+        message_id: msg.id,
+        provider_id: format!("em_{:08x}", rand::random::<u32>()),
+        worker,
+    })
 }
 
 #[tokio::main]
@@ -60,7 +68,9 @@ async fn main() {
             tokio::spawn(async move {
                 let mut acked = Vec::new();
                 while let Ok(msg) = inbox.recv().await {
-                    let sent = send_welcome(store.clone(), worker, msg).await.expect("job failed");
+                    let sent = send_welcome(store.clone(), worker, msg)
+                        .await
+                        .expect("job failed");
                     acked.push(sent);
                 }
                 (worker, acked)
@@ -69,15 +79,28 @@ async fn main() {
         .collect();
 
     // Every worker receives every message (fan-out), and message 2 is redelivered.
-    for (id, email) in [(1, "ana@example.com"), (2, "bo@example.com"), (2, "bo@example.com"), (3, "cy@example.com")] {
-        queue.send(Message { id, email: email.into() }).unwrap();
+    for (id, email) in [
+        (1, "ana@example.com"),
+        (2, "bo@example.com"),
+        (2, "bo@example.com"),
+        (3, "cy@example.com"),
+    ] {
+        queue
+            .send(Message {
+                id,
+                email: email.into(),
+            })
+            .unwrap();
     }
     drop(queue);
 
     for w in workers {
         let (worker, acked) = w.await.unwrap();
         for s in acked {
-            println!("worker {worker} acked message {} -> {} (sent by worker {})", s.message_id, s.provider_id, s.worker);
+            println!(
+                "worker {worker} acked message {} -> {} (sent by worker {})",
+                s.message_id, s.provider_id, s.worker
+            );
         }
     }
     println!(

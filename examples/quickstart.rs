@@ -59,13 +59,22 @@ async fn main() {
         currency: "usd".into(),
     };
 
-    println!("1. first call                -> {:?}", charge(req.clone()).await);
-    println!("2. retry with the same key   -> {:?}", charge(req.clone()).await);
+    println!(
+        "1. first call                -> {:?}",
+        charge(req.clone()).await
+    );
+    println!(
+        "2. retry with the same key   -> {:?}",
+        charge(req.clone()).await
+    );
 
     // A client that times out and retries at once meets its own first call still running:
     // the retry is rejected with `InFlight` (the default `on_conflict = "reject"`), and a later
     // retry gets the result.
-    let other = ChargeRequest { order_id: "order-43".into(), ..req.clone() };
+    let other = ChargeRequest {
+        order_id: "order-43".into(),
+        ..req.clone()
+    };
     let (a, b) = tokio::join!(charge(other.clone()), async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         charge(other.clone()).await
@@ -74,13 +83,29 @@ async fn main() {
     println!("                                {b:?}");
 
     // The same key with a different payload is a client bug, refused without charging.
-    let tampered = ChargeRequest { amount_cents: 9_900, ..req.clone() };
-    println!("4. same key, other payload   -> {:?}", charge(tampered).await);
+    let tampered = ChargeRequest {
+        amount_cents: 9_900,
+        ..req.clone()
+    };
+    println!(
+        "4. same key, other payload   -> {:?}",
+        charge(tampered).await
+    );
 
     // Errors are not kept: a declined charge can be retried (and runs again).
-    let declined = ChargeRequest { order_id: "order-44".into(), amount_cents: 0, ..req.clone() };
-    println!("5. declined                  -> {:?}", charge(declined.clone()).await);
-    println!("6. declined, retried         -> {:?}", charge(declined).await);
+    let declined = ChargeRequest {
+        order_id: "order-44".into(),
+        amount_cents: 0,
+        ..req.clone()
+    };
+    println!(
+        "5. declined                  -> {:?}",
+        charge(declined.clone()).await
+    );
+    println!(
+        "6. declined, retried         -> {:?}",
+        charge(declined).await
+    );
 
     let m = idem::metrics();
     println!(

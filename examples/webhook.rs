@@ -44,13 +44,19 @@ static BALANCES: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
 async fn handle(event: WebhookEvent) -> Result<Ack, WebhookError> {
     tokio::time::sleep(Duration::from_millis(100)).await; // e.g. a database write
     let mut balances = BALANCES.lock().unwrap();
-    let balance = balances.get_or_insert_with(HashMap::new).entry(event.customer.clone()).or_insert(0);
+    let balance = balances
+        .get_or_insert_with(HashMap::new)
+        .entry(event.customer.clone())
+        .or_insert(0);
     *balance += match event.kind.as_str() {
         "payment.succeeded" => event.amount_cents,
         "refund.created" => -event.amount_cents,
         _ => 0,
     };
-    Ok(Ack { event_id: event.id, balance_after: *balance })
+    Ok(Ack {
+        event_id: event.id,
+        balance_after: *balance,
+    })
 }
 
 #[tokio::main]
@@ -72,14 +78,27 @@ async fn main() {
     let (a, b) = tokio::join!(handle(paid.clone()), handle(paid.clone()));
     println!("evt_1 delivery              -> {a:?}");
     println!("evt_1 concurrent duplicate  -> {b:?}");
-    println!("evt_1 redelivered later     -> {:?}", handle(paid.clone()).await);
-    println!("evt_2 delivery              -> {:?}", handle(refund.clone()).await);
+    println!(
+        "evt_1 redelivered later     -> {:?}",
+        handle(paid.clone()).await
+    );
+    println!(
+        "evt_2 delivery              -> {:?}",
+        handle(refund.clone()).await
+    );
     println!("evt_2 redelivered           -> {:?}", handle(refund).await);
 
     // A forged delivery reusing a known id with another payload is refused.
-    let forged = WebhookEvent { amount_cents: 1_000_000, ..paid };
+    let forged = WebhookEvent {
+        amount_cents: 1_000_000,
+        ..paid
+    };
     println!("evt_1 with another payload  -> {:?}", handle(forged).await);
 
-    let balance = BALANCES.lock().unwrap().as_ref().and_then(|b| b.get("cus_9").copied());
+    let balance = BALANCES
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|b| b.get("cus_9").copied());
     println!("\nfinal balance of cus_9: {balance:?} (2500 - 500, each event applied once)");
 }

@@ -57,24 +57,26 @@
 
 pub use idem_macros::idempotent;
 pub use idem_runtime::{
-    default_store, error, exec, fingerprint, install, key, metrics, record, store, Call, Claim, Error,
-    ErrorPolicy, FencingToken, Fingerprint, IdempotentResult, IntoDuration, IntoKey, MemoryStore,
-    Metrics, OnConflict, RecordState, Result, StorageKey, Store, StoredRecord,
+    default_store, error, exec, fingerprint, install, key, metrics, record, store, Call, Claim,
+    Error, ErrorPolicy, FencingToken, Fingerprint, IdempotentResult, IntoDuration, IntoKey,
+    MemoryStore, Metrics, OnConflict, RecordState, Result, StorageKey, Store, StoredRecord,
 };
 
+#[cfg(feature = "http")]
+pub use idem_runtime::http;
+pub use idem_runtime::store::connect;
 #[cfg(feature = "postgres")]
 pub use idem_runtime::store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 pub use idem_runtime::store::redis::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use idem_runtime::store::sqlite::SqliteStore;
-pub use idem_runtime::store::connect;
-#[cfg(feature = "http")]
-pub use idem_runtime::http;
 
 /// Items the `#[idempotent]` expansion names. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use idem_runtime::exec::{fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, DEFAULT_LEASE};
+    pub use idem_runtime::exec::{
+        fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, DEFAULT_LEASE,
+    };
     pub use idem_runtime::{Fingerprint, StorageKey};
 }

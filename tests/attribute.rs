@@ -31,26 +31,39 @@ struct Payments {
 
 impl Payments {
     fn new() -> Self {
-        Payments { store: Arc::new(MemoryStore::new()), runs: AtomicUsize::new(0) }
+        Payments {
+            store: Arc::new(MemoryStore::new()),
+            runs: AtomicUsize::new(0),
+        }
     }
 
     /// A random receipt id shows whether a result was replayed or recomputed.
     #[idempotent(key = format!("charge:{}", req.order_id), ttl = "24h", store = self.store.clone())]
     async fn charge(&self, req: ChargeRequest) -> Result<Receipt, AppError> {
         self.runs.fetch_add(1, SeqCst);
-        Ok(Receipt { id: rand::random(), amount: req.amount })
+        Ok(Receipt {
+            id: rand::random(),
+            amount: req.amount,
+        })
     }
 
     #[idempotent(key = format!("decline:{}", req.order_id), store = self.store.clone())]
     async fn declined(&self, req: ChargeRequest) -> Result<Receipt, AppError> {
         self.runs.fetch_add(1, SeqCst);
-        Err(AppError::Declined(format!("order {} declined", req.order_id)))
+        Err(AppError::Declined(format!(
+            "order {} declined",
+            req.order_id
+        )))
     }
 
     #[idempotent(key = format!("keep:{}", req.order_id), store = self.store.clone(), cache_errors = true)]
     async fn declined_kept(&self, req: ChargeRequest) -> Result<Receipt, AppError> {
         self.runs.fetch_add(1, SeqCst);
-        Err(AppError::Declined(format!("order {} declined {}", req.order_id, rand::random::<u32>())))
+        Err(AppError::Declined(format!(
+            "order {} declined {}",
+            req.order_id,
+            rand::random::<u32>()
+        )))
     }
 
     #[idempotent(key = req.order_id, store = self.store.clone(), cache_errors = is_permanent)]
@@ -71,14 +84,23 @@ fn is_permanent(e: &AppError) -> bool {
 #[tokio::test]
 async fn replay_returns_the_first_result_and_the_body_runs_once() {
     let p = Payments::new();
-    let req = ChargeRequest { order_id: 1, amount: 500 };
+    let req = ChargeRequest {
+        order_id: 1,
+        amount: 500,
+    };
     let first = p.charge(req.clone()).await.unwrap();
     for _ in 0..5 {
         assert_eq!(p.charge(req.clone()).await.unwrap(), first);
     }
     assert_eq!(p.runs.load(SeqCst), 1);
     // Another key runs again and (almost surely) gets another random id.
-    let other = p.charge(ChargeRequest { order_id: 2, amount: 500 }).await.unwrap();
+    let other = p
+        .charge(ChargeRequest {
+            order_id: 2,
+            amount: 500,
+        })
+        .await
+        .unwrap();
     assert_eq!(p.runs.load(SeqCst), 2);
     assert_ne!(other.id, first.id);
 }
@@ -86,8 +108,19 @@ async fn replay_returns_the_first_result_and_the_body_runs_once() {
 #[tokio::test]
 async fn same_key_different_arguments_is_key_reuse_and_does_not_run() {
     let p = Payments::new();
-    p.charge(ChargeRequest { order_id: 7, amount: 500 }).await.unwrap();
-    let err = p.charge(ChargeRequest { order_id: 7, amount: 999 }).await.unwrap_err();
+    p.charge(ChargeRequest {
+        order_id: 7,
+        amount: 500,
+    })
+    .await
+    .unwrap();
+    let err = p
+        .charge(ChargeRequest {
+            order_id: 7,
+            amount: 999,
+        })
+        .await
+        .unwrap_err();
     assert!(matches!(err.idem(), Some(Error::KeyReuse)), "{err:?}");
     assert_eq!(p.runs.load(SeqCst), 1);
 }
@@ -95,18 +128,38 @@ async fn same_key_different_arguments_is_key_reuse_and_does_not_run() {
 #[tokio::test]
 async fn errors_are_not_kept_by_default() {
     let p = Payments::new();
-    let req = ChargeRequest { order_id: 3, amount: 1 };
-    assert!(matches!(p.declined(req.clone()).await, Err(AppError::Declined(_))));
-    assert!(matches!(p.declined(req.clone()).await, Err(AppError::Declined(_))));
-    assert_eq!(p.runs.load(SeqCst), 2, "an Err releases the claim; the retry runs again");
+    let req = ChargeRequest {
+        order_id: 3,
+        amount: 1,
+    };
+    assert!(matches!(
+        p.declined(req.clone()).await,
+        Err(AppError::Declined(_))
+    ));
+    assert!(matches!(
+        p.declined(req.clone()).await,
+        Err(AppError::Declined(_))
+    ));
+    assert_eq!(
+        p.runs.load(SeqCst),
+        2,
+        "an Err releases the claim; the retry runs again"
+    );
 }
 
 #[tokio::test]
 async fn cache_errors_true_replays_the_err() {
     let p = Payments::new();
-    let req = ChargeRequest { order_id: 4, amount: 1 };
-    let Err(AppError::Declined(first)) = p.declined_kept(req.clone()).await else { panic!() };
-    let Err(AppError::Declined(again)) = p.declined_kept(req.clone()).await else { panic!() };
+    let req = ChargeRequest {
+        order_id: 4,
+        amount: 1,
+    };
+    let Err(AppError::Declined(first)) = p.declined_kept(req.clone()).await else {
+        panic!()
+    };
+    let Err(AppError::Declined(again)) = p.declined_kept(req.clone()).await else {
+        panic!()
+    };
     assert_eq!(first, again, "the kept error is replayed, not recomputed");
     assert_eq!(p.runs.load(SeqCst), 1);
 }
@@ -114,14 +167,33 @@ async fn cache_errors_true_replays_the_err() {
 #[tokio::test]
 async fn cache_errors_predicate_keeps_only_accepted_errors() {
     let p = Payments::new();
-    let req = ChargeRequest { order_id: 5, amount: 1 };
-    assert!(matches!(p.flaky(req.clone(), false).await, Err(AppError::Transient(_))));
-    assert!(matches!(p.flaky(req.clone(), false).await, Err(AppError::Transient(_))));
+    let req = ChargeRequest {
+        order_id: 5,
+        amount: 1,
+    };
+    assert!(matches!(
+        p.flaky(req.clone(), false).await,
+        Err(AppError::Transient(_))
+    ));
+    assert!(matches!(
+        p.flaky(req.clone(), false).await,
+        Err(AppError::Transient(_))
+    ));
     assert_eq!(p.runs.load(SeqCst), 2, "transient errors are not kept");
-    assert!(matches!(p.flaky(req.clone(), true).await, Err(AppError::Declined(_))));
+    assert!(matches!(
+        p.flaky(req.clone(), true).await,
+        Err(AppError::Declined(_))
+    ));
     // `permanent` is part of the fingerprint, so the replay needs the same arguments.
-    assert!(matches!(p.flaky(req.clone(), true).await, Err(AppError::Declined(_))));
-    assert_eq!(p.runs.load(SeqCst), 3, "the permanent error was kept and replayed");
+    assert!(matches!(
+        p.flaky(req.clone(), true).await,
+        Err(AppError::Declined(_))
+    ));
+    assert_eq!(
+        p.runs.load(SeqCst),
+        3,
+        "the permanent error was kept and replayed"
+    );
 }
 
 static PLAIN_RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -135,9 +207,24 @@ async fn content_keyed(order: ChargeRequest) -> Result<u64, AppError> {
 
 #[tokio::test]
 async fn without_key_calls_are_deduplicated_by_content() {
-    let a = content_keyed(ChargeRequest { order_id: 99, amount: 1 }).await.unwrap();
-    let b = content_keyed(ChargeRequest { order_id: 99, amount: 1 }).await.unwrap();
-    let c = content_keyed(ChargeRequest { order_id: 99, amount: 2 }).await.unwrap();
+    let a = content_keyed(ChargeRequest {
+        order_id: 99,
+        amount: 1,
+    })
+    .await
+    .unwrap();
+    let b = content_keyed(ChargeRequest {
+        order_id: 99,
+        amount: 1,
+    })
+    .await
+    .unwrap();
+    let c = content_keyed(ChargeRequest {
+        order_id: 99,
+        amount: 2,
+    })
+    .await
+    .unwrap();
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_eq!(PLAIN_RUNS.load(SeqCst), 2);
@@ -160,9 +247,16 @@ async fn equal_hashmaps_have_equal_fingerprints() {
         b.insert(format!("item{i}"), i);
     }
     let first = by_map(&store, a).await.unwrap();
-    assert_eq!(by_map(&store, b.clone()).await.unwrap(), first, "same content, same fingerprint");
+    assert_eq!(
+        by_map(&store, b.clone()).await.unwrap(),
+        first,
+        "same content, same fingerprint"
+    );
     b.insert("item0".into(), 1);
-    assert!(matches!(by_map(&store, b).await.unwrap_err().idem(), Some(Error::KeyReuse)));
+    assert!(matches!(
+        by_map(&store, b).await.unwrap_err().idem(),
+        Some(Error::KeyReuse)
+    ));
 }
 
 #[idempotent(key = key, store = store, skip(store), ttl = Duration::from_millis(200))]
@@ -175,10 +269,22 @@ async fn after_the_ttl_the_body_runs_again() {
     let store = MemoryStore::new();
     let a = short_lived(&store, "k").await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(short_lived(&store, "k").await.unwrap(), a, "within the ttl: replay");
+    assert_eq!(
+        short_lived(&store, "k").await.unwrap(),
+        a,
+        "within the ttl: replay"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_ne!(short_lived(&store, "k").await.unwrap(), a, "past the ttl: a new run");
-    assert_eq!(store.purge_expired().await.unwrap(), 0, "the new record is live");
+    assert_ne!(
+        short_lived(&store, "k").await.unwrap(),
+        a,
+        "past the ttl: a new run"
+    );
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        0,
+        "the new record is live"
+    );
 }
 
 #[tokio::test]
@@ -186,7 +292,10 @@ async fn empty_and_overlong_keys_are_invalid_and_nothing_runs() {
     let store = MemoryStore::new();
     for key in [String::new(), "x".repeat(256)] {
         let err = short_lived(&store, &key).await.unwrap_err();
-        assert!(matches!(err.idem(), Some(Error::InvalidKey { .. })), "{err:?}");
+        assert!(
+            matches!(err.idem(), Some(Error::InvalidKey { .. })),
+            "{err:?}"
+        );
     }
     assert!(store.is_empty(), "nothing was claimed");
     assert!(short_lived(&store, &"x".repeat(255)).await.is_ok());
@@ -205,20 +314,40 @@ async fn empty_and_overlong_keys_are_invalid_and_nothing_runs() {
     wait = "1s",
     cache_errors = false
 )]
-async fn every_argument(store: Arc<dyn Store>, tenant: &str, id: u32, amount: u32, note: String) -> Result<String, AppError> {
-    Ok(format!("{tenant}:{id}:{amount}:{note}:{}", rand::random::<u16>()))
+async fn every_argument(
+    store: Arc<dyn Store>,
+    tenant: &str,
+    id: u32,
+    amount: u32,
+    note: String,
+) -> Result<String, AppError> {
+    Ok(format!(
+        "{tenant}:{id}:{amount}:{note}:{}",
+        rand::random::<u16>()
+    ))
 }
 
 #[tokio::test]
 async fn every_argument_together() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let a = every_argument(store.clone(), "t1", 1, 10, "x".into()).await.unwrap();
+    let a = every_argument(store.clone(), "t1", 1, 10, "x".into())
+        .await
+        .unwrap();
     // `note` is not in the explicit fingerprint: a different note still replays.
-    assert_eq!(every_argument(store.clone(), "t1", 1, 10, "y".into()).await.unwrap(), a);
+    assert_eq!(
+        every_argument(store.clone(), "t1", 1, 10, "y".into())
+            .await
+            .unwrap(),
+        a
+    );
     // Another scope never shares the record.
-    let b = every_argument(store.clone(), "t2", 1, 10, "x".into()).await.unwrap();
+    let b = every_argument(store.clone(), "t2", 1, 10, "x".into())
+        .await
+        .unwrap();
     assert!(b.starts_with("t2:"));
-    let err = every_argument(store.clone(), "t1", 1, 11, "x".into()).await.unwrap_err();
+    let err = every_argument(store.clone(), "t1", 1, 11, "x".into())
+        .await
+        .unwrap_err();
     assert!(matches!(err.idem(), Some(Error::KeyReuse)));
 }
 
@@ -249,9 +378,16 @@ impl Counter {
 
 #[tokio::test]
 async fn mut_self_methods() {
-    let mut c = Counter { store: MemoryStore::new(), n: 0 };
+    let mut c = Counter {
+        store: MemoryStore::new(),
+        n: 0,
+    };
     assert_eq!(c.bump(5).await.unwrap(), 5);
-    assert_eq!(c.bump(5).await.unwrap(), 5, "replayed; the body did not run again");
+    assert_eq!(
+        c.bump(5).await.unwrap(),
+        5,
+        "replayed; the body did not run again"
+    );
     assert_eq!(c.n, 5);
     assert_eq!(c.bump(2).await.unwrap(), 7);
 }
@@ -267,8 +403,14 @@ where
 #[tokio::test]
 async fn generic_functions() {
     let store = MemoryStore::new();
-    assert_eq!(generic(&store, 1, "a".to_string()).await.unwrap(), vec!["a", "a"]);
-    assert_eq!(generic(&store, 1, "a".to_string()).await.unwrap(), vec!["a", "a"]);
+    assert_eq!(
+        generic(&store, 1, "a".to_string()).await.unwrap(),
+        vec!["a", "a"]
+    );
+    assert_eq!(
+        generic(&store, 1, "a".to_string()).await.unwrap(),
+        vec!["a", "a"]
+    );
     assert_eq!(generic(&store, 2, 7u8).await.unwrap(), vec![7, 7]);
 }
 
@@ -296,11 +438,20 @@ impl Charger for Gateway {
 
 #[tokio::test]
 async fn async_trait_methods() {
-    let g = Gateway { store: Arc::new(MemoryStore::new()), runs: AtomicUsize::new(0) };
+    let g = Gateway {
+        store: Arc::new(MemoryStore::new()),
+        runs: AtomicUsize::new(0),
+    };
     let dynamic: &dyn Charger = &g;
     let a = dynamic.charge(1, 10).await.unwrap();
     assert_eq!(dynamic.charge(1, 10).await.unwrap(), a);
-    assert!(matches!(dynamic.charge(1, 11).await.unwrap_err().idem(), Some(Error::KeyReuse)));
-    assert!(matches!(dynamic.charge(2, 0).await, Err(AppError::Declined(_))));
+    assert!(matches!(
+        dynamic.charge(1, 11).await.unwrap_err().idem(),
+        Some(Error::KeyReuse)
+    ));
+    assert!(matches!(
+        dynamic.charge(2, 0).await,
+        Err(AppError::Declined(_))
+    ));
     assert_eq!(g.runs.load(SeqCst), 2);
 }

@@ -32,7 +32,11 @@ async fn waiting(store: Arc<MemoryStore>, ledger: Arc<Ledger>, key: u32) -> Resu
 }
 
 #[idempotent(key = key, store = store.clone(), skip(store, ledger))]
-async fn rejecting(store: Arc<MemoryStore>, ledger: Arc<Ledger>, key: u32) -> Result<u64, AppError> {
+async fn rejecting(
+    store: Arc<MemoryStore>,
+    ledger: Arc<Ledger>,
+    key: u32,
+) -> Result<u64, AppError> {
     ledger.record(key);
     tokio::time::sleep(Duration::from_millis(20)).await;
     Ok(rand::random())
@@ -55,7 +59,10 @@ async fn thousand_waiting_callers_over_fifty_keys_run_each_body_once() {
     for t in tasks {
         let (key, value) = t.await.unwrap();
         let first = *values.entry(key).or_insert(value);
-        assert_eq!(first, value, "every caller of key {key} gets the first caller's value");
+        assert_eq!(
+            first, value,
+            "every caller of key {key} gets the first caller's value"
+        );
     }
     for key in 0..KEYS {
         assert_eq!(ledger.runs(key), 1, "key {key}");
@@ -90,8 +97,14 @@ async fn thousand_rejecting_callers_get_in_flight_or_the_replay_never_a_second_r
             }
         }
     }
-    assert_eq!(ledger.0.lock().unwrap().values().sum::<usize>(), KEYS as usize);
-    assert!(in_flight > 0, "with 20 ms bodies some callers must have met a claim in flight");
+    assert_eq!(
+        ledger.0.lock().unwrap().values().sum::<usize>(),
+        KEYS as usize
+    );
+    assert!(
+        in_flight > 0,
+        "with 20 ms bodies some callers must have met a claim in flight"
+    );
 }
 
 static PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -115,7 +128,11 @@ async fn a_panicking_body_releases_the_claim_at_once() {
 }
 
 #[idempotent(key = "slow", store = store.clone(), skip(store, ledger), lease = "60s")]
-async fn slow_once(store: Arc<MemoryStore>, ledger: Arc<Ledger>, delay_ms: u64) -> Result<u32, AppError> {
+async fn slow_once(
+    store: Arc<MemoryStore>,
+    ledger: Arc<Ledger>,
+    delay_ms: u64,
+) -> Result<u32, AppError> {
     ledger.record(0);
     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
     Ok(1)
@@ -125,14 +142,25 @@ async fn slow_once(store: Arc<MemoryStore>, ledger: Arc<Ledger>, delay_ms: u64) 
 async fn a_dropped_call_releases_the_claim_at_once() {
     let store = Arc::new(MemoryStore::new());
     let ledger = Arc::new(Ledger::default());
-    let timed_out = tokio::time::timeout(Duration::from_millis(20), slow_once(store.clone(), ledger.clone(), 10_000)).await;
+    let timed_out = tokio::time::timeout(
+        Duration::from_millis(20),
+        slow_once(store.clone(), ledger.clone(), 10_000),
+    )
+    .await;
     assert!(timed_out.is_err(), "the call was cancelled by the timeout");
     // Same arguments (they are fingerprinted), so the retry reuses the key legally.
-    let second = tokio::time::timeout(Duration::from_secs(5), slow_once(store.clone(), ledger.clone(), 10_000));
+    let second = tokio::time::timeout(
+        Duration::from_secs(5),
+        slow_once(store.clone(), ledger.clone(), 10_000),
+    );
     // Started, not rejected: it claims (the first claim was released) and runs.
     let handle = tokio::spawn(second);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(ledger.runs(0), 2, "the retry ran at once, without waiting out the 60 s lease");
+    assert_eq!(
+        ledger.runs(0),
+        2,
+        "the retry ran at once, without waiting out the 60 s lease"
+    );
     handle.abort();
 }
 
@@ -147,14 +175,30 @@ async fn an_expired_claim_is_taken_over() {
     // A "crashed" holder: claims and never completes, releases or renews.
     let key = StorageKey::derive(concat!(module_path!(), "::after_crash"), "takeover").unwrap();
     let fp = idem::fingerprint::FingerprintBuilder::new().finish();
-    let claim = store.claim(&key, Some(&fp), Duration::from_millis(100)).await.unwrap();
-    let idem::Claim::Acquired { token: stale, .. } = claim else { panic!("{claim:?}") };
-    assert!(matches!(after_crash(store.clone()).await.unwrap_err().idem(), Some(Error::InFlight)));
+    let claim = store
+        .claim(&key, Some(&fp), Duration::from_millis(100))
+        .await
+        .unwrap();
+    let idem::Claim::Acquired { token: stale, .. } = claim else {
+        panic!("{claim:?}")
+    };
+    assert!(matches!(
+        after_crash(store.clone()).await.unwrap_err().idem(),
+        Some(Error::InFlight)
+    ));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(after_crash(store.clone()).await.unwrap(), "recovered");
     // The crashed holder wakes up: its token is stale, nothing is overwritten.
-    assert!(matches!(store.complete(&key, stale, b"late", Duration::from_secs(60)).await, Err(Error::LeaseLost)));
-    assert!(matches!(store.release(&key, stale).await, Err(Error::LeaseLost)));
+    assert!(matches!(
+        store
+            .complete(&key, stale, b"late", Duration::from_secs(60))
+            .await,
+        Err(Error::LeaseLost)
+    ));
+    assert!(matches!(
+        store.release(&key, stale).await,
+        Err(Error::LeaseLost)
+    ));
     assert_eq!(after_crash(store.clone()).await.unwrap(), "recovered");
 }
 
@@ -189,7 +233,12 @@ async fn fenced(store: Arc<MemoryStore>, who: String, block_ms: u64) -> Result<S
 #[test]
 fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     let store = Arc::new(MemoryStore::new());
-    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
     let s = store.clone();
     // `who` is fingerprinted, so both callers pass the same `who` to reuse the key legally;
     // the result tells which body's value was stored.
@@ -202,7 +251,9 @@ fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     assert!(matches!(err.idem(), Some(Error::LeaseLost)), "{err:?}");
     let key = StorageKey::derive(concat!(module_path!(), "::fenced"), "fenced").unwrap();
     let rec = rt().block_on(store.get(&key)).unwrap().unwrap();
-    let idem::RecordState::Completed { token, record } = rec.state else { panic!() };
+    let idem::RecordState::Completed { token, record } = rec.state else {
+        panic!()
+    };
     let decoded = idem::record::Record::decode(&record).unwrap();
     assert_eq!(decoded.token, token.0, "the record is the newer holder's");
     assert!(token.0 >= 2, "the newer claim has a larger fencing token");

@@ -34,12 +34,23 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Events {
 
 impl Events {
     fn count(&self, needle: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|m| m.contains(needle)).count()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains(needle))
+            .count()
     }
 }
 
 #[idempotent(key = key, store = store.clone(), skip(store), lease = "200ms")]
-async fn op(store: Arc<MemoryStore>, key: &str, amount: u32, fail: bool, sleep_ms: u64) -> Result<u32, AppError> {
+async fn op(
+    store: Arc<MemoryStore>,
+    key: &str,
+    amount: u32,
+    fail: bool,
+    sleep_ms: u64,
+) -> Result<u32, AppError> {
     tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
     if fail {
         return Err(AppError::Transient("no".into()));
@@ -50,7 +61,8 @@ async fn op(store: Arc<MemoryStore>, key: &str, amount: u32, fail: bool, sleep_m
 #[tokio::test]
 async fn counters_and_events_follow_each_outcome() {
     let events = Events::default();
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
     let store = Arc::new(MemoryStore::new());
     let before = metrics();
 
@@ -69,7 +81,10 @@ async fn counters_and_events_follow_each_outcome() {
         Ok(())
     })
     .unwrap();
-    store.claim(&key, Some(&fp), Duration::from_millis(50)).await.unwrap();
+    store
+        .claim(&key, Some(&fp), Duration::from_millis(50))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(80)).await;
     op(store.clone(), "d", 1, false, 0).await.unwrap(); // miss + takeover
 

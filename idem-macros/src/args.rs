@@ -112,7 +112,10 @@ pub fn push(errors: &mut Option<syn::Error>, e: syn::Error) {
 fn set<T>(slot: &mut Option<Arg<T>>, name: Span, label: &str, value: T) -> syn::Result<()> {
     if let Some(first) = slot {
         let mut e = syn::Error::new(name, format!("duplicate argument `{label}`: give it once"));
-        e.combine(syn::Error::new(first.name, format!("`{label}` first set here")));
+        e.combine(syn::Error::new(
+            first.name,
+            format!("`{label}` first set here"),
+        ));
         return Err(e);
     }
     *slot = Some(Arg { name, value });
@@ -169,7 +172,10 @@ impl Args {
             let name = input.parse::<kw::on_conflict>()?.span;
             input.parse::<Token![=]>()?;
             let lit: LitStr = input.parse().map_err(|e| {
-                syn::Error::new(e.span(), "expected `on_conflict = \"reject\"` or `on_conflict = \"wait\"`")
+                syn::Error::new(
+                    e.span(),
+                    "expected `on_conflict = \"reject\"` or `on_conflict = \"wait\"`",
+                )
             })?;
             let value = match lit.value().as_str() {
                 "reject" => Conflict::Reject,
@@ -191,7 +197,10 @@ impl Args {
             let name = input.parse::<kw::cache_errors>()?.span;
             input.parse::<Token![=]>()?;
             let value = if input.peek(syn::LitBool) {
-                input.parse::<syn::LitBool>()?.value.then_some(CacheErrors::All)
+                input
+                    .parse::<syn::LitBool>()?
+                    .value
+                    .then_some(CacheErrors::All)
             } else {
                 let path: Path = input.parse().map_err(|e| {
                     syn::Error::new(e.span(), "expected `cache_errors = true` or `cache_errors = path::to::predicate` (a `fn(&E) -> bool`)")

@@ -14,7 +14,10 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
         Ok(f) => f,
         Err(e) => {
-            let e = syn::Error::new(e.span(), format!("`#[idempotent]` goes on an `async fn` with a body: {e}"));
+            let e = syn::Error::new(
+                e.span(),
+                format!("`#[idempotent]` goes on an `async fn` with a body: {e}"),
+            );
             return fallback::expand(item, e);
         }
     };
@@ -39,7 +42,10 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     if matches!(plan.shape, Shape::AsyncTrait) && func.sig.receiver().is_some() {
         // async-trait moves `self` into `__self` before the body; our arguments run after that
         // rebinding, so they must say `__self` too (as async-trait does for the body).
-        for expr in [args.key.as_mut(), args.store.as_mut(), args.scope.as_mut()].into_iter().flatten() {
+        for expr in [args.key.as_mut(), args.store.as_mut(), args.scope.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             expr.value = rename_self(&expr.value);
         }
         if let Some(fp) = args.fingerprint.as_mut() {
@@ -51,7 +57,11 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
 
     // Runtime paths carry the return type's span: rustc reports an unusable return type at
     // the first token of the call chain, which is then the user's signature, not the attribute.
-    let ret_span = plan.ret.as_ref().map(|r| r.span()).unwrap_or_else(Span::call_site);
+    let ret_span = plan
+        .ret
+        .as_ref()
+        .map(|r| r.span())
+        .unwrap_or_else(Span::call_site);
     let p = quote_spanned!(ret_span=> ::idem::__private);
     let fn_name = func.sig.ident.to_string();
 
@@ -77,7 +87,9 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
             let key = &key.value;
             let fp = match fp.as_ref().map(|f| &f.value) {
                 None => quote!(#default_fingerprint.map(::core::option::Option::Some)),
-                Some(FingerprintArg::Off(_)) => quote!(::core::result::Result::Ok(::core::option::Option::None)),
+                Some(FingerprintArg::Off(_)) => {
+                    quote!(::core::result::Result::Ok(::core::option::Option::None))
+                }
                 Some(FingerprintArg::Expr(e)) => {
                     quote_spanned!(e.span()=> #p::Fingerprint::of(&(#e)).map(::core::option::Option::Some))
                 }
@@ -103,7 +115,9 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     let wait = match (&args.wait, args.on_conflict.as_ref().map(|c| c.value)) {
         (Some(w), _) => Some(duration(&w.value)),
         // `on_conflict = "wait"` without a limit waits as long as a lease.
-        (None, Some(Conflict::Wait)) => Some(lease.clone().unwrap_or_else(|| quote!(#p::DEFAULT_LEASE))),
+        (None, Some(Conflict::Wait)) => {
+            Some(lease.clone().unwrap_or_else(|| quote!(#p::DEFAULT_LEASE)))
+        }
         _ => None,
     };
     if let Some(w) = wait {
@@ -117,11 +131,17 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         settings.extend(quote!(.store(&__idem_store)));
     }
 
-    let policy = match args.cache_errors.as_ref().and_then(|c| c.value.as_ref().map(|v| (c.name, v))) {
+    let policy = match args
+        .cache_errors
+        .as_ref()
+        .and_then(|c| c.value.as_ref().map(|v| (c.name, v)))
+    {
         None => quote!(#p::ErrorPolicy::never()),
         // Paths written out (not `#p`) so every token carries the argument's span and a
         // missing `Serialize` on the error type is reported at `cache_errors`.
-        Some((name, CacheErrors::All)) => quote_spanned!(name=> ::idem::__private::ErrorPolicy::always()),
+        Some((name, CacheErrors::All)) => {
+            quote_spanned!(name=> ::idem::__private::ErrorPolicy::always())
+        }
         Some((_, CacheErrors::When(path))) => {
             quote_spanned!(path.span()=> ::idem::__private::ErrorPolicy::when(#path))
         }
@@ -131,7 +151,9 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         // The whole call carries the return type's span, so an unusable return type is
         // reported once, at the user's signature.
         let call = match &plan.ret {
-            Some(ret) => quote_spanned!(ret_span=> #call #settings .run::<#ret, _>(#policy, async #body).await),
+            Some(ret) => {
+                quote_spanned!(ret_span=> #call #settings .run::<#ret, _>(#policy, async #body).await)
+            }
             None => quote!(#call #settings .run(#policy, async #body).await),
         };
         quote! {
@@ -144,7 +166,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         Shape::Async => {
             let block = &func.block;
             let body = run_with(quote!(#block));
-            func.block = Box::new(syn::parse_quote!({ #body }));
+            *func.block = syn::parse_quote!({ #body });
         }
         Shape::AsyncTrait => {
             // async-trait's block is: a type hint, `let param = param;` rebindings, then
@@ -158,7 +180,9 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
             let Some(Stmt::Expr(Expr::Call(call), None)) = func.block.stmts.last_mut() else {
                 unreachable!("validated")
             };
-            let Some(Expr::Async(block)) = call.args.first_mut() else { unreachable!("validated") };
+            let Some(Expr::Async(block)) = call.args.first_mut() else {
+                unreachable!("validated")
+            };
             block.block = syn::parse_quote!({ #body });
         }
     }

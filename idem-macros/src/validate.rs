@@ -40,7 +40,13 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
         // Already reported at `const`; one mistake, one error.
         Shape::Async
     } else {
-        push(&mut errors, syn::Error::new(sig.fn_token.span, "`#[idempotent]` works on `async fn` only: add `async` before `fn`"));
+        push(
+            &mut errors,
+            syn::Error::new(
+                sig.fn_token.span,
+                "`#[idempotent]` works on `async fn` only: add `async` before `fn`",
+            ),
+        );
         Shape::Async
     };
 
@@ -70,11 +76,31 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
     if let Some(skip) = &args.skip {
         for ident in &skip.value {
             if ident == "self" {
-                push(&mut errors, syn::Error::new(ident.span(), "`self` is never part of the fingerprint: remove it from `skip`"));
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        ident.span(),
+                        "`self` is never part of the fingerprint: remove it from `skip`",
+                    ),
+                );
             } else if !names.iter().any(|n| n == ident) {
-                let list = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-                let have = if list.is_empty() { "the function has no named parameters".to_string() } else { format!("parameters are {list}") };
-                push(&mut errors, syn::Error::new(ident.span(), format!("`skip({ident})`: no parameter named `{ident}`; {have}")));
+                let list = names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let have = if list.is_empty() {
+                    "the function has no named parameters".to_string()
+                } else {
+                    format!("parameters are {list}")
+                };
+                push(
+                    &mut errors,
+                    syn::Error::new(
+                        ident.span(),
+                        format!("`skip({ident})`: no parameter named `{ident}`; {have}"),
+                    ),
+                );
             }
         }
         if args.fingerprint.is_some() {
@@ -90,13 +116,23 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
 
     if let (Some(c), Some(w)) = (&args.on_conflict, &args.wait) {
         if c.value == Conflict::Reject {
-            push(&mut errors, syn::Error::new(w.name, "`wait = ...` contradicts `on_conflict = \"reject\"`: remove one of them"));
+            push(
+                &mut errors,
+                syn::Error::new(
+                    w.name,
+                    "`wait = ...` contradicts `on_conflict = \"reject\"`: remove one of them",
+                ),
+            );
         }
     }
 
     let mut fingerprinted = Vec::new();
     if args.fingerprint.is_none() {
-        let skipped = |i: &Ident| args.skip.as_ref().is_some_and(|s| s.value.iter().any(|x| x == i));
+        let skipped = |i: &Ident| {
+            args.skip
+                .as_ref()
+                .is_some_and(|s| s.value.iter().any(|x| x == i))
+        };
         for (pat, span) in &params {
             match name_of(pat) {
                 Some(ident) if skipped(&ident) => {}
@@ -108,7 +144,11 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
 
     match errors {
         Some(e) => Err(e),
-        None => Ok(Plan { shape, fingerprinted, ret }),
+        None => Ok(Plan {
+            shape,
+            fingerprinted,
+            ret,
+        }),
     }
 }
 
@@ -118,8 +158,15 @@ pub fn async_trait_block(func: &ItemFn) -> Option<&syn::ExprAsync> {
     let Some(Stmt::Expr(Expr::Call(call), None)) = func.block.stmts.last() else {
         return None;
     };
-    let Expr::Path(path) = &*call.func else { return None };
-    let segs: Vec<_> = path.path.segments.iter().map(|s| s.ident.to_string()).collect();
+    let Expr::Path(path) = &*call.func else {
+        return None;
+    };
+    let segs: Vec<_> = path
+        .path
+        .segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect();
     if !segs.ends_with(&["Box".to_string(), "pin".to_string()]) || call.args.len() != 1 {
         return None;
     }

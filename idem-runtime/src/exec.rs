@@ -49,6 +49,20 @@ pub enum OnConflict {
     Wait(Duration),
 }
 
+/// A value idem can store and replay: `Serialize + DeserializeOwned`.
+///
+/// Implemented for every such type; it exists so a missing derive is reported in one clear
+/// sentence at the user's type rather than as a list of serde's implementations.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be stored and replayed by idem",
+    label = "`{Self}` must implement `Serialize` and `DeserializeOwned`",
+    note = "add `#[derive(serde::Serialize, serde::Deserialize)]` to `{Self}` (results are stored as JSON and replayed)"
+)]
+pub trait Storable: Serialize + DeserializeOwned {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + DeserializeOwned> Storable for T {}
+
 /// The return type of an idempotent function: `Result<T, E>` with a storable `T` and an `E`
 /// that idem's errors convert into.
 #[diagnostic::on_unimplemented(
@@ -58,7 +72,7 @@ pub enum OnConflict {
 )]
 pub trait IdempotentResult: Sized {
     /// The stored, replayed success value.
-    type Ok: Serialize + DeserializeOwned;
+    type Ok: Storable;
     /// The function's error type.
     type Err: From<Error>;
     /// Splits into a `Result`.
@@ -67,7 +81,7 @@ pub trait IdempotentResult: Sized {
     fn from_result(result: Result<Self::Ok, Self::Err>) -> Self;
 }
 
-impl<T: Serialize + DeserializeOwned, E: From<Error>> IdempotentResult for Result<T, E> {
+impl<T: Storable, E: From<Error>> IdempotentResult for Result<T, E> {
     type Ok = T;
     type Err = E;
     fn into_result(self) -> Result<T, E> {
@@ -91,11 +105,14 @@ pub struct ErrorPolicy<E> {
 impl<E> ErrorPolicy<E> {
     /// Keep no errors (the default).
     pub fn never() -> Self {
-        ErrorPolicy { keep: None, codec: None }
+        ErrorPolicy {
+            keep: None,
+            codec: None,
+        }
     }
 }
 
-impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> {
+impl<E: Storable> ErrorPolicy<E> {
     /// Keep every error (`cache_errors = true`).
     pub fn always() -> Self {
         fn yes<E>(_: &E) -> bool {
@@ -114,7 +131,9 @@ impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> {
 }
 
 /// Computes a fingerprint by adding values to a builder; used by the macro for the parameters.
-pub fn fingerprint_with(add: impl FnOnce(&mut FingerprintBuilder) -> Result<()>) -> Result<Fingerprint> {
+pub fn fingerprint_with(
+    add: impl FnOnce(&mut FingerprintBuilder) -> Result<()>,
+) -> Result<Fingerprint> {
     let mut b = FingerprintBuilder::new();
     add(&mut b)?;
     Ok(b.finish())
@@ -204,7 +223,11 @@ impl<'s> Call<'s> {
         R::from_result(self.run_inner(errors, body).await)
     }
 
-    async fn run_inner<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> Result<R::Ok, R::Err>
+    async fn run_inner<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+    ) -> Result<R::Ok, R::Err>
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
@@ -219,7 +242,15 @@ impl<'s> Call<'s> {
                 &*default
             }
         };
-        let token = match claim(store, &key, fingerprint.as_ref(), self.lease, self.on_conflict).await? {
+        let token = match claim(
+            store,
+            &key,
+            fingerprint.as_ref(),
+            self.lease,
+            self.on_conflict,
+        )
+        .await?
+        {
             Claimed::Token(token) => token,
             Claimed::Replay(bytes) => {
                 bump(&COUNTERS.hits);
@@ -229,13 +260,22 @@ impl<'s> Call<'s> {
         };
         bump(&COUNTERS.misses);
         tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
-        let mut guard = ReleaseGuard { store, key: &key, token, armed: true };
-        let output = drive_renewing(store, &key, token, self.lease, body).await.into_result();
+        let mut guard = ReleaseGuard {
+            store,
+            key: &key,
+            token,
+            armed: true,
+        };
+        let output = drive_renewing(store, &key, token, self.lease, body)
+            .await
+            .into_result();
 
         let (outcome, payload, type_name) = match &output {
             Ok(v) => (Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>()),
             Err(e) => match (errors.keep, errors.codec) {
-                (Some(keep), Some((encode, _))) if keep(e) => (Outcome::Err, encode(e), type_name::<R::Err>()),
+                (Some(keep), Some((encode, _))) if keep(e) => {
+                    (Outcome::Err, encode(e), type_name::<R::Err>())
+                }
                 _ => {
                     guard.release().await;
                     return output;
@@ -261,7 +301,11 @@ impl<'s> Call<'s> {
         .encode();
         if record.len() > self.max_record_bytes {
             guard.release().await;
-            return Err(Error::TooLarge { size: record.len(), limit: self.max_record_bytes }.into());
+            return Err(Error::TooLarge {
+                size: record.len(),
+                limit: self.max_record_bytes,
+            }
+            .into());
         }
         guard.armed = false;
         match store.complete(&key, token, &record, self.ttl).await {
@@ -345,20 +389,31 @@ async fn claim(
     }
 }
 
-fn replay<T: DeserializeOwned, E: From<Error>>(bytes: &[u8], errors: &ErrorPolicy<E>) -> Result<T, E> {
+fn replay<T: DeserializeOwned, E: From<Error>>(
+    bytes: &[u8],
+    errors: &ErrorPolicy<E>,
+) -> Result<T, E> {
     let record = Record::decode(bytes)?;
     let check = |expected: &str| {
         if record.type_name == expected {
             Ok(())
         } else {
-            Err(Error::TypeMismatch { expected: expected.to_owned(), found: record.type_name.to_owned() })
+            Err(Error::TypeMismatch {
+                expected: expected.to_owned(),
+                found: record.type_name.to_owned(),
+            })
         }
     };
     match record.outcome {
         Outcome::Ok => {
             check(type_name::<T>())?;
-            serde_json::from_slice(record.payload)
-                .map_err(|e| Error::corrupt(format!("stored value does not decode as {}: {e}", type_name::<T>())).into())
+            serde_json::from_slice(record.payload).map_err(|e| {
+                Error::corrupt(format!(
+                    "stored value does not decode as {}: {e}",
+                    type_name::<T>()
+                ))
+                .into()
+            })
         }
         Outcome::Err => {
             let Some((_, decode)) = errors.codec else {
@@ -373,7 +428,11 @@ fn replay<T: DeserializeOwned, E: From<Error>>(bytes: &[u8], errors: &ErrorPolic
             check(type_name::<E>())?;
             match decode(record.payload) {
                 Ok(e) => Err(e),
-                Err(e) => Err(Error::corrupt(format!("stored error does not decode as {}: {e}", type_name::<E>())).into()),
+                Err(e) => Err(Error::corrupt(format!(
+                    "stored error does not decode as {}: {e}",
+                    type_name::<E>()
+                ))
+                .into()),
             }
         }
     }
@@ -381,7 +440,13 @@ fn replay<T: DeserializeOwned, E: From<Error>>(bytes: &[u8], errors: &ErrorPolic
 
 /// Polls `body` to completion while renewing the lease every third of it. The body is polled
 /// once before any timer exists, so bodies that finish at once pay nothing for renewal.
-async fn drive_renewing<F: Future>(store: &dyn Store, key: &StorageKey, token: FencingToken, lease: Duration, body: F) -> F::Output {
+async fn drive_renewing<F: Future>(
+    store: &dyn Store,
+    key: &StorageKey,
+    token: FencingToken,
+    lease: Duration,
+    body: F,
+) -> F::Output {
     let mut body = pin!(body);
     if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll(cx))).await {
         return out;
@@ -396,12 +461,10 @@ async fn drive_renewing<F: Future>(store: &dyn Store, key: &StorageKey, token: F
             _ = tick.as_mut(), if !lost => {
                 // Renew while still polling the body: a slow store must not stall it.
                 let mut renew = store.renew(key, token, lease);
-                let result = loop {
-                    tokio::select! {
-                        biased;
-                        out = body.as_mut() => return out,
-                        r = renew.as_mut() => break r,
-                    }
+                let result = tokio::select! {
+                    biased;
+                    out = body.as_mut() => return out,
+                    r = renew.as_mut() => r,
                 };
                 match result {
                     Ok(()) => tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed"),
@@ -434,7 +497,9 @@ impl ReleaseGuard<'_> {
         self.armed = false;
         bump(&COUNTERS.releases);
         match self.store.release(self.key, self.token).await {
-            Ok(()) => tracing::debug!(target: "idem", key = %self.key, token = self.token.0, "released"),
+            Ok(()) => {
+                tracing::debug!(target: "idem", key = %self.key, token = self.token.0, "released")
+            }
             Err(e) => {
                 if !matches!(e, Error::LeaseLost) {
                     bump(&COUNTERS.store_errors);
@@ -451,7 +516,8 @@ impl Drop for ReleaseGuard<'_> {
             bump(&COUNTERS.releases);
             tracing::debug!(target: "idem", key = %self.key, token = self.token.0,
                 panicking = std::thread::panicking(), "body did not finish; releasing");
-            self.store.release_in_background(self.key.clone(), self.token);
+            self.store
+                .release_in_background(self.key.clone(), self.token);
         }
     }
 }

@@ -55,6 +55,20 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+/// A value that can be part of a fingerprint: anything `Serialize`.
+///
+/// Implemented for every such type; it exists so that a parameter that cannot be fingerprinted
+/// is reported in one sentence that says what to do.
+#[diagnostic::on_unimplemented(
+    message = "parameter of type `{Self}` cannot be fingerprinted: it does not implement `Serialize`",
+    label = "not `Serialize`",
+    note = "leave it out of the fingerprint with `skip(name)` (handles, connections, contexts), derive `serde::Serialize` for it, or give `fingerprint = ...`"
+)]
+pub trait Fingerprintable: Serialize {}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> Fingerprintable for T {}
+
 /// Builds a fingerprint from several values, hashed as the canonical JSON array of them.
 ///
 /// The `#[idempotent]` macro adds each non-skipped parameter in declaration order.
@@ -79,9 +93,11 @@ impl FingerprintBuilder {
     }
 
     /// Adds one value. Fails with [`Error::Encode`] if it cannot be represented as JSON.
-    pub fn add<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<&mut Self> {
+    pub fn add<T: Fingerprintable + ?Sized>(&mut self, value: &T) -> Result<&mut Self> {
         let value = serde_json::to_value(value).map_err(Error::Encode)?;
-        self.hasher.0.update(if self.count == 0 { b"[" } else { b"," });
+        self.hasher
+            .0
+            .update(if self.count == 0 { b"[" } else { b"," });
         self.count += 1;
         write_canonical(&value, &mut self.hasher).map_err(Error::Encode)?;
         Ok(self)
@@ -166,15 +182,22 @@ mod tests {
         }
         assert_eq!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&b).unwrap());
         let sorted: BTreeMap<_, _> = a.clone().into_iter().collect();
-        assert_eq!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&sorted).unwrap());
+        assert_eq!(
+            Fingerprint::of(&a).unwrap(),
+            Fingerprint::of(&sorted).unwrap()
+        );
         b.insert("k0".into(), 1000);
         assert_ne!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&b).unwrap());
     }
 
     #[test]
     fn canonical_form_sorts_keys_and_strips_space() {
-        let v: Value = serde_json::from_str(r#"{ "b": [1, {"z": 1, "a": "x\"y"}], "a": null }"#).unwrap();
-        assert_eq!(canonical_json(&v).unwrap(), r#"{"a":null,"b":[1,{"a":"x\"y","z":1}]}"#);
+        let v: Value =
+            serde_json::from_str(r#"{ "b": [1, {"z": 1, "a": "x\"y"}], "a": null }"#).unwrap();
+        assert_eq!(
+            canonical_json(&v).unwrap(),
+            r#"{"a":null,"b":[1,{"a":"x\"y","z":1}]}"#
+        );
     }
 
     #[test]
@@ -182,7 +205,10 @@ mod tests {
         let mut b = FingerprintBuilder::new();
         b.add(&1).unwrap().add("two").unwrap();
         assert_eq!(b.finish(), Fingerprint::of(&(1, "two")).unwrap());
-        assert_eq!(FingerprintBuilder::new().finish(), Fingerprint::of(&Vec::<u8>::new()).unwrap());
+        assert_eq!(
+            FingerprintBuilder::new().finish(),
+            Fingerprint::of(&Vec::<u8>::new()).unwrap()
+        );
     }
 
     #[test]

@@ -86,7 +86,10 @@ pub struct StorageKey([u8; 64]);
 
 impl StorageKey {
     /// Derives the storage key of `user_key` in `scope`, checking the user key's length.
-    pub fn derive(scope: &(impl IntoKey + ?Sized), user_key: &(impl IntoKey + ?Sized)) -> Result<Self> {
+    pub fn derive(
+        scope: &(impl IntoKey + ?Sized),
+        user_key: &(impl IntoKey + ?Sized),
+    ) -> Result<Self> {
         let mut buf = Vec::with_capacity(96);
         scope.append_key(&mut buf);
         let scope_len = buf.len();
@@ -153,7 +156,10 @@ mod tests {
         let b = StorageKey::derive("svc::refund", "order-1").unwrap();
         assert_eq!(a.as_str().len(), 64);
         assert_ne!(a, b, "scopes must not share records");
-        assert_eq!(a, StorageKey::derive("svc::charge", &String::from("order-1")).unwrap());
+        assert_eq!(
+            a,
+            StorageKey::derive("svc::charge", &String::from("order-1")).unwrap()
+        );
         assert_eq!(StorageKey::from_hex(a.as_str()), Some(a));
     }
 
@@ -177,9 +183,15 @@ mod tests {
 
     #[test]
     fn empty_and_long_keys_are_invalid() {
-        assert!(matches!(StorageKey::derive("s", ""), Err(Error::InvalidKey { .. })));
+        assert!(matches!(
+            StorageKey::derive("s", ""),
+            Err(Error::InvalidKey { .. })
+        ));
         let long = "x".repeat(MAX_KEY_LEN + 1);
-        assert!(matches!(StorageKey::derive("s", &long), Err(Error::InvalidKey { .. })));
+        assert!(matches!(
+            StorageKey::derive("s", &long),
+            Err(Error::InvalidKey { .. })
+        ));
         assert!(StorageKey::derive("s", &"x".repeat(MAX_KEY_LEN)).is_ok());
         assert!(StorageKey::derive("s", &42u64).is_ok());
     }

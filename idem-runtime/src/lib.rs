@@ -19,7 +19,7 @@ pub mod record;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use exec::{Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict};
+pub use exec::{Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, Storable};
 pub use fingerprint::Fingerprint;
 pub use key::{IntoKey, StorageKey};
 pub use metrics::{metrics, Metrics};

@@ -103,7 +103,9 @@ impl<'a> Record<'a> {
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
         if crc32fast::hash(body).to_be_bytes() != crc {
-            return Err(Error::corrupt("checksum mismatch (record altered or truncated)"));
+            return Err(Error::corrupt(
+                "checksum mismatch (record altered or truncated)",
+            ));
         }
         let outcome = match r.u8()? {
             0 => Outcome::Ok,
@@ -159,13 +161,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -191,22 +199,36 @@ mod tests {
     fn golden_v1_bytes() {
         let bytes = sample().encode();
         let golden = concat!(
-            "4944454d", "01", "00", "01",
+            "4944454d",
+            "01",
+            "00",
+            "01",
             "abababababababababababababababababababababababababababababababab",
-            "0000000000000007", "0000018bcfe56800", "0000000005265c00",
-            "000c", "6170703a3a52656365697074",
-            "00000019", "7b226964223a22725f31222c22616d6f756e74223a3530307d",
+            "0000000000000007",
+            "0000018bcfe56800",
+            "0000000005265c00",
+            "000c",
+            "6170703a3a52656365697074",
+            "00000019",
+            "7b226964223a22725f31222c22616d6f756e74223a3530307d",
         );
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(&hex[..hex.len() - 8], golden);
         // The checksum is CRC-32 (IEEE) of the rest.
-        assert_eq!(&hex[hex.len() - 8..], format!("{:08x}", crc32fast::hash(&bytes[..bytes.len() - 4])));
+        assert_eq!(
+            &hex[hex.len() - 8..],
+            format!("{:08x}", crc32fast::hash(&bytes[..bytes.len() - 4]))
+        );
         assert_eq!(Record::decode(&bytes).unwrap(), sample());
     }
 
     #[test]
     fn round_trip_without_fingerprint_and_err_outcome() {
-        let rec = Record { outcome: Outcome::Err, fingerprint: None, ..sample() };
+        let rec = Record {
+            outcome: Outcome::Err,
+            fingerprint: None,
+            ..sample()
+        };
         assert_eq!(Record::decode(&rec.encode()).unwrap(), rec);
     }
 
@@ -214,20 +236,29 @@ mod tests {
     fn every_truncation_and_every_bit_flip_is_corrupt() {
         let bytes = sample().encode();
         for n in 0..bytes.len() {
-            assert!(matches!(Record::decode(&bytes[..n]), Err(Error::Corrupt { .. })), "truncated to {n}");
+            assert!(
+                matches!(Record::decode(&bytes[..n]), Err(Error::Corrupt { .. })),
+                "truncated to {n}"
+            );
         }
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(matches!(Record::decode(&b), Err(Error::Corrupt { .. })), "flip byte {i} bit {bit}");
+                assert!(
+                    matches!(Record::decode(&b), Err(Error::Corrupt { .. })),
+                    "flip byte {i} bit {bit}"
+                );
             }
         }
     }
 
     #[test]
     fn garbage_and_future_versions_are_corrupt() {
-        assert!(matches!(Record::decode(b"garbage"), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            Record::decode(b"garbage"),
+            Err(Error::Corrupt { .. })
+        ));
         let mut b = sample().encode();
         b[4] = 2;
         let err = Record::decode(&b).unwrap_err();

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem::record::{Outcome, Record};
-use idem::{Call, Claim, Error, ErrorPolicy, Fingerprint, OnConflict, RecordState, StorageKey, Store};
+use idem::{
+    Call, Claim, Error, ErrorPolicy, Fingerprint, OnConflict, RecordState, StorageKey, Store,
+};
 
 /// Instantiates every conformance case as a `#[tokio::test]` for one backend.
 #[macro_export]
@@ -49,7 +51,9 @@ pub fn unavailable(what: &str, why: impl std::fmt::Display) -> Option<Arc<dyn St
     if std::env::var("IDEM_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
         panic!("{what} is required (IDEM_REQUIRE_SERVICES=1) but unreachable: {why}");
     }
-    eprintln!("SKIPPED: {what} unreachable ({why}); set IDEM_REQUIRE_SERVICES=1 to make this a failure");
+    eprintln!(
+        "SKIPPED: {what} unreachable ({why}); set IDEM_REQUIRE_SERVICES=1 to make this a failure"
+    );
     None
 }
 
@@ -66,7 +70,10 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// A call on `store` under `key` with fingerprint `fp(1)`.
 fn call<'s>(store: &'s dyn Store, key: &StorageKey) -> Call<'s> {
-    Call::new(Ok(key.clone())).store(store).fingerprint(Ok(Some(fp(1)))).lease(Duration::from_secs(10))
+    Call::new(Ok(key.clone()))
+        .store(store)
+        .fingerprint(Ok(Some(fp(1))))
+        .lease(Duration::from_secs(10))
 }
 
 fn record(token: u64, payload: &str, type_name: &str) -> Vec<u8> {
@@ -111,51 +118,78 @@ pub async fn exactly_once_under_200_concurrent_callers(store: Arc<dyn Store>, _:
     let mut values = HashMap::new();
     for t in tasks {
         let (k, v) = t.await.unwrap();
-        assert_eq!(*values.entry(k).or_insert(v), v, "all callers of key {k} get one value");
+        assert_eq!(
+            *values.entry(k).or_insert(v),
+            v,
+            "all callers of key {k} get one value"
+        );
     }
     let runs = runs.lock().unwrap();
     assert_eq!(runs.len(), 10);
-    assert!(runs.values().all(|&n| n == 1), "each body ran exactly once: {runs:?}");
+    assert!(
+        runs.values().all(|&n| n == 1),
+        "each body ran exactly once: {runs:?}"
+    );
 }
 
 pub async fn replay_is_identical(store: Arc<dyn Store>, _: bool) {
     let key = unique("replay");
-    let first: Result<(u64, String, Vec<f64>), Error> =
-        call(&*store, &key).run(ErrorPolicy::never(), async { Ok((rand::random(), "ü\"\\\n".to_string(), vec![0.1, 1e300])) }).await;
+    let first: Result<(u64, String, Vec<f64>), Error> = call(&*store, &key)
+        .run(ErrorPolicy::never(), async {
+            Ok((rand::random(), "ü\"\\\n".to_string(), vec![0.1, 1e300]))
+        })
+        .await;
     let first = first.unwrap();
     for _ in 0..3 {
-        let again: Result<(u64, String, Vec<f64>), Error> =
-            call(&*store, &key).run(ErrorPolicy::never(), async { unreachable!("replayed, not run") }).await;
+        let again: Result<(u64, String, Vec<f64>), Error> = call(&*store, &key)
+            .run(ErrorPolicy::never(), async {
+                unreachable!("replayed, not run")
+            })
+            .await;
         assert_eq!(again.unwrap(), first);
     }
 }
 
 pub async fn key_reuse_is_refused(store: Arc<dyn Store>, _: bool) {
     let key = unique("reuse");
-    let _: u32 = call(&*store, &key).run(ErrorPolicy::never(), async { Ok::<u32, Error>(1) }).await.unwrap();
+    let _: u32 = call(&*store, &key)
+        .run(ErrorPolicy::never(), async { Ok::<u32, Error>(1) })
+        .await
+        .unwrap();
     let other: Result<u32, Error> = call(&*store, &key)
         .fingerprint(Ok(Some(fp(2))))
-        .run(ErrorPolicy::never(), async { unreachable!("key reuse must not run") })
+        .run(ErrorPolicy::never(), async {
+            unreachable!("key reuse must not run")
+        })
         .await;
     assert!(matches!(other, Err(Error::KeyReuse)), "{other:?}");
     // In flight with another fingerprint is reuse too.
     let key = unique("reuse-in-flight");
     acquire(&*store, &key, LONG).await;
-    assert_eq!(store.claim(&key, Some(&fp(2)), LONG).await.unwrap(), Claim::KeyReuse);
+    assert_eq!(
+        store.claim(&key, Some(&fp(2)), LONG).await.unwrap(),
+        Claim::KeyReuse
+    );
 }
 
 pub async fn ttl_expiry_runs_again(store: Arc<dyn Store>, _: bool) {
     let key = unique("ttl");
     let runs = AtomicUsize::new(0);
     let go = || {
-        call(&*store, &key).ttl(Duration::from_millis(300)).run(ErrorPolicy::never(), async {
-            runs.fetch_add(1, SeqCst);
-            Ok::<u32, Error>(1)
-        })
+        call(&*store, &key)
+            .ttl(Duration::from_millis(300))
+            .run(ErrorPolicy::never(), async {
+                runs.fetch_add(1, SeqCst);
+                Ok::<u32, Error>(1)
+            })
     };
     go().await.unwrap();
     go().await.unwrap();
-    assert_eq!(runs.load(SeqCst), 1, "within the ttl the result is replayed");
+    assert_eq!(
+        runs.load(SeqCst),
+        1,
+        "within the ttl the result is replayed"
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     go().await.unwrap();
     assert_eq!(runs.load(SeqCst), 2, "past the ttl the body runs again");
@@ -164,7 +198,10 @@ pub async fn ttl_expiry_runs_again(store: Arc<dyn Store>, _: bool) {
 pub async fn expired_lease_is_taken_over(store: Arc<dyn Store>, _: bool) {
     let key = unique("takeover");
     let first = acquire(&*store, &key, Duration::from_millis(300)).await;
-    assert_eq!(store.claim(&key, Some(&fp(1)), LONG).await.unwrap(), Claim::InFlight);
+    assert_eq!(
+        store.claim(&key, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::InFlight
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     match store.claim(&key, Some(&fp(1)), LONG).await.unwrap() {
         Claim::Acquired { token, .. } => assert!(token.0 > first, "takeover gets a newer token"),
@@ -177,19 +214,57 @@ pub async fn stale_tokens_are_fenced(store: Arc<dyn Store>, _: bool) {
     let stale = idem::FencingToken(acquire(&*store, &key, Duration::from_millis(300)).await);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let fresh = idem::FencingToken(acquire(&*store, &key, LONG).await);
-    assert!(matches!(store.renew(&key, stale, LONG).await, Err(Error::LeaseLost)));
-    assert!(matches!(store.complete(&key, stale, &record(stale.0, "1", "u32"), LONG).await, Err(Error::LeaseLost)));
-    assert!(matches!(store.release(&key, stale).await, Err(Error::LeaseLost)));
-    assert_eq!(store.get(&key).await.unwrap().unwrap().state, RecordState::InFlight { token: fresh });
-    store.complete(&key, fresh, &record(fresh.0, "2", "u32"), LONG).await.unwrap();
-    assert!(matches!(store.complete(&key, stale, &record(stale.0, "1", "u32"), LONG).await, Err(Error::LeaseLost)));
+    assert!(matches!(
+        store.renew(&key, stale, LONG).await,
+        Err(Error::LeaseLost)
+    ));
+    assert!(matches!(
+        store
+            .complete(&key, stale, &record(stale.0, "1", "u32"), LONG)
+            .await,
+        Err(Error::LeaseLost)
+    ));
+    assert!(matches!(
+        store.release(&key, stale).await,
+        Err(Error::LeaseLost)
+    ));
+    assert_eq!(
+        store.get(&key).await.unwrap().unwrap().state,
+        RecordState::InFlight { token: fresh }
+    );
+    store
+        .complete(&key, fresh, &record(fresh.0, "2", "u32"), LONG)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .complete(&key, stale, &record(stale.0, "1", "u32"), LONG)
+            .await,
+        Err(Error::LeaseLost)
+    ));
     let got = store.get(&key).await.unwrap().unwrap();
-    let RecordState::Completed { token, record: bytes } = got.state else { panic!("{got:?}") };
+    let RecordState::Completed {
+        token,
+        record: bytes,
+    } = got.state
+    else {
+        panic!("{got:?}")
+    };
     assert_eq!(token, fresh);
-    assert_eq!(Record::decode(&bytes).unwrap().payload, b"2", "the newer result stands");
+    assert_eq!(
+        Record::decode(&bytes).unwrap().payload,
+        b"2",
+        "the newer result stands"
+    );
     // Completed records cannot be renewed or released either.
-    assert!(matches!(store.renew(&key, fresh, LONG).await, Err(Error::LeaseLost)));
-    assert!(matches!(store.release(&key, fresh).await, Err(Error::LeaseLost)));
+    assert!(matches!(
+        store.renew(&key, fresh, LONG).await,
+        Err(Error::LeaseLost)
+    ));
+    assert!(matches!(
+        store.release(&key, fresh).await,
+        Err(Error::LeaseLost)
+    ));
 }
 
 pub async fn tokens_strictly_increase(store: Arc<dyn Store>, _: bool) {
@@ -202,7 +277,10 @@ pub async fn tokens_strictly_increase(store: Arc<dyn Store>, _: bool) {
         last = t;
     }
     let other = acquire(&*store, &unique("tokens-other"), LONG).await;
-    assert!(other > last, "tokens increase across keys too: {other} after {last}");
+    assert!(
+        other > last,
+        "tokens increase across keys too: {other} after {last}"
+    );
 }
 
 pub async fn release_on_error(store: Arc<dyn Store>, _: bool) {
@@ -212,12 +290,18 @@ pub async fn release_on_error(store: Arc<dyn Store>, _: bool) {
         let out: Result<u32, Error> = call(&*store, &key)
             .run(ErrorPolicy::never(), async {
                 runs.fetch_add(1, SeqCst);
-                Err(Error::InvalidKey { reason: "the body's own error".into() })
+                Err(Error::InvalidKey {
+                    reason: "the body's own error".into(),
+                })
             })
             .await;
         assert!(matches!(out, Err(Error::InvalidKey { .. })));
     }
-    assert_eq!(runs.load(SeqCst), 2, "an Err releases the claim, the retry runs at once");
+    assert_eq!(
+        runs.load(SeqCst),
+        2,
+        "an Err releases the claim, the retry runs at once"
+    );
     assert_eq!(store.get(&key).await.unwrap(), None);
 }
 
@@ -228,7 +312,9 @@ async fn reclaimable_soon(store: &dyn Store, key: &StorageKey, within: Duration)
     loop {
         match store.claim(key, Some(&fp(1)), LONG).await.unwrap() {
             Claim::Acquired { .. } => return,
-            Claim::InFlight if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
+            Claim::InFlight if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
             other => panic!("claim was not released: {other:?}"),
         }
     }
@@ -238,7 +324,10 @@ pub async fn release_on_panic(store: Arc<dyn Store>, _: bool) {
     let key = unique("panic");
     let (s, k) = (store.clone(), key.clone());
     let joined = tokio::spawn(async move {
-        let _: Result<u32, Error> = call(&*s, &k).lease(LONG).run(ErrorPolicy::never(), async { panic!("body panics") }).await;
+        let _: Result<u32, Error> = call(&*s, &k)
+            .lease(LONG)
+            .run(ErrorPolicy::never(), async { panic!("body panics") })
+            .await;
     })
     .await;
     assert!(joined.unwrap_err().is_panic());
@@ -247,11 +336,15 @@ pub async fn release_on_panic(store: Arc<dyn Store>, _: bool) {
 
 pub async fn release_on_cancel(store: Arc<dyn Store>, _: bool) {
     let key = unique("cancel");
-    let slow = call(&*store, &key).lease(LONG).run(ErrorPolicy::never(), async {
-        tokio::time::sleep(LONG).await;
-        Ok::<u32, Error>(1)
-    });
-    assert!(tokio::time::timeout(Duration::from_millis(100), slow).await.is_err());
+    let slow = call(&*store, &key)
+        .lease(LONG)
+        .run(ErrorPolicy::never(), async {
+            tokio::time::sleep(LONG).await;
+            Ok::<u32, Error>(1)
+        });
+    assert!(tokio::time::timeout(Duration::from_millis(100), slow)
+        .await
+        .is_err());
     reclaimable_soon(&*store, &key, Duration::from_secs(5)).await;
 }
 
@@ -269,7 +362,11 @@ pub async fn long_body_renews_its_lease(store: Arc<dyn Store>, _: bool) {
     });
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(store.claim(&key, Some(&fp(1)), LONG).await.unwrap(), Claim::InFlight, "the lease was renewed");
+        assert_eq!(
+            store.claim(&key, Some(&fp(1)), LONG).await.unwrap(),
+            Claim::InFlight,
+            "the lease was renewed"
+        );
     }
     assert_eq!(holder.await.unwrap().unwrap(), 9);
 }
@@ -280,21 +377,41 @@ pub async fn corrupt_records_are_errors_not_reruns(store: Arc<dyn Store>, _: boo
         ("garbage", b"\x00\xffnot a record".to_vec()),
         ("empty", Vec::new()),
         ("truncated", valid[..valid.len() - 3].to_vec()),
-        ("bad json", record(1, "{not json", std::any::type_name::<u32>())),
+        (
+            "bad json",
+            record(1, "{not json", std::any::type_name::<u32>()),
+        ),
     ];
     for (label, bytes) in cases {
         let key = unique(label);
         let t = acquire(&*store, &key, LONG).await;
-        store.complete(&key, idem::FencingToken(t), &bytes, LONG).await.unwrap();
-        let out: Result<u32, Error> = call(&*store, &key).run(ErrorPolicy::never(), async { unreachable!("never re-run silently") }).await;
-        assert!(matches!(out, Err(Error::Corrupt { .. })), "{label}: {out:?}");
+        store
+            .complete(&key, idem::FencingToken(t), &bytes, LONG)
+            .await
+            .unwrap();
+        let out: Result<u32, Error> = call(&*store, &key)
+            .run(ErrorPolicy::never(), async {
+                unreachable!("never re-run silently")
+            })
+            .await;
+        assert!(
+            matches!(out, Err(Error::Corrupt { .. })),
+            "{label}: {out:?}"
+        );
     }
 }
 
 pub async fn wrong_type_is_type_mismatch(store: Arc<dyn Store>, _: bool) {
     let key = unique("type");
-    let _: String = call(&*store, &key).run(ErrorPolicy::never(), async { Ok::<_, Error>("text".to_string()) }).await.unwrap();
-    let out: Result<u64, Error> = call(&*store, &key).run(ErrorPolicy::never(), async { unreachable!() }).await;
+    let _: String = call(&*store, &key)
+        .run(ErrorPolicy::never(), async {
+            Ok::<_, Error>("text".to_string())
+        })
+        .await
+        .unwrap();
+    let out: Result<u64, Error> = call(&*store, &key)
+        .run(ErrorPolicy::never(), async { unreachable!() })
+        .await;
     match out {
         Err(Error::TypeMismatch { expected, found }) => {
             assert_eq!(expected, "u64");
@@ -311,7 +428,10 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
     for i in 0..3 {
         let k = unique(&format!("purge-done{i}"));
         let t = acquire(&*store, &k, LONG).await;
-        store.complete(&k, idem::FencingToken(t), &record(t, "1", "u32"), short).await.unwrap();
+        store
+            .complete(&k, idem::FencingToken(t), &record(t, "1", "u32"), short)
+            .await
+            .unwrap();
         expired.push(k);
     }
     let k = unique("purge-lease");
@@ -320,7 +440,10 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
     for i in 0..2 {
         let k = unique(&format!("purge-live{i}"));
         let t = acquire(&*store, &k, LONG).await;
-        store.complete(&k, idem::FencingToken(t), &record(t, "1", "u32"), LONG).await.unwrap();
+        store
+            .complete(&k, idem::FencingToken(t), &record(t, "1", "u32"), LONG)
+            .await
+            .unwrap();
         live.push(k);
     }
     let k = unique("purge-live-lease");
@@ -333,13 +456,20 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
         assert_eq!(purged, 0);
     } else {
         assert_eq!(purged, expired.len() as u64);
-        assert_eq!(store.purge_expired().await.unwrap(), 0, "a second purge finds nothing");
+        assert_eq!(
+            store.purge_expired().await.unwrap(),
+            0,
+            "a second purge finds nothing"
+        );
     }
     for k in &expired {
         assert_eq!(store.get(k).await.unwrap(), None);
     }
     for k in &live {
-        assert!(store.get(k).await.unwrap().is_some(), "live records survive purge");
+        assert!(
+            store.get(k).await.unwrap().is_some(),
+            "live records survive purge"
+        );
     }
 }
 
@@ -353,8 +483,17 @@ pub async fn get_reports_states(store: Arc<dyn Store>, _: bool) {
     let bytes = record(t.0, "[1,2]", "x");
     store.complete(&key, t, &bytes, LONG).await.unwrap();
     let got = store.get(&key).await.unwrap().unwrap();
-    assert_eq!(got.state, RecordState::Completed { token: t, record: bytes.clone().into() });
-    assert_eq!(store.claim(&key, Some(&fp(1)), LONG).await.unwrap(), Claim::Completed(bytes.into()));
+    assert_eq!(
+        got.state,
+        RecordState::Completed {
+            token: t,
+            record: bytes.clone().into()
+        }
+    );
+    assert_eq!(
+        store.claim(&key, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::Completed(bytes.into())
+    );
 }
 
 pub async fn missing_fingerprint_matches_any(store: Arc<dyn Store>, _: bool) {
@@ -364,9 +503,15 @@ pub async fn missing_fingerprint_matches_any(store: Arc<dyn Store>, _: bool) {
         other => panic!("{other:?}"),
     };
     assert_eq!(store.get(&key).await.unwrap().unwrap().fingerprint, None);
-    assert_eq!(store.claim(&key, Some(&fp(9)), LONG).await.unwrap(), Claim::InFlight);
+    assert_eq!(
+        store.claim(&key, Some(&fp(9)), LONG).await.unwrap(),
+        Claim::InFlight
+    );
     store.complete(&key, t, b"r", LONG).await.unwrap();
-    assert_eq!(store.claim(&key, Some(&fp(3)), LONG).await.unwrap(), Claim::Completed(b"r".to_vec().into()));
+    assert_eq!(
+        store.claim(&key, Some(&fp(3)), LONG).await.unwrap(),
+        Claim::Completed(b"r".to_vec().into())
+    );
 }
 
 pub async fn wait_gets_the_first_result(store: Arc<dyn Store>, _: bool) {
@@ -381,7 +526,9 @@ pub async fn wait_gets_the_first_result(store: Arc<dyn Store>, _: bool) {
             .await
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let rejected: Result<u64, Error> = call(&*store, &key).run(ErrorPolicy::never(), async { unreachable!() }).await;
+    let rejected: Result<u64, Error> = call(&*store, &key)
+        .run(ErrorPolicy::never(), async { unreachable!() })
+        .await;
     assert!(matches!(rejected, Err(Error::InFlight)));
     let short: Result<u64, Error> = call(&*store, &key)
         .on_conflict(OnConflict::Wait(Duration::from_millis(20)))

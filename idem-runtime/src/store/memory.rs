@@ -81,7 +81,12 @@ impl MemoryStore {
     }
 
     /// Applies `f` to the slot of `key` if `token` holds it in flight with a live lease.
-    fn with_held<T>(&self, key: &StorageKey, token: FencingToken, f: impl FnOnce(Entry<'_, StorageKey, Slot>) -> T) -> Result<T> {
+    fn with_held<T>(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        f: impl FnOnce(Entry<'_, StorageKey, Slot>) -> T,
+    ) -> Result<T> {
         let now = Instant::now();
         match self.inner.records.entry(key.clone()) {
             Entry::Occupied(e)
@@ -111,12 +116,19 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    async fn claim(&self, key: &StorageKey, fingerprint: Option<&Fingerprint>, lease: Duration) -> Result<Claim> {
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim> {
         let now = Instant::now();
         let fresh = |token| Slot {
             fingerprint: fingerprint.copied(),
             token,
-            state: SlotState::InFlight { lease_until: now + lease },
+            state: SlotState::InFlight {
+                lease_until: now + lease,
+            },
         };
         // Look first without the entry's write lock: hits (the common case of a retry) only
         // need a shared lock and no key clone.
@@ -134,7 +146,10 @@ impl Store for MemoryStore {
             Entry::Vacant(e) => {
                 let token = self.next_token();
                 e.insert(fresh(token));
-                Claim::Acquired { token: FencingToken(token), takeover: false }
+                Claim::Acquired {
+                    token: FencingToken(token),
+                    takeover: false,
+                }
             }
             Entry::Occupied(mut e) => {
                 let slot = e.get();
@@ -151,17 +166,29 @@ impl Store for MemoryStore {
                     let takeover = matches!(slot.state, SlotState::InFlight { .. });
                     let token = self.next_token();
                     e.insert(fresh(token));
-                    Claim::Acquired { token: FencingToken(token), takeover }
+                    Claim::Acquired {
+                        token: FencingToken(token),
+                        takeover,
+                    }
                 }
             }
         })
     }
 
-    async fn complete(&self, key: &StorageKey, token: FencingToken, record: &[u8], ttl: Duration) -> Result<()> {
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
         let record = Bytes::copy_from_slice(record);
         self.with_held(key, token, |e| {
             if let Entry::Occupied(mut e) = e {
-                e.get_mut().state = SlotState::Completed { expires_at: Instant::now() + ttl, record };
+                e.get_mut().state = SlotState::Completed {
+                    expires_at: Instant::now() + ttl,
+                    record,
+                };
             }
         })?;
         self.inner.changed.notify_waiters();
@@ -175,23 +202,32 @@ impl Store for MemoryStore {
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
         self.with_held(key, token, |e| {
             if let Entry::Occupied(mut e) = e {
-                e.get_mut().state = SlotState::InFlight { lease_until: Instant::now() + lease };
+                e.get_mut().state = SlotState::InFlight {
+                    lease_until: Instant::now() + lease,
+                };
             }
         })
     }
 
     async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
         let now = Instant::now();
-        Ok(self.inner.records.get(key).filter(|s| s.is_live(now)).map(|s| StoredRecord {
-            fingerprint: s.fingerprint,
-            state: match &s.state {
-                SlotState::InFlight { .. } => RecordState::InFlight { token: FencingToken(s.token) },
-                SlotState::Completed { record, .. } => RecordState::Completed {
-                    token: FencingToken(s.token),
-                    record: record.clone(),
+        Ok(self
+            .inner
+            .records
+            .get(key)
+            .filter(|s| s.is_live(now))
+            .map(|s| StoredRecord {
+                fingerprint: s.fingerprint,
+                state: match &s.state {
+                    SlotState::InFlight { .. } => RecordState::InFlight {
+                        token: FencingToken(s.token),
+                    },
+                    SlotState::Completed { record, .. } => RecordState::Completed {
+                        token: FencingToken(s.token),
+                        record: record.clone(),
+                    },
                 },
-            },
-        }))
+            }))
     }
 
     async fn purge_expired(&self) -> Result<u64> {
