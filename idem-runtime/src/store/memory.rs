@@ -1,7 +1,9 @@
 //! `MemoryStore`: the default store, for one process, tests and examples.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,20 +19,52 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
+/// Shards of the expiry index: enough that concurrent claims rarely share a lock.
+const EXPIRY_SHARDS: usize = 16;
+
 /// An in-process store: a concurrent hash map, claim as one map-entry operation.
 ///
 /// Cloning gives another handle to the same records. Records do not survive the process; for
 /// several processes use the SQLite, Redis or PostgreSQL store.
-#[derive(Clone, Default)]
+///
+/// Expired records stop counting at once (every read checks the deadline) and are removed by
+/// [`Store::purge_expired`], whose cost is proportional to the number of expired records: an
+/// index of deadlines (a min-heap per shard) hands it exactly the records whose time has come.
+#[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                records: DashMap::new(),
+                expiries: (0..EXPIRY_SHARDS).map(|_| Mutex::default()).collect(),
+                last_token: AtomicU64::new(0),
+                changed: Notify::new(),
+                waiters: AtomicUsize::new(0),
+            }),
+        }
+    }
+}
+
 struct Inner {
-    records: DashMap<StorageKey, Slot>,
+    /// Keys are shared with the expiry index, so the index costs a pointer per entry.
+    records: DashMap<Arc<StorageKey>, Slot>,
+    /// Deadlines of records, possibly stale (a record completed or renewed since): purge pops
+    /// the due ones and removes a record only if it is really expired.
+    expiries: Vec<Mutex<BinaryHeap<Reverse<Deadline>>>>,
     last_token: AtomicU64,
     changed: Notify,
+    /// Callers inside `wait_for_change`: completions notify only when someone waits.
+    waiters: AtomicUsize,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Deadline {
+    at: Instant,
+    key: Arc<StorageKey>,
 }
 
 struct Slot {
@@ -45,11 +79,15 @@ enum SlotState {
 }
 
 impl Slot {
-    fn is_live(&self, now: Instant) -> bool {
+    fn deadline(&self) -> Instant {
         match &self.state {
-            SlotState::InFlight { lease_until } => *lease_until > now,
-            SlotState::Completed { expires_at, .. } => *expires_at > now,
+            SlotState::InFlight { lease_until } => *lease_until,
+            SlotState::Completed { expires_at, .. } => *expires_at,
         }
+    }
+
+    fn is_live(&self, now: Instant) -> bool {
+        self.deadline() > now
     }
 }
 
@@ -80,32 +118,48 @@ impl MemoryStore {
         self.inner.last_token.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    fn index_deadline(&self, key: &Arc<StorageKey>, at: Instant) {
+        let shard = key.as_str().as_bytes()[0] as usize % EXPIRY_SHARDS;
+        let mut heap = self.inner.expiries[shard].lock().unwrap_or_else(|p| p.into_inner());
+        heap.push(Reverse(Deadline { at, key: key.clone() }));
+    }
+
+    fn notify_change(&self) {
+        if self.inner.waiters.load(Ordering::Acquire) > 0 {
+            self.inner.changed.notify_waiters();
+        }
+    }
+
     /// Applies `f` to the slot of `key` if `token` holds it in flight with a live lease.
     fn with_held<T>(
         &self,
         key: &StorageKey,
         token: FencingToken,
-        f: impl FnOnce(Entry<'_, StorageKey, Slot>) -> T,
+        f: impl FnOnce(&Arc<StorageKey>, &mut Slot) -> T,
     ) -> Result<T> {
         let now = Instant::now();
-        match self.inner.records.entry(key.clone()) {
-            Entry::Occupied(e)
-                if e.get().token == token.0
-                    && matches!(e.get().state, SlotState::InFlight { lease_until } if lease_until > now) =>
-            {
-                Ok(f(Entry::Occupied(e)))
-            }
-            _ => Err(Error::LeaseLost),
+        let Some(mut entry) = self.inner.records.get_mut(key) else {
+            return Err(Error::LeaseLost);
+        };
+        let held = entry.token == token.0
+            && matches!(entry.state, SlotState::InFlight { lease_until } if lease_until > now);
+        if !held {
+            return Err(Error::LeaseLost);
         }
+        let (key, slot) = entry.pair_mut();
+        Ok(f(key, slot))
     }
 
     fn release_now(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        self.with_held(key, token, |e| {
-            if let Entry::Occupied(e) = e {
-                e.remove();
-            }
-        })?;
-        self.inner.changed.notify_waiters();
+        let now = Instant::now();
+        let removed = self.inner.records.remove_if(key, |_, slot| {
+            slot.token == token.0
+                && matches!(slot.state, SlotState::InFlight { lease_until } if lease_until > now)
+        });
+        if removed.is_none() {
+            return Err(Error::LeaseLost);
+        }
+        self.notify_change();
         Ok(())
     }
 }
@@ -123,6 +177,19 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Claim> {
         let now = Instant::now();
+        // Look first under a shared lock: hits (the common case of a retry) need no write lock
+        // and no key allocation.
+        if let Some(slot) = self.inner.records.get(key) {
+            if slot.is_live(now) {
+                if !fingerprints_match(slot.fingerprint.as_ref(), fingerprint) {
+                    return Ok(Claim::KeyReuse);
+                }
+                return Ok(match &slot.state {
+                    SlotState::Completed { record, .. } => Claim::Completed(record.clone()),
+                    SlotState::InFlight { .. } => Claim::InFlight,
+                });
+            }
+        }
         let fresh = |token| Slot {
             fingerprint: fingerprint.copied(),
             token,
@@ -130,49 +197,44 @@ impl Store for MemoryStore {
                 lease_until: now + lease,
             },
         };
-        // Look first without the entry's write lock: hits (the common case of a retry) only
-        // need a shared lock and no key clone.
-        if let Some(slot) = self.inner.records.get(key) {
-            if slot.is_live(now) {
-                if !fingerprints_match(slot.fingerprint.as_ref(), fingerprint) {
-                    return Ok(Claim::KeyReuse);
-                }
-                if let SlotState::Completed { record, .. } = &slot.state {
-                    return Ok(Claim::Completed(record.clone()));
-                }
-            }
-        }
-        Ok(match self.inner.records.entry(key.clone()) {
+        let (claim, key) = match self.inner.records.entry(Arc::new(key.clone())) {
             Entry::Vacant(e) => {
                 let token = self.next_token();
+                let key = e.key().clone();
                 e.insert(fresh(token));
-                Claim::Acquired {
+                let claim = Claim::Acquired {
                     token: FencingToken(token),
                     takeover: false,
-                }
+                };
+                (claim, key)
             }
             Entry::Occupied(mut e) => {
                 let slot = e.get();
                 if slot.is_live(now) {
-                    if !fingerprints_match(slot.fingerprint.as_ref(), fingerprint) {
+                    // Another caller got here between our look and the entry lock.
+                    let claim = if !fingerprints_match(slot.fingerprint.as_ref(), fingerprint) {
                         Claim::KeyReuse
                     } else {
                         match &slot.state {
                             SlotState::Completed { record, .. } => Claim::Completed(record.clone()),
                             SlotState::InFlight { .. } => Claim::InFlight,
                         }
-                    }
-                } else {
-                    let takeover = matches!(slot.state, SlotState::InFlight { .. });
-                    let token = self.next_token();
-                    e.insert(fresh(token));
-                    Claim::Acquired {
-                        token: FencingToken(token),
-                        takeover,
-                    }
+                    };
+                    return Ok(claim);
                 }
+                let takeover = matches!(slot.state, SlotState::InFlight { .. });
+                let token = self.next_token();
+                let key = e.key().clone();
+                e.insert(fresh(token));
+                let claim = Claim::Acquired {
+                    token: FencingToken(token),
+                    takeover,
+                };
+                (claim, key)
             }
-        })
+        };
+        self.index_deadline(&key, now + lease);
+        Ok(claim)
     }
 
     async fn complete(
@@ -183,15 +245,13 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<()> {
         let record = Bytes::copy_from_slice(record);
-        self.with_held(key, token, |e| {
-            if let Entry::Occupied(mut e) = e {
-                e.get_mut().state = SlotState::Completed {
-                    expires_at: Instant::now() + ttl,
-                    record,
-                };
-            }
+        let expires_at = Instant::now() + ttl;
+        let key = self.with_held(key, token, |key, slot| {
+            slot.state = SlotState::Completed { expires_at, record };
+            key.clone()
         })?;
-        self.inner.changed.notify_waiters();
+        self.index_deadline(&key, expires_at);
+        self.notify_change();
         Ok(())
     }
 
@@ -200,13 +260,13 @@ impl Store for MemoryStore {
     }
 
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
-        self.with_held(key, token, |e| {
-            if let Entry::Occupied(mut e) = e {
-                e.get_mut().state = SlotState::InFlight {
-                    lease_until: Instant::now() + lease,
-                };
-            }
-        })
+        let lease_until = Instant::now() + lease;
+        let key = self.with_held(key, token, |key, slot| {
+            slot.state = SlotState::InFlight { lease_until };
+            key.clone()
+        })?;
+        self.index_deadline(&key, lease_until);
+        Ok(())
     }
 
     async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
@@ -233,11 +293,26 @@ impl Store for MemoryStore {
     async fn purge_expired(&self) -> Result<u64> {
         let now = Instant::now();
         let mut removed = 0u64;
-        self.inner.records.retain(|_, slot| {
-            let keep = slot.is_live(now);
-            removed += u64::from(!keep);
-            keep
-        });
+        for shard in &self.inner.expiries {
+            // Take the due deadlines out under the shard lock, remove records after releasing it.
+            let due: Vec<Arc<StorageKey>> = {
+                let mut heap = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut due = Vec::new();
+                while heap.peek().is_some_and(|Reverse(d)| d.at <= now) {
+                    if let Some(Reverse(d)) = heap.pop() {
+                        due.push(d.key);
+                    }
+                }
+                due
+            };
+            for key in due {
+                // A stale deadline (the record was completed or renewed since) finds a live
+                // record and leaves it; its newer deadline is in the index too.
+                if self.inner.records.remove_if(&*key, |_, slot| !slot.is_live(now)).is_some() {
+                    removed += 1;
+                }
+            }
+        }
         Ok(removed)
     }
 
@@ -248,6 +323,8 @@ impl Store for MemoryStore {
 
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let _ = key;
+        self.inner.waiters.fetch_add(1, Ordering::AcqRel);
         let _ = tokio::time::timeout(max, self.inner.changed.notified()).await;
+        self.inner.waiters.fetch_sub(1, Ordering::AcqRel);
     }
 }
