@@ -1,0 +1,622 @@
+//! The conformance suite against `PostgresStore`, plus what only PostgreSQL has: claims racing
+//! on the server, the token sequence, server-side expiry times, rows a person altered, and
+//! connections the server killed.
+//!
+//! Needs a server at `IDEM_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
+//! without one the tests print why and pass, unless `IDEM_REQUIRE_SERVICES=1`. Each run works
+//! in its own schema `idem_test_<server epoch>_<pid>` with a table per test, and drops the
+//! schemas of runs older than ten minutes.
+#![cfg(feature = "postgres")]
+
+mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem::record::{Outcome, Record};
+use idem::store::postgres::tokio_postgres::{self, NoTls};
+use idem::{
+    Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, PostgresStore, RecordState,
+    StorageKey, Store,
+};
+use tokio::sync::OnceCell;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const LONG: Duration = Duration::from_secs(60);
+
+fn url() -> String {
+    std::env::var("IDEM_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// This run's schema, or why the server is unreachable.
+static RUN_SCHEMA: OnceCell<Result<String, String>> = OnceCell::const_new();
+
+async fn admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(&url(), NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Creates this run's schema after dropping those of runs older than ten minutes (by the
+/// server's clock, which also named them). Errors other than an unreachable server panic.
+async fn prepare_run() -> Result<String, String> {
+    let client = admin().await.map_err(|e| format!("{e} ({})", url()))?;
+    let stale = client
+        .query(
+            "SELECT nspname FROM pg_namespace WHERE nspname ~ '^idem_test_[0-9]+_[0-9]+$'
+             AND split_part(nspname, '_', 3)::bigint < extract(epoch FROM now())::bigint - 600",
+            &[],
+        )
+        .await
+        .expect("list stale test schemas");
+    for row in stale {
+        let name: &str = row.get(0);
+        // A concurrent run may be dropping it too.
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+            .await;
+    }
+    let epoch: i64 = client
+        .query_one("SELECT extract(epoch FROM now())::bigint", &[])
+        .await
+        .expect("read the server clock")
+        .get(0);
+    let schema = format!("idem_test_{epoch}_{}", std::process::id());
+    client
+        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .await
+        .expect("create the run's schema");
+    Ok(schema)
+}
+
+/// A new table in this run's schema.
+async fn fresh_table() -> Option<String> {
+    match RUN_SCHEMA.get_or_init(prepare_run).await {
+        Ok(schema) => Some(format!("{schema}.t_{:016x}", rand::random::<u64>())),
+        Err(e) => {
+            conformance::unavailable("PostgreSQL", e);
+            None
+        }
+    }
+}
+
+async fn fresh_postgres() -> Option<PostgresStore> {
+    let table = fresh_table().await?;
+    Some(
+        PostgresStore::connect_with_table(&url(), &table)
+            .await
+            .expect("connect to PostgreSQL"),
+    )
+}
+
+async fn fresh_store() -> Option<Arc<dyn Store>> {
+    Some(Arc::new(fresh_postgres().await?))
+}
+
+conformance::suite!(fresh_store, native_expiry = false);
+
+fn key(label: &str) -> StorageKey {
+    conformance::unique(label)
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint([n; 32])
+}
+
+fn record(token: u64) -> Vec<u8> {
+    Record {
+        outcome: Outcome::Ok,
+        fingerprint: Some(fp(1)),
+        token,
+        completed_at_ms: 0,
+        ttl_ms: 60_000,
+        type_name: "u32",
+        payload: b"7",
+    }
+    .encode()
+}
+
+async fn acquire(
+    store: &dyn Store,
+    key: &StorageKey,
+    fingerprint: u8,
+    lease: Duration,
+) -> FencingToken {
+    match store
+        .claim(key, Some(&fp(fingerprint)), lease)
+        .await
+        .unwrap()
+    {
+        Claim::Acquired { token, .. } => token,
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
+/// Runs `sql` on the store's own table through a separate connection (`{t}` = the table).
+async fn sql(store: &PostgresStore, sql: &str) -> Vec<tokio_postgres::Row> {
+    let (schema, table) = store.table().split_once('.').unwrap();
+    let sql = sql.replace("{t}", &format!("\"{schema}\".\"{table}\""));
+    admin().await.unwrap().query(&sql, &[]).await.unwrap()
+}
+
+/// Many claims of one key at the same instant: the server decides, and every loser learns what
+/// the winner holds (in flight, or key reuse for another fingerprint) from the same statement,
+/// including those whose snapshot had not seen the winner's row yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claims_have_one_winner_and_exact_answers() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let store = Arc::new(store);
+    for round in 0..5 {
+        let k = key(&format!("race{round}"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(40));
+        let tasks: Vec<_> = (0..40u8)
+            .map(|i| {
+                let (store, k, barrier) = (store.clone(), k.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    (
+                        i % 2 + 1,
+                        store.claim(&k, Some(&fp(i % 2 + 1)), LONG).await.unwrap(),
+                    )
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let winners: Vec<_> = results
+            .iter()
+            .filter(|(_, c)| matches!(c, Claim::Acquired { .. }))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        let (winner_fp, Claim::Acquired { token, takeover }) = winners[0] else {
+            unreachable!()
+        };
+        assert!(!takeover);
+        for (f, c) in &results {
+            match c {
+                Claim::Acquired { .. } => {}
+                Claim::InFlight => assert_eq!(f, winner_fp, "round {round}: {results:?}"),
+                Claim::KeyReuse => assert_ne!(f, winner_fp, "round {round}: {results:?}"),
+                Claim::Completed(_) => panic!("nothing was completed: {results:?}"),
+            }
+        }
+        let got = store.get(&k).await.unwrap().unwrap();
+        assert_eq!(got.state, RecordState::InFlight { token: *token });
+        assert_eq!(got.fingerprint, Some(fp(*winner_fp)));
+    }
+}
+
+/// An expired lease raced by many: exactly one takes it over, with a token above the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_takeovers_have_one_winner() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let store = Arc::new(store);
+    let k = key("race-takeover");
+    let old = acquire(&*store, &k, 1, Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(30));
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let (store, k, barrier) = (store.clone(), k.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.claim(&k, Some(&fp(1)), LONG).await.unwrap()
+            })
+        })
+        .collect();
+    let mut takeovers = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Claim::Acquired { token, takeover } => {
+                assert!(takeover, "the expired claim was taken over");
+                assert!(token > old);
+                takeovers += 1;
+            }
+            Claim::InFlight => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(takeovers, 1);
+}
+
+/// Hits read, never write: no token is drawn and the row is not rewritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_draw_no_tokens() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let k = key("hits");
+    let t = acquire(&store, &k, 1, LONG).await;
+    store.complete(&k, t, &record(t.0), LONG).await.unwrap();
+    let before = seq_and_xmin(&store).await;
+    for _ in 0..20 {
+        assert!(matches!(
+            store.claim(&k, Some(&fp(1)), LONG).await.unwrap(),
+            Claim::Completed(_)
+        ));
+        assert_eq!(
+            store.claim(&k, Some(&fp(2)), LONG).await.unwrap(),
+            Claim::KeyReuse
+        );
+    }
+    assert_eq!(seq_and_xmin(&store).await, before);
+}
+
+/// The sequence's last value and the row's xmin (which changes when the row is rewritten).
+async fn seq_and_xmin(store: &PostgresStore) -> (i64, String) {
+    let (schema, table) = store.table().split_once('.').unwrap();
+    let q = format!(
+        "SELECT (SELECT last_value FROM \"{schema}\".\"{table}_token_seq\"), (SELECT xmin::text FROM \"{schema}\".\"{table}\")"
+    );
+    let row = admin().await.unwrap().query_one(&q, &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Tokens come from one sequence: they keep increasing after records are released, purged, or
+/// deleted by hand, and across stores (pools) sharing the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_increase_across_deletes_and_stores() {
+    let Some(a) = fresh_postgres().await else {
+        return;
+    };
+    let b = PostgresStore::connect_with_table(&url(), a.table())
+        .await
+        .unwrap();
+    let k = key("seq");
+    let t1 = acquire(&a, &k, 1, LONG).await;
+    a.release(&k, t1).await.unwrap();
+    let t2 = acquire(&b, &k, 1, Duration::from_millis(100)).await;
+    assert!(t2 > t1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.purge_expired().await.unwrap(), 1);
+    let t3 = acquire(&a, &k, 1, LONG).await;
+    assert!(t3 > t2);
+    sql(&a, "DELETE FROM {t}").await;
+    let t4 = acquire(&b, &k, 1, LONG).await;
+    assert!(t4 > t3, "{t4:?} after {t3:?}");
+}
+
+/// Leases and ttls are measured on the server's clock, in the right unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_the_servers_now_plus_the_duration() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let k = key("clock");
+    let remaining = || async {
+        sql(
+            &store,
+            "SELECT extract(epoch FROM expires_at - now())::float8 FROM {t}",
+        )
+        .await[0]
+            .get::<_, f64>(0)
+    };
+    let t = acquire(&store, &k, 1, Duration::from_millis(45_500)).await;
+    let left = remaining().await;
+    assert!((44.0..=45.5).contains(&left), "lease: {left}s left");
+    store.renew(&k, t, Duration::from_secs(90)).await.unwrap();
+    let left = remaining().await;
+    assert!((88.5..=90.0).contains(&left), "renewed lease: {left}s left");
+    store
+        .complete(&k, t, &record(t.0), Duration::from_secs(7200))
+        .await
+        .unwrap();
+    let left = remaining().await;
+    assert!((7198.5..=7200.0).contains(&left), "ttl: {left}s left");
+    // A lease of a millisecond is over almost at once; sub-second leases are not rounded away.
+    let short = key("clock-short");
+    acquire(&store, &short, 1, Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.get(&short).await.unwrap(), None);
+    assert!(matches!(
+        store.claim(&short, None, LONG).await.unwrap(),
+        Claim::Acquired { takeover: true, .. }
+    ));
+}
+
+/// Rows altered by hand are errors, never panics and never silent re-runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn altered_rows_are_errors_not_panics() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let k = key("altered");
+    let t = acquire(&store, &k, 1, LONG).await;
+    store.complete(&k, t, &record(t.0), LONG).await.unwrap();
+
+    sql(&store, "UPDATE {t} SET record = NULL").await;
+    assert!(matches!(
+        store.claim(&k, Some(&fp(1)), LONG).await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(store.get(&k).await, Err(Error::Corrupt { .. })));
+    let out: Result<u32, Error> = Call::new(Ok(k.clone()))
+        .store(&store)
+        .fingerprint(Ok(Some(fp(1))))
+        .run(ErrorPolicy::never(), async {
+            unreachable!("never re-run silently")
+        })
+        .await;
+    assert!(matches!(out, Err(Error::Corrupt { .. })), "{out:?}");
+
+    sql(
+        &store,
+        "UPDATE {t} SET record = '\\x00', fingerprint = '\\x0102'",
+    )
+    .await;
+    assert!(matches!(store.get(&k).await, Err(Error::Corrupt { .. })));
+    assert_eq!(
+        store.claim(&k, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::KeyReuse
+    );
+    assert_eq!(
+        store.claim(&k, None, LONG).await.unwrap(),
+        Claim::Completed(vec![0].into())
+    );
+
+    sql(&store, "UPDATE {t} SET token = -3, fingerprint = NULL").await;
+    assert!(matches!(store.get(&k).await, Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        store.claim(&k, None, LONG).await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.complete(&k, FencingToken(u64::MAX), b"x", LONG).await,
+        Err(Error::LeaseLost)
+    ));
+}
+
+/// A terminated backend surfaces as at most one `Error::Store`; the next call works, and so do
+/// all after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_after_backends_are_terminated() {
+    let Some(table) = fresh_table().await else {
+        return;
+    };
+    let app = format!("idem_kill_{:016x}", rand::random::<u64>());
+    let sep = if url().contains('?') { '&' } else { '?' };
+    let store =
+        PostgresStore::connect_with_table(&format!("{}{sep}application_name={app}", url()), &table)
+            .await
+            .unwrap();
+    let admin = admin().await.unwrap();
+    let kill = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1) k",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    for round in 0..6 {
+        let k = key(&format!("kill{round}"));
+        // Keep several connections busy so the pool holds more than one.
+        let keys: Vec<StorageKey> = (0..4).map(|i| key(&format!("warm{i}"))).collect();
+        let warm: Vec<_> = keys.iter().map(|k| store.get(k)).collect();
+        for r in futures::future::join_all(warm).await {
+            r.unwrap();
+        }
+        assert!(
+            kill().await >= 1,
+            "round {round}: the store's connections were found"
+        );
+        if round % 2 == 1 {
+            // Give the client time to notice, so the pool drops the connections on checkout.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut errors = 0;
+        let token = loop {
+            match store.claim(&k, Some(&fp(1)), LONG).await {
+                Ok(Claim::Acquired { token, .. }) => break token,
+                Ok(other) => panic!("round {round}: {other:?}"),
+                Err(Error::Store {
+                    backend: "postgres",
+                    ..
+                }) if errors == 0 => errors += 1,
+                Err(e) => panic!("round {round}: a second failure after a kill: {e}"),
+            }
+        };
+        store
+            .complete(&k, token, &record(token.0), LONG)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.claim(&k, Some(&fp(1)), LONG).await.unwrap(),
+            Claim::Completed(_)
+        ));
+    }
+}
+
+/// A TCP proxy to the server that can be taken down (refusing connections and cutting those
+/// open) and brought back on the same port, to play a server restart without restarting it.
+struct Proxy {
+    port: u16,
+    target: String,
+    accept: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut proxy = Proxy {
+            port,
+            target,
+            accept: None,
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let target = self.target.clone();
+        self.accept = Some(tokio::spawn(async move {
+            // Dropped with the accept task, which aborts every connection.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                connections.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    fn down(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+        }
+    }
+
+    async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.serve(listener);
+    }
+}
+
+/// The server goes away (connections cut, new ones refused) and comes back: meanwhile every
+/// call fails with `Error::Store`, promptly; once it is back, at most one more call fails and
+/// then all work, with the records kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_when_the_server_comes_back() {
+    use idem::store::postgres::tokio_postgres::config::Host;
+
+    let Some(table) = fresh_table().await else {
+        return;
+    };
+    let config: tokio_postgres::Config = url().parse().unwrap();
+    let Some(Host::Tcp(host)) = config.get_hosts().first() else {
+        eprintln!("SKIPPED: the server URL is not TCP");
+        return;
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut proxy = Proxy::start(format!("{host}:{port}")).await;
+    let password = config
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    let proxied = format!(
+        "postgres://{}{password}@127.0.0.1:{}/{}",
+        config.get_user().unwrap_or("postgres"),
+        proxy.port,
+        config.get_dbname().unwrap_or("postgres"),
+    );
+    let store = PostgresStore::connect_with_table(&proxied, &table)
+        .await
+        .unwrap();
+    let done = key("restart-done");
+    let t = acquire(&store, &done, 1, LONG).await;
+    store.complete(&done, t, &record(t.0), LONG).await.unwrap();
+
+    for round in 0..3 {
+        proxy.down();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let err = store
+                .claim(&key("down"), Some(&fp(1)), LONG)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Store {
+                        backend: "postgres",
+                        ..
+                    }
+                ),
+                "round {round}: {err}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "round {round}: fails promptly"
+            );
+        }
+        proxy.up().await;
+        let mut errors = 0;
+        let got = loop {
+            match store.claim(&done, Some(&fp(1)), LONG).await {
+                Ok(claim) => break claim,
+                Err(Error::Store { .. }) if errors == 0 => errors += 1,
+                Err(e) => panic!("round {round}: a second failure after the server came back: {e}"),
+            }
+        };
+        assert!(matches!(got, Claim::Completed(_)), "round {round}: {got:?}");
+        let k = key(&format!("after{round}"));
+        let t = acquire(&store, &k, 1, LONG).await;
+        store.complete(&k, t, &record(t.0), LONG).await.unwrap();
+    }
+}
+
+/// Processes starting together all create (or find) the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_create_the_table_once() {
+    let Some(table) = fresh_table().await else {
+        return;
+    };
+    let url = url();
+    let connects: Vec<_> = (0..6)
+        .map(|_| PostgresStore::connect_with_table(&url, &table))
+        .collect();
+    let stores: Vec<PostgresStore> = futures::future::try_join_all(connects).await.unwrap();
+    let k = key("connects");
+    let t = acquire(&stores[0], &k, 1, LONG).await;
+    assert_eq!(
+        stores[5].claim(&k, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::InFlight
+    );
+    stores[3].complete(&k, t, &record(t.0), LONG).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_table_names_are_refused_before_connecting() {
+    for bad in ["", "x; DROP TABLE y", "a.b.c", "1x", "x\"y", "tab-le"] {
+        // Port 1 is never a PostgreSQL server: the name is checked first.
+        let err = PostgresStore::connect_with_table("postgres://postgres@127.0.0.1:1/none", bad)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Store {
+                    backend: "postgres",
+                    ..
+                }
+            ),
+            "{bad}: {err}"
+        );
+        assert!(
+            err.to_string().contains("invalid table name"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_store_error() {
+    let err = PostgresStore::connect("postgres://postgres@127.0.0.1:1/none")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Store {
+                backend: "postgres",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
