@@ -1,0 +1,153 @@
+//! A small payments API whose `POST /payments` is safe to retry, with
+//! `idem::http::IdempotencyLayer` on an axum router.
+//!
+//! ```text
+//! cargo run --example http_server --features http
+//! ```
+//!
+//! Environment:
+//! - `PORT`: where to listen on 127.0.0.1 (default 3000);
+//! - `PAYMENT_DELAY_MS`: how long the simulated payment processor takes (default 300);
+//! - `IDEM_STORE`: `memory` (default), `sqlite:PATH`, `redis://...` or `postgres://...`
+//!   (with the matching cargo feature);
+//! - `RUST_LOG`: log filter (default `info,idem=debug`).
+//!
+//! ```text
+//! curl -i -X POST localhost:3000/payments -H 'Idempotency-Key: order-1' \
+//!      -H 'Content-Type: application/json' -d '{"amount": 500, "currency": "usd"}'
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use idem::http::IdempotencyLayer;
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+struct NewPayment {
+    amount: u64,
+    currency: String,
+}
+
+#[derive(Clone, Serialize)]
+struct Payment {
+    id: String,
+    amount: u64,
+    currency: String,
+    status: &'static str,
+    created: u64,
+}
+
+struct AppState {
+    payments: Mutex<HashMap<String, Payment>>,
+    processor_delay: Duration,
+}
+
+/// Charges a payment: the call a client must be able to retry without paying twice.
+async fn create_payment(
+    State(state): State<Arc<AppState>>,
+    Json(req): Json<NewPayment>,
+) -> impl IntoResponse {
+    // The payment processor takes its time; a client that times out will retry.
+    tokio::time::sleep(state.processor_delay).await;
+    let payment = Payment {
+        id: format!("pay_{:016x}", rand::random::<u64>()),
+        amount: req.amount,
+        currency: req.currency,
+        status: "succeeded",
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    tracing::info!(id = %payment.id, amount = payment.amount, currency = %payment.currency, "charged");
+    state
+        .payments
+        .lock()
+        .unwrap()
+        .insert(payment.id.clone(), payment.clone());
+    let location = format!("/payments/{}", payment.id);
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(payment),
+    )
+}
+
+/// Reads a payment (a GET: the idempotency layer passes it through).
+async fn get_payment(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Payment>, StatusCode> {
+    state
+        .payments
+        .lock()
+        .unwrap()
+        .get(&id)
+        .cloned()
+        .map(Json)
+        .ok_or(StatusCode::NOT_FOUND)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,idem=debug")),
+        )
+        .init();
+
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .map(|p| p.parse())
+        .transpose()?
+        .unwrap_or(3000);
+    let delay_ms: u64 = std::env::var("PAYMENT_DELAY_MS")
+        .ok()
+        .map(|d| d.parse())
+        .transpose()?
+        .unwrap_or(300);
+    let store_url = std::env::var("IDEM_STORE").unwrap_or_else(|_| "memory".to_owned());
+    let store = idem::connect(&store_url).await?;
+
+    let state = Arc::new(AppState {
+        payments: Mutex::new(HashMap::new()),
+        processor_delay: Duration::from_millis(delay_ms),
+    });
+    let idempotency = IdempotencyLayer::new(store)
+        // Replay the new payment's URL too, not only its content type and body.
+        .replay_headers([header::LOCATION])
+        // One namespace per API key: two clients that pick the same key never see each other's
+        // payments. (A real service would use the principal its authentication layer found.)
+        .scope(|req| {
+            req.headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("anonymous")
+                .to_owned()
+        })
+        .ttl(Duration::from_secs(24 * 3600));
+    let app = Router::new()
+        .route("/payments", post(create_payment))
+        .route("/payments/{id}", get(get_payment))
+        .with_state(state)
+        .layer(idempotency);
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    tracing::info!(
+        "payments API on http://{} (store: {store_url}, processor delay: {delay_ms} ms)",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

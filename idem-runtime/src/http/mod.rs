@@ -1,0 +1,341 @@
+//! Idempotent HTTP endpoints: [`IdempotencyLayer`], a tower [`Layer`] for axum, hyper and any
+//! tower service, following the IETF "Idempotency-Key HTTP Header Field" draft and Stripe.
+//!
+//! A client sends `Idempotency-Key: <unique value>` with a POST or PATCH. The first request with
+//! a key runs the handler; its response (status, body, and the headers that matter) is stored
+//! and replayed, byte for byte and with `Idempotent-Replayed: true`, to every retry with the same
+//! key until the ttl runs out. The flow is the runtime's state machine ([`crate::exec`]): claim
+//! the key, then replay, refuse, or run the inner service and store its response (or release the
+//! claim so that a retry runs again).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use idem_runtime::{http::{IdempotencyLayer, RequestBody}, MemoryStore};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let layer = IdempotencyLayer::new(MemoryStore::new());
+//! let charge = layer.layer(service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
+//!     let id = format!("pay_{}", std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+//!     let res = Response::builder().status(StatusCode::CREATED).body(Full::new(Bytes::from(id)));
+//!     Ok::<_, Infallible>(res.unwrap())
+//! }));
+//! let request = || {
+//!     Request::post("/payments")
+//!         .header("idempotency-key", "order-42")
+//!         .body(Full::new(Bytes::from(r#"{"amount":500}"#)))
+//!         .unwrap()
+//! };
+//! let first = charge.clone().oneshot(request()).await.unwrap();
+//! let retry = charge.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(retry.status(), StatusCode::CREATED);
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! let first = first.into_body().collect().await.unwrap().to_bytes();
+//! let retry = retry.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(first, retry); // the handler ran once
+//! # }
+//! ```
+//!
+//! # Behaviour
+//!
+//! | request | response |
+//! |---|---|
+//! | method not in [`methods`](IdempotencyLayer::methods) (default POST, PATCH) | passed through untouched |
+//! | no `Idempotency-Key` | 400, or passed through with [`require_key(false)`](IdempotencyLayer::require_key) |
+//! | key empty, longer than 255 bytes, or the header given twice | 400 |
+//! | body over [`max_body_bytes`](IdempotencyLayer::max_body_bytes) (default 1 MiB) | 413, the handler does not run |
+//! | first request with a key | runs the handler; its response is kept if its status is kept (default: all but 5xx, 408 and 429) and its body is within the limit |
+//! | same key, same request, completed | the kept response, with `Idempotent-Replayed: true` |
+//! | same key while the first request runs | 409 with `Retry-After: 1` |
+//! | same key, different method, path, query or body | 422 |
+//! | the store fails | 503 with `Retry-After: 1`; the handler does not run (fail closed) |
+//!
+//! The key may be sent bare (`Idempotency-Key: order-42`, as Stripe does) or as the draft's
+//! structured-field string (`Idempotency-Key: "order-42"`); both name the same key.
+//!
+//! A response that is not kept (a 5xx, a status [`keep_status`](IdempotencyLayer::keep_status)
+//! refuses, a body over the limit, a body that fails or has trailers) is passed to the client as
+//! it is and the claim is released, so a retry runs the handler again. If the client goes away
+//! while the handler runs, the dropped future releases the claim too; while it runs, the lease is
+//! renewed in the background.
+//!
+//! # Error responses
+//!
+//! Every refusal is an RFC 9457 `application/problem+json` body with `type`, `title`, `status` and
+//! `detail`. None of them says anything about the other request that used the key.
+//!
+//! | status | `type` ends in | when |
+//! |---|---|---|
+//! | 400 | <span id="key-missing">`#key-missing`</span> | the key is required and missing |
+//! | 400 | <span id="key-invalid">`#key-invalid`</span> | the key is empty, too long, or given twice |
+//! | 400 | <span id="body-unreadable">`#body-unreadable`</span> | the request body could not be read |
+//! | 409 | <span id="request-in-progress">`#request-in-progress`</span> | a request with this key is being processed |
+//! | 409 | <span id="claim-lost">`#claim-lost`</span> | this request ran past its lease and another request with the key took over; retry to get that one's response |
+//! | 413 | <span id="body-too-large">`#body-too-large`</span> | the request body is over the limit |
+//! | 422 | <span id="key-reused">`#key-reused`</span> | the key was used for a different request |
+//! | 500 | <span id="record-unreadable">`#record-unreadable`</span> | the stored response could not be decoded |
+//! | 503 | <span id="store-unavailable">`#store-unavailable`</span> | the idempotency store failed |
+//!
+//! # Scopes
+//!
+//! Records are stored under `StorageKey::derive(scope, key)`. The scope defaults to the constant
+//! `"http"`; give [`scope`](IdempotencyLayer::scope) a function of the request (the
+//! authenticated principal, an API key, a tenant) so that two clients who pick the same key never
+//! see each other's responses. With axum, add the authentication layer *after* this one
+//! (`.layer(idem).layer(auth)`), so that it runs first and its request extensions are visible to
+//! the scope function. With `Router::route_layer` instead of `Router::layer`, requests that
+//! match no route get axum's 404 rather than the layer's 400 for a missing key.
+
+mod body;
+mod problem;
+mod service;
+mod stored;
+
+use std::fmt;
+use std::ops::{Range, RangeInclusive};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, CONTENT_ENCODING, CONTENT_TYPE};
+use http::{request, Method, StatusCode};
+use tower::Layer;
+
+use crate::exec::{IntoDuration, DEFAULT_LEASE, DEFAULT_TTL};
+use crate::store::{default_store, Store};
+
+pub use body::{RequestBody, ResponseBody};
+pub use service::{IdempotencyService, ResponseFuture};
+
+/// The request header that carries the key: `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The response header that marks a replay: `Idempotent-Replayed: true`.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The default limit on request and kept response bodies: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// The scope of every record when no [`scope`](IdempotencyLayer::scope) function is given.
+pub const DEFAULT_SCOPE: &str = "http";
+
+/// Which responses are kept and replayed: a function of the status, or a range of status codes.
+///
+/// Implemented for `Fn(StatusCode) -> bool` closures and functions, and for `Range<u16>` and
+/// `RangeInclusive<u16>` (`200..500`, `200..=299`).
+pub trait KeepStatus: Send + Sync + 'static {
+    /// Whether a response with `status` is kept.
+    fn keep(&self, status: StatusCode) -> bool;
+}
+
+impl<F: Fn(StatusCode) -> bool + Send + Sync + 'static> KeepStatus for F {
+    fn keep(&self, status: StatusCode) -> bool {
+        self(status)
+    }
+}
+
+impl KeepStatus for Range<u16> {
+    fn keep(&self, status: StatusCode) -> bool {
+        self.contains(&status.as_u16())
+    }
+}
+
+impl KeepStatus for RangeInclusive<u16> {
+    fn keep(&self, status: StatusCode) -> bool {
+        self.contains(&status.as_u16())
+    }
+}
+
+/// The default of [`IdempotencyLayer::keep_status`]: every status but 5xx (the server failed, a
+/// retry should run again), 408 Request Timeout and 429 Too Many Requests (the request was not
+/// processed; replaying the refusal for a day would be wrong).
+pub fn keep_by_default(status: StatusCode) -> bool {
+    !status.is_server_error()
+        && status != StatusCode::REQUEST_TIMEOUT
+        && status != StatusCode::TOO_MANY_REQUESTS
+}
+
+type ScopeFn = dyn Fn(&request::Parts) -> String + Send + Sync;
+
+#[derive(Clone)]
+struct Config {
+    store: Arc<dyn Store>,
+    methods: Vec<Method>,
+    require_key: bool,
+    keep: Arc<dyn KeepStatus>,
+    replay_headers: Vec<HeaderName>,
+    scope: Option<Arc<ScopeFn>>,
+    max_body_bytes: usize,
+    ttl: Duration,
+    lease: Duration,
+}
+
+/// A tower [`Layer`] that makes POST and PATCH endpoints idempotent by their `Idempotency-Key`
+/// header. See the [module documentation](self) for the behaviour and the error responses.
+///
+/// Works with axum's `Router::layer` and with any tower service taking
+/// `Request<RequestBody<B>>` and giving `Response<ResB>`, served by hyper or anything else.
+/// Any [`Store`] works; with a shared one (Redis, PostgreSQL) every instance of the service
+/// replays the same responses.
+///
+/// With axum 0.8 (the same code is compiled in `examples/http_server.rs`):
+///
+/// ```ignore
+/// use axum::{routing::post, Json, Router, http::StatusCode};
+/// use idem::http::IdempotencyLayer;
+///
+/// async fn create_payment(Json(req): Json<serde_json::Value>) -> (StatusCode, Json<serde_json::Value>) {
+///     (StatusCode::CREATED, Json(serde_json::json!({ "id": "pay_123", "amount": req["amount"] })))
+/// }
+///
+/// let store = idem::connect("redis://127.0.0.1:6379").await?;
+/// let app = Router::new()
+///     .route("/payments", post(create_payment))
+///     .layer(
+///         IdempotencyLayer::new(store)
+///             .replay_headers(["location"])
+///             // One namespace per API key: clients never see each other's responses.
+///             .scope(|req| req.headers.get("authorization")
+///                 .and_then(|v| v.to_str().ok())
+///                 .unwrap_or("anonymous")
+///                 .to_owned())
+///             .ttl(std::time::Duration::from_secs(24 * 3600)),
+///     );
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &c.store.backend())
+            .field("methods", &c.methods)
+            .field("require_key", &c.require_key)
+            .field("replay_headers", &c.replay_headers)
+            .field("scoped", &c.scope.is_some())
+            .field("max_body_bytes", &c.max_body_bytes)
+            .field("ttl", &c.ttl)
+            .field("lease", &c.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer keeping its records in `store` (`MemoryStore`, `Arc<dyn Store>` from
+    /// [`connect`](crate::store::connect), ...). Defaults: POST and PATCH, key required, every
+    /// status but 5xx/408/429 kept, `Content-Type` and `Content-Encoding` replayed, scope
+    /// `"http"`, 1 MiB body limit, 24h ttl, 30s lease.
+    pub fn new(store: impl Store + 'static) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A layer using the process-wide store: the one given to [`crate::install`], else an
+    /// in-memory store.
+    pub fn with_default_store() -> Self {
+        Self::from_arc(default_store())
+    }
+
+    fn from_arc(store: Arc<dyn Store>) -> Self {
+        IdempotencyLayer {
+            config: Arc::new(Config {
+                store,
+                methods: vec![Method::POST, Method::PATCH],
+                require_key: true,
+                keep: Arc::new(keep_by_default),
+                replay_headers: vec![CONTENT_TYPE, CONTENT_ENCODING],
+                scope: None,
+                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                ttl: DEFAULT_TTL,
+                lease: DEFAULT_LEASE,
+            }),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The methods the layer applies to (default POST and PATCH); requests with other methods
+    /// pass through untouched, whatever their headers.
+    pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.with(|c| c.methods = methods)
+    }
+
+    /// Whether a request without `Idempotency-Key` is refused with 400 (`true`, the default) or
+    /// passed through to the inner service without idempotency (`false`).
+    pub fn require_key(self, required: bool) -> Self {
+        self.with(|c| c.require_key = required)
+    }
+
+    /// Which responses are kept and replayed: a function of the status or a range
+    /// (`.keep_status(200..300)`). Responses not kept are returned as they are and the claim is
+    /// released, so a retry runs the handler again. Default: [`keep_by_default`].
+    pub fn keep_status(self, keep: impl KeepStatus) -> Self {
+        let keep: Arc<dyn KeepStatus> = Arc::new(keep);
+        self.with(|c| c.keep = keep)
+    }
+
+    /// Response headers stored and replayed besides `Content-Type` and `Content-Encoding`
+    /// (e.g. `Location`). Other headers are sent with the first response only.
+    ///
+    /// # Panics
+    ///
+    /// If a name is not a valid header name.
+    pub fn replay_headers<N>(self, names: impl IntoIterator<Item = N>) -> Self
+    where
+        N: TryInto<HeaderName>,
+        N::Error: fmt::Debug,
+    {
+        let extra: Vec<HeaderName> = names
+            .into_iter()
+            .map(|n| n.try_into().expect("replay_headers: invalid header name"))
+            .collect();
+        self.with(|c| {
+            for name in extra {
+                if !c.replay_headers.contains(&name) {
+                    c.replay_headers.push(name);
+                }
+            }
+        })
+    }
+
+    /// The namespace of a request's key, e.g. its authenticated principal: requests in different
+    /// scopes never share a record, even with equal keys. Default: the constant
+    /// [`DEFAULT_SCOPE`].
+    pub fn scope(self, scope: impl Fn(&request::Parts) -> String + Send + Sync + 'static) -> Self {
+        let scope: Arc<ScopeFn> = Arc::new(scope);
+        self.with(|c| c.scope = Some(scope))
+    }
+
+    /// The largest request body accepted (larger: 413) and the largest response body kept
+    /// (larger: passed through, not kept). Default [`DEFAULT_MAX_BODY_BYTES`], 1 MiB. Bodies
+    /// are never buffered past this.
+    pub fn max_body_bytes(self, limit: usize) -> Self {
+        self.with(|c| c.max_body_bytes = limit)
+    }
+
+    /// How long a kept response is replayed: a `Duration` or whole seconds. Default 24h.
+    pub fn ttl(self, ttl: impl IntoDuration) -> Self {
+        let ttl = ttl.into_duration();
+        self.with(|c| c.ttl = ttl)
+    }
+
+    /// How long a request's claim is held before another request with the key may take it over
+    /// (if this one's process died); renewed while the handler runs. Default 30s.
+    pub fn lease(self, lease: impl IntoDuration) -> Self {
+        let lease = lease.into_duration();
+        self.with(|c| c.lease = lease)
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService::new(inner, self.config.clone())
+    }
+}

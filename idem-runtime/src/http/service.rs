@@ -1,0 +1,433 @@
+//! The service the layer wraps around the inner one: the HTTP side of the claim state machine.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame};
+use tower::Service;
+
+use super::body::{to_bytes, RequestBody, ResponseBody};
+use super::problem::Problem;
+use super::stored::StoredResponse;
+use super::{Config, DEFAULT_SCOPE, IDEMPOTENCY_KEY};
+use crate::error::{BoxError, Error};
+use crate::exec::{Call, ErrorPolicy};
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+
+/// The future of [`IdempotencyService`]: the inner service's response, a replay, or a refusal.
+pub type ResponseFuture<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+/// The service [`IdempotencyLayer`](super::IdempotencyLayer) makes of an inner service.
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> IdempotencyService<S> {
+    pub(super) fn new(inner: S, config: Arc<Config>) -> Self {
+        IdempotencyService { inner, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for IdempotencyService<S>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Use the service that was driven to readiness; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = &self.config;
+        let applies = config.methods.contains(req.method())
+            && (config.require_key || req.headers().contains_key(IDEMPOTENCY_KEY));
+        if !applies {
+            let future = inner.call(req.map(RequestBody::streaming));
+            return Box::pin(async move { Ok(future.await?.map(ResponseBody::streaming)) });
+        }
+        Box::pin(handle(config.clone(), inner, req))
+    }
+}
+
+/// Why a run's response is not stored: exec releases the claim for any `Err`.
+enum NotKept<B: Body, E> {
+    /// idem refused or failed (in flight, key reuse, store error, ...).
+    Idem(Error),
+    /// The inner service failed.
+    Service(E),
+    /// A response to pass through as it is (status not kept, body over the limit, ...).
+    Response(Response<ResponseBody<B>>),
+}
+
+impl<B: Body, E> From<Error> for NotKept<B, E> {
+    fn from(e: Error) -> Self {
+        NotKept::Idem(e)
+    }
+}
+
+fn refuse<B: Body>(problem: Problem, detail: &str) -> Response<ResponseBody<B>> {
+    problem.response(detail).map(ResponseBody::full)
+}
+
+async fn handle<S, B, ResB>(
+    config: Arc<Config>,
+    inner: S,
+    req: Request<B>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+    ResB: Body,
+{
+    let (parts, body) = req.into_parts();
+    let key = match idempotency_key(&parts.headers) {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            tracing::debug!(target: "idem", method = %parts.method, uri = %parts.uri, "http: Idempotency-Key missing");
+            let detail = format!(
+                "{} requests to this endpoint need an Idempotency-Key header with a unique value, such as a UUID.",
+                parts.method
+            );
+            return Ok(refuse(Problem::KeyMissing, &detail));
+        }
+        Err(reason) => {
+            tracing::debug!(target: "idem", method = %parts.method, uri = %parts.uri, reason, "http: invalid Idempotency-Key");
+            return Ok(refuse(
+                Problem::KeyInvalid,
+                &format!("Invalid Idempotency-Key: {reason}."),
+            ));
+        }
+    };
+    let scope = match &config.scope {
+        Some(scope) => Cow::Owned(scope(&parts)),
+        None => Cow::Borrowed(DEFAULT_SCOPE),
+    };
+    let storage_key = match StorageKey::derive(&*scope, &key[..]) {
+        Ok(k) => k,
+        Err(e) => {
+            let (problem, detail) = Problem::from_error(&e);
+            tracing::debug!(target: "idem", method = %parts.method, uri = %parts.uri, error = %e, "http: invalid Idempotency-Key");
+            return Ok(refuse(problem, &detail));
+        }
+    };
+
+    let limit = config.max_body_bytes;
+    let too_large = || {
+        tracing::debug!(target: "idem", key = %storage_key, limit, "http: request body over the limit");
+        let detail = format!("The request body is larger than the limit of {limit} bytes.");
+        refuse(Problem::BodyTooLarge, &detail)
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(too_large());
+    }
+    let (data, trailers) = match read_request(body, limit).await {
+        Ok(read) => read,
+        Err(ReadError::TooLarge) => return Ok(too_large()),
+        Err(ReadError::Failed(e)) => {
+            let e: BoxError = e.into();
+            tracing::debug!(target: "idem", key = %storage_key, error = %e, "http: request body failed");
+            return Ok(refuse(
+                Problem::BodyUnreadable,
+                "The request body could not be read completely.",
+            ));
+        }
+    };
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fingerprint =
+        Fingerprint::of_bytes(&[parts.method.as_str().as_bytes(), target.as_bytes(), &data]);
+    let request = Request::from_parts(parts, RequestBody::buffered(data, trailers));
+
+    // The limits on bodies bound the record; exec's own record limit must not drop a response
+    // whose handler already ran.
+    let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> =
+        Call::new(Ok(storage_key.clone()))
+            .store(&*config.store)
+            .fingerprint(Ok(Some(fingerprint)))
+            .ttl(config.ttl)
+            .lease(config.lease)
+            .max_record_bytes(usize::MAX)
+            .run(
+                ErrorPolicy::never(),
+                run(inner, request, &config, &storage_key),
+            )
+            .await;
+
+    match outcome {
+        Ok(stored) => {
+            let fresh = stored.is_fresh();
+            match stored.into_response() {
+                Ok(response) => {
+                    if !fresh {
+                        tracing::debug!(target: "idem", key = %storage_key, status = response.status().as_u16(), "http: replayed");
+                    }
+                    Ok(response.map(ResponseBody::full))
+                }
+                Err(e) => {
+                    tracing::error!(target: "idem", key = %storage_key, error = %e, "http: stored response is unreadable");
+                    let (problem, detail) = Problem::from_error(&e);
+                    Ok(refuse(problem, &detail))
+                }
+            }
+        }
+        Err(NotKept::Response(response)) => Ok(response),
+        Err(NotKept::Service(e)) => Err(e),
+        Err(NotKept::Idem(e)) => {
+            let (problem, detail) = Problem::from_error(&e);
+            if problem.status().is_server_error() {
+                tracing::error!(target: "idem", key = %storage_key, error = %e, "http: request refused");
+            } else {
+                tracing::debug!(target: "idem", key = %storage_key, error = %e, status = problem.status().as_u16(), "http: request refused");
+            }
+            Ok(refuse(problem, &detail))
+        }
+    }
+}
+
+/// The body exec runs under the claim: call the inner service and capture its response, or
+/// say why it is not kept (then exec releases the claim).
+async fn run<S, B, ResB>(
+    mut inner: S,
+    request: Request<RequestBody<B>>,
+    config: &Config,
+    key: &StorageKey,
+) -> Result<StoredResponse, NotKept<ResB, S::Error>>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    let response = inner.call(request).await.map_err(NotKept::Service)?;
+    let status = response.status().as_u16();
+    if !config.keep.keep(response.status()) {
+        tracing::debug!(target: "idem", key = %key, status, "http: status not kept; released");
+        return Err(NotKept::Response(response.map(ResponseBody::streaming)));
+    }
+    let limit = config.max_body_bytes;
+    let (head, body) = response.into_parts();
+    if body.size_hint().lower() > limit as u64 {
+        tracing::debug!(target: "idem", key = %key, status, limit, "http: response body over the limit, not kept; released");
+        return Err(NotKept::Response(Response::from_parts(
+            head,
+            ResponseBody::streaming(body),
+        )));
+    }
+    let mut body = Box::pin(body);
+    let mut frames = VecDeque::new();
+    let mut size = 0usize;
+    let pass = |head, frames, error, body| {
+        NotKept::Response(Response::from_parts(
+            head,
+            ResponseBody::resumed(frames, error, body),
+        ))
+    };
+    loop {
+        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let data = to_bytes(data);
+                    size += data.len();
+                    frames.push_back(Frame::data(data));
+                    if size > limit {
+                        tracing::debug!(target: "idem", key = %key, status, limit, "http: response body over the limit, not kept; released");
+                        return Err(pass(head, frames, None, body));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        frames.push_back(Frame::trailers(trailers));
+                    }
+                    tracing::debug!(target: "idem", key = %key, status, "http: response has trailers, not kept; released");
+                    return Err(pass(head, frames, None, body));
+                }
+            },
+            Some(Err(e)) => {
+                tracing::debug!(target: "idem", key = %key, status, "http: response body failed, not kept; released");
+                return Err(pass(head, frames, Some(e), body));
+            }
+        }
+    }
+    let data = concat(frames.into_iter().filter_map(|f| f.into_data().ok()));
+    Ok(StoredResponse::capture(head, data, &config.replay_headers))
+}
+
+enum ReadError<E> {
+    TooLarge,
+    Failed(E),
+}
+
+/// Reads a request body of at most `limit` bytes, and its trailers.
+async fn read_request<B: Body>(
+    body: B,
+    limit: usize,
+) -> Result<(Bytes, Option<HeaderMap>), ReadError<B::Error>> {
+    let mut body = pin!(body);
+    let mut chunks = Vec::new();
+    let mut size = 0usize;
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        match frame.map_err(ReadError::Failed)?.into_data() {
+            Ok(data) => {
+                let data = to_bytes(data);
+                size += data.len();
+                if size > limit {
+                    return Err(ReadError::TooLarge);
+                }
+                chunks.push(data);
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                }
+            }
+        }
+    }
+    Ok((concat(chunks), trailers))
+}
+
+/// Joins chunks, without copying when there is only one.
+fn concat(chunks: impl IntoIterator<Item = Bytes>) -> Bytes {
+    let mut chunks = chunks.into_iter();
+    let Some(first) = chunks.next() else {
+        return Bytes::new();
+    };
+    let Some(second) = chunks.next() else {
+        return first;
+    };
+    let mut out = BytesMut::from(&first[..]);
+    out.extend_from_slice(&second);
+    for chunk in chunks {
+        out.extend_from_slice(&chunk);
+    }
+    out.freeze()
+}
+
+/// The key in the request's `Idempotency-Key` header: `Ok(None)` if there is none. The value is
+/// taken as is (`order-42`, Stripe's form) or, if quoted, as the draft's structured-field
+/// string (`"order-42"`), so both forms name the same key.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<Vec<u8>>, &'static str> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("the header is given more than once");
+    }
+    match value.as_bytes() {
+        [b'"', quoted @ .., b'"'] => unquote(quoted).map(Some),
+        raw => Ok(Some(raw.to_vec())),
+    }
+}
+
+fn unquote(quoted: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::with_capacity(quoted.len());
+    let mut bytes = quoted.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(&c @ (b'"' | b'\\')) => out.push(c),
+                _ => return Err("a quoted key may escape only `\"` and `\\`"),
+            },
+            b'"' => return Err("a quoted key contains an unescaped `\"`"),
+            _ => out.push(b),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn key_of(values: &[&'static str]) -> Result<Option<Vec<u8>>, &'static str> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(IDEMPOTENCY_KEY, HeaderValue::from_static(v));
+        }
+        idempotency_key(&headers)
+    }
+
+    #[test]
+    fn bare_and_quoted_keys_are_the_same_key() {
+        assert_eq!(key_of(&[]), Ok(None));
+        assert_eq!(key_of(&["order-42"]), Ok(Some(b"order-42".to_vec())));
+        assert_eq!(key_of(&["\"order-42\""]), Ok(Some(b"order-42".to_vec())));
+        assert_eq!(key_of(&[r#""a\"b\\c""#]), Ok(Some(br#"a"b\c"#.to_vec())));
+        assert_eq!(
+            key_of(&["\"\""]),
+            Ok(Some(Vec::new())),
+            "empty: refused later by StorageKey::derive"
+        );
+        assert_eq!(
+            key_of(&["\""]),
+            Ok(Some(b"\"".to_vec())),
+            "a lone quote is a bare key"
+        );
+    }
+
+    #[test]
+    fn malformed_and_repeated_keys_are_refused() {
+        assert!(key_of(&["a", "b"]).is_err());
+        assert!(key_of(&[r#""a"b""#]).is_err());
+        assert!(key_of(&[r#""a\nb""#]).is_err());
+    }
+
+    #[test]
+    fn concat_joins_without_copying_single_chunks() {
+        let one = Bytes::from_static(b"abc");
+        assert_eq!(concat([one.clone()]).as_ptr(), one.as_ptr());
+        assert_eq!(
+            concat([
+                Bytes::from_static(b"a"),
+                Bytes::from_static(b"b"),
+                Bytes::from_static(b"c")
+            ]),
+            "abc"
+        );
+        assert_eq!(concat(Vec::<Bytes>::new()), "");
+    }
+}
