@@ -184,7 +184,11 @@ pub fn install(store: impl Store + 'static) -> Option<Arc<dyn Store>> {
 /// The process-wide store: the one given to [`install`], else an in-memory store created on
 /// first use.
 pub fn default_store() -> Arc<dyn Store> {
-    if let Some(s) = DEFAULT_STORE.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+    if let Some(s) = DEFAULT_STORE
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
         return s.clone();
     }
     let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
@@ -196,6 +200,8 @@ pub fn default_store() -> Arc<dyn Store> {
 /// `memory`, `sqlite:PATH` (feature `sqlite`), `redis://...` (feature `redis`),
 /// `postgres://...` or `postgresql://...` (feature `postgres`).
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    // Used only by the branches of features this build lacks.
+    #[allow(unused_variables)]
     let unsupported = |feature: &str| {
         crate::Error::store(
             "config",
@@ -207,9 +213,14 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
     }
     if let Some(path) = url.strip_prefix("sqlite:") {
         #[cfg(feature = "sqlite")]
-        return Ok(Arc::new(sqlite::SqliteStore::open(path.trim_start_matches("//")).await?));
+        return Ok(Arc::new(
+            sqlite::SqliteStore::open(path.trim_start_matches("//")).await?,
+        ));
         #[cfg(not(feature = "sqlite"))]
-        return Err({ let _ = path; unsupported("sqlite") });
+        return Err({
+            let _ = path;
+            unsupported("sqlite")
+        });
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         #[cfg(feature = "redis")]
