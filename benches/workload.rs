@@ -55,7 +55,10 @@ pub fn request(order_id: u64) -> ChargeRequest {
 /// The body: cheap, so the table shows what the wrappers cost.
 pub fn compute(req: &ChargeRequest) -> Receipt {
     Receipt {
-        id: format!("ch_{:016x}", req.order_id.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        id: format!(
+            "ch_{:016x}",
+            req.order_id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ),
         order_id: req.order_id,
         customer: req.customer.clone(),
         status: "succeeded".into(),
@@ -101,5 +104,7 @@ pub fn moka_cache() -> &'static moka::future::Cache<u64, Receipt> {
 }
 
 pub async fn with_moka(req: ChargeRequest) -> Result<Receipt, BenchError> {
-    Ok(moka_cache().get_with(req.order_id, async { compute(&req) }).await)
+    Ok(moka_cache()
+        .get_with(req.order_id, async { compute(&req) })
+        .await)
 }

@@ -76,33 +76,82 @@ async fn section_memory(r: &mut Report) {
     with_cached(warm.clone()).await.unwrap();
     with_moka(warm.clone()).await.unwrap();
 
-    let plain_ns = ns_per_call(ROUNDS, N, |_| async { black_box(plain(black_box(warm.clone())).await.unwrap()); }).await;
-    let hit_ns = ns_per_call(ROUNDS, N, |_| async { black_box(with_idem(black_box(warm.clone())).await.unwrap()); }).await;
-    let hit_nofp_ns = ns_per_call(ROUNDS, N, |_| async {
-        black_box(with_idem_unfingerprinted(black_box(request(8))).await.unwrap());
+    let plain_ns = ns_per_call(ROUNDS, N, |_| async {
+        black_box(plain(black_box(warm.clone())).await.unwrap());
     })
     .await;
-    let cached_hit_ns = ns_per_call(ROUNDS, N, |_| async { black_box(with_cached(black_box(warm.clone())).await.unwrap()); }).await;
-    let moka_hit_ns = ns_per_call(ROUNDS, N, |_| async { black_box(with_moka(black_box(warm.clone())).await.unwrap()); }).await;
+    let hit_ns = ns_per_call(ROUNDS, N, |_| async {
+        black_box(with_idem(black_box(warm.clone())).await.unwrap());
+    })
+    .await;
+    let hit_nofp_ns = ns_per_call(ROUNDS, N, |_| async {
+        black_box(
+            with_idem_unfingerprinted(black_box(request(8)))
+                .await
+                .unwrap(),
+        );
+    })
+    .await;
+    let cached_hit_ns = ns_per_call(ROUNDS, N, |_| async {
+        black_box(with_cached(black_box(warm.clone())).await.unwrap());
+    })
+    .await;
+    let moka_hit_ns = ns_per_call(ROUNDS, N, |_| async {
+        black_box(with_moka(black_box(warm.clone())).await.unwrap());
+    })
+    .await;
     let base = fresh_ids();
-    let miss_ns = ns_per_call(ROUNDS, N, |i| async move { black_box(with_idem(request(base + i)).await.unwrap()); }).await;
-    let plain_fresh_ns = ns_per_call(ROUNDS, N, |i| async move { black_box(plain(request(base + i)).await.unwrap()); }).await;
+    let miss_ns = ns_per_call(ROUNDS, N, |i| async move {
+        black_box(with_idem(request(base + i)).await.unwrap());
+    })
+    .await;
+    let plain_fresh_ns = ns_per_call(ROUNDS, N, |i| async move {
+        black_box(plain(request(base + i)).await.unwrap());
+    })
+    .await;
     let base = fresh_ids();
-    let cached_miss_ns = ns_per_call(ROUNDS, N, |i| async move { black_box(with_cached(request(base + i)).await.unwrap()); }).await;
+    let cached_miss_ns = ns_per_call(ROUNDS, N, |i| async move {
+        black_box(with_cached(request(base + i)).await.unwrap());
+    })
+    .await;
 
     r.section("1. in-memory store, ns per call (median of 5 x 20k calls)");
     r.row("plain call (no attribute)", format!("{plain_ns:>9.0} ns"));
-    r.row("#[idempotent] hit (replay)", format!("{hit_ns:>9.0} ns   {:.2}x cached-crate hit", hit_ns / cached_hit_ns));
-    r.row("#[idempotent] hit, fingerprint = false", format!("{hit_nofp_ns:>9.0} ns   {:.2}x cached-crate hit", hit_nofp_ns / cached_hit_ns));
-    r.row("cached crate #[cached] hit", format!("{cached_hit_ns:>9.0} ns"));
+    r.row(
+        "#[idempotent] hit (replay)",
+        format!(
+            "{hit_ns:>9.0} ns   {:.2}x cached-crate hit",
+            hit_ns / cached_hit_ns
+        ),
+    );
+    r.row(
+        "#[idempotent] hit, fingerprint = false",
+        format!(
+            "{hit_nofp_ns:>9.0} ns   {:.2}x cached-crate hit",
+            hit_nofp_ns / cached_hit_ns
+        ),
+    );
+    r.row(
+        "cached crate #[cached] hit",
+        format!("{cached_hit_ns:>9.0} ns"),
+    );
     r.row("moka get_with hit", format!("{moka_hit_ns:>9.0} ns"));
     r.row(
         "#[idempotent] miss (first call)",
-        format!("{miss_ns:>9.0} ns   overhead {:.2} us over the plain call", (miss_ns - plain_fresh_ns) / 1000.0),
+        format!(
+            "{miss_ns:>9.0} ns   overhead {:.2} us over the plain call",
+            (miss_ns - plain_fresh_ns) / 1000.0
+        ),
     );
     r.row("cached crate miss", format!("{cached_miss_ns:>9.0} ns"));
-    r.row("target: hit <= 2x cached hit", verdict(hit_ns <= 2.0 * cached_hit_ns));
-    r.row("target: miss overhead <= 3 us", verdict(miss_ns - plain_fresh_ns <= 3000.0));
+    r.row(
+        "target: hit <= 2x cached hit",
+        verdict(hit_ns <= 2.0 * cached_hit_ns),
+    );
+    r.row(
+        "target: miss overhead <= 3 us",
+        verdict(miss_ns - plain_fresh_ns <= 3000.0),
+    );
     r.field("plain_call_ns", plain_ns);
     r.field("memory_hit_ns", hit_ns);
     r.field("memory_hit_unfingerprinted_ns", hit_nofp_ns);
@@ -114,12 +163,20 @@ async fn section_memory(r: &mut Report) {
 }
 
 fn verdict(ok: bool) -> String {
-    if ok { "reached".into() } else { "NOT reached".into() }
+    if ok {
+        "reached".into()
+    } else {
+        "NOT reached".into()
+    }
 }
 
 /// `tasks` tasks on a 2-worker runtime, each doing `per_task` hits over `keys` keys.
 fn contention(tasks: usize, keys: u64, per_task: u64, moka: bool) -> f64 {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let base = fresh_ids();
         for k in 0..keys {
@@ -129,7 +186,8 @@ fn contention(tasks: usize, keys: u64, per_task: u64, moka: bool) -> f64 {
                 with_idem(request(base + k)).await.unwrap();
             }
         }
-        let reqs: Arc<Vec<ChargeRequest>> = Arc::new((0..keys).map(|k| request(base + k)).collect());
+        let reqs: Arc<Vec<ChargeRequest>> =
+            Arc::new((0..keys).map(|k| request(base + k)).collect());
         let start = Instant::now();
         let handles: Vec<_> = (0..tasks)
             .map(|t| {
@@ -162,17 +220,29 @@ fn section_contention(r: &mut Report) {
             let moka_rate = contention(tasks, keys, per_task, true);
             r.row(
                 &format!("{tasks:>2} tasks, {keys:>6} keys"),
-                format!("{:>10.0}/s   moka {:>10.0}/s   ratio {:.2}", idem_rate, moka_rate, idem_rate / moka_rate),
+                format!(
+                    "{:>10.0}/s   moka {:>10.0}/s   ratio {:.2}",
+                    idem_rate,
+                    moka_rate,
+                    idem_rate / moka_rate
+                ),
             );
             r.field(&format!("contention_{tasks}t_{keys}k_per_sec"), idem_rate);
-            r.field(&format!("contention_{tasks}t_{keys}k_moka_per_sec"), moka_rate);
+            r.field(
+                &format!("contention_{tasks}t_{keys}k_moka_per_sec"),
+                moka_rate,
+            );
         }
     }
 }
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -195,10 +265,17 @@ async fn fill(store: &MemoryStore, from: u64, n: u64, ttl: Duration) {
     let fp = idem::Fingerprint([7; 32]);
     for i in from..from + n {
         let key = StorageKey::derive("bench", &i).unwrap();
-        let idem::Claim::Acquired { token, .. } = store.claim(&key, Some(&fp), Duration::from_secs(60)).await.unwrap() else {
+        let idem::Claim::Acquired { token, .. } = store
+            .claim(&key, Some(&fp), Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
             panic!("fresh key")
         };
-        store.complete(&key, token, &sample_record(token.0), ttl).await.unwrap();
+        store
+            .complete(&key, token, &sample_record(token.0), ttl)
+            .await
+            .unwrap();
     }
 }
 
@@ -214,9 +291,15 @@ async fn section_scale(r: &mut Report) {
     let record_len = sample_record(1).len();
     r.row(
         "resident memory per record at 1M records",
-        format!("{per_record:>9.0} B   (record bytes {record_len}, {:.1}x)", per_record / record_len as f64),
+        format!(
+            "{per_record:>9.0} B   (record bytes {record_len}, {:.1}x)",
+            per_record / record_len as f64
+        ),
     );
-    r.row("filling 1M records (claim + complete)", format!("{:>9.2} s", fill_secs));
+    r.row(
+        "filling 1M records (claim + complete)",
+        format!("{:>9.2} s", fill_secs),
+    );
     r.field("memory_bytes_per_record", per_record);
     r.field("memory_record_payload_bytes", record_len as f64);
     drop(store);
@@ -238,9 +321,16 @@ async fn section_scale(r: &mut Report) {
     for (expired, live, secs) in &rows {
         r.row(
             &format!("purge_expired: {expired:>7} expired, {live:>7} live"),
-            format!("{:>9.2} ms   {:.1}x the first row", secs * 1000.0, secs / base),
+            format!(
+                "{:>9.2} ms   {:.1}x the first row",
+                secs * 1000.0,
+                secs / base
+            ),
         );
-        r.field(&format!("purge_{expired}_expired_{live}_live_ms"), secs * 1000.0);
+        r.field(
+            &format!("purge_{expired}_expired_{live}_live_ms"),
+            secs * 1000.0,
+        );
     }
     r.row(
         "target: purge time proportional to expired, not all",
@@ -248,16 +338,54 @@ async fn section_scale(r: &mut Report) {
     );
 }
 
+/// `--profile hit|miss|cached`: only run that path 20k times, for `valgrind --tool=callgrind`.
+fn profile(what: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let warm = request(7);
+        with_idem(warm.clone()).await.unwrap();
+        with_cached(warm.clone()).await.unwrap();
+        let base = fresh_ids();
+        for i in 0..20_000u64 {
+            match what {
+                "hit" => drop(black_box(with_idem(black_box(warm.clone())).await.unwrap())),
+                "miss" => drop(black_box(with_idem(request(base + i)).await.unwrap())),
+                "cached" => drop(black_box(
+                    with_cached(black_box(warm.clone())).await.unwrap(),
+                )),
+                "plain" => drop(black_box(plain(black_box(warm.clone())).await.unwrap())),
+                other => panic!("unknown profile {other}"),
+            }
+        }
+    });
+}
+
 fn main() {
-    let json_out = std::env::args().any(|a| a == "--json");
-    let mut r = Report { fields: Map::new(), lines: vec!["# idem bench_report".into()] };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        return profile(args.get(i + 1).map_or("hit", |s| s.as_str()));
+    }
+    let json_out = args.iter().any(|a| a == "--json");
+    let mut r = Report {
+        fields: Map::new(),
+        lines: vec!["# idem bench_report".into()],
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(section_memory(&mut r));
     section_contention(&mut r);
     rt.block_on(stores::section_stores(&mut r));
     rt.block_on(section_scale(&mut r));
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&Value::Object(r.fields)).unwrap());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Object(r.fields)).unwrap()
+        );
     } else {
         println!("{}", r.lines.join("\n"));
     }
@@ -270,6 +398,9 @@ mod stores {
     /// Section 3 needs the `redis` and `postgres` features and the servers.
     pub async fn section_stores(r: &mut Report) {
         r.section("3. Redis and PostgreSQL stores");
-        r.row("(pending: measured once the durable stores land)", String::new());
+        r.row(
+            "(pending: measured once the durable stores land)",
+            String::new(),
+        );
     }
 }

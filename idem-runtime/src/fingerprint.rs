@@ -9,7 +9,6 @@ use std::fmt;
 use std::io::Write;
 
 use serde::Serialize;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -21,9 +20,8 @@ pub struct Fingerprint(pub [u8; 32]);
 impl Fingerprint {
     /// The fingerprint of one value.
     pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
-        let value = serde_json::to_value(value).map_err(Error::Encode)?;
         let mut hasher = HashWriter(Sha256::new());
-        write_canonical(&value, &mut hasher).map_err(Error::Encode)?;
+        crate::canonical::write(value, &mut hasher).map_err(Error::Encode)?;
         Ok(Fingerprint(hasher.0.finalize().into()))
     }
 
@@ -94,12 +92,11 @@ impl FingerprintBuilder {
 
     /// Adds one value. Fails with [`Error::Encode`] if it cannot be represented as JSON.
     pub fn add<T: Fingerprintable + ?Sized>(&mut self, value: &T) -> Result<&mut Self> {
-        let value = serde_json::to_value(value).map_err(Error::Encode)?;
         self.hasher
             .0
             .update(if self.count == 0 { b"[" } else { b"," });
         self.count += 1;
-        write_canonical(&value, &mut self.hasher).map_err(Error::Encode)?;
+        crate::canonical::write(value, &mut self.hasher).map_err(Error::Encode)?;
         Ok(self)
     }
 
@@ -115,40 +112,9 @@ impl FingerprintBuilder {
 
 /// Canonical JSON of `value` as a `String` (exposed for tests and debugging).
 pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
-    let value = serde_json::to_value(value).map_err(Error::Encode)?;
     let mut out = Vec::new();
-    write_canonical(&value, &mut out).map_err(Error::Encode)?;
+    crate::canonical::write(value, &mut out).map_err(Error::Encode)?;
     Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
-}
-
-fn write_canonical<W: Write>(value: &Value, out: &mut W) -> serde_json::Result<()> {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.write_all(b"{").map_err(serde_json::Error::io)?;
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b",").map_err(serde_json::Error::io)?;
-                }
-                serde_json::to_writer(&mut *out, k)?;
-                out.write_all(b":").map_err(serde_json::Error::io)?;
-                write_canonical(v, out)?;
-            }
-            out.write_all(b"}").map_err(serde_json::Error::io)
-        }
-        Value::Array(items) => {
-            out.write_all(b"[").map_err(serde_json::Error::io)?;
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b",").map_err(serde_json::Error::io)?;
-                }
-                write_canonical(v, out)?;
-            }
-            out.write_all(b"]").map_err(serde_json::Error::io)
-        }
-        scalar => serde_json::to_writer(out, scalar),
-    }
 }
 
 struct HashWriter(Sha256);
@@ -192,7 +158,7 @@ mod tests {
 
     #[test]
     fn canonical_form_sorts_keys_and_strips_space() {
-        let v: Value =
+        let v: serde_json::Value =
             serde_json::from_str(r#"{ "b": [1, {"z": 1, "a": "x\"y"}], "a": null }"#).unwrap();
         assert_eq!(
             canonical_json(&v).unwrap(),

@@ -3,10 +3,11 @@
 //! Use it through the `idem` crate. The modules, one concept each:
 //! [`key`] (user keys and storage keys), [`fingerprint`] (canonical JSON hashing),
 //! [`record`] (the stored envelope), [`store`] (the `Store` trait and its backends),
-//! [`exec`] (the claim/run/complete state machine the macro calls), [`metrics`].
+//! [`exec`] (the claim/run/complete state machine the macro calls), [`metrics`](mod@metrics).
 
 #![warn(missing_docs)]
 
+mod canonical;
 pub mod error;
 pub mod exec;
 pub mod fingerprint;

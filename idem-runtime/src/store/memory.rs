@@ -120,8 +120,13 @@ impl MemoryStore {
 
     fn index_deadline(&self, key: &Arc<StorageKey>, at: Instant) {
         let shard = key.as_str().as_bytes()[0] as usize % EXPIRY_SHARDS;
-        let mut heap = self.inner.expiries[shard].lock().unwrap_or_else(|p| p.into_inner());
-        heap.push(Reverse(Deadline { at, key: key.clone() }));
+        let mut heap = self.inner.expiries[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        heap.push(Reverse(Deadline {
+            at,
+            key: key.clone(),
+        }));
     }
 
     fn notify_change(&self) {
@@ -308,7 +313,12 @@ impl Store for MemoryStore {
             for key in due {
                 // A stale deadline (the record was completed or renewed since) finds a live
                 // record and leaves it; its newer deadline is in the index too.
-                if self.inner.records.remove_if(&*key, |_, slot| !slot.is_live(now)).is_some() {
+                if self
+                    .inner
+                    .records
+                    .remove_if(&*key, |_, slot| !slot.is_live(now))
+                    .is_some()
+                {
                     removed += 1;
                 }
             }
