@@ -12,7 +12,7 @@
 //! live records. Every figure is a ratio against a baseline measured in the same run, or a
 //! count. Runs in well under 3 minutes on 2 cores.
 
-#[path = "../benches/workload.rs"]
+#[path = "../../benches/workload.rs"]
 mod workload;
 
 use std::future::Future;
@@ -44,20 +44,20 @@ where
     samples[samples.len() / 2]
 }
 
-struct Report {
+pub(crate) struct Report {
     fields: Map<String, Value>,
     lines: Vec<String>,
 }
 
 impl Report {
-    fn section(&mut self, title: &str) {
+    pub(crate) fn section(&mut self, title: &str) {
         self.lines.push(String::new());
         self.lines.push(format!("## {title}"));
     }
-    fn row(&mut self, label: &str, value: String) {
+    pub(crate) fn row(&mut self, label: &str, value: String) {
         self.lines.push(format!("  {label:<58} {value}"));
     }
-    fn field(&mut self, name: &str, value: impl Into<Value>) {
+    pub(crate) fn field(&mut self, name: &str, value: impl Into<Value>) {
         self.fields.insert(name.to_string(), value.into());
     }
 }
@@ -162,7 +162,7 @@ async fn section_memory(r: &mut Report) {
     r.field("moka_hit_ns", moka_hit_ns);
 }
 
-fn verdict(ok: bool) -> String {
+pub(crate) fn verdict(ok: bool) -> String {
     if ok {
         "reached".into()
     } else {
@@ -392,15 +392,4 @@ fn main() {
     let _ = json!(null);
 }
 
-mod stores {
-    use super::Report;
-
-    /// Section 3 needs the `redis` and `postgres` features and the servers.
-    pub async fn section_stores(r: &mut Report) {
-        r.section("3. Redis and PostgreSQL stores");
-        r.row(
-            "(pending: measured once the durable stores land)",
-            String::new(),
-        );
-    }
-}
+mod stores;
