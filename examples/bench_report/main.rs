@@ -12,7 +12,7 @@
 //! live records. Every figure is a ratio against a baseline measured in the same run, or a
 //! count. Runs in well under 3 minutes on 2 cores.
 
-#[path = "../../benches/workload.rs"]
+#[path = "../../benches/support/workload.rs"]
 mod workload;
 
 use std::future::Future;

@@ -6,7 +6,6 @@
 //! the fingerprint does not depend on serde_json's `preserve_order` feature.
 
 use std::fmt;
-use std::io::Write;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -20,9 +19,9 @@ pub struct Fingerprint(pub [u8; 32]);
 impl Fingerprint {
     /// The fingerprint of one value.
     pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
-        let mut hasher = HashWriter(Sha256::new());
-        crate::canonical::write(value, &mut hasher).map_err(Error::Encode)?;
-        Ok(Fingerprint(hasher.0.finalize().into()))
+        let mut json = Vec::with_capacity(128);
+        crate::canonical::write(value, &mut json).map_err(Error::Encode)?;
+        Ok(Fingerprint(Sha256::digest(&json).into()))
     }
 
     /// The fingerprint of raw bytes (the HTTP layer hashes method, path and body this way).
@@ -71,8 +70,9 @@ impl<T: Serialize + ?Sized> Fingerprintable for T {}
 ///
 /// The `#[idempotent]` macro adds each non-skipped parameter in declaration order.
 pub struct FingerprintBuilder {
-    hasher: HashWriter,
-    count: usize,
+    /// The canonical JSON so far; hashed once at the end, which costs far less than feeding
+    /// the hasher the many small pieces a serializer writes.
+    json: Vec<u8>,
 }
 
 impl Default for FingerprintBuilder {
@@ -81,32 +81,43 @@ impl Default for FingerprintBuilder {
     }
 }
 
+thread_local! {
+    /// A buffer reused across calls on a thread, so fingerprinting allocates nothing.
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl FingerprintBuilder {
     /// An empty builder (fingerprint of `[]`).
     pub fn new() -> Self {
-        FingerprintBuilder {
-            hasher: HashWriter(Sha256::new()),
-            count: 0,
-        }
+        let mut json = SPARE.with(|spare| spare.take());
+        json.clear();
+        FingerprintBuilder { json }
     }
 
     /// Adds one value. Fails with [`Error::Encode`] if it cannot be represented as JSON.
     pub fn add<T: Fingerprintable + ?Sized>(&mut self, value: &T) -> Result<&mut Self> {
-        self.hasher
-            .0
-            .update(if self.count == 0 { b"[" } else { b"," });
-        self.count += 1;
-        crate::canonical::write(value, &mut self.hasher).map_err(Error::Encode)?;
+        self.json.push(if self.json.is_empty() { b'[' } else { b',' });
+        crate::canonical::write(value, &mut self.json).map_err(Error::Encode)?;
         Ok(self)
     }
 
     /// The fingerprint of the values added so far.
     pub fn finish(mut self) -> Fingerprint {
-        if self.count == 0 {
-            self.hasher.0.update(b"[");
+        if self.json.is_empty() {
+            self.json.push(b'[');
         }
-        self.hasher.0.update(b"]");
-        Fingerprint(self.hasher.0.finalize().into())
+        self.json.push(b']');
+        Fingerprint(Sha256::digest(&self.json).into())
+    }
+}
+
+impl Drop for FingerprintBuilder {
+    fn drop(&mut self) {
+        // Keep the buffer for the next call, unless a huge argument made it huge.
+        if self.json.capacity() <= 64 * 1024 {
+            let json = std::mem::take(&mut self.json);
+            SPARE.with(|spare| spare.set(json));
+        }
     }
 }
 
@@ -115,18 +126,6 @@ pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
     let mut out = Vec::new();
     crate::canonical::write(value, &mut out).map_err(Error::Encode)?;
     Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
-}
-
-struct HashWriter(Sha256);
-
-impl Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -90,23 +90,32 @@ impl StorageKey {
         scope: &(impl IntoKey + ?Sized),
         user_key: &(impl IntoKey + ?Sized),
     ) -> Result<Self> {
-        let mut buf = Vec::with_capacity(96);
+        thread_local! {
+            /// Reused across calls on a thread: deriving a key allocates nothing.
+            static BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut buf = BUF.with(|b| b.take());
+        buf.clear();
         scope.append_key(&mut buf);
         let scope_len = buf.len();
         buf.push(0);
         user_key.append_key(&mut buf);
         let key_len = buf.len() - scope_len - 1;
-        if key_len == 0 {
-            return Err(Error::InvalidKey {
+        let result = if key_len == 0 {
+            Err(Error::InvalidKey {
                 reason: "the key is empty".into(),
-            });
-        }
-        if key_len > MAX_KEY_LEN {
-            return Err(Error::InvalidKey {
+            })
+        } else if key_len > MAX_KEY_LEN {
+            Err(Error::InvalidKey {
                 reason: format!("the key is {key_len} bytes long; the limit is {MAX_KEY_LEN}"),
-            });
+            })
+        } else {
+            Ok(Self::from_digest(&Sha256::digest(&buf).into()))
+        };
+        if buf.capacity() <= 4096 {
+            BUF.with(|b| b.set(buf));
         }
-        Ok(Self::from_digest(&Sha256::digest(&buf).into()))
+        result
     }
 
     /// The storage key made from a digest directly (used when the key is the fingerprint).

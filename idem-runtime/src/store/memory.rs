@@ -39,7 +39,7 @@ impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore {
             inner: Arc::new(Inner {
-                records: DashMap::new(),
+                records: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 expiries: (0..EXPIRY_SHARDS).map(|_| Mutex::default()).collect(),
                 last_token: AtomicU64::new(0),
                 changed: Notify::new(),
@@ -50,8 +50,10 @@ impl Default for MemoryStore {
 }
 
 struct Inner {
-    /// Keys are shared with the expiry index, so the index costs a pointer per entry.
-    records: DashMap<Arc<StorageKey>, Slot>,
+    /// Keys are shared with the expiry index, so the index costs a pointer per entry. Hashed
+    /// with foldhash (randomly seeded per process) rather than SipHash: keys are already
+    /// uniform SHA-256 digests, and this map is on every call's path.
+    records: DashMap<Arc<StorageKey>, Slot, foldhash::fast::RandomState>,
     /// Deadlines of records, possibly stale (a record completed or renewed since): purge pops
     /// the due ones and removes a record only if it is really expired.
     expiries: Vec<Mutex<BinaryHeap<Reverse<Deadline>>>>,
