@@ -14,7 +14,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use workload::*;
 
 fn hits(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let req = request(7);
     rt.block_on(async {
         with_idem(req.clone()).await.unwrap();
@@ -26,22 +29,30 @@ fn hits(c: &mut Criterion) {
     g.bench_function("plain", |b| b.to_async(&rt).iter(|| plain(req.clone())));
     g.bench_function("idem", |b| b.to_async(&rt).iter(|| with_idem(req.clone())));
     g.bench_function("idem_unfingerprinted", |b| {
-        b.to_async(&rt).iter(|| with_idem_unfingerprinted(req.clone()))
+        b.to_async(&rt)
+            .iter(|| with_idem_unfingerprinted(req.clone()))
     });
-    g.bench_function("cached_crate", |b| b.to_async(&rt).iter(|| with_cached(req.clone())));
+    g.bench_function("cached_crate", |b| {
+        b.to_async(&rt).iter(|| with_cached(req.clone()))
+    });
     g.bench_function("moka", |b| b.to_async(&rt).iter(|| with_moka(req.clone())));
     g.finish();
 }
 
 fn misses(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     // Every iteration a key never seen before.
     static NEXT: AtomicU64 = AtomicU64::new(1 << 40);
     let next = || request(NEXT.fetch_add(1, Ordering::Relaxed));
     let mut g = c.benchmark_group("miss");
     g.bench_function("plain", |b| b.to_async(&rt).iter(|| plain(next())));
     g.bench_function("idem", |b| b.to_async(&rt).iter(|| with_idem(next())));
-    g.bench_function("cached_crate", |b| b.to_async(&rt).iter(|| with_cached(next())));
+    g.bench_function("cached_crate", |b| {
+        b.to_async(&rt).iter(|| with_cached(next()))
+    });
     g.finish();
 }
 

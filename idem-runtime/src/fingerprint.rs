@@ -96,7 +96,8 @@ impl FingerprintBuilder {
 
     /// Adds one value. Fails with [`Error::Encode`] if it cannot be represented as JSON.
     pub fn add<T: Fingerprintable + ?Sized>(&mut self, value: &T) -> Result<&mut Self> {
-        self.json.push(if self.json.is_empty() { b'[' } else { b',' });
+        self.json
+            .push(if self.json.is_empty() { b'[' } else { b',' });
         crate::canonical::write(value, &mut self.json).map_err(Error::Encode)?;
         Ok(self)
     }
