@@ -101,7 +101,13 @@ impl StorageKey {
         buf.push(0);
         user_key.append_key(&mut buf);
         let key_len = buf.len() - scope_len - 1;
-        let result = if key_len == 0 {
+        // The 0x00 separates scope from key: a NUL inside the scope would make
+        // ("s\0", "k") and ("s", "\0k") hash alike, letting one scope reach another's records.
+        let result = if buf[..scope_len].contains(&0) {
+            Err(Error::InvalidKey {
+                reason: "the scope contains a NUL byte".into(),
+            })
+        } else if key_len == 0 {
             Err(Error::InvalidKey {
                 reason: "the key is empty".into(),
             })
@@ -188,6 +194,14 @@ mod tests {
         let mut h = Sha256::new();
         h.update(b"s\0k");
         assert_eq!(k, StorageKey::from_digest(&h.finalize().into()));
+    }
+
+    #[test]
+    fn a_nul_in_the_scope_is_refused() {
+        let err = StorageKey::derive("s\0", "k").unwrap_err();
+        assert!(err.to_string().contains("NUL"), "{err}");
+        // NULs in the key are fine: the separator comes before them.
+        assert!(StorageKey::derive("s", "\0k").is_ok());
     }
 
     #[test]

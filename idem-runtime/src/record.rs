@@ -74,8 +74,9 @@ impl<'a> Record<'a> {
         out.extend_from_slice(&self.token.to_be_bytes());
         out.extend_from_slice(&self.completed_at_ms.to_be_bytes());
         out.extend_from_slice(&self.ttl_ms.to_be_bytes());
-        let name = self.type_name.as_bytes();
-        let name = &name[..name.len().min(u16::MAX as usize)];
+        // Type names over 64 KiB (deeply nested generics) are cut at a character boundary, so
+        // the stored name stays UTF-8; the decoder compares the same cut (see `type_name_key`).
+        let name = type_name_key(self.type_name).as_bytes();
         out.extend_from_slice(&(name.len() as u16).to_be_bytes());
         out.extend_from_slice(name);
         out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
@@ -139,6 +140,16 @@ impl<'a> Record<'a> {
             payload,
         })
     }
+}
+
+/// The form of a type name that is stored: at most `u16::MAX` bytes, cut at a character
+/// boundary. Compare an expected type name in this form with a decoded one.
+pub fn type_name_key(name: &str) -> &str {
+    let mut end = name.len().min(u16::MAX as usize);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 struct Reader<'a> {
@@ -263,5 +274,144 @@ mod tests {
         b[4] = 2;
         let err = Record::decode(&b).unwrap_err();
         assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    /// Property tests of the decoder: whatever the bytes, `decode` returns `Ok` or
+    /// `Error::Corrupt`, never panics; what `encode` writes decodes to the same record; and a
+    /// truncated or bit-flipped record is always `Corrupt`. 2048 cases per property
+    /// (`PROPTEST_CASES` does not lower it).
+    mod proptests {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Decodes `bytes`: `Ok` or `Corrupt` (with a reason), nothing else.
+        fn decodes_or_is_corrupt(bytes: &[u8]) -> std::result::Result<bool, TestCaseError> {
+            match Record::decode(bytes) {
+                Ok(_) => Ok(true),
+                Err(Error::Corrupt { reason }) => {
+                    prop_assert!(!reason.is_empty());
+                    Ok(false)
+                }
+                Err(other) => Err(TestCaseError::fail(format!("not Corrupt: {other:?}"))),
+            }
+        }
+
+        fn with_crc(mut body: Vec<u8>) -> Vec<u8> {
+            let crc = crc32fast::hash(&body);
+            body.extend_from_slice(&crc.to_be_bytes());
+            body
+        }
+
+        /// The fields of a record, owned.
+        type Fields = (bool, Option<[u8; 32]>, u64, u64, u64, String, Vec<u8>);
+
+        fn fields() -> impl Strategy<Value = Fields> {
+            (
+                any::<bool>(),
+                any::<Option<[u8; 32]>>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                // Type names: short Rust-like paths, or any text (multi-byte too).
+                prop_oneof!["[a-z_:<>, ]{0,40}", any::<String>()],
+                vec(any::<u8>(), 0..300),
+            )
+        }
+
+        fn build(f: &Fields) -> Record<'_> {
+            Record {
+                outcome: if f.0 { Outcome::Ok } else { Outcome::Err },
+                fingerprint: f.1.map(Fingerprint),
+                token: f.2,
+                completed_at_ms: f.3,
+                ttl_ms: f.4,
+                type_name: &f.5,
+                payload: &f.6,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 2048,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn arbitrary_bytes_decode_or_are_corrupt(bytes in vec(any::<u8>(), 0..400)) {
+                decodes_or_is_corrupt(&bytes)?;
+            }
+
+            /// Magic, version and a correct checksum around arbitrary bytes: the field parsing
+            /// behind the first checks gets arbitrary input.
+            #[test]
+            fn framed_arbitrary_bytes_decode_or_are_corrupt(
+                outcome in 0u8..3,
+                flags in 0u8..3,
+                tail in vec(any::<u8>(), 0..400),
+            ) {
+                let mut body = MAGIC.to_vec();
+                body.extend_from_slice(&[FORMAT_VERSION, outcome, flags]);
+                body.extend_from_slice(&tail);
+                decodes_or_is_corrupt(&with_crc(body))?;
+            }
+
+            #[test]
+            fn records_round_trip(f in fields()) {
+                let record = build(&f);
+                let bytes = record.encode();
+                prop_assert_eq!(Record::decode(&bytes)?, record);
+            }
+
+            #[test]
+            fn truncated_records_are_corrupt(f in fields(), cut in any::<prop::sample::Index>()) {
+                let bytes = build(&f).encode();
+                let cut = cut.index(bytes.len());
+                prop_assert!(!decodes_or_is_corrupt(&bytes[..cut])?, "truncated to {}", cut);
+            }
+
+            /// CRC-32 catches every change of up to three bits in records this short.
+            #[test]
+            fn bit_flipped_records_are_corrupt(
+                f in fields(),
+                flips in vec((any::<prop::sample::Index>(), 0u8..8), 1..=3),
+            ) {
+                let mut bytes = build(&f).encode();
+                let flips: std::collections::BTreeSet<(usize, u8)> =
+                    flips.iter().map(|(i, bit)| (i.index(bytes.len()), *bit)).collect();
+                for (i, bit) in &flips {
+                    bytes[*i] ^= 1 << bit;
+                }
+                prop_assert!(!decodes_or_is_corrupt(&bytes)?, "flipped {:?}", flips);
+            }
+
+            /// Length fields set to anything, with the checksum fixed or not.
+            #[test]
+            fn changed_length_fields_decode_or_are_corrupt(
+                f in fields(),
+                name_len in any::<u16>(),
+                payload_len in prop_oneof![any::<u32>(), 0u32..400],
+                fix in any::<bool>(),
+            ) {
+                let good = build(&f).encode();
+                let mut bytes = good.clone();
+                let name_at = FIXED_HEADER - 2;
+                let old_name_len =
+                    u16::from_be_bytes([bytes[name_at], bytes[name_at + 1]]) as usize;
+                let payload_len_at = FIXED_HEADER + old_name_len;
+                bytes[name_at..name_at + 2].copy_from_slice(&name_len.to_be_bytes());
+                bytes[payload_len_at..payload_len_at + 4]
+                    .copy_from_slice(&payload_len.to_be_bytes());
+                if fix {
+                    bytes.truncate(bytes.len() - 4);
+                    bytes = with_crc(bytes);
+                }
+                let ok = decodes_or_is_corrupt(&bytes)?;
+                if bytes != good {
+                    prop_assert!(fix || !ok, "a changed record passed its checksum");
+                }
+            }
+        }
     }
 }
