@@ -30,7 +30,7 @@ use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::key::{IntoKey, StorageKey};
 use crate::metrics::{bump, COUNTERS};
 use crate::record::{Outcome, Record};
-use crate::store::{default_store, Claim, FencingToken, Store};
+use crate::store::{default_store, Claim, FencingToken, RecordState, Store, StoredRecord};
 
 /// Default time a completed result is kept: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -242,7 +242,7 @@ impl<'s> Call<'s> {
                 &*default
             }
         };
-        let token = match claim(
+        let (token, mut lease_from) = match claim(
             store,
             &key,
             fingerprint.as_ref(),
@@ -251,7 +251,8 @@ impl<'s> Call<'s> {
         )
         .await?
         {
-            Claimed::Token(token) => token,
+            // `lease_from`: when the lease began, at the latest; moved on by each renewal.
+            Claimed::Token(token, sent) => (token, sent),
             Claimed::Replay(bytes) => {
                 bump(&COUNTERS.hits);
                 tracing::debug!(target: "idem", key = %key, "replay");
@@ -266,7 +267,7 @@ impl<'s> Call<'s> {
             token,
             armed: true,
         };
-        let output = drive_renewing(store, &key, token, self.lease, body)
+        let output = drive_renewing(store, &key, token, self.lease, &mut lease_from, body)
             .await
             .into_result();
 
@@ -308,7 +309,21 @@ impl<'s> Call<'s> {
             .into());
         }
         guard.armed = false;
-        match store.complete(&key, token, &record, self.ttl).await {
+        let retry_until = lease_from + self.lease.mul_f64(0.9);
+        // If this call is dropped while storing (a client went away), the store finishes in the
+        // background: the body ran, and its result must not be lost.
+        let mut finish = FinishGuard {
+            store,
+            key: &key,
+            token,
+            record: &record,
+            ttl: self.ttl,
+            until: retry_until,
+            armed: true,
+        };
+        let stored = complete(store, &key, token, &record, self.ttl, retry_until, false).await;
+        finish.armed = false;
+        match stored {
             Ok(()) => {
                 tracing::debug!(target: "idem", key = %key, token = token.0, ?outcome, "completed");
                 output
@@ -320,8 +335,9 @@ impl<'s> Call<'s> {
                 Err(Error::LeaseLost.into())
             }
             Err(e) => {
-                // The body ran: its effect is real, so the caller gets its result. The claim
-                // stays in flight until its lease runs out (releasing it would invite a re-run).
+                // The store stayed unreachable for (nearly) the whole lease. The body ran: its
+                // effect is real, so the caller gets its result. The claim stays in flight until
+                // its lease runs out (releasing it would invite a re-run at once).
                 bump(&COUNTERS.store_errors);
                 tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
                     "could not store the result; returning it unstored");
@@ -331,8 +347,91 @@ impl<'s> Call<'s> {
     }
 }
 
+/// Stores a result. The body has run, so a result left unstored would let a later call run it
+/// again once the lease runs out: a store error (a dropped connection, a restarting server) is
+/// retried with backoff while the lease lasts (`until`). Retrying is safe: a stale token changes
+/// nothing (fencing), and a retry that finds the key already completed under this call's own
+/// token means an earlier attempt was stored but its reply was lost.
+async fn complete(
+    store: &dyn Store,
+    key: &StorageKey,
+    token: FencingToken,
+    record: &[u8],
+    ttl: Duration,
+    until: Instant,
+    mut attempted: bool,
+) -> Result<()> {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let error = match store.complete(key, token, record, ttl).await {
+            Ok(()) => return Ok(()),
+            Err(Error::LeaseLost) if attempted => match store.get(key).await {
+                Ok(Some(StoredRecord {
+                    state: RecordState::Completed { token: t, .. },
+                    ..
+                })) if t == token => return Ok(()),
+                Ok(_) => return Err(Error::LeaseLost),
+                Err(e) => e,
+            },
+            Err(e @ Error::LeaseLost) => return Err(e),
+            Err(e) => e,
+        };
+        attempted = true;
+        if Instant::now() + pause >= until {
+            return Err(error);
+        }
+        bump(&COUNTERS.store_errors);
+        tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
+            "could not store the result; retrying while the lease lasts");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Finishes storing a result in the background when the call is dropped while storing it.
+struct FinishGuard<'a> {
+    store: &'a dyn Store,
+    key: &'a StorageKey,
+    token: FencingToken,
+    record: &'a [u8],
+    ttl: Duration,
+    until: Instant,
+    armed: bool,
+}
+
+impl Drop for FinishGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (Some(store), Ok(runtime)) =
+            (self.store.detached(), tokio::runtime::Handle::try_current())
+        else {
+            tracing::warn!(target: "idem", key = %self.key, token = self.token.0,
+                "call dropped while storing its result; the claim stays in flight until its lease expires");
+            return;
+        };
+        let (key, token, record, ttl, until) = (
+            self.key.clone(),
+            self.token,
+            self.record.to_vec(),
+            self.ttl,
+            self.until,
+        );
+        tracing::debug!(target: "idem", key = %key, token = token.0, "call dropped while storing its result; finishing in the background");
+        runtime.spawn(async move {
+            // The dropped attempt may have been applied: `attempted = true`.
+            if let Err(e) = complete(&*store, &key, token, &record, ttl, until, true).await {
+                tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
+                    "could not store a dropped call's result");
+            }
+        });
+    }
+}
+
 enum Claimed {
-    Token(FencingToken),
+    /// The token, and when the claim that got it was sent.
+    Token(FencingToken, Instant),
     Replay(bytes::Bytes),
 }
 
@@ -350,6 +449,7 @@ async fn claim(
     let mut pause = Duration::from_millis(2);
     let mut counted_conflict = false;
     loop {
+        let sent = Instant::now();
         match store.claim(key, fingerprint, lease).await {
             Err(e) => {
                 bump(&COUNTERS.store_errors);
@@ -361,7 +461,7 @@ async fn claim(
                     bump(&COUNTERS.takeovers);
                     tracing::info!(target: "idem", key = %key, token = token.0, "took over an expired lease");
                 }
-                return Ok(Claimed::Token(token));
+                return Ok(Claimed::Token(token, sent));
             }
             Ok(Claim::Completed(bytes)) => return Ok(Claimed::Replay(bytes)),
             Ok(Claim::KeyReuse) => {
@@ -395,7 +495,7 @@ fn replay<T: DeserializeOwned, E: From<Error>>(
 ) -> Result<T, E> {
     let record = Record::decode(bytes)?;
     let check = |expected: &str| {
-        if record.type_name == expected {
+        if record.type_name == crate::record::type_name_key(expected) {
             Ok(())
         } else {
             Err(Error::TypeMismatch {
@@ -445,6 +545,7 @@ async fn drive_renewing<F: Future>(
     key: &StorageKey,
     token: FencingToken,
     lease: Duration,
+    lease_from: &mut Instant,
     body: F,
 ) -> F::Output {
     let mut body = pin!(body);
@@ -460,6 +561,7 @@ async fn drive_renewing<F: Future>(
             out = body.as_mut() => return out,
             _ = tick.as_mut(), if !lost => {
                 // Renew while still polling the body: a slow store must not stall it.
+                let sent = Instant::now();
                 let mut renew = store.renew(key, token, lease);
                 let result = tokio::select! {
                     biased;
@@ -467,7 +569,10 @@ async fn drive_renewing<F: Future>(
                     r = renew.as_mut() => r,
                 };
                 match result {
-                    Ok(()) => tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed"),
+                    Ok(()) => {
+                        *lease_from = sent;
+                        tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed")
+                    }
                     Err(Error::LeaseLost) => {
                         lost = true;
                         tracing::warn!(target: "idem", key = %key, token = token.0, "lease lost while the body runs");

@@ -328,6 +328,10 @@ impl Store for MemoryStore {
         Ok(removed)
     }
 
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
+    }
+
     fn release_in_background(&self, key: StorageKey, token: FencingToken) {
         // Nothing to await in memory: release synchronously. A lost lease needs no release.
         let _ = self.release_now(&key, token);

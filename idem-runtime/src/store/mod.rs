@@ -126,6 +126,15 @@ pub trait Store: Send + Sync {
         let _ = (key, token);
     }
 
+    /// A handle to this store that may outlive `&self` (stores are cheap to clone), so that a
+    /// call whose future is dropped while its result is being stored can finish storing it in a
+    /// background task: the body has run, and a result left unstored would let a later call run
+    /// it again once the lease runs out. The default, `None`, leaves the claim in flight until
+    /// its lease expires.
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        None
+    }
+
     /// Waits until the record under `key` may have changed, or `max` has passed. Used by
     /// `on_conflict = "wait"` between claims. The default sleeps `max`; stores that can be told
     /// of changes return sooner.
@@ -162,6 +171,9 @@ macro_rules! forward_store {
             }
             fn release_in_background(&self, key: StorageKey, token: FencingToken) {
                 (**self).release_in_background(key, token)
+            }
+            fn detached(&self) -> Option<Arc<dyn Store>> {
+                (**self).detached()
             }
             async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
                 (**self).wait_for_change(key, max).await

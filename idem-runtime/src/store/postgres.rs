@@ -470,6 +470,10 @@ impl Store for PostgresStore {
         }
     }
 
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
+    }
+
     fn release_in_background(&self, key: StorageKey, token: FencingToken) {
         // Without a runtime there is nothing to run the release on; the lease then expires.
         let Ok(handle) = tokio::runtime::Handle::try_current() else {

@@ -596,6 +596,10 @@ impl Store for RedisStore {
         Ok(0)
     }
 
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
+    }
+
     /// Spawns the release on the current Tokio runtime, or else on the one the store was
     /// created on; without either, the lease is left to expire.
     fn release_in_background(&self, key: StorageKey, token: FencingToken) {

@@ -511,6 +511,10 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn detached(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(self.clone()))
+    }
+
     fn release_in_background(&self, key: StorageKey, token: FencingToken) {
         fn report(key: &StorageKey, token: FencingToken, result: Result<()>) {
             match result {
