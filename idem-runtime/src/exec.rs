@@ -290,6 +290,17 @@ impl<'s> Call<'s> {
                 return Err(Error::Encode(e).into());
             }
         };
+        // The envelope stores the payload length in 32 bits: larger payloads are refused
+        // whatever the configured limit. Checked before encoding, so nothing huge is copied.
+        let limit = self.max_record_bytes.min(u32::MAX as usize);
+        if payload.len() > limit {
+            guard.release().await;
+            return Err(Error::TooLarge {
+                size: payload.len(),
+                limit,
+            }
+            .into());
+        }
         let record = Record {
             outcome,
             fingerprint,
@@ -300,11 +311,11 @@ impl<'s> Call<'s> {
             payload: &payload,
         }
         .encode();
-        if record.len() > self.max_record_bytes {
+        if record.len() > limit {
             guard.release().await;
             return Err(Error::TooLarge {
                 size: record.len(),
-                limit: self.max_record_bytes,
+                limit,
             }
             .into());
         }
