@@ -291,10 +291,10 @@ impl<'s> Call<'s> {
             }
         };
         // The envelope stores the payload length in 32 bits: larger payloads are refused
-        // whatever the configured limit. Checked before encoding, so nothing huge is copied.
-        let limit = self.max_record_bytes.min(u32::MAX as usize);
-        if payload.len() > limit {
+        // whatever the configured limit.
+        if payload.len() > u32::MAX as usize {
             guard.release().await;
+            let limit = u32::MAX as usize;
             return Err(Error::TooLarge {
                 size: payload.len(),
                 limit,
