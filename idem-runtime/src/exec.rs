@@ -311,11 +311,11 @@ impl<'s> Call<'s> {
             payload: &payload,
         }
         .encode();
-        if record.len() > limit {
+        if record.len() > self.max_record_bytes {
             guard.release().await;
             return Err(Error::TooLarge {
                 size: record.len(),
-                limit,
+                limit: self.max_record_bytes,
             }
             .into());
         }
