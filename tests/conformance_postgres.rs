@@ -14,70 +14,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem::record::{Outcome, Record};
-use idem::store::postgres::tokio_postgres::{self, NoTls};
+use idem::store::postgres::tokio_postgres;
 use idem::{
     Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, PostgresStore, RecordState,
     StorageKey, Store,
 };
-use tokio::sync::OnceCell;
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const LONG: Duration = Duration::from_secs(60);
 
-fn url() -> String {
-    std::env::var("IDEM_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
-}
-
-/// This run's schema, or why the server is unreachable.
-static RUN_SCHEMA: OnceCell<Result<String, String>> = OnceCell::const_new();
-
-async fn admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(&url(), NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-/// Creates this run's schema after dropping those of runs older than ten minutes (by the
-/// server's clock, which also named them). Errors other than an unreachable server panic.
-async fn prepare_run() -> Result<String, String> {
-    let client = admin().await.map_err(|e| format!("{e} ({})", url()))?;
-    let stale = client
-        .query(
-            "SELECT nspname FROM pg_namespace WHERE nspname ~ '^idem_test_[0-9]+_[0-9]+$'
-             AND split_part(nspname, '_', 3)::bigint < extract(epoch FROM now())::bigint - 600",
-            &[],
-        )
-        .await
-        .expect("list stale test schemas");
-    for row in stale {
-        let name: &str = row.get(0);
-        // A concurrent run may be dropping it too.
-        let _ = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
-            .await;
-    }
-    let epoch: i64 = client
-        .query_one("SELECT extract(epoch FROM now())::bigint", &[])
-        .await
-        .expect("read the server clock")
-        .get(0);
-    let schema = format!("idem_test_{epoch}_{}", std::process::id());
-    client
-        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-        .await
-        .expect("create the run's schema");
-    Ok(schema)
-}
+use conformance::postgres::{admin, url};
 
 /// A new table in this run's schema.
 async fn fresh_table() -> Option<String> {
-    match RUN_SCHEMA.get_or_init(prepare_run).await {
-        Ok(schema) => Some(format!("{schema}.t_{:016x}", rand::random::<u64>())),
-        Err(e) => {
-            conformance::unavailable("PostgreSQL", e);
-            None
-        }
-    }
+    conformance::postgres::fresh_table("t").await
 }
 
 async fn fresh_postgres() -> Option<PostgresStore> {

@@ -272,8 +272,7 @@ impl Drop for Fixture {
 #[cfg(feature = "redis")]
 fn delete_redis_prefix(prefix: &str) {
     use idem::store::redis::redis;
-    let url =
-        std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let url = conformance::redis_url();
     let Ok(mut con) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
         return;
     };
@@ -329,8 +328,7 @@ async fn fixtures() -> Vec<Fixture> {
 #[cfg(feature = "redis")]
 async fn redis_store() -> Option<idem::RedisStore> {
     use idem::store::redis::redis;
-    let url =
-        std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let url = conformance::redis_url();
     // Probe with a plain connection first: it fails at once when nothing listens.
     let probe = async {
         redis::Client::open(url.as_str())?
@@ -362,36 +360,10 @@ async fn postgres_store() -> Option<(
     idem::store::postgres::tokio_postgres::Client,
     String,
 )> {
-    use idem::store::postgres::tokio_postgres::{self, NoTls};
-    let url = std::env::var("IDEM_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let (client, connection) = match tokio_postgres::connect(&url, NoTls).await {
-        Ok(c) => c,
-        Err(e) => {
-            conformance::unavailable("PostgreSQL", format!("{e} ({url})"));
-            return None;
-        }
-    };
-    tokio::spawn(connection);
-    // One schema per test process, named like the conformance suite's so that later runs of it
-    // drop the schema; created once, as tests run in parallel.
-    static SCHEMA: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    let schema = SCHEMA
-        .get_or_init(|| async {
-            let epoch: i64 = client
-                .query_one("SELECT extract(epoch FROM now())::bigint", &[])
-                .await
-                .unwrap()
-                .get(0);
-            let schema = format!("idem_test_{epoch}_{}", std::process::id());
-            client
-                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-                .await
-                .unwrap();
-            schema
-        })
-        .await;
+    let schema = conformance::postgres::run_schema().await?;
+    let client = conformance::postgres::admin().await.unwrap();
     let name = format!("hostile_{:016x}", rand::random::<u64>());
+    let url = conformance::postgres::url();
     let store = idem::PostgresStore::connect_with_table(&url, &format!("{schema}.{name}"))
         .await
         .unwrap();

@@ -955,8 +955,7 @@ fn redis_store_follows_the_model() {
     use idem::store::redis::redis;
     use idem::RedisStore;
 
-    let url =
-        std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let url = conformance::redis_url();
     let b = Backend {
         name: "redis",
         paused: false,

@@ -57,6 +57,85 @@ pub fn unavailable(what: &str, why: impl std::fmt::Display) -> Option<Arc<dyn St
     None
 }
 
+/// `IDEM_REDIS_URL`, or the loopback default.
+pub fn redis_url() -> String {
+    std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// PostgreSQL for the tests: each test process works in its own schema
+/// `idem_test_<server epoch>_<pid>`, with a table per test, and drops the schemas of runs older
+/// than ten minutes.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    use idem::store::postgres::tokio_postgres::{self, NoTls};
+    use tokio::sync::OnceCell;
+
+    /// `IDEM_POSTGRES_URL`, or the loopback default.
+    pub fn url() -> String {
+        std::env::var("IDEM_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    }
+
+    /// A plain client to the test database.
+    pub async fn admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(&url(), NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// This run's schema, or why the server is unreachable.
+    static RUN_SCHEMA: OnceCell<Result<String, String>> = OnceCell::const_new();
+
+    /// Creates this run's schema after dropping those of runs older than ten minutes (by the
+    /// server's clock, which also named them). Errors other than an unreachable server panic.
+    async fn prepare_run() -> Result<String, String> {
+        let client = admin().await.map_err(|e| format!("{e} ({})", url()))?;
+        let stale = client
+            .query(
+                "SELECT nspname FROM pg_namespace WHERE nspname ~ '^idem_test_[0-9]+_[0-9]+$'
+                 AND split_part(nspname, '_', 3)::bigint < extract(epoch FROM now())::bigint - 600",
+                &[],
+            )
+            .await
+            .expect("list stale test schemas");
+        for row in stale {
+            let name: &str = row.get(0);
+            // A concurrent run may be dropping it too.
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                .await;
+        }
+        let epoch: i64 = client
+            .query_one("SELECT extract(epoch FROM now())::bigint", &[])
+            .await
+            .expect("read the server clock")
+            .get(0);
+        let schema = format!("idem_test_{epoch}_{}", std::process::id());
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            .await
+            .expect("create the run's schema");
+        Ok(schema)
+    }
+
+    /// This run's schema, or `None` after [`super::unavailable`].
+    pub async fn run_schema() -> Option<&'static str> {
+        match RUN_SCHEMA.get_or_init(prepare_run).await {
+            Ok(schema) => Some(schema),
+            Err(e) => {
+                super::unavailable("PostgreSQL", e);
+                None
+            }
+        }
+    }
+
+    /// A new table name (`schema.prefix_<random>`) in this run's schema.
+    pub async fn fresh_table(prefix: &str) -> Option<String> {
+        let schema = run_schema().await?;
+        Some(format!("{schema}.{prefix}_{:016x}", rand::random::<u64>()))
+    }
+}
+
 /// A key no other test or run uses.
 pub fn unique(label: &str) -> StorageKey {
     StorageKey::derive("conformance", &format!("{label}:{}", rand::random::<u64>())).unwrap()
