@@ -120,10 +120,21 @@ pub trait Store: Send + Sync {
     async fn purge_expired(&self) -> Result<u64>;
 
     /// Releases a claim without being awaited: called from a drop guard when the body panicked
-    /// or its future was dropped. Stores spawn the release on their own runtime handle. The
-    /// default does nothing, leaving the lease to expire.
+    /// or its future was dropped. The default spawns [`Store::release`] on the current tokio
+    /// runtime through [`Store::detached`]; without either, the lease is left to expire.
     fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-        let _ = (key, token);
+        let (Some(store), Ok(runtime)) = (self.detached(), tokio::runtime::Handle::try_current())
+        else {
+            tracing::debug!(target: "idem", key = %key, token = token.0,
+                "no handle or runtime to release on; the lease will expire");
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(e) = store.release(&key, token).await {
+                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
+                    "background release failed; the lease will expire");
+            }
+        });
     }
 
     /// A handle to this store that may outlive `&self` (stores are cheap to clone), so that a

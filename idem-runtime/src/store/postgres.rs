@@ -473,20 +473,6 @@ impl Store for PostgresStore {
     fn detached(&self) -> Option<Arc<dyn Store>> {
         Some(Arc::new(self.clone()))
     }
-
-    fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-        // Without a runtime there is nothing to run the release on; the lease then expires.
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            tracing::debug!(target: "idem", key = %key, "no tokio runtime to release on; the lease will expire");
-            return;
-        };
-        let store = self.clone();
-        handle.spawn(async move {
-            if let Err(e) = store.release(&key, token).await {
-                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e, "background release failed");
-            }
-        });
-    }
 }
 
 impl Sql {
