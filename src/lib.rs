@@ -36,6 +36,7 @@
 //! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
 //! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result | `reject` |
 //! | `cache_errors = true` / `cache_errors = path::to::predicate` | also keep `Err` results (all, or those the `fn(&E) -> bool` accepts) | errors are not kept |
+//! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` | 8 MiB |
 //!
 //! The function must be `async` and return `Result<T, E>` with `T: Serialize + DeserializeOwned`
 //! and `E: From<idem::Error>`. It works on free functions, `&self`/`&mut self` methods,

@@ -455,3 +455,23 @@ async fn async_trait_methods() {
     ));
     assert_eq!(g.runs.load(SeqCst), 2);
 }
+
+#[idempotent(key = key, store = store, skip(store), max_record_bytes = 400)]
+async fn limited(store: &MemoryStore, key: &str, len: usize) -> Result<String, AppError> {
+    Ok("x".repeat(len))
+}
+
+#[tokio::test]
+async fn max_record_bytes_refuses_larger_results_and_stores_nothing() {
+    let store = MemoryStore::new();
+    assert_eq!(limited(&store, "small", 10).await.unwrap().len(), 10);
+    let err = limited(&store, "big", 1_000).await.unwrap_err();
+    match err.idem() {
+        Some(Error::TooLarge { size, limit }) => {
+            assert_eq!(*limit, 400);
+            assert!(*size > 1_000, "{size}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.len(), 1, "only the small result is stored");
+}

@@ -20,10 +20,11 @@ mod kw {
     syn::custom_keyword!(on_conflict);
     syn::custom_keyword!(wait);
     syn::custom_keyword!(cache_errors);
+    syn::custom_keyword!(max_record_bytes);
 }
 
 const ARGUMENTS: &str =
-    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`";
+    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`, `max_record_bytes`";
 
 /// A duration argument: a literal checked now, or an expression evaluated at run time.
 pub enum DurationArg {
@@ -75,6 +76,8 @@ pub struct Args {
     pub on_conflict: Option<Arg<Conflict>>,
     pub wait: Option<Arg<DurationArg>>,
     pub cache_errors: Option<Arg<Option<CacheErrors>>>,
+    /// `max_record_bytes = N` (a literal, checked) or an expression giving a `usize`.
+    pub max_record_bytes: Option<Arg<Expr>>,
 }
 
 impl Parse for Args {
@@ -208,6 +211,20 @@ impl Args {
                 Some(CacheErrors::When(path))
             };
             set(&mut self.cache_errors, name, "cache_errors", value)
+        } else if look.peek(kw::max_record_bytes) {
+            let name = input.parse::<kw::max_record_bytes>()?.span;
+            input.parse::<Token![=]>()?;
+            let expr: Expr = input.parse()?;
+            if let Expr::Lit(ExprLit { lit, .. }) = &expr {
+                let ok = matches!(lit, Lit::Int(i) if i.base10_parse::<u64>().is_ok_and(|n| n > 0));
+                if !ok {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`max_record_bytes` must be a number of bytes greater than zero, e.g. `max_record_bytes = 1_048_576`",
+                    ));
+                }
+            }
+            set(&mut self.max_record_bytes, name, "max_record_bytes", expr)
         } else if input.peek(Ident) {
             let ident: Ident = input.parse()?;
             Err(syn::Error::new(

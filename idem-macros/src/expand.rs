@@ -42,9 +42,14 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     if matches!(plan.shape, Shape::AsyncTrait) && func.sig.receiver().is_some() {
         // async-trait moves `self` into `__self` before the body; our arguments run after that
         // rebinding, so they must say `__self` too (as async-trait does for the body).
-        for expr in [args.key.as_mut(), args.store.as_mut(), args.scope.as_mut()]
-            .into_iter()
-            .flatten()
+        for expr in [
+            args.key.as_mut(),
+            args.store.as_mut(),
+            args.scope.as_mut(),
+            args.max_record_bytes.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             expr.value = rename_self(&expr.value);
         }
@@ -122,6 +127,10 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     };
     if let Some(w) = wait {
         settings.extend(quote!(.on_conflict(#p::OnConflict::Wait(#w))));
+    }
+    if let Some(limit) = &args.max_record_bytes {
+        let e = &limit.value;
+        settings.extend(quote_spanned!(e.span()=> .max_record_bytes(#e)));
     }
     let bind_store = args.store.as_ref().map(|s| {
         let e = &s.value;
