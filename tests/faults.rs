@@ -565,111 +565,8 @@ mod redis_faults {
     use super::*;
     use idem::store::redis::redis;
     use idem::RedisStore;
-    use std::process::{Child, Command, Stdio};
 
-    /// A `redis-server` of this test's own on a free loopback port, with an append-only file
-    /// fsynced on every write, so acknowledged records survive a crash. Killed on drop.
-    struct PrivateRedis {
-        port: u16,
-        dir: tempfile::TempDir,
-        child: Option<Child>,
-    }
-
-    impl PrivateRedis {
-        fn start() -> std::io::Result<Self> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let mut server = PrivateRedis {
-                port,
-                dir: tempfile::tempdir()?,
-                child: None,
-            };
-            server.spawn()?;
-            Ok(server)
-        }
-
-        fn spawn(&mut self) -> std::io::Result<()> {
-            let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
-                .args(["--maxmemory-policy", "noeviction"])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            self.child = Some(child);
-            Ok(())
-        }
-
-        /// SIGKILL: a crash.
-        fn crash(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-
-        /// SIGTERM: Redis shuts down cleanly (flushing its append-only file); SIGKILL after 5 s.
-        fn shut_down(&mut self) {
-            let Some(mut child) = self.child.take() else {
-                return;
-            };
-            // SAFETY: a plain kill(2) of our own child, which has not been reaped yet.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        /// A plain admin connection, once the server answers `PING` (within 5 s).
-        async fn admin(&self) -> Option<redis::aio::MultiplexedConnection> {
-            let client = redis::Client::open(self.url()).ok()?;
-            for _ in 0..100 {
-                if let Ok(Ok(mut con)) = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                {
-                    // Loading the append-only file answers `LOADING` until done.
-                    if redis::cmd("PING")
-                        .query_async::<String>(&mut con)
-                        .await
-                        .is_ok()
-                    {
-                        return Some(con);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            None
-        }
-    }
-
-    impl Drop for PrivateRedis {
-        fn drop(&mut self) {
-            self.crash();
-        }
-    }
+    use crate::conformance::private_redis::PrivateRedis;
 
     /// Kills every client connection but the admin's own: the store's.
     async fn kill_clients(server: &PrivateRedis) -> i64 {
@@ -721,7 +618,7 @@ mod redis_faults {
         // A crash: acknowledged writes are in the fsynced append-only file.
         run.fault("redis-server SIGKILL, down 500 ms, restarted".into());
         let at = Instant::now();
-        server.crash();
+        server.stop(false);
         pause(500).await;
         server.spawn().expect("restart redis-server");
         assert!(server.admin().await.is_some(), "redis-server came back");
@@ -737,7 +634,7 @@ mod redis_faults {
         // A clean shutdown and restart.
         run.fault("redis-server SIGTERM, down 300 ms, restarted".into());
         let at = Instant::now();
-        server.shut_down();
+        server.stop(true);
         pause(300).await;
         server.spawn().expect("restart redis-server");
         assert!(server.admin().await.is_some(), "redis-server came back");

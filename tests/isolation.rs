@@ -42,26 +42,8 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         #[cfg(feature = "redis")]
         if let Some(prefix) = &self.redis_prefix {
-            delete_redis_prefix(prefix);
+            conformance::delete_redis_prefix(prefix);
         }
-    }
-}
-
-/// Deletes every Redis key under `prefix` (this test's records and fences), synchronously, so it
-/// can run from `Drop`. Best effort.
-#[cfg(feature = "redis")]
-fn delete_redis_prefix(prefix: &str) {
-    use idem::store::redis::redis;
-    let url = conformance::redis_url();
-    let Ok(mut con) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
-        return;
-    };
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query(&mut con)
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut con);
     }
 }
 

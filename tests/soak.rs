@@ -212,114 +212,6 @@ async fn serve(
 
 // ---- stores that can be restarted ---------------------------------------------------------
 
-#[cfg(feature = "redis")]
-mod private_redis {
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    use idem::store::redis::redis;
-
-    /// A `redis-server` of this test's own on a free loopback port, with an append-only file
-    /// fsynced on every write. Killed on drop.
-    pub struct PrivateRedis {
-        port: u16,
-        dir: tempfile::TempDir,
-        child: Option<Child>,
-    }
-
-    impl PrivateRedis {
-        pub fn start() -> std::io::Result<Self> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let mut server = PrivateRedis {
-                port,
-                dir: tempfile::tempdir()?,
-                child: None,
-            };
-            server.spawn()?;
-            Ok(server)
-        }
-
-        pub fn spawn(&mut self) -> std::io::Result<()> {
-            let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
-                .args(["--maxmemory-policy", "noeviction"])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            self.child = Some(child);
-            Ok(())
-        }
-
-        /// SIGKILL (`graceful == false`) or SIGTERM, then waits for the process (5 s at most
-        /// for SIGTERM, then SIGKILL).
-        pub fn stop(&mut self, graceful: bool) {
-            let Some(mut child) = self.child.take() else {
-                return;
-            };
-            if graceful {
-                // SAFETY: a plain kill(2) of our own child, which has not been reaped yet.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-
-        pub fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        /// Whether the server answers `PING` within 5 s.
-        pub async fn ready(&self) -> bool {
-            let Ok(client) = redis::Client::open(self.url()) else {
-                return false;
-            };
-            for _ in 0..100 {
-                if let Ok(Ok(mut con)) = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                {
-                    if redis::cmd("PING")
-                        .query_async::<String>(&mut con)
-                        .await
-                        .is_ok()
-                    {
-                        return true;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            false
-        }
-    }
-
-    impl Drop for PrivateRedis {
-        fn drop(&mut self) {
-            self.stop(false);
-        }
-    }
-}
-
 #[cfg(feature = "sqlite")]
 mod restartable_sqlite {
     use std::path::PathBuf;
@@ -429,7 +321,7 @@ mod restartable_sqlite {
 /// The store under test and how to restart it.
 enum Backend {
     #[cfg(feature = "redis")]
-    Redis(private_redis::PrivateRedis),
+    Redis(crate::conformance::private_redis::PrivateRedis),
     #[cfg(feature = "sqlite")]
     /// The store, and the directory of its file (removed on drop).
     Sqlite(
@@ -485,9 +377,9 @@ impl Backend {
     /// A private `redis-server` and a `RedisStore` on it, or why not.
     #[cfg(feature = "redis")]
     async fn open_redis() -> Result<(Backend, Arc<dyn Store>), String> {
-        let server = private_redis::PrivateRedis::start()
+        let server = crate::conformance::private_redis::PrivateRedis::start()
             .map_err(|e| format!("cannot start redis-server: {e}"))?;
-        if !server.ready().await {
+        if server.admin().await.is_none() {
             return Err("the private redis-server did not answer within 5 s".to_owned());
         }
         let store = idem::RedisStore::connect(&server.url())
@@ -514,7 +406,7 @@ impl Backend {
                 server.stop(!crash);
                 tokio::time::sleep(down).await;
                 server.spawn().expect("restart redis-server");
-                assert!(server.ready().await, "redis-server came back");
+                assert!(server.admin().await.is_some(), "redis-server came back");
                 format!(
                     "redis-server {}, down {} ms, restarted",
                     if crash { "SIGKILL" } else { "SIGTERM" },
