@@ -57,10 +57,12 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub use idem_macros::idempotent;
+pub use idem_runtime::context::{current, token};
 pub use idem_runtime::{
-    default_store, error, exec, fingerprint, install, key, metrics, record, store, Call, Claim,
-    Error, ErrorPolicy, FencingToken, Fingerprint, IdempotentResult, IntoDuration, IntoKey,
-    MemoryStore, Metrics, OnConflict, RecordState, Result, StorageKey, Store, StoredRecord,
+    context, default_store, error, exec, fingerprint, install, key, metrics, record, store, Call,
+    CallContext, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, IdempotentResult,
+    IntoDuration, IntoKey, MemoryStore, Metrics, OnConflict, OnUnknown, RecordState, Result,
+    StorageKey, Store, StoredRecord, MIN_LEASE,
 };
 
 #[cfg(feature = "http")]
@@ -77,7 +79,8 @@ pub use idem_runtime::store::sqlite::SqliteStore;
 #[doc(hidden)]
 pub mod __private {
     pub use idem_runtime::exec::{
-        fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, DEFAULT_LEASE,
+        default_wait, fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, OnUnknown,
+        DEFAULT_LEASE,
     };
     pub use idem_runtime::{Fingerprint, StorageKey};
 }

@@ -222,6 +222,10 @@ async fn tokens_increase_across_deletes_and_stores() {
     a.release(&k, t1).await.unwrap();
     let t2 = acquire(&b, &k, 1, Duration::from_millis(100)).await;
     assert!(t2 > t1);
+    // Completed with a short ttl: a claim whose lease merely ended is not purged.
+    b.complete(&k, t2, &record(t2.0), Duration::from_millis(100))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(a.purge_expired().await.unwrap(), 1);
     let t3 = acquire(&a, &k, 1, LONG).await;
@@ -260,12 +264,61 @@ async fn expiry_is_the_servers_now_plus_the_duration() {
     assert!((7198.5..=7200.0).contains(&left), "ttl: {left}s left");
     // A lease of a millisecond is over almost at once; sub-second leases are not rounded away.
     let short = key("clock-short");
-    acquire(&store, &short, 1, Duration::from_millis(1)).await;
+    let st = acquire(&store, &short, 1, Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(store.get(&short).await.unwrap(), None);
+    // Over, but nobody took over: still in flight under its token.
+    assert_eq!(
+        store.get(&short).await.unwrap().unwrap().state,
+        RecordState::InFlight { token: st }
+    );
     assert!(matches!(
         store.claim(&short, None, LONG).await.unwrap(),
         Claim::Acquired { takeover: true, .. }
+    ));
+}
+
+/// An in-flight row whose lease ended stays its holder's for `ABANDONED_CLAIM_RETENTION`, by
+/// the server's clock; after that it is gone for everyone, and purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_are_kept_until_abandoned() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let retention = idem::store::ABANDONED_CLAIM_RETENTION.as_secs();
+    let (gone, kept) = (key("gone"), key("kept"));
+    let t_gone = acquire(&store, &gone, 1, LONG).await;
+    let t_kept = acquire(&store, &kept, 1, LONG).await;
+    let backdate = |k: &StorageKey, lease_ended_secs_ago: u64| {
+        let q = format!(
+            "UPDATE {{t}} SET expires_at = now() - interval '{lease_ended_secs_ago} seconds' WHERE key = '{}'",
+            k.as_str()
+        );
+        let store = &store;
+        async move { sql(store, &q).await }
+    };
+    backdate(&gone, retention + 1).await;
+    backdate(&kept, retention - 60).await;
+
+    assert_eq!(store.get(&gone).await.unwrap(), None);
+    for result in [
+        store.complete(&gone, t_gone, &record(t_gone.0), LONG).await,
+        store.renew(&gone, t_gone, LONG).await,
+        store.release(&gone, t_gone).await,
+    ] {
+        assert!(matches!(result, Err(Error::LeaseLost)), "{result:?}");
+    }
+    assert_eq!(
+        store.get(&kept).await.unwrap().unwrap().state,
+        RecordState::InFlight { token: t_kept }
+    );
+    assert_eq!(store.purge_expired().await.unwrap(), 1, "only `gone`");
+    store
+        .complete(&kept, t_kept, &record(t_kept.0), LONG)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&kept, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::Completed(_)
     ));
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use idem::record::{Outcome, Record};
 use idem::store::redis::redis;
+use idem::store::ABANDONED_CLAIM_RETENTION;
 use idem::{
     Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, RecordState, RedisStore,
     StorageKey, Store,
@@ -108,6 +109,7 @@ async fn layout_is_one_hash_tag_with_server_side_expiry() {
 
     let before = server_time_us(&mut con).await;
     let (token, takeover) = acquire(&store, &key, Duration::from_secs(10)).await;
+    let after = server_time_us(&mut con).await;
     assert!(!takeover);
     assert!(
         token.0 >= before,
@@ -133,10 +135,19 @@ async fn layout_is_one_hash_tag_with_server_side_expiry() {
         "the fingerprint is stored as its raw bytes"
     );
     assert_eq!(field("record"), None);
+    let lease_until: u64 = String::from_utf8(field("lease_until").expect("lease_until"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (before / 1000 + 10_000..=after / 1000 + 10_000).contains(&lease_until),
+        "lease_until = the server's TIME in ms + the lease: {lease_until}, claimed within [{before}, {after}] us"
+    );
+    let retention = ABANDONED_CLAIM_RETENTION.as_millis() as i64;
     let lease_left = pttl(&mut con, &record_key).await;
     assert!(
-        (9_000..=10_000).contains(&lease_left),
-        "in flight: PX = lease, got {lease_left}"
+        (retention + 9_000..=retention + 10_000).contains(&lease_left),
+        "in flight: PX = lease + ABANDONED_CLAIM_RETENTION, got {lease_left}"
     );
     assert!(
         pttl(&mut con, &fence_key).await > lease_left + 3_000_000,
@@ -154,6 +165,13 @@ async fn layout_is_one_hash_tag_with_server_side_expiry() {
         .await
         .unwrap();
     assert_eq!(state, "completed");
+    let has_lease_until: bool = redis::cmd("HEXISTS")
+        .arg(&record_key)
+        .arg("lease_until")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(!has_lease_until, "a completed record has no lease");
     let ttl_left = pttl(&mut con, &record_key).await;
     assert!(
         (110_000..=120_000).contains(&ttl_left),
@@ -237,6 +255,128 @@ async fn takeover_is_reported_only_when_a_lease_ran_out() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, takeover) = acquire(&store, &key, LONG).await;
     assert!(!takeover, "after the ttl ran out");
+}
+
+/// Writes an in-flight record as idem did before `lease_until` existed: no `lease_until`,
+/// `PX` = the lease, and the fence open.
+async fn write_legacy_claim(
+    con: &mut MultiplexedConnection,
+    store: &RedisStore,
+    key: &StorageKey,
+    token: u64,
+    px: u64,
+) {
+    let record_key = store.record_key(key);
+    let _: () = redis::cmd("HSET")
+        .arg(&record_key)
+        .arg("state")
+        .arg("in_flight")
+        .arg("token")
+        .arg(token)
+        .arg("fp")
+        .arg(&[1u8; 32][..])
+        .query_async(con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&record_key)
+        .arg(px)
+        .query_async(con)
+        .await
+        .unwrap();
+    let fence_key = format!("{record_key}:fence");
+    let _: () = redis::cmd("HSET")
+        .arg(&fence_key)
+        .arg("last")
+        .arg(token)
+        .arg("open")
+        .arg("1")
+        .query_async(con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&fence_key)
+        .arg(px + 3_600_000)
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
+/// In-flight records written by the previous release (no `lease_until`, `PX` = the lease) are
+/// live until Redis removes them, their holders can complete, renew and release them, and
+/// once removed the key is taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_written_without_lease_until_still_work() {
+    let (Some(store), Some(mut con)) = (redis_store().await, raw().await) else {
+        return;
+    };
+    let token = server_time_us(&mut con).await;
+    let t = FencingToken(token);
+
+    // Live by its PX: in flight, key reuse for another fingerprint; its holder completes.
+    let key = conformance::unique("legacy-complete");
+    write_legacy_claim(&mut con, &store, &key, token, 60_000).await;
+    assert_eq!(
+        store.claim(&key, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::InFlight
+    );
+    assert_eq!(
+        store.claim(&key, Some(&fp(2)), LONG).await.unwrap(),
+        Claim::KeyReuse
+    );
+    assert_eq!(
+        store.get(&key).await.unwrap().unwrap().state,
+        RecordState::InFlight { token: t }
+    );
+    store.complete(&key, t, b"legacy", LONG).await.unwrap();
+    assert_eq!(
+        store.claim(&key, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::Completed(b"legacy".to_vec().into())
+    );
+
+    // Its holder releases.
+    let key = conformance::unique("legacy-release");
+    write_legacy_claim(&mut con, &store, &key, token, 60_000).await;
+    store.release(&key, t).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), None);
+
+    // A renew gives it a lease_until and the in-flight expiry; then it expires like any claim.
+    let key = conformance::unique("legacy-renew");
+    write_legacy_claim(&mut con, &store, &key, token, 60_000).await;
+    store
+        .renew(&key, t, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let lease_until: Option<String> = redis::cmd("HGET")
+        .arg(store.record_key(&key))
+        .arg("lease_until")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(lease_until.is_some(), "renew sets lease_until");
+    assert!(
+        pttl(&mut con, &store.record_key(&key)).await
+            > ABANDONED_CLAIM_RETENTION.as_millis() as i64
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        store.get(&key).await.unwrap().unwrap().state,
+        RecordState::InFlight { token: t },
+        "lease ended, not taken over: still there"
+    );
+    let (newer, takeover) = acquire(&store, &key, LONG).await;
+    assert!(takeover && newer > t, "{newer:?} after {t:?}");
+
+    // Left alone, Redis removes it at the end of its PX, and the key is taken over.
+    let key = conformance::unique("legacy-expired");
+    write_legacy_claim(&mut con, &store, &key, token, 300).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (newer, takeover) = acquire(&store, &key, LONG).await;
+    assert!(takeover && newer > t, "{newer:?} after {t:?}");
+    assert!(matches!(
+        store.complete(&key, t, b"old", LONG).await,
+        Err(Error::LeaseLost)
+    ));
 }
 
 #[tokio::test]

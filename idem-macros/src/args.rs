@@ -9,6 +9,9 @@ use syn::{Expr, ExprLit, Ident, Lit, LitStr, Path, Token};
 
 use crate::duration::parse_millis;
 
+/// The runtime's `MIN_LEASE`, checked at compile time for literal leases.
+const MIN_LEASE_MS: u64 = 100;
+
 mod kw {
     syn::custom_keyword!(key);
     syn::custom_keyword!(ttl);
@@ -21,10 +24,13 @@ mod kw {
     syn::custom_keyword!(wait);
     syn::custom_keyword!(cache_errors);
     syn::custom_keyword!(max_record_bytes);
+    syn::custom_keyword!(on_unknown);
+    syn::custom_keyword!(recovery);
+    syn::custom_keyword!(detach);
 }
 
 const ARGUMENTS: &str =
-    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`, `max_record_bytes`";
+    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`, `max_record_bytes`, `on_unknown`, `recovery`, `detach`";
 
 /// A duration argument: a literal checked now, or an expression evaluated at run time.
 pub enum DurationArg {
@@ -47,6 +53,15 @@ pub enum FingerprintArg {
 pub enum Conflict {
     Reject,
     Wait,
+}
+
+/// `on_unknown = ...`
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// `"refuse"`: at most once (the runtime's default).
+    Refuse,
+    /// `"rerun"`: at least once.
+    Rerun,
 }
 
 /// `cache_errors = ...`
@@ -78,6 +93,10 @@ pub struct Args {
     pub cache_errors: Option<Arg<Option<CacheErrors>>>,
     /// `max_record_bytes = N` (a literal, checked) or an expression giving a `usize`.
     pub max_record_bytes: Option<Arg<Expr>>,
+    pub on_unknown: Option<Arg<Unknown>>,
+    pub recovery: Option<Arg<DurationArg>>,
+    /// `detach = true | false`, with the literal's span.
+    pub detach: Option<Arg<syn::LitBool>>,
 }
 
 impl Parse for Args {
@@ -141,6 +160,14 @@ impl Args {
             let name = input.parse::<kw::lease>()?.span;
             input.parse::<Token![=]>()?;
             let value = parse_duration(input, "lease")?;
+            if let DurationArg::Millis(ms) = value {
+                if ms < MIN_LEASE_MS {
+                    return Err(syn::Error::new(
+                        name,
+                        format!("`lease` must be at least {MIN_LEASE_MS}ms: a shorter lease expires before the claim can be renewed, and concurrent callers would all run the body"),
+                    ));
+                }
+            }
             set(&mut self.lease, name, "lease", value)
         } else if look.peek(kw::store) {
             let name = input.parse::<kw::store>()?.span;
@@ -225,6 +252,31 @@ impl Args {
                 }
             }
             set(&mut self.max_record_bytes, name, "max_record_bytes", expr)
+        } else if look.peek(kw::on_unknown) {
+            let name = input.parse::<kw::on_unknown>()?.span;
+            input.parse::<Token![=]>()?;
+            let expected = "expected `on_unknown = \"refuse\"` (at most once: a started body whose outcome is unknown is not run again for the key) or `on_unknown = \"rerun\"` (at least once: a retry runs it again)";
+            let lit: LitStr = input
+                .parse()
+                .map_err(|e| syn::Error::new(e.span(), expected))?;
+            let value = match lit.value().as_str() {
+                "refuse" => Unknown::Refuse,
+                "rerun" => Unknown::Rerun,
+                _ => return Err(syn::Error::new(lit.span(), expected)),
+            };
+            set(&mut self.on_unknown, name, "on_unknown", value)
+        } else if look.peek(kw::recovery) {
+            let name = input.parse::<kw::recovery>()?.span;
+            input.parse::<Token![=]>()?;
+            let value = parse_duration(input, "recovery")?;
+            set(&mut self.recovery, name, "recovery", value)
+        } else if look.peek(kw::detach) {
+            let name = input.parse::<kw::detach>()?.span;
+            input.parse::<Token![=]>()?;
+            let lit: syn::LitBool = input.parse().map_err(|e| {
+                syn::Error::new(e.span(), "expected `detach = true` or `detach = false`")
+            })?;
+            set(&mut self.detach, name, "detach", lit)
         } else if input.peek(Ident) {
             let ident: Ident = input.parse()?;
             Err(syn::Error::new(

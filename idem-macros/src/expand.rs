@@ -6,7 +6,7 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Expr, ItemFn, Stmt};
 
-use crate::args::{self, Args, CacheErrors, Conflict, DurationArg, FingerprintArg};
+use crate::args::{self, Args, CacheErrors, Conflict, DurationArg, FingerprintArg, Unknown};
 use crate::fallback;
 use crate::validate::{self, async_trait_block, Plan, Shape};
 
@@ -119,14 +119,26 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     }
     let wait = match (&args.wait, args.on_conflict.as_ref().map(|c| c.value)) {
         (Some(w), _) => Some(duration(&w.value)),
-        // `on_conflict = "wait"` without a limit waits as long as a lease.
+        // `on_conflict = "wait"` without a limit waits for the holder's lease and a takeover.
         (None, Some(Conflict::Wait)) => {
-            Some(lease.clone().unwrap_or_else(|| quote!(#p::DEFAULT_LEASE)))
+            let lease = lease.clone().unwrap_or_else(|| quote!(#p::DEFAULT_LEASE));
+            Some(quote!(#p::default_wait(#lease)))
         }
         _ => None,
     };
     if let Some(w) = wait {
         settings.extend(quote!(.on_conflict(#p::OnConflict::Wait(#w))));
+    }
+    if let Some(u) = &args.on_unknown {
+        let v = match u.value {
+            Unknown::Refuse => quote!(Refuse),
+            Unknown::Rerun => quote!(Rerun),
+        };
+        settings.extend(quote!(.on_unknown(#p::OnUnknown::#v)));
+    }
+    if let Some(r) = &args.recovery {
+        let d = duration(&r.value);
+        settings.extend(quote!(.recovery(#d)));
     }
     if let Some(limit) = &args.max_record_bytes {
         let e = &limit.value;
@@ -159,11 +171,21 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     let run_with = |body: TokenStream| {
         // The whole call carries the return type's span, so an unusable return type is
         // reported once, at the user's signature.
+        // A body that owns its data runs on its own task and finishes if the caller stops
+        // waiting (`async move` so that it owns the parameters).
+        let (run, capture) = if plan.detach {
+            (
+                proc_macro2::Ident::new("run_detached", ret_span),
+                quote_spanned!(ret_span=> move),
+            )
+        } else {
+            (proc_macro2::Ident::new("run", ret_span), TokenStream::new())
+        };
         let call = match &plan.ret {
             Some(ret) => {
-                quote_spanned!(ret_span=> #call #settings .run::<#ret, _>(#policy, async #body).await)
+                quote_spanned!(ret_span=> #call #settings .#run::<#ret, _>(#policy, async #capture #body).await)
             }
-            None => quote!(#call #settings .run(#policy, async #body).await),
+            None => quote!(#call #settings .#run(#policy, async #capture #body).await),
         };
         quote! {
             #bind_store

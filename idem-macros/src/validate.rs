@@ -23,6 +23,10 @@ pub struct Plan {
     /// The `Result<T, E>` the body produces (`None` when only inference can tell, under
     /// `#[async_trait]`).
     pub ret: Option<Type>,
+    /// Whether the body runs on a task of its own (`Call::run_detached`), so that it finishes
+    /// when the caller stops waiting: the default when the function owns all its data (no
+    /// reference receiver, no borrowed parameters, no generics), `detach = false` turns it off.
+    pub detach: bool,
 }
 
 pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
@@ -142,14 +146,63 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
         }
     }
 
+    let owned = borrowed_data(func, &shape);
+    let detach = match (&args.detach, &owned) {
+        (Some(d), Err(why)) if d.value.value => {
+            push(&mut errors, syn::Error::new(d.value.span, format!("`detach = true` needs a body that owns its data, so it can run on after the caller stops waiting, but {why}: take owned values (`String`, `Arc<T>`, ...) or remove `detach`")));
+            false
+        }
+        (Some(d), _) => d.value.value,
+        (None, owned) => owned.is_ok(),
+    };
+
     match errors {
         Some(e) => Err(e),
         None => Ok(Plan {
             shape,
             fingerprinted,
             ret,
+            detach,
         }),
     }
+}
+
+/// `Ok` if the function's body can own all it uses (so it can run on its own task), else why
+/// not.
+fn borrowed_data(func: &ItemFn, shape: &Shape) -> Result<(), &'static str> {
+    use syn::visit::Visit;
+    struct Borrows(bool);
+    impl<'a> Visit<'a> for Borrows {
+        fn visit_type_reference(&mut self, _: &'a syn::TypeReference) {
+            self.0 = true;
+        }
+        fn visit_lifetime(&mut self, _: &'a syn::Lifetime) {
+            self.0 = true;
+        }
+        fn visit_type_impl_trait(&mut self, _: &'a syn::TypeImplTrait) {
+            self.0 = true;
+        }
+    }
+    let sig = &func.sig;
+    if matches!(shape, Shape::AsyncTrait) {
+        return Err("`#[async_trait]` already boxed its future");
+    }
+    if sig.receiver().is_some() {
+        return Err("the method borrows `self`");
+    }
+    if !sig.generics.params.is_empty() {
+        return Err("the function is generic");
+    }
+    let mut borrows = Borrows(false);
+    for arg in &sig.inputs {
+        if let FnArg::Typed(t) = arg {
+            borrows.visit_type(&t.ty);
+        }
+    }
+    if borrows.0 {
+        return Err("a parameter borrows (`&`, a lifetime, or `impl Trait`)");
+    }
+    Ok(())
 }
 
 /// The `async move { ... }` block of a body rewritten by `#[async_trait]`:

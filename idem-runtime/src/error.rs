@@ -73,6 +73,28 @@ pub enum Error {
     #[error("could not encode value as JSON: {0}")]
     Encode(#[source] serde_json::Error),
 
+    /// A call with this key started its body earlier, and that body's outcome is unknown: it
+    /// panicked, was abandoned, or its result could not be kept. Its side effect may have
+    /// happened, so under the at-most-once policy (the default, see
+    /// [`OnUnknown`](crate::exec::OnUnknown)) the body is not run again for this key until the
+    /// record is resolved: check the downstream system for the effect, then remove the record,
+    /// or wait until the recovery window (by default the ttl) passes. Retrying at once does not
+    /// help.
+    #[error("a call with this idempotency key started earlier and its outcome is unknown ({reason}); the body is not run again until the record is resolved")]
+    OutcomeUnknown {
+        /// What happened to the earlier call: `"the body panicked"`, `"the call was abandoned"`, ...
+        reason: String,
+    },
+
+    /// A configuration mistake (a lease below [`MIN_LEASE`](crate::exec::MIN_LEASE), an
+    /// unknown store URL, a feature this build lacks). Nothing ran; retrying does not help: fix
+    /// the configuration.
+    #[error("idempotency configuration error: {reason}")]
+    Config {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+
     /// The encoded result is larger than the configured limit, so it was not stored.
     #[error("result of {size} bytes exceeds the record size limit of {limit} bytes")]
     TooLarge {
@@ -95,6 +117,13 @@ impl Error {
     /// Builds an [`Error::Corrupt`] with a reason.
     pub fn corrupt(reason: impl Into<String>) -> Self {
         Error::Corrupt {
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds an [`Error::Config`] with a reason.
+    pub fn config(reason: impl Into<String>) -> Self {
+        Error::Config {
             reason: reason.into(),
         }
     }

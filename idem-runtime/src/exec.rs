@@ -18,13 +18,16 @@
 use std::any::type_name;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::runtime::Handle;
 use tokio::time::Instant;
 
+use crate::context::CallContext;
 use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::key::{IntoKey, StorageKey};
@@ -100,6 +103,7 @@ type Decode<E> = fn(&[u8]) -> serde_json::Result<E>;
 pub struct ErrorPolicy<E> {
     keep: Option<fn(&E) -> bool>,
     codec: Option<(Encode<E>, Decode<E>)>,
+    unknown: Option<fn(&E) -> bool>,
 }
 
 impl<E> ErrorPolicy<E> {
@@ -108,7 +112,16 @@ impl<E> ErrorPolicy<E> {
         ErrorPolicy {
             keep: None,
             codec: None,
+            unknown: None,
         }
+    }
+
+    /// Errors (not kept) that `unknown` accepts mean the body's outcome is unknown rather than
+    /// "nothing happened": they are handled per [`OnUnknown`] instead of releasing the claim.
+    /// The HTTP layer uses it for responses it cannot keep.
+    pub fn unknown_when(mut self, unknown: fn(&E) -> bool) -> Self {
+        self.unknown = Some(unknown);
+        self
     }
 }
 
@@ -126,6 +139,7 @@ impl<E: Storable> ErrorPolicy<E> {
         ErrorPolicy {
             keep: Some(keep),
             codec: Some((|e| serde_json::to_vec(e), |b| serde_json::from_slice(b))),
+            unknown: None,
         }
     }
 }
@@ -139,31 +153,77 @@ pub fn fingerprint_with(
     Ok(b.finish())
 }
 
+/// The shortest lease accepted: 100 ms. A shorter lease expires before a store round trip and
+/// a renewal can land, so every concurrent caller would take the key over and run the body.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
+/// The default limit of `on_conflict = "wait"` for a given lease: long enough for the holder's
+/// lease to run out and for a caller that takes the key over to run the body within a lease of
+/// its own (`2 × lease + 1 s`), so the waiters of a crashed holder get the taker's result.
+pub fn default_wait(lease: Duration) -> Duration {
+    lease
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1))
+}
+
+/// What becomes of a key whose body started but whose outcome is unknown: the body panicked,
+/// the call was abandoned while its body ran (and the body could not go on by itself), or its
+/// result could not be kept (too large, not encodable; for HTTP a 5xx, a streamed or failed
+/// response). Its side effect may or may not have happened.
+///
+/// An `Err` the body returns is not unknown (the body said what happened): it releases the
+/// claim at once unless it is kept (`cache_errors`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnUnknown {
+    /// At most once (the default): the key keeps a record of the unknown outcome, and every
+    /// call with it fails with [`Error::OutcomeUnknown`] until the record is removed or the
+    /// recovery window (by default the ttl) passes. What a payments team expects: a charge
+    /// that may have gone through is never sent again by accident. Stripe keeps 500s the same
+    /// way.
+    #[default]
+    Refuse,
+    /// At least once: the claim is released, so the next call runs the body again. For bodies
+    /// whose side effects are themselves idempotent or harmless to repeat.
+    Rerun,
+}
+
+/// Where a call finds its store.
+enum StoreRef<'s> {
+    /// The process-wide store.
+    Default,
+    Borrowed(&'s dyn Store),
+    Shared(Arc<dyn Store>),
+}
+
 /// One idempotent call: where to look (store, key), what must match (fingerprint), and for how
 /// long (ttl, lease). Build it, then [`run`](Call::run) the body.
 pub struct Call<'s> {
-    store: Option<&'s dyn Store>,
+    store: StoreRef<'s>,
     key: Result<StorageKey>,
     fingerprint: Result<Option<Fingerprint>>,
     ttl: Duration,
     lease: Duration,
     on_conflict: OnConflict,
     max_record_bytes: usize,
+    on_unknown: OnUnknown,
+    recovery: Option<Duration>,
 }
 
 impl<'s> Call<'s> {
     /// A call under `key` (usually from [`StorageKey::derive`]; an error there is returned by
     /// [`run`](Call::run) without running anything). Defaults: no fingerprint, 24h ttl, 30s
-    /// lease, reject conflicts, the process-wide store.
+    /// lease, reject conflicts, at-most-once for unknown outcomes, the process-wide store.
     pub fn new(key: Result<StorageKey>) -> Self {
         Call {
-            store: None,
+            store: StoreRef::Default,
             key,
             fingerprint: Ok(None),
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,
             on_conflict: OnConflict::Reject,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            on_unknown: OnUnknown::Refuse,
+            recovery: None,
         }
     }
 
@@ -178,7 +238,14 @@ impl<'s> Call<'s> {
 
     /// Uses `store` instead of the process-wide one.
     pub fn store(mut self, store: &'s dyn Store) -> Self {
-        self.store = Some(store);
+        self.store = StoreRef::Borrowed(store);
+        self
+    }
+
+    /// Uses a shared `store` instead of the process-wide one; the call then owns everything it
+    /// needs and can run on its own task ([`run_detached`](Call::run_detached)).
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = StoreRef::Shared(store);
         self
     }
 
@@ -194,8 +261,9 @@ impl<'s> Call<'s> {
         self
     }
 
-    /// How long a claim is held before another caller may take it over; renewed every third of
-    /// it while the body runs.
+    /// How long a claim is held before another caller may take it over; renewed every quarter
+    /// of it, on a task of its own, while the body runs. At least [`MIN_LEASE`]; a shorter one
+    /// is [`Error::Config`] and nothing runs.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
@@ -207,20 +275,97 @@ impl<'s> Call<'s> {
         self
     }
 
-    /// The largest encoded result that is stored; larger ones fail with [`Error::TooLarge`].
+    /// The largest encoded result that is stored; larger ones fail with [`Error::TooLarge`]
+    /// (and, the body having run, count as an unknown outcome: see [`OnUnknown`]).
     pub fn max_record_bytes(mut self, limit: usize) -> Self {
         self.max_record_bytes = limit;
         self
     }
 
+    /// What becomes of the key when the body's outcome is unknown. Default
+    /// [`OnUnknown::Refuse`] (at most once).
+    pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
+        self.on_unknown = on_unknown;
+        self
+    }
+
+    /// How long a record of an unknown outcome refuses calls ([`OnUnknown::Refuse`]) before
+    /// the key may run again. Default: the ttl.
+    pub fn recovery(mut self, window: Duration) -> Self {
+        self.recovery = Some(window);
+        self
+    }
+
     /// Runs `body` at most once per key: replays a stored result, or claims the key, runs the
     /// body, and stores its result (and `Err`s the `errors` policy keeps).
+    ///
+    /// The body runs inside this future: if the caller drops it (a timeout, a client that went
+    /// away), the body stops at its next `.await`, and its outcome is unknown (see
+    /// [`OnUnknown`]). Bodies that own their data can use [`run_detached`](Call::run_detached)
+    /// instead, which finishes them.
     pub async fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
         R::from_result(self.run_inner(errors, body).await)
+    }
+
+    /// Like [`run`](Call::run), but the claim, the body and the storing of its result run on a
+    /// task of their own: if the caller stops waiting, the body still runs to its end and its
+    /// result is stored, so a retry gets it replayed (or [`Error::InFlight`] / waits while it
+    /// runs) instead of an unknown outcome. A panic in the body is re-raised in the caller.
+    ///
+    /// Needs a store that can be shared ([`shared_store`](Call::shared_store), the process-wide
+    /// one, or a store whose [`Store::detached`] gives a handle, as every built-in store's
+    /// does); otherwise it runs like [`run`](Call::run).
+    pub async fn run_detached<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    where
+        R: IdempotentResult + Send + 'static,
+        R::Ok: Send + 'static,
+        R::Err: Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+    {
+        let Some(store) = self.shareable_store() else {
+            return self.run(errors, body).await;
+        };
+        let call = self.with_shared_store(store);
+        let task = tokio::spawn(call.run_inner(errors, body));
+        let mut abandoned = Abandoned { armed: true };
+        let joined = task.await;
+        abandoned.armed = false;
+        match joined {
+            Ok(result) => R::from_result(result),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => R::from_result(Err(Error::OutcomeUnknown {
+                reason: "the runtime shut down while the body ran".into(),
+            }
+            .into())),
+        }
+    }
+
+    /// The call's store as a handle that may outlive the call, if it can be had.
+    fn shareable_store(&self) -> Option<Arc<dyn Store>> {
+        match &self.store {
+            StoreRef::Default => Some(default_store()),
+            StoreRef::Shared(s) => Some(s.clone()),
+            StoreRef::Borrowed(s) => s.detached(),
+        }
+    }
+
+    /// This call, owning `store`.
+    fn with_shared_store(self, store: Arc<dyn Store>) -> Call<'static> {
+        Call {
+            store: StoreRef::Shared(store),
+            key: self.key,
+            fingerprint: self.fingerprint,
+            ttl: self.ttl,
+            lease: self.lease,
+            on_conflict: self.on_conflict,
+            max_record_bytes: self.max_record_bytes,
+            on_unknown: self.on_unknown,
+            recovery: self.recovery,
+        }
     }
 
     async fn run_inner<R, Fut>(
@@ -234,15 +379,23 @@ impl<'s> Call<'s> {
     {
         let key = self.key?;
         let fingerprint = self.fingerprint?;
+        if self.lease < MIN_LEASE {
+            return Err(Error::config(format!(
+                "a lease of {:?} is shorter than the minimum of {MIN_LEASE:?}: it would expire before the claim could be renewed, and concurrent callers would all run the body",
+                self.lease
+            ))
+            .into());
+        }
         let default;
-        let store: &dyn Store = match self.store {
-            Some(s) => s,
-            None => {
+        let store: &dyn Store = match &self.store {
+            StoreRef::Borrowed(s) => *s,
+            StoreRef::Shared(s) => &**s,
+            StoreRef::Default => {
                 default = default_store();
                 &*default
             }
         };
-        let (token, mut lease_from) = match claim(
+        let (token, takeover) = match claim(
             store,
             &key,
             fingerprint.as_ref(),
@@ -251,8 +404,7 @@ impl<'s> Call<'s> {
         )
         .await?
         {
-            // `lease_from`: when the lease began, at the latest; moved on by each renewal.
-            Claimed::Token(token, sent) => (token, sent),
+            Claimed::Token(token, takeover) => (token, takeover),
             Claimed::Replay(bytes) => {
                 bump(&COUNTERS.hits);
                 tracing::debug!(target: "idem", key = %key, "replay");
@@ -261,15 +413,35 @@ impl<'s> Call<'s> {
         };
         bump(&COUNTERS.misses);
         tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
-        let mut guard = ReleaseGuard {
+        let recovery = self.recovery.unwrap_or(self.ttl);
+        let started = Started {
             store,
             key: &key,
             token,
+            on_unknown: self.on_unknown,
+            recovery,
+            lease: self.lease,
+        };
+        let mut guard = StartedGuard {
+            started: &started,
             armed: true,
         };
-        let output = drive_renewing(store, &key, token, self.lease, &mut lease_from, body)
-            .await
-            .into_result();
+        let context = CallContext::new(key.clone(), token, takeover);
+        let output = match Renewal::start(store, &key, token, self.lease, context.clone()) {
+            Some(renewal) => {
+                // Let the renewal task run once (and arm its timer) before the body, which
+                // may block this thread.
+                tokio::task::yield_now().await;
+                let output = context.scope(body).await;
+                drop(renewal);
+                output
+            }
+            None => {
+                let lost = context.clone();
+                drive_renewing(store, &key, token, self.lease, &lost, context.scope(body)).await
+            }
+        }
+        .into_result();
 
         let (outcome, payload, type_name) = match &output {
             Ok(v) => (Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>()),
@@ -278,7 +450,13 @@ impl<'s> Call<'s> {
                     (Outcome::Err, encode(e), type_name::<R::Err>())
                 }
                 _ => {
-                    guard.release().await;
+                    guard.armed = false;
+                    match errors.unknown {
+                        Some(unknown) if unknown(e) => {
+                            started.unknown("the response could not be kept").await
+                        }
+                        _ => started.release().await,
+                    }
                     return output;
                 }
             },
@@ -286,83 +464,259 @@ impl<'s> Call<'s> {
         let payload = match payload {
             Ok(p) => p,
             Err(e) => {
-                guard.release().await;
+                guard.armed = false;
+                started
+                    .unknown(&format!("the result could not be encoded as JSON: {e}"))
+                    .await;
                 return Err(Error::Encode(e).into());
             }
         };
-        // The envelope stores the payload length in 32 bits: larger payloads are refused
-        // whatever the configured limit.
-        if payload.len() > u32::MAX as usize {
-            guard.release().await;
-            let limit = u32::MAX as usize;
-            return Err(Error::TooLarge {
-                size: payload.len(),
-                limit,
+        let record = Record::encode_checked(
+            &Record {
+                outcome,
+                fingerprint,
+                token: token.0,
+                completed_at_ms: unix_ms(),
+                ttl_ms: self.ttl.as_millis() as u64,
+                type_name,
+                payload: &payload,
+            },
+            self.max_record_bytes,
+        );
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                guard.armed = false;
+                started
+                    .unknown(&format!("the result was not stored: {e}"))
+                    .await;
+                return Err(e.into());
             }
-            .into());
-        }
-        let record = Record {
-            outcome,
-            fingerprint,
-            token: token.0,
-            completed_at_ms: unix_ms(),
-            ttl_ms: self.ttl.as_millis() as u64,
-            type_name,
-            payload: &payload,
-        }
-        .encode();
-        if record.len() > self.max_record_bytes {
-            guard.release().await;
-            return Err(Error::TooLarge {
-                size: record.len(),
-                limit: self.max_record_bytes,
-            }
-            .into());
-        }
-        guard.armed = false;
-        let retry_until = lease_from + self.lease.mul_f64(0.9);
-        // If this call is dropped while storing (a client went away), the store finishes in the
-        // background: the body ran, and its result must not be lost.
-        let mut finish = FinishGuard {
-            store,
-            key: &key,
-            token,
-            record: &record,
-            ttl: self.ttl,
-            until: retry_until,
-            armed: true,
         };
-        let stored = complete(store, &key, token, &record, self.ttl, retry_until, false).await;
-        finish.armed = false;
-        match stored {
-            Ok(()) => {
+        guard.armed = false;
+        match started.store(record, self.ttl).await {
+            Stored::Landed => {
                 tracing::debug!(target: "idem", key = %key, token = token.0, ?outcome, "completed");
                 output
             }
-            Err(Error::LeaseLost) => {
+            Stored::Lost => {
                 bump(&COUNTERS.leases_lost);
                 tracing::warn!(target: "idem", key = %key, token = token.0,
                     "lease lost before completion: the newer holder's result stands");
                 Err(Error::LeaseLost.into())
             }
-            Err(e) => {
-                // The store stayed unreachable for (nearly) the whole lease. The body ran: its
-                // effect is real, so the caller gets its result. The claim stays in flight until
-                // its lease runs out (releasing it would invite a re-run at once).
-                bump(&COUNTERS.store_errors);
+            Stored::Pending(e) => {
+                // The store stayed unreachable for a whole lease after the body ran. The body's
+                // effect is real, so the caller gets its result; storing goes on in the
+                // background and lands as long as nobody took the key over.
+                bump(&COUNTERS.results_unstored);
                 tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
-                    "could not store the result; returning it unstored");
+                    "could not store the result yet; returning it, and storing it in the background");
                 output
             }
         }
     }
 }
 
+/// Counts a detached call whose caller stopped waiting: its body goes on by itself.
+struct Abandoned {
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.armed {
+            bump(&COUNTERS.finished_detached);
+            tracing::debug!(target: "idem",
+                "caller stopped waiting; the body runs on and its result will be stored");
+        }
+    }
+}
+
+/// What the call knows once its claim is acquired: enough to finish, release, or record an
+/// unknown outcome.
+struct Started<'a> {
+    store: &'a dyn Store,
+    key: &'a StorageKey,
+    token: FencingToken,
+    on_unknown: OnUnknown,
+    recovery: Duration,
+    lease: Duration,
+}
+
+enum Stored {
+    Landed,
+    Lost,
+    /// Not stored yet (the store kept failing); a background task goes on trying.
+    Pending(Error),
+}
+
+impl Started<'_> {
+    /// Stores `record`, retrying store errors for up to a lease while the caller waits, then in
+    /// the background (see [`complete`]).
+    async fn store(&self, record: Vec<u8>, ttl: Duration) -> Stored {
+        let until = Instant::now() + self.lease;
+        // If this call is dropped while storing (a client went away), storing finishes in the
+        // background: the body ran, and its result must not be lost.
+        let mut finish = FinishGuard {
+            started: self,
+            record: &record,
+            ttl,
+            armed: true,
+        };
+        let stored = complete(self.store, self.key, self.token, &record, ttl, until, false).await;
+        finish.armed = false;
+        drop(finish);
+        match stored {
+            Ok(()) => Stored::Landed,
+            Err(Error::LeaseLost) => Stored::Lost,
+            Err(e) => {
+                self.finish_in_background(record, ttl);
+                Stored::Pending(e)
+            }
+        }
+    }
+
+    /// Goes on storing `record` on a task of its own until it lands, the key is taken over, or
+    /// the ttl passes.
+    fn finish_in_background(&self, record: Vec<u8>, ttl: Duration) {
+        let (Some(store), Ok(runtime)) = (self.store.detached(), Handle::try_current()) else {
+            tracing::warn!(target: "idem", key = %self.key, token = self.token.0,
+                "no handle or runtime to finish storing on; the claim stays in flight");
+            return;
+        };
+        let (key, token) = (self.key.clone(), self.token);
+        runtime.spawn(async move {
+            let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
+            match complete(&*store, &key, token, &record, ttl, until, true).await {
+                Ok(()) => tracing::info!(target: "idem", key = %key, token = token.0,
+                    "stored a result in the background"),
+                Err(e) => tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
+                    "gave up storing a result in the background"),
+            }
+        });
+    }
+
+    /// Releases the claim: nothing happened that a retry must not repeat.
+    async fn release(&self) {
+        bump(&COUNTERS.releases);
+        match self.store.release(self.key, self.token).await {
+            Ok(()) => {
+                tracing::debug!(target: "idem", key = %self.key, token = self.token.0, "released")
+            }
+            Err(e) => {
+                if !matches!(e, Error::LeaseLost) {
+                    bump(&COUNTERS.store_errors);
+                }
+                tracing::warn!(target: "idem", key = %self.key, error = %e, "release failed; the lease will expire");
+            }
+        }
+    }
+
+    /// The body started and its outcome is unknown: record it ([`OnUnknown::Refuse`]) or
+    /// release the claim ([`OnUnknown::Rerun`]).
+    async fn unknown(&self, reason: &str) {
+        bump(&COUNTERS.unknown_outcomes);
+        match self.on_unknown {
+            OnUnknown::Rerun => {
+                tracing::warn!(target: "idem", key = %self.key, token = self.token.0, reason,
+                    "outcome unknown; released (at least once)");
+                self.release().await
+            }
+            OnUnknown::Refuse => {
+                tracing::warn!(target: "idem", key = %self.key, token = self.token.0, reason,
+                    "outcome unknown; recorded, calls with this key are refused (at most once)");
+                let record = unknown_record(self.token, reason, self.recovery);
+                if let Stored::Pending(e) = self.store(record, self.recovery).await {
+                    tracing::error!(target: "idem", key = %self.key, token = self.token.0, error = %e,
+                        "could not record the unknown outcome yet; still trying in the background");
+                }
+            }
+        }
+    }
+
+    /// [`unknown`](Self::unknown) from a destructor: on a task of its own.
+    fn unknown_in_background(&self, reason: &'static str) {
+        bump(&COUNTERS.unknown_outcomes);
+        let (key, token) = (self.key.clone(), self.token);
+        let (Some(store), Ok(runtime)) = (self.store.detached(), Handle::try_current()) else {
+            tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                "outcome unknown, and no handle or runtime to record it on; the claim stays in flight until its lease expires");
+            return;
+        };
+        match self.on_unknown {
+            OnUnknown::Rerun => {
+                bump(&COUNTERS.releases);
+                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                    "outcome unknown; releasing (at least once)");
+                runtime.spawn(async move {
+                    if let Err(e) = store.release(&key, token).await {
+                        tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
+                            "background release failed; the lease will expire");
+                    }
+                });
+            }
+            OnUnknown::Refuse => {
+                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                    "outcome unknown; recording it (at most once)");
+                let record = unknown_record(token, reason, self.recovery);
+                let (ttl, until) = (
+                    self.recovery,
+                    Instant::now() + self.recovery.min(MAX_BACKGROUND_STORING),
+                );
+                runtime.spawn(async move {
+                    if let Err(e) = complete(&*store, &key, token, &record, ttl, until, false).await
+                    {
+                        tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
+                            "could not record the unknown outcome");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The longest a background task goes on trying to store a result.
+const MAX_BACKGROUND_STORING: Duration = Duration::from_secs(24 * 3600);
+
+fn unknown_record(token: FencingToken, reason: &str, recovery: Duration) -> Vec<u8> {
+    Record {
+        outcome: Outcome::Unknown,
+        fingerprint: None,
+        token: token.0,
+        completed_at_ms: unix_ms(),
+        ttl_ms: recovery.as_millis() as u64,
+        type_name: "",
+        payload: reason.as_bytes(),
+    }
+    .encode()
+}
+
+/// Records an unknown outcome (or releases, per [`OnUnknown`]) when the body panics or the
+/// call's future is dropped while the body runs.
+struct StartedGuard<'a> {
+    started: &'a Started<'a>,
+    armed: bool,
+}
+
+impl Drop for StartedGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let reason = if std::thread::panicking() {
+                "the body panicked"
+            } else {
+                "the call was abandoned while its body ran"
+            };
+            self.started.unknown_in_background(reason);
+        }
+    }
+}
+
 /// Stores a result. The body has run, so a result left unstored would let a later call run it
 /// again once the lease runs out: a store error (a dropped connection, a restarting server) is
-/// retried with backoff while the lease lasts (`until`). Retrying is safe: a stale token changes
-/// nothing (fencing), and a retry that finds the key already completed under this call's own
-/// token means an earlier attempt was stored but its reply was lost.
+/// retried with backoff until `until`. Retrying is safe: a stale token changes nothing
+/// (fencing), and a retry that finds the key already completed under this call's own token
+/// means an earlier attempt was stored but its reply was lost.
 async fn complete(
     store: &dyn Store,
     key: &StorageKey,
@@ -393,20 +747,17 @@ async fn complete(
         }
         bump(&COUNTERS.store_errors);
         tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
-            "could not store the result; retrying while the lease lasts");
+            "could not store the result; retrying");
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(500));
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
 /// Finishes storing a result in the background when the call is dropped while storing it.
 struct FinishGuard<'a> {
-    store: &'a dyn Store,
-    key: &'a StorageKey,
-    token: FencingToken,
+    started: &'a Started<'a>,
     record: &'a [u8],
     ttl: Duration,
-    until: Instant,
     armed: bool,
 }
 
@@ -415,20 +766,14 @@ impl Drop for FinishGuard<'_> {
         if !self.armed {
             return;
         }
-        let (Some(store), Ok(runtime)) =
-            (self.store.detached(), tokio::runtime::Handle::try_current())
-        else {
-            tracing::warn!(target: "idem", key = %self.key, token = self.token.0,
+        let s = self.started;
+        let (Some(store), Ok(runtime)) = (s.store.detached(), Handle::try_current()) else {
+            tracing::warn!(target: "idem", key = %s.key, token = s.token.0,
                 "call dropped while storing its result; the claim stays in flight until its lease expires");
             return;
         };
-        let (key, token, record, ttl, until) = (
-            self.key.clone(),
-            self.token,
-            self.record.to_vec(),
-            self.ttl,
-            self.until,
-        );
+        let (key, token, record, ttl) = (s.key.clone(), s.token, self.record.to_vec(), self.ttl);
+        let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
         tracing::debug!(target: "idem", key = %key, token = token.0, "call dropped while storing its result; finishing in the background");
         runtime.spawn(async move {
             // The dropped attempt may have been applied: `attempted = true`.
@@ -441,8 +786,8 @@ impl Drop for FinishGuard<'_> {
 }
 
 enum Claimed {
-    /// The token, and when the claim that got it was sent.
-    Token(FencingToken, Instant),
+    /// The token, and whether the claim took over an expired lease.
+    Token(FencingToken, bool),
     Replay(bytes::Bytes),
 }
 
@@ -460,7 +805,6 @@ async fn claim(
     let mut pause = Duration::from_millis(2);
     let mut counted_conflict = false;
     loop {
-        let sent = Instant::now();
         match store.claim(key, fingerprint, lease).await {
             Err(e) => {
                 bump(&COUNTERS.store_errors);
@@ -472,7 +816,7 @@ async fn claim(
                     bump(&COUNTERS.takeovers);
                     tracing::info!(target: "idem", key = %key, token = token.0, "took over an expired lease");
                 }
-                return Ok(Claimed::Token(token, sent));
+                return Ok(Claimed::Token(token, takeover));
             }
             Ok(Claim::Completed(bytes)) => return Ok(Claimed::Replay(bytes)),
             Ok(Claim::KeyReuse) => {
@@ -546,24 +890,93 @@ fn replay<T: DeserializeOwned, E: From<Error>>(
                 .into()),
             }
         }
+        Outcome::Unknown => Err(Error::OutcomeUnknown {
+            reason: String::from_utf8_lossy(record.payload).into_owned(),
+        }
+        .into()),
     }
 }
 
-/// Polls `body` to completion while renewing the lease every third of it. The body is polled
-/// once before any timer exists, so bodies that finish at once pay nothing for renewal.
+/// Renews a claim's lease on a task of its own while the body runs, so that a body that is
+/// busy or blocks its thread cannot starve the renewal; stops when dropped. Renewals are sent
+/// every quarter of the lease without waiting for the previous one to answer (at most three
+/// at once), so a slow store delays them without spacing them out. A renewal refused with
+/// [`Error::LeaseLost`] marks the call's context lost, which the body can see.
+struct Renewal {
+    stop: tokio::task::AbortHandle,
+}
+
+impl Renewal {
+    /// Starts renewing, or `None` if the store cannot be shared with a task (no
+    /// [`Store::detached`] handle) or there is no runtime.
+    fn start(
+        store: &dyn Store,
+        key: &StorageKey,
+        token: FencingToken,
+        lease: Duration,
+        context: CallContext,
+    ) -> Option<Renewal> {
+        let store = store.detached()?;
+        let runtime = Handle::try_current().ok()?;
+        let key = key.clone();
+        let task = runtime.spawn(async move {
+            let period = lease / 4;
+            let mut renewals = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick(), if renewals.len() < 3 => {
+                        let (store, key) = (store.clone(), key.clone());
+                        renewals.spawn(async move { store.renew(&key, token, lease).await });
+                    }
+                    Some(done) = renewals.join_next() => match done {
+                        Ok(Ok(())) => {
+                            tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed")
+                        }
+                        Ok(Err(Error::LeaseLost)) => {
+                            tracing::warn!(target: "idem", key = %key, token = token.0,
+                                "lease lost while the body runs: another caller took the key over");
+                            context.mark_lost();
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            bump(&COUNTERS.store_errors);
+                            tracing::warn!(target: "idem", key = %key, error = %e, "lease renewal failed; will retry");
+                        }
+                        Err(_) => {}
+                    },
+                }
+            }
+        });
+        Some(Renewal {
+            stop: task.abort_handle(),
+        })
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.stop.abort();
+    }
+}
+
+/// Polls `body` to completion while renewing the lease every quarter of it, in the body's own
+/// task: the fallback for stores without a [`Store::detached`] handle. The body is polled once
+/// before any timer exists, so bodies that finish at once pay nothing for renewal.
 async fn drive_renewing<F: Future>(
     store: &dyn Store,
     key: &StorageKey,
     token: FencingToken,
     lease: Duration,
-    lease_from: &mut Instant,
+    context: &CallContext,
     body: F,
 ) -> F::Output {
     let mut body = pin!(body);
     if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll(cx))).await {
         return out;
     }
-    let period = (lease / 3).max(Duration::from_millis(10));
+    let period = lease / 4;
     let mut tick = pin!(tokio::time::sleep(period));
     let mut lost = false;
     loop {
@@ -572,7 +985,6 @@ async fn drive_renewing<F: Future>(
             out = body.as_mut() => return out,
             _ = tick.as_mut(), if !lost => {
                 // Renew while still polling the body: a slow store must not stall it.
-                let sent = Instant::now();
                 let mut renew = store.renew(key, token, lease);
                 let result = tokio::select! {
                     biased;
@@ -580,12 +992,10 @@ async fn drive_renewing<F: Future>(
                     r = renew.as_mut() => r,
                 };
                 match result {
-                    Ok(()) => {
-                        *lease_from = sent;
-                        tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed")
-                    }
+                    Ok(()) => tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed"),
                     Err(Error::LeaseLost) => {
                         lost = true;
+                        context.mark_lost();
                         tracing::warn!(target: "idem", key = %key, token = token.0, "lease lost while the body runs");
                     }
                     Err(e) => {
@@ -595,45 +1005,6 @@ async fn drive_renewing<F: Future>(
                 }
                 tick.as_mut().reset(Instant::now() + period);
             }
-        }
-    }
-}
-
-/// Releases the claim if the call ends without completing: on `Err`, and (in the background)
-/// when the body panics or the call's future is dropped.
-struct ReleaseGuard<'a> {
-    store: &'a dyn Store,
-    key: &'a StorageKey,
-    token: FencingToken,
-    armed: bool,
-}
-
-impl ReleaseGuard<'_> {
-    async fn release(&mut self) {
-        self.armed = false;
-        bump(&COUNTERS.releases);
-        match self.store.release(self.key, self.token).await {
-            Ok(()) => {
-                tracing::debug!(target: "idem", key = %self.key, token = self.token.0, "released")
-            }
-            Err(e) => {
-                if !matches!(e, Error::LeaseLost) {
-                    bump(&COUNTERS.store_errors);
-                }
-                tracing::warn!(target: "idem", key = %self.key, error = %e, "release failed; the lease will expire");
-            }
-        }
-    }
-}
-
-impl Drop for ReleaseGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            bump(&COUNTERS.releases);
-            tracing::debug!(target: "idem", key = %self.key, token = self.token.0,
-                panicking = std::thread::panicking(), "body did not finish; releasing");
-            self.store
-                .release_in_background(self.key.clone(), self.token);
         }
     }
 }

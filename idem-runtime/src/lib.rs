@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 mod canonical;
+pub mod context;
 pub mod error;
 pub mod exec;
 pub mod fingerprint;
@@ -19,8 +20,11 @@ pub mod metrics;
 pub mod record;
 pub mod store;
 
+pub use context::CallContext;
 pub use error::{Error, Result};
-pub use exec::{Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, Storable};
+pub use exec::{
+    Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable, MIN_LEASE,
+};
 pub use fingerprint::Fingerprint;
 pub use key::{IntoKey, StorageKey};
 pub use metrics::{metrics, Metrics};

@@ -21,6 +21,14 @@ pub struct Metrics {
     pub leases_lost: u64,
     /// Store operations that failed.
     pub store_errors: u64,
+    /// Started bodies whose outcome is unknown (panic, abandoned, a result that could not be
+    /// kept), recorded under the at-most-once policy or released under at-least-once.
+    pub unknown_outcomes: u64,
+    /// Results that could not be stored while the caller waited (the store was unreachable);
+    /// storing goes on in the background.
+    pub results_unstored: u64,
+    /// Abandoned calls whose body went on running on its own task and stored its result.
+    pub finished_detached: u64,
 }
 
 #[derive(Default)]
@@ -33,6 +41,9 @@ pub(crate) struct Counters {
     pub releases: AtomicU64,
     pub leases_lost: AtomicU64,
     pub store_errors: AtomicU64,
+    pub unknown_outcomes: AtomicU64,
+    pub results_unstored: AtomicU64,
+    pub finished_detached: AtomicU64,
 }
 
 pub(crate) static COUNTERS: Counters = Counters {
@@ -44,6 +55,9 @@ pub(crate) static COUNTERS: Counters = Counters {
     releases: AtomicU64::new(0),
     leases_lost: AtomicU64::new(0),
     store_errors: AtomicU64::new(0),
+    unknown_outcomes: AtomicU64::new(0),
+    results_unstored: AtomicU64::new(0),
+    finished_detached: AtomicU64::new(0),
 };
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -62,5 +76,8 @@ pub fn metrics() -> Metrics {
         releases: c.releases.load(Relaxed),
         leases_lost: c.leases_lost.load(Relaxed),
         store_errors: c.store_errors.load(Relaxed),
+        unknown_outcomes: c.unknown_outcomes.load(Relaxed),
+        results_unstored: c.results_unstored.load(Relaxed),
+        finished_detached: c.finished_detached.load(Relaxed),
     }
 }

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | 4 | magic `IDEM` |
 //! | 1 | format version, `1` |
-//! | 1 | outcome: `0` = `Ok`, `1` = `Err` |
+//! | 1 | outcome: `0` = `Ok`, `1` = `Err`, `2` = unknown (the payload is a UTF-8 reason) |
 //! | 1 | flags: bit 0 = has fingerprint |
 //! | 32 | fingerprint (zeros if none) |
 //! | 8 | fencing token of the claim that wrote it |
@@ -36,6 +36,10 @@ pub enum Outcome {
     Ok,
     /// The body returned `Err` and the error was kept (`cache_errors`).
     Err,
+    /// The body started but its outcome is unknown (it panicked, was abandoned, or its result
+    /// could not be kept); the payload is a UTF-8 reason and the type name is empty. Replayed
+    /// as [`Error::OutcomeUnknown`].
+    Unknown,
 }
 
 /// A decoded (or to-be-encoded) record, borrowing its strings from the bytes.
@@ -68,6 +72,7 @@ impl<'a> Record<'a> {
         out.push(match self.outcome {
             Outcome::Ok => 0,
             Outcome::Err => 1,
+            Outcome::Unknown => 2,
         });
         out.push(u8::from(self.fingerprint.is_some()));
         out.extend_from_slice(&self.fingerprint.map(|f| f.0).unwrap_or([0; 32]));
@@ -84,6 +89,25 @@ impl<'a> Record<'a> {
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_be_bytes());
         out
+    }
+
+    /// Encodes the record, refusing one whose payload does not fit the envelope's 32-bit
+    /// length or whose encoding is larger than `limit` bytes ([`Error::TooLarge`]).
+    pub fn encode_checked(&self, limit: usize) -> Result<Vec<u8>> {
+        if self.payload.len() > u32::MAX as usize {
+            return Err(Error::TooLarge {
+                size: self.payload.len(),
+                limit: u32::MAX as usize,
+            });
+        }
+        let bytes = self.encode();
+        if bytes.len() > limit {
+            return Err(Error::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
+        }
+        Ok(bytes)
     }
 
     /// Decodes a record, checking magic, version, lengths and checksum. Any defect is
@@ -111,6 +135,7 @@ impl<'a> Record<'a> {
         let outcome = match r.u8()? {
             0 => Outcome::Ok,
             1 => Outcome::Err,
+            2 => Outcome::Unknown,
             other => return Err(Error::corrupt(format!("unknown outcome tag {other}"))),
         };
         let flags = r.u8()?;

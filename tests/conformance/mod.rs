@@ -19,8 +19,12 @@ use std::time::Duration;
 
 use idem::record::{Outcome, Record};
 use idem::{
-    Call, Claim, Error, ErrorPolicy, Fingerprint, OnConflict, RecordState, StorageKey, Store,
+    Call, Claim, Error, ErrorPolicy, Fingerprint, OnConflict, OnUnknown, RecordState, StorageKey,
+    Store,
 };
+
+mod lease_end;
+pub use lease_end::*;
 
 /// Instantiates every conformance case as a `#[tokio::test]` for one backend.
 #[macro_export]
@@ -29,10 +33,14 @@ macro_rules! suite {
         $crate::suite!(@cases $fresh, $native;
             exactly_once_under_200_concurrent_callers, replay_is_identical, key_reuse_is_refused,
             ttl_expiry_runs_again, expired_lease_is_taken_over, stale_tokens_are_fenced,
-            tokens_strictly_increase, release_on_error, release_on_panic, release_on_cancel,
+            tokens_strictly_increase, release_on_error, unknown_on_panic, unknown_on_cancel,
             long_body_renews_its_lease, corrupt_records_are_errors_not_reruns,
             wrong_type_is_type_mismatch, purge_removes_only_expired, get_reports_states,
-            missing_fingerprint_matches_any, wait_gets_the_first_result);
+            missing_fingerprint_matches_any, wait_gets_the_first_result,
+            complete_after_lease_end_lands, takeover_fences_the_old_token,
+            renew_after_lease_end_holds_again, get_reports_an_expired_claim_in_flight,
+            purge_keeps_a_claim_whose_lease_just_ended,
+            expired_claim_with_another_fingerprint_is_taken_over);
     };
     (@cases $fresh:path, $native:expr; $($case:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,32 +535,80 @@ async fn reclaimable_soon(store: &dyn Store, key: &StorageKey, within: Duration)
     }
 }
 
-pub async fn release_on_panic(store: Arc<dyn Store>, _: bool) {
-    let key = unique("panic");
-    let (s, k) = (store.clone(), key.clone());
-    let joined = tokio::spawn(async move {
-        let _: Result<u32, Error> = call(&*s, &k)
+/// A started body that panics or is dropped has an unknown outcome: by default (at most once)
+/// the key then refuses calls with `OutcomeUnknown`; under `OnUnknown::Rerun` (at least once)
+/// the claim is released at once.
+async fn unknown_outcome_is_recorded_or_released(
+    store: Arc<dyn Store>,
+    label: &str,
+    end: impl Fn(Arc<dyn Store>, StorageKey, OnUnknown) -> tokio::task::JoinHandle<()>,
+) {
+    let key = unique(label);
+    end(store.clone(), key.clone(), OnUnknown::Refuse)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let runs = AtomicUsize::new(0);
+    loop {
+        let out: Result<u32, Error> = call(&*store, &key)
             .lease(LONG)
-            .run(ErrorPolicy::never(), async { panic!("body panics") })
+            .run(ErrorPolicy::never(), async {
+                runs.fetch_add(1, SeqCst);
+                Ok(1)
+            })
             .await;
-    })
-    .await;
-    assert!(joined.unwrap_err().is_panic());
+        match out {
+            Err(Error::OutcomeUnknown { .. }) => break,
+            // The unknown outcome is recorded in the background, right after the panic or drop.
+            Err(Error::InFlight) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("expected OutcomeUnknown for a started body, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(SeqCst), 0, "the body is not run again");
+
+    let key = unique(label);
+    end(store.clone(), key.clone(), OnUnknown::Rerun)
+        .await
+        .unwrap();
     reclaimable_soon(&*store, &key, Duration::from_secs(5)).await;
 }
 
-pub async fn release_on_cancel(store: Arc<dyn Store>, _: bool) {
-    let key = unique("cancel");
-    let slow = call(&*store, &key)
-        .lease(LONG)
-        .run(ErrorPolicy::never(), async {
-            tokio::time::sleep(LONG).await;
-            Ok::<u32, Error>(1)
-        });
-    assert!(tokio::time::timeout(Duration::from_millis(100), slow)
-        .await
-        .is_err());
-    reclaimable_soon(&*store, &key, Duration::from_secs(5)).await;
+pub async fn unknown_on_panic(store: Arc<dyn Store>, _: bool) {
+    unknown_outcome_is_recorded_or_released(store, "panic", |s, k, policy| {
+        tokio::spawn(async move {
+            let joined = tokio::spawn(async move {
+                let _: Result<u32, Error> = call(&*s, &k)
+                    .lease(LONG)
+                    .on_unknown(policy)
+                    .run(ErrorPolicy::never(), async { panic!("body panics") })
+                    .await;
+            })
+            .await;
+            assert!(joined.unwrap_err().is_panic());
+        })
+    })
+    .await
+}
+
+pub async fn unknown_on_cancel(store: Arc<dyn Store>, _: bool) {
+    unknown_outcome_is_recorded_or_released(store, "cancel", |s, k, policy| {
+        tokio::spawn(async move {
+            let slow =
+                call(&*s, &k)
+                    .lease(LONG)
+                    .on_unknown(policy)
+                    .run(ErrorPolicy::never(), async {
+                        tokio::time::sleep(LONG).await;
+                        Ok::<u32, Error>(1)
+                    });
+            assert!(tokio::time::timeout(Duration::from_millis(100), slow)
+                .await
+                .is_err());
+        })
+    })
+    .await
 }
 
 pub async fn long_body_renews_its_lease(store: Arc<dyn Store>, _: bool) {
@@ -641,9 +697,10 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
             .unwrap();
         expired.push(k);
     }
+    // A claim whose lease just ended is not abandoned: purge keeps it for its holder.
     let k = unique("purge-lease");
     acquire(&*store, &k, short).await;
-    expired.push(k);
+    live.push(k);
     for i in 0..2 {
         let k = unique(&format!("purge-live{i}"));
         let t = acquire(&*store, &k, LONG).await;

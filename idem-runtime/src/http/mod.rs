@@ -47,7 +47,7 @@
 //! | no `Idempotency-Key` | 400, or passed through with [`require_key(false)`](IdempotencyLayer::require_key) |
 //! | key empty, longer than 255 bytes, or the header given twice | 400 |
 //! | body over [`max_body_bytes`](IdempotencyLayer::max_body_bytes) (default 1 MiB) | 413, the handler does not run |
-//! | first request with a key | runs the handler; its response is kept if its status is kept (default: all but 5xx, 408 and 429) and its body is within the limit |
+//! | first request with a key | runs the handler (to its end, even if the client goes away); its response is kept if its status is kept (default: all but 5xx, 408 and 429) and its body is within the limit |
 //! | same key, same request, completed | the kept response, with `Idempotent-Replayed: true` |
 //! | same key while the first request runs | 409 with `Retry-After: 1` |
 //! | same key, different method, path, query or body | 422 |
@@ -56,12 +56,26 @@
 //! The key may be sent bare (`Idempotency-Key: order-42`, as Stripe does) or as the draft's
 //! structured-field string (`Idempotency-Key: "order-42"`); both name the same key.
 //!
-//! A response that is not kept (a 5xx, a status [`keep_status`](IdempotencyLayer::keep_status)
-//! refuses, a body over the limit, a body that fails or has trailers) is passed to the client as
-//! it is and the claim is released, so a retry runs the handler again. If the client goes away
-//! while the handler runs, the dropped future releases the claim too; while it runs, the lease is
-//! renewed in the background.
+//! # A handler that started is never run again by accident
 //!
+//! - **The client goes away**: the handler runs on a task of its own, so it runs to its end
+//!   (its lease renewed on another task) and its response is stored; a retry gets 409 while it
+//!   runs and the replay afterwards. At shutdown, call [`IdempotencyLayer::drain`] to let
+//!   running handlers finish; a handler still running when the runtime stops keeps its claim
+//!   until its lease expires (it is never released).
+//! - **The outcome is unknown**: a 5xx, a handler that panicked or failed, a response streamed
+//!   (`text/event-stream`, passed through as it comes, never buffered), over the body limit,
+//!   failing midway or with trailers. The first client gets the response as it is. Under the
+//!   default [`OnUnknown::Refuse`](crate::exec::OnUnknown) (at most once) the key then keeps a
+//!   record of the unknown outcome and retries get `500 #outcome-unknown` until the
+//!   [`recovery`](IdempotencyLayer::recovery) window passes (Stripe keeps 500s the same way);
+//!   under [`OnUnknown::Rerun`](crate::exec::OnUnknown) (at least once) the claim is released
+//!   and a retry runs the handler again.
+//! - **Nothing was done**: a 408, 429 or another status [`keep_status`](IdempotencyLayer::keep_status)
+//!   refuses (below 500) releases the claim at once, so a retry runs the handler.
+//! - Inside the handler, [`crate::context::token`] gives the claim's fencing token, for a
+//!   database write that must refuse a stale holder.
+
 //! # Error responses
 //!
 //! Every refusal is an RFC 9457 `application/problem+json` body with `type`, `title`, `status` and
@@ -77,6 +91,7 @@
 //! | 413 | <span id="body-too-large">`#body-too-large`</span> | the request body is over the limit |
 //! | 422 | <span id="key-reused">`#key-reused`</span> | the key was used for a different request |
 //! | 500 | <span id="record-unreadable">`#record-unreadable`</span> | the stored response could not be decoded |
+//! | 500 | <span id="outcome-unknown">`#outcome-unknown`</span> | an earlier request with this key started but its outcome is unknown (see above) |
 //! | 503 | <span id="store-unavailable">`#store-unavailable`</span> | the idempotency store failed |
 //!
 //! # Scopes
@@ -103,8 +118,9 @@ use http::header::{HeaderName, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{request, Method, StatusCode};
 use tower::Layer;
 
-use crate::exec::{IntoDuration, DEFAULT_LEASE, DEFAULT_TTL};
+use crate::exec::{IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
 use crate::store::{default_store, Store};
+use tokio_util::task::TaskTracker;
 
 pub use body::{RequestBody, ResponseBody};
 pub use service::{IdempotencyService, ResponseFuture};
@@ -145,8 +161,8 @@ impl KeepStatus for RangeInclusive<u16> {
     }
 }
 
-/// The default of [`IdempotencyLayer::keep_status`]: every status but 5xx (the server failed, a
-/// retry should run again), 408 Request Timeout and 429 Too Many Requests (the request was not
+/// The default of [`IdempotencyLayer::keep_status`]: every status but 5xx (the server failed
+/// somewhere: an unknown outcome, see [`IdempotencyLayer::on_unknown`]), 408 Request Timeout and 429 Too Many Requests (the request was not
 /// processed; replaying the refusal for a day would be wrong).
 pub fn keep_by_default(status: StatusCode) -> bool {
     !status.is_server_error()
@@ -167,6 +183,9 @@ struct Config {
     max_body_bytes: usize,
     ttl: Duration,
     lease: Duration,
+    on_unknown: OnUnknown,
+    recovery: Option<Duration>,
+    tasks: TaskTracker,
 }
 
 /// A tower [`Layer`] that makes POST and PATCH endpoints idempotent by their `Idempotency-Key`
@@ -218,6 +237,9 @@ impl fmt::Debug for IdempotencyLayer {
             .field("max_body_bytes", &c.max_body_bytes)
             .field("ttl", &c.ttl)
             .field("lease", &c.lease)
+            .field("on_unknown", &c.on_unknown)
+            .field("recovery", &c.recovery)
+            .field("running", &c.tasks.len())
             .finish_non_exhaustive()
     }
 }
@@ -249,6 +271,9 @@ impl IdempotencyLayer {
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 ttl: DEFAULT_TTL,
                 lease: DEFAULT_LEASE,
+                on_unknown: OnUnknown::Refuse,
+                recovery: None,
+                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -272,8 +297,9 @@ impl IdempotencyLayer {
     }
 
     /// Which responses are kept and replayed: a function of the status or a range
-    /// (`.keep_status(200..300)`). Responses not kept are returned as they are and the claim is
-    /// released, so a retry runs the handler again. Default: [`keep_by_default`].
+    /// (`.keep_status(200..300)`). Responses not kept are returned as they are; below 500 the
+    /// claim is released, so a retry runs the handler again, and a 5xx is an unknown outcome
+    /// ([`on_unknown`](Self::on_unknown)). Default: [`keep_by_default`].
     pub fn keep_status(self, keep: impl KeepStatus) -> Self {
         let keep: Arc<dyn KeepStatus> = Arc::new(keep);
         self.with(|c| c.keep = keep)
@@ -325,10 +351,48 @@ impl IdempotencyLayer {
     }
 
     /// How long a request's claim is held before another request with the key may take it over
-    /// (if this one's process died); renewed while the handler runs. Default 30s.
+    /// (if this one's process died); renewed while the handler runs. Default 30s; at least
+    /// [`MIN_LEASE`](crate::exec::MIN_LEASE) (a shorter lease answers every request with 500).
     pub fn lease(self, lease: impl IntoDuration) -> Self {
         let lease = lease.into_duration();
         self.with(|c| c.lease = lease)
+    }
+
+    /// What becomes of a key whose handler started but whose response cannot be kept: a 5xx, a
+    /// streamed response, a body over the limit or failing midway, a handler that panicked or
+    /// failed. [`OnUnknown::Refuse`] (the default, at most once): retries get
+    /// `500 #outcome-unknown` until the [`recovery`](Self::recovery) window passes.
+    /// [`OnUnknown::Rerun`] (at least once): the claim is released and a retry runs the
+    /// handler again.
+    pub fn on_unknown(self, on_unknown: OnUnknown) -> Self {
+        self.with(|c| c.on_unknown = on_unknown)
+    }
+
+    /// How long a key with an unknown outcome refuses retries under [`OnUnknown::Refuse`].
+    /// Default: the [`ttl`](Self::ttl).
+    pub fn recovery(self, window: impl IntoDuration) -> Self {
+        let window = window.into_duration();
+        self.with(|c| c.recovery = Some(window))
+    }
+
+    /// How many handlers of this layer (and its clones) are running now, including those whose
+    /// client went away.
+    pub fn running(&self) -> usize {
+        self.config.tasks.len()
+    }
+
+    /// For a graceful shutdown: waits up to `timeout` for every running handler to finish and
+    /// store its response (handlers run on after their client went away), and returns how many
+    /// are still running. Call it after the server stopped accepting requests and before the
+    /// runtime shuts down. Handlers still running when the runtime stops are dropped; their
+    /// claims are never released but expire with their lease, after which a retry may run the
+    /// handler again (as after a crash), so give it at least the longest handler's time.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let tasks = &self.config.tasks;
+        tasks.close();
+        let _ = tokio::time::timeout(timeout, tasks.wait()).await;
+        tasks.reopen();
+        tasks.len()
     }
 }
 

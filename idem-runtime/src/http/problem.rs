@@ -31,6 +31,7 @@ pub(crate) enum Problem {
     ClaimLost,
     KeyReused,
     RecordUnreadable,
+    OutcomeUnknown,
     StoreUnavailable,
 }
 
@@ -77,6 +78,11 @@ impl Problem {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "record-unreadable",
                 "Stored response could not be read",
+            ),
+            OutcomeUnknown => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "outcome-unknown",
+                "Outcome of an earlier request with this Idempotency-Key is unknown",
             ),
             StoreUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -134,6 +140,10 @@ impl Problem {
                 "This Idempotency-Key was already used for a request with a different method, path or body. Use a new key for a new request.".into(),
             ),
             Error::InvalidKey { reason } => (Problem::KeyInvalid, format!("Invalid Idempotency-Key: {reason}.")),
+            Error::OutcomeUnknown { .. } => (
+                Problem::OutcomeUnknown,
+                "An earlier request with this Idempotency-Key started processing but did not finish with a response that could be kept, so its effect is unknown. It is not processed again with this key: check whether it took effect before sending the operation again under a new key.".into(),
+            ),
             Error::Corrupt { .. } | Error::TypeMismatch { .. } | Error::Encode(_) | Error::TooLarge { .. } => (
                 Problem::RecordUnreadable,
                 "The stored response for this Idempotency-Key could not be read.".into(),

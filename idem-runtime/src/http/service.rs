@@ -92,14 +92,25 @@ where
     }
 }
 
-/// Why a run's response is not stored: exec releases the claim for any `Err`.
+/// Why a run's response is not stored.
 enum NotKept<B: Body, E> {
     /// idem refused or failed (in flight, key reuse, store error, ...).
     Idem(Error),
-    /// The inner service failed.
+    /// The inner service failed: the handler started, its outcome is unknown.
     Service(E),
-    /// A response to pass through as it is (status not kept, body over the limit, ...).
+    /// A response to pass through, whose status says nothing was done (408, 429, or a status
+    /// `keep_status` refuses): the claim is released.
     Response(Response<ResponseBody<B>>),
+    /// A response to pass through that cannot be kept (a 5xx, a stream, a body over the limit,
+    /// failed midway or with trailers): the handler's outcome is unknown, handled per the
+    /// layer's [`OnUnknown`](crate::exec::OnUnknown).
+    Unknown(Response<ResponseBody<B>>),
+}
+
+impl<B: Body, E> NotKept<B, E> {
+    fn is_unknown(&self) -> bool {
+        matches!(self, NotKept::Service(_) | NotKept::Unknown(_))
+    }
 }
 
 impl<B: Body, E> From<Error> for NotKept<B, E> {
@@ -118,10 +129,15 @@ async fn handle<S, B, ResB>(
     req: Request<B>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
-    B: Body,
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
     B::Error: Into<BoxError>,
-    ResB: Body,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send,
 {
     let (parts, body) = req.into_parts();
     let key = match idempotency_key(&parts.headers) {
@@ -183,18 +199,31 @@ where
 
     // The limits on bodies bound the record; exec's own record limit must not drop a response
     // whose handler already ran.
-    let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> =
-        Call::new(Ok(storage_key.clone()))
-            .store(&*config.store)
-            .fingerprint(Ok(Some(fingerprint)))
-            .ttl(config.ttl)
-            .lease(config.lease)
-            .max_record_bytes(usize::MAX)
-            .run(
-                ErrorPolicy::never(),
-                run(inner, request, &config, &storage_key),
-            )
-            .await;
+    let mut call = Call::new(Ok(storage_key.clone()))
+        .shared_store(config.store.clone())
+        .fingerprint(Ok(Some(fingerprint)))
+        .ttl(config.ttl)
+        .lease(config.lease)
+        .on_unknown(config.on_unknown)
+        .max_record_bytes(usize::MAX);
+    if let Some(window) = config.recovery {
+        call = call.recovery(window);
+    }
+    let errors = ErrorPolicy::never().unknown_when(NotKept::is_unknown);
+    // The handler runs on a task of its own: if the client goes away, the handler still runs to
+    // its end and its response is stored for the retry.
+    let task = config.tasks.spawn(call.run(
+        errors,
+        run(inner, request, config.clone(), storage_key.clone()),
+    ));
+    let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match task.await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!(target: "idem", key = %storage_key, error = %e, "http: the handler panicked");
+            let detail = "The request failed while it was being processed; its effect is unknown.";
+            return Ok(refuse(Problem::OutcomeUnknown, detail));
+        }
+    };
 
     match outcome {
         Ok(stored) => {
@@ -213,7 +242,7 @@ where
                 }
             }
         }
-        Err(NotKept::Response(response)) => Ok(response),
+        Err(NotKept::Response(response) | NotKept::Unknown(response)) => Ok(response),
         Err(NotKept::Service(e)) => Err(e),
         Err(NotKept::Idem(e)) => {
             let (problem, detail) = Problem::from_error(&e);
@@ -228,28 +257,37 @@ where
 }
 
 /// The body exec runs under the claim: call the inner service and capture its response, or
-/// say why it is not kept (then exec releases the claim).
+/// say why it is not kept (then exec releases the claim, or records an unknown outcome).
 async fn run<S, B, ResB>(
     mut inner: S,
     request: Request<RequestBody<B>>,
-    config: &Config,
-    key: &StorageKey,
+    config: Arc<Config>,
+    key: StorageKey,
 ) -> Result<StoredResponse, NotKept<ResB, S::Error>>
 where
     S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
     ResB: Body,
 {
+    let key = &key;
     let response = inner.call(request).await.map_err(NotKept::Service)?;
     let status = response.status().as_u16();
     if !config.keep.keep(response.status()) {
-        tracing::debug!(target: "idem", key = %key, status, "http: status not kept; released");
+        if response.status().is_server_error() {
+            tracing::debug!(target: "idem", key = %key, status, "http: server error, not kept; outcome unknown");
+            return Err(NotKept::Unknown(response.map(ResponseBody::streaming)));
+        }
+        tracing::debug!(target: "idem", key = %key, status, "http: status not kept; outcome unknown");
         return Err(NotKept::Response(response.map(ResponseBody::streaming)));
     }
     let limit = config.max_body_bytes;
     let (head, body) = response.into_parts();
-    if body.size_hint().lower() > limit as u64 {
-        tracing::debug!(target: "idem", key = %key, status, limit, "http: response body over the limit, not kept; released");
-        return Err(NotKept::Response(Response::from_parts(
+    let streamed = head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streamed || body.size_hint().lower() > limit as u64 {
+        tracing::debug!(target: "idem", key = %key, status, limit, streamed, "http: streamed or over the limit, passed through as it comes, not kept; outcome unknown");
+        return Err(NotKept::Unknown(Response::from_parts(
             head,
             ResponseBody::streaming(body),
         )));
@@ -258,7 +296,7 @@ where
     let mut frames = VecDeque::new();
     let mut size = 0usize;
     let pass = |head, frames, error, body| {
-        NotKept::Response(Response::from_parts(
+        NotKept::Unknown(Response::from_parts(
             head,
             ResponseBody::resumed(frames, error, body),
         ))
@@ -272,7 +310,7 @@ where
                     size += data.len();
                     frames.push_back(Frame::data(data));
                     if size > limit {
-                        tracing::debug!(target: "idem", key = %key, status, limit, "http: response body over the limit, not kept; released");
+                        tracing::debug!(target: "idem", key = %key, status, limit, "http: response body over the limit, not kept; outcome unknown");
                         return Err(pass(head, frames, None, body));
                     }
                 }
@@ -280,12 +318,12 @@ where
                     if let Ok(trailers) = frame.into_trailers() {
                         frames.push_back(Frame::trailers(trailers));
                     }
-                    tracing::debug!(target: "idem", key = %key, status, "http: response has trailers, not kept; released");
+                    tracing::debug!(target: "idem", key = %key, status, "http: response has trailers, not kept; outcome unknown");
                     return Err(pass(head, frames, None, body));
                 }
             },
             Some(Err(e)) => {
-                tracing::debug!(target: "idem", key = %key, status, "http: response body failed, not kept; released");
+                tracing::debug!(target: "idem", key = %key, status, "http: response body failed, not kept; outcome unknown");
                 return Err(pass(head, frames, Some(e), body));
             }
         }

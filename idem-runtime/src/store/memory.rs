@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 // tokio's clock, so tests with a paused runtime (`start_paused`) move expiry forward instantly.
 use tokio::time::Instant;
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord};
+use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -27,9 +27,13 @@ const EXPIRY_SHARDS: usize = 16;
 /// Cloning gives another handle to the same records. Records do not survive the process; for
 /// several processes use the SQLite, Redis or PostgreSQL store.
 ///
-/// Expired records stop counting at once (every read checks the deadline) and are removed by
-/// [`Store::purge_expired`], whose cost is proportional to the number of expired records: an
-/// index of deadlines (a min-heap per shard) hands it exactly the records whose time has come.
+/// Expiry is checked on every read: a completed record past its ttl counts as absent at once,
+/// and an in-flight record whose lease ended may be taken over at once, but stays its holder's
+/// (to complete, renew or release, and reported by [`Store::get`]) until then, or until
+/// [`ABANDONED_CLAIM_RETENTION`] after its lease ended. [`Store::purge_expired`] removes
+/// completed records past their ttl and claims abandoned that long; its cost is proportional to
+/// the number of records it removes: an index of deadlines (a min-heap per shard) hands it
+/// exactly the records whose time has come.
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -54,8 +58,9 @@ struct Inner {
     /// with foldhash (randomly seeded per process) rather than SipHash: keys are already
     /// uniform SHA-256 digests, and this map is on every call's path.
     records: DashMap<Arc<StorageKey>, Slot, foldhash::fast::RandomState>,
-    /// Deadlines of records, possibly stale (a record completed or renewed since): purge pops
-    /// the due ones and removes a record only if it is really expired.
+    /// Purge deadlines of records (the ttl's end, or the lease's end plus
+    /// [`ABANDONED_CLAIM_RETENTION`]), possibly stale (a record completed, renewed or taken over
+    /// since): purge pops the due ones and removes a record only if it is really due.
     expiries: Vec<Mutex<BinaryHeap<Reverse<Deadline>>>>,
     last_token: AtomicU64,
     changed: Notify,
@@ -80,16 +85,31 @@ enum SlotState {
     Completed { expires_at: Instant, record: Bytes },
 }
 
+/// When an in-flight record whose lease ends at `lease_until` is abandoned and may be purged;
+/// `None` for never (a lease too long to add the retention to).
+fn abandoned_at(lease_until: Instant) -> Option<Instant> {
+    lease_until.checked_add(ABANDONED_CLAIM_RETENTION)
+}
+
 impl Slot {
-    fn deadline(&self) -> Instant {
+    /// Whether the record stands in a claim's way: a completed record within its ttl, or an
+    /// in-flight one within its lease.
+    fn is_live(&self, now: Instant) -> bool {
         match &self.state {
-            SlotState::InFlight { lease_until } => *lease_until,
-            SlotState::Completed { expires_at, .. } => *expires_at,
+            SlotState::InFlight { lease_until } => *lease_until > now,
+            SlotState::Completed { expires_at, .. } => *expires_at > now,
         }
     }
 
-    fn is_live(&self, now: Instant) -> bool {
-        self.deadline() > now
+    /// Whether the record still exists for `get`, its holder and purge: a completed record
+    /// within its ttl, or an in-flight one not yet abandoned (its lease may have ended).
+    fn exists(&self, now: Instant) -> bool {
+        match &self.state {
+            SlotState::InFlight { lease_until } => {
+                abandoned_at(*lease_until).map_or(true, |at| at > now)
+            }
+            SlotState::Completed { expires_at, .. } => *expires_at > now,
+        }
     }
 }
 
@@ -120,7 +140,11 @@ impl MemoryStore {
         self.inner.last_token.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    fn index_deadline(&self, key: &Arc<StorageKey>, at: Instant) {
+    /// Indexes when the record of `key` becomes due for purge; `None` is never.
+    fn index_deadline(&self, key: &Arc<StorageKey>, at: Option<Instant>) {
+        let Some(at) = at else {
+            return;
+        };
         let shard = key.as_str().as_bytes()[0] as usize % EXPIRY_SHARDS;
         let mut heap = self.inner.expiries[shard]
             .lock()
@@ -137,7 +161,8 @@ impl MemoryStore {
         }
     }
 
-    /// Applies `f` to the slot of `key` if `token` holds it in flight with a live lease.
+    /// Applies `f` to the slot of `key` if it is in flight under `token`, lease expired or not
+    /// (but not abandoned).
     fn with_held<T>(
         &self,
         key: &StorageKey,
@@ -149,7 +174,8 @@ impl MemoryStore {
             return Err(Error::LeaseLost);
         };
         let held = entry.token == token.0
-            && matches!(entry.state, SlotState::InFlight { lease_until } if lease_until > now);
+            && matches!(entry.state, SlotState::InFlight { .. })
+            && entry.exists(now);
         if !held {
             return Err(Error::LeaseLost);
         }
@@ -161,7 +187,8 @@ impl MemoryStore {
         let now = Instant::now();
         let removed = self.inner.records.remove_if(key, |_, slot| {
             slot.token == token.0
-                && matches!(slot.state, SlotState::InFlight { lease_until } if lease_until > now)
+                && matches!(slot.state, SlotState::InFlight { .. })
+                && slot.exists(now)
         });
         if removed.is_none() {
             return Err(Error::LeaseLost);
@@ -240,7 +267,7 @@ impl Store for MemoryStore {
                 (claim, key)
             }
         };
-        self.index_deadline(&key, now + lease);
+        self.index_deadline(&key, abandoned_at(now + lease));
         Ok(claim)
     }
 
@@ -257,7 +284,7 @@ impl Store for MemoryStore {
             slot.state = SlotState::Completed { expires_at, record };
             key.clone()
         })?;
-        self.index_deadline(&key, expires_at);
+        self.index_deadline(&key, Some(expires_at));
         self.notify_change();
         Ok(())
     }
@@ -272,7 +299,7 @@ impl Store for MemoryStore {
             slot.state = SlotState::InFlight { lease_until };
             key.clone()
         })?;
-        self.index_deadline(&key, lease_until);
+        self.index_deadline(&key, abandoned_at(lease_until));
         Ok(())
     }
 
@@ -282,7 +309,7 @@ impl Store for MemoryStore {
             .inner
             .records
             .get(key)
-            .filter(|s| s.is_live(now))
+            .filter(|s| s.exists(now))
             .map(|s| StoredRecord {
                 fingerprint: s.fingerprint,
                 state: match &s.state {
@@ -313,12 +340,12 @@ impl Store for MemoryStore {
                 due
             };
             for key in due {
-                // A stale deadline (the record was completed or renewed since) finds a live
-                // record and leaves it; its newer deadline is in the index too.
+                // A stale deadline (the record was completed, renewed or taken over since) finds
+                // a record that still exists and leaves it; its newer deadline is in the index.
                 if self
                     .inner
                     .records
-                    .remove_if(&*key, |_, slot| !slot.is_live(now))
+                    .remove_if(&*key, |_, slot| !slot.exists(now))
                     .is_some()
                 {
                     removed += 1;
@@ -343,4 +370,77 @@ impl Store for MemoryStore {
         let _ = tokio::time::timeout(max, self.inner.changed.notified()).await;
         self.inner.waiters.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> StorageKey {
+        StorageKey::derive("memory-tests", k).unwrap()
+    }
+
+    async fn acquire(store: &MemoryStore, k: &StorageKey, lease: Duration) -> FencingToken {
+        match store.claim(k, None, lease).await.unwrap() {
+            Claim::Acquired { token, .. } => token,
+            other => panic!("expected to acquire, got {other:?}"),
+        }
+    }
+
+    /// On tokio's paused clock: a claim whose lease ended stays its holder's for
+    /// ABANDONED_CLAIM_RETENTION, then is gone for everyone and purged; a renew after the lease
+    /// ended moves its purge deadline (the stale one in the index leaves it alone).
+    #[tokio::test(start_paused = true)]
+    async fn claims_are_kept_until_abandoned() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(10);
+        let (gone, kept, renewed) = (key("gone"), key("kept"), key("renewed"));
+        let t_gone = acquire(&store, &gone, lease).await;
+        let t_kept = acquire(&store, &kept, lease).await;
+        let t_renewed = acquire(&store, &renewed, lease).await;
+
+        tokio::time::advance(Duration::from_secs(20)).await;
+        store.renew(&renewed, t_renewed, lease).await.unwrap();
+        // Just before `gone` and `kept` are abandoned: all three are still there.
+        tokio::time::advance(ABANDONED_CLAIM_RETENTION - Duration::from_secs(11)).await;
+        assert_eq!(store.purge_expired().await.unwrap(), 0);
+        for (k, t) in [(&gone, t_gone), (&kept, t_kept), (&renewed, t_renewed)] {
+            assert_eq!(
+                store.get(k).await.unwrap().unwrap().state,
+                RecordState::InFlight { token: t }
+            );
+        }
+        store.complete(&kept, t_kept, b"late", LONG).await.unwrap();
+
+        // Past the retention of `gone` (but not of `renewed`, whose renewed lease ends 20 s later).
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(store.get(&gone).await.unwrap(), None);
+        assert!(matches!(
+            store.complete(&gone, t_gone, b"too late", LONG).await,
+            Err(Error::LeaseLost)
+        ));
+        assert!(matches!(
+            store.renew(&gone, t_gone, lease).await,
+            Err(Error::LeaseLost)
+        ));
+        assert!(matches!(
+            store.release(&gone, t_gone).await,
+            Err(Error::LeaseLost)
+        ));
+        assert_eq!(store.purge_expired().await.unwrap(), 1, "only `gone`");
+        assert_eq!(store.len(), 2);
+        assert_eq!(
+            store.get(&renewed).await.unwrap().unwrap().state,
+            RecordState::InFlight { token: t_renewed }
+        );
+
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(store.purge_expired().await.unwrap(), 1, "now `renewed`");
+        assert_eq!(
+            store.claim(&kept, None, LONG).await.unwrap(),
+            Claim::Completed(Bytes::from_static(b"late"))
+        );
+    }
+
+    const LONG: Duration = Duration::from_secs(365 * 24 * 3600);
 }

@@ -1,10 +1,20 @@
 //! The `Store` trait: one record per storage key, moved through the claim state machine.
 //!
 //! ```text
-//! absent ──claim──▶ in_flight{token, lease_until} ──complete(token)──▶ completed{record, expires_at}
-//!    ▲                   │ release(token)                                        │
-//!    └───────────────────┴──────────── lease expired / ttl expired ─────────────┘
+//!                                     ┌── claim after lease_until (takeover) ──┐
+//!                                     ▼                                        │
+//! absent ──claim──▶ in_flight{token, lease_until} ─────────────────────────────┘
+//!   ▲  ▲                    │  │
+//!   │  │                    │  └──complete(token)──▶ completed{record, expires_at}
+//!   │  └────────────────────┘ release(token), or purge once abandoned  │
+//!   └─────────────────────────── ttl expired ──────────────────────────┘
 //! ```
+//!
+//! A lease is the time a holder has before *another caller may take over* (a takeover replaces
+//! the record with one of a newer token), not the life of its claim: a holder whose lease ran out
+//! can still `complete`, `renew` or `release` as long as nobody took over, so a result is never
+//! lost while nobody else took over. A claim is abandoned once its lease ended more than
+//! [`ABANDONED_CLAIM_RETENTION`] ago, and only then deleted without a takeover.
 //!
 //! Every backend passes the same conformance suite (`tests/conformance`). Stores treat the
 //! record bytes as opaque; [`crate::record`] encodes and decodes them.
@@ -26,6 +36,21 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+
+/// How long an in-flight record is kept after its lease ended, when nobody took it over.
+///
+/// A lease only says how long the holder has before another caller may take the key over
+/// ([`Store::claim`] reports `takeover: true`); it does not end the holder's claim. Until a
+/// takeover, the holder may still [`complete`](Store::complete) (its result lands),
+/// [`renew`](Store::renew) (a new lease from now) or [`release`](Store::release), however late,
+/// and [`Store::get`] reports the record as in flight. So a body that overran its lease, or a
+/// process that stalled, loses nothing unless someone else really took over.
+///
+/// A claim whose lease ended more than this long ago is taken to be abandoned (its process is
+/// gone): [`Store::purge_expired`] deletes it (the Redis store lets the server expire it, at the
+/// same moment), after which it counts as absent, also for its holder. Until then it is only a
+/// row (or hash) that costs storage.
+pub const ABANDONED_CLAIM_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// A fencing token: strictly increasing across the claims of a store, so a holder whose lease
 /// was taken over can be told apart from the newer holder.
@@ -53,7 +78,8 @@ pub enum Claim {
 /// The state of a stored record, as [`Store::get`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordState {
-    /// Claimed, body running (lease live).
+    /// Claimed, body running, or its holder gone: also after the lease expired, until another
+    /// claim takes the key over or the record is purged (see [`ABANDONED_CLAIM_RETENTION`]).
     InFlight {
         /// The holder's token.
         token: FencingToken,
@@ -67,7 +93,7 @@ pub enum RecordState {
     },
 }
 
-/// A live record, as [`Store::get`] returns it.
+/// A stored record, as [`Store::get`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredRecord {
     /// The fingerprint stored with the claim, if any.
@@ -85,8 +111,14 @@ pub trait Store: Send + Sync {
     /// A short name for errors and logs: `"memory"`, `"sqlite"`, `"redis"`, `"postgres"`.
     fn backend(&self) -> &'static str;
 
-    /// Atomically: if no live record exists (none, lease expired, or ttl expired), create an
-    /// in-flight record with a new token and a lease of `lease`; else report what is there.
+    /// Atomically: if no live record exists (none, an in-flight record whose lease expired, or a
+    /// completed record past its ttl), create an in-flight record with a new token and a lease of
+    /// `lease`; else report what is there.
+    ///
+    /// Replacing an in-flight record whose lease expired is a takeover (`takeover: true`): its
+    /// old token is fenced off from then on. Such a record never counts as key reuse, whatever
+    /// its fingerprint. A live in-flight record is [`Claim::InFlight`], or [`Claim::KeyReuse`]
+    /// for another fingerprint.
     async fn claim(
         &self,
         key: &StorageKey,
@@ -94,8 +126,11 @@ pub trait Store: Send + Sync {
         lease: Duration,
     ) -> Result<Claim>;
 
-    /// Stores `record` as the completed result, kept for `ttl`, if `token` still holds the key;
-    /// else fails with [`crate::Error::LeaseLost`] and changes nothing.
+    /// Stores `record` as the completed result, kept for `ttl`, if the key is in flight under
+    /// exactly `token`, whether or not its lease has expired (nobody took over, so the result
+    /// is still this claim's to store). Fails with [`crate::Error::LeaseLost`] and changes
+    /// nothing if another token holds the key, the record is completed, or it is absent
+    /// (released, purged, or never claimed).
     async fn complete(
         &self,
         key: &StorageKey,
@@ -104,19 +139,27 @@ pub trait Store: Send + Sync {
         ttl: Duration,
     ) -> Result<()>;
 
-    /// Deletes the in-flight record if `token` still holds it, so the next call runs at once;
-    /// else fails with [`crate::Error::LeaseLost`].
+    /// Deletes the in-flight record if it is in flight under exactly `token` (lease expired or
+    /// not), so the next call runs at once; else fails with [`crate::Error::LeaseLost`] and
+    /// changes nothing, as for [`complete`](Store::complete).
     async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()>;
 
-    /// Extends the lease to `lease` from now if `token` still holds the key; else
-    /// [`crate::Error::LeaseLost`].
+    /// Sets the lease to end `lease` from now if the key is in flight under exactly `token`,
+    /// whether or not its lease has expired (an expired one is simply re-established, and the
+    /// key is [`Claim::InFlight`] to others again); else fails with [`crate::Error::LeaseLost`]
+    /// and changes nothing, as for [`complete`](Store::complete).
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()>;
 
-    /// The live record under `key`, if any.
+    /// The record under `key`, if any: a completed record within its ttl, or an in-flight one,
+    /// including one whose lease expired but that nobody took over (it still exists, and its
+    /// holder may still complete it). `None` for no record, a completed record past its ttl,
+    /// and a claim abandoned for longer than [`ABANDONED_CLAIM_RETENTION`].
     async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>>;
 
-    /// Removes expired records (completed past their ttl, in flight past their lease) and
-    /// returns how many it removed.
+    /// Removes expired records and returns how many it removed: completed records past their
+    /// ttl, and in-flight records whose lease ended more than [`ABANDONED_CLAIM_RETENTION`]
+    /// ago. An in-flight record whose lease ended more recently stays, so its holder can still
+    /// complete it. Stores whose server expires records itself (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64>;
 
     /// Releases a claim without being awaited: called from a drop guard when the body panicked

@@ -30,13 +30,17 @@
 //! -- Fencing tokens: strictly increasing across the whole table, across takeovers and deletes.
 //! -- Not owned by the table, so `TRUNCATE ... RESTART IDENTITY` cannot rewind it.
 //! CREATE SEQUENCE IF NOT EXISTS idem_records_token_seq AS bigint MINVALUE 1 CACHE 1 NO CYCLE;
-//! -- For purging: `DELETE ... WHERE expires_at <= now()` walks this index, not the table.
+//! -- For purging: `DELETE ... WHERE expires_at <= now() AND ...` walks this index, not the table.
 //! CREATE INDEX IF NOT EXISTS idem_records_expires_idx ON idem_records (expires_at);
 //! ```
 //!
-//! A record is live while `expires_at > now()`. Expired rows (an abandoned lease, a result past
-//! its ttl) count as absent for [`claim`](Store::claim) and [`get`](Store::get) and are removed by
-//! [`purge_expired`](Store::purge_expired); run it from a periodic job.
+//! A record is live (stands in a claim's way) while `expires_at > now()`. A completed row past
+//! its ttl counts as absent. An in-flight row past its lease may be taken over by
+//! [`claim`](Store::claim), but until then it stays its holder's: `complete`, `renew` and
+//! `release` with its token still work, and [`get`](Store::get) reports it. Only once its lease
+//! ended more than [`ABANDONED_CLAIM_RETENTION`] ago is it abandoned and counts as absent.
+//! [`purge_expired`](Store::purge_expired) removes completed rows past their ttl and abandoned
+//! in-flight rows; run it from a periodic job.
 //!
 //! # One statement per step
 //!
@@ -56,8 +60,9 @@
 //!    fingerprints present and different), completed (with the record bytes) and in flight apart.
 //!
 //! `complete`, `release` and `renew` are each one `UPDATE`/`DELETE` guarded by
-//! `token = $token AND state = 'in_flight' AND expires_at > now()`; no row means the lease was
-//! lost ([`Error::LeaseLost`]) and nothing changed.
+//! `token = $token AND state = 'in_flight' AND expires_at > now() - <retention>` (the lease may
+//! have ended, as long as nobody took over and the claim is not abandoned); no row means the
+//! claim was lost ([`Error::LeaseLost`]) and nothing changed.
 //!
 //! # Time
 //!
@@ -98,7 +103,7 @@ use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord};
+use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -539,8 +544,15 @@ FROM (
     FROM found
 ) AS o"
         );
-        let held =
-            "key = $1::text AND token = $2::bigint AND state = 'in_flight' AND expires_at > now()";
+        // In-flight rows whose lease ended longer ago than this are abandoned.
+        let abandoned = format!(
+            "now() - interval '{} microseconds'",
+            ABANDONED_CLAIM_RETENTION.as_micros()
+        );
+        // The lease may have ended: the row is still the holder's until a takeover replaces it.
+        let held = format!(
+            "key = $1::text AND token = $2::bigint AND state = 'in_flight' AND expires_at > {abandoned}"
+        );
         // Run as one simple query: an implicit transaction, so the lock is held to the end.
         let create = format!(
             "SELECT pg_advisory_xact_lock(hashtext('idem_runtime.create_table:{t}'));\n{schema}"
@@ -559,12 +571,17 @@ FROM (
                 "UPDATE {t} SET expires_at = clock_timestamp() + $3::bigint * interval '1 microsecond' WHERE {held}"
             ),
             get: format!(
-                "SELECT token, fingerprint, state, record FROM {t} WHERE key = $1::text AND expires_at > now()"
+                "SELECT token, fingerprint, state, record FROM {t} WHERE key = $1::text
+    AND expires_at > CASE WHEN state = 'in_flight' THEN {abandoned} ELSE now() END"
             ),
             // SKIP LOCKED: a row locked right now is being claimed or renewed, so not garbage.
+            // One index range scan up to now(); of the in-flight rows in it, only abandoned ones go.
             purge: format!(
-                "DELETE FROM {t} WHERE expires_at <= now() AND key IN (
-    SELECT key FROM {t} WHERE expires_at <= now() LIMIT $1::bigint FOR UPDATE SKIP LOCKED
+                "DELETE FROM {t} WHERE expires_at <= now()
+    AND (state = 'completed' OR expires_at <= {abandoned}) AND key IN (
+    SELECT key FROM {t} WHERE expires_at <= now()
+        AND (state = 'completed' OR expires_at <= {abandoned})
+    LIMIT $1::bigint FOR UPDATE SKIP LOCKED
 )"
             ),
         })

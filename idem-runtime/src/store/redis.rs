@@ -7,7 +7,7 @@
 //!
 //! | key | type | fields | expires |
 //! |---|---|---|---|
-//! | `{prefix}:{<hex>}` — the record | hash | `state` (`in_flight` or `completed`), `token` (decimal), `fp` (the raw 32 fingerprint bytes; absent = no fingerprint), `record` (the encoded [`crate::record::Record`], completed only) | `PX` = the lease while in flight, `PX` = the ttl once completed |
+//! | `{prefix}:{<hex>}` — the record | hash | `state` (`in_flight` or `completed`), `token` (decimal), `fp` (the raw 32 fingerprint bytes; absent = no fingerprint), `lease_until` (in flight only: the end of the lease, server time in Unix milliseconds, decimal), `record` (the encoded [`crate::record::Record`], completed only) | `PX` = the lease plus [`ABANDONED_CLAIM_RETENTION`] while in flight, `PX` = the ttl once completed |
 //! | `{prefix}:{<hex>}:fence` — the fence | hash | `last` (the last token handed out for this key), `open` (`1` while a claim is neither completed nor released) | `PX` = the record's own expiry plus [`FENCE_GRACE`] |
 //!
 //! (`{prefix}` stands for the prefix as given, `idem` by default; the braces around `<hex>` are
@@ -22,10 +22,22 @@
 //!
 //! # Expiry
 //!
-//! All times come from the Redis server: records expire by `PEXPIRE` (lease or ttl), and fencing
-//! tokens are derived from `TIME`. No client clock is involved, so clients with skewed clocks
-//! agree. Redis deletes expired records itself, so [`Store::purge_expired`] has nothing to do
-//! and returns 0.
+//! All times come from the Redis server: leases end at `lease_until`, which the scripts set and
+//! compare with `TIME`, records expire by `PEXPIRE`, and fencing tokens are derived from `TIME`.
+//! No client clock is involved, so clients with skewed clocks agree.
+//!
+//! A lease that ended does not end the claim. The claim script takes an in-flight record over
+//! once `TIME` has reached its `lease_until`; until some claim does, the record stays, and its
+//! holder's `complete`, `renew` (a new `lease_until`) and `release` still work. So an in-flight
+//! record is kept `PX` = lease + [`ABANDONED_CLAIM_RETENTION`]: Redis deletes it once it has been
+//! abandoned that long. A completed record is kept `PX` = its ttl. Redis deletes expired records
+//! itself, so [`Store::purge_expired`] has nothing to do and returns 0.
+//!
+//! In-flight records written by idem before `lease_until` existed carry `PX` = the lease and no
+//! `lease_until`: the claim script treats them as live until Redis deletes them at the end of
+//! their lease, as those versions did, and a `renew` gives them a `lease_until`. (Processes of
+//! such versions, in turn, see a claim of this version as in flight until its `PX` runs out:
+//! during a rolling upgrade, a takeover of a crashed claim needs a process of this version.)
 //!
 //! # Fencing tokens
 //!
@@ -49,11 +61,11 @@
 //!
 //! # Bad data
 //!
-//! A record hash that idem did not write (no `state`, an unknown state, a token that is not a
-//! number, a fingerprint that is not 32 bytes, a completed record without its bytes) is
-//! [`Error::Corrupt`] from `claim` and `get`; nothing panics and the body is not run. A key of
-//! another Redis type is an [`Error::Store`] (Redis answers `WRONGTYPE`). Remove the key to
-//! recover.
+//! A record hash that idem did not write (no `state`, an unknown state, a token or `lease_until`
+//! that is not a number, a fingerprint that is not 32 bytes, a completed record without its
+//! bytes) is [`Error::Corrupt`] from `claim` and `get`; nothing panics and the body is not run.
+//! A key of another Redis type is an [`Error::Store`] (Redis answers `WRONGTYPE`). Remove the
+//! key to recover.
 //!
 //! # Connections
 //!
@@ -97,7 +109,7 @@ use redis::{
 /// matching version to hand to [`RedisStore::from_manager`].
 pub use ::redis;
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord};
+use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -120,47 +132,62 @@ const MAX_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 const BACKEND: &str = "redis";
 
-/// KEYS: record, fence. ARGV: fingerprint (raw bytes, empty = none), lease ms, fence ms.
-/// Returns `{'acquired', token, takeover}`, `{'completed', record}`, `{'in_flight'}`,
-/// `{'reuse'}` or `{'corrupt', reason}`.
+/// KEYS: record, fence. ARGV: fingerprint (raw bytes, empty = none), lease ms, record ms (the
+/// lease plus the retention), fence ms. Returns `{'acquired', token, takeover}`,
+/// `{'completed', record}`, `{'in_flight'}`, `{'reuse'}` or `{'corrupt', reason}`.
+///
+/// An in-flight record whose `lease_until` has passed is taken over, whatever its fingerprint;
+/// one without `lease_until` (written before it existed) is live until its `PX` removes it.
 const CLAIM: &str = r"
-local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'record')
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'record', 'lease_until')
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local state = rec[1]
 if state then
   if state ~= 'in_flight' and state ~= 'completed' then
     return {'corrupt', 'unknown state'}
   end
-  local fp = rec[2]
-  if fp and ARGV[1] ~= '' and fp ~= ARGV[1] then
-    return {'reuse'}
+  local expired = false
+  if state == 'in_flight' and rec[4] then
+    local lease_until = tonumber(rec[4])
+    if not lease_until then
+      return {'corrupt', 'lease_until is not a number'}
+    end
+    expired = lease_until <= now_ms
   end
-  if state == 'in_flight' then
-    return {'in_flight'}
+  if not expired then
+    local fp = rec[2]
+    if fp and ARGV[1] ~= '' and fp ~= ARGV[1] then
+      return {'reuse'}
+    end
+    if state == 'in_flight' then
+      return {'in_flight'}
+    end
+    if not rec[3] then
+      return {'corrupt', 'completed record without its record field'}
+    end
+    return {'completed', rec[3]}
   end
-  if not rec[3] then
-    return {'corrupt', 'completed record without its record field'}
-  end
-  return {'completed', rec[3]}
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[1])
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
   return {'corrupt', 'record hash without a state field'}
 end
 local fence = redis.call('HMGET', KEYS[2], 'last', 'open')
-local now = redis.call('TIME')
 local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local last = tonumber(fence[1])
 if last and last >= token then
   token = last + 1
 end
 token = string.format('%.0f', token)
+local lease_until = string.format('%.0f', now_ms + tonumber(ARGV[2]))
 if ARGV[1] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'fp', ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until, 'fp', ARGV[1])
 else
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token)
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], 'last', token, 'open', '1')
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 if fence[2] == '1' then
   return {'acquired', token, 1}
 end
@@ -168,20 +195,22 @@ return {'acquired', token, 0}
 ";
 
 /// KEYS: record, fence. ARGV: token, record bytes, ttl ms, fence ms. Returns 1, or 0 if the
-/// token does not hold the key in flight.
+/// key is not in flight under the token (its lease may have ended).
 const COMPLETE: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
 if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'completed', 'record', ARGV[2])
+redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], 'open', '0')
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 ";
 
-/// KEYS: record, fence. ARGV: token. Returns 1, or 0 if the token does not hold the key.
+/// KEYS: record, fence. ARGV: token. Returns 1, or 0 if the key is not in flight under the
+/// token (its lease may have ended).
 const RELEASE: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
 if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
@@ -192,15 +221,18 @@ redis.call('HSET', KEYS[2], 'open', '0')
 return 1
 ";
 
-/// KEYS: record, fence. ARGV: token, lease ms, fence ms. Returns 1, or 0 if the token does not
-/// hold the key.
+/// KEYS: record, fence. ARGV: token, lease ms, record ms, fence ms. Returns 1, or 0 if the key
+/// is not in flight under the token (its lease may have ended: it then gets a new one).
 const RENEW: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
 if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
   return 0
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], 'lease_until', string.format('%.0f', now_ms + tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 ";
 
@@ -259,6 +291,12 @@ fn millis(d: Duration) -> u64 {
 /// The fence's expiry for a record that expires in `ms`.
 fn fence_millis(ms: u64) -> u64 {
     ms + millis(FENCE_GRACE)
+}
+
+/// The expiry of an in-flight record with a lease of `lease_ms`: it is kept for
+/// [`ABANDONED_CLAIM_RETENTION`] after its lease, so that its holder can still complete it.
+fn in_flight_millis(lease_ms: u64) -> u64 {
+    lease_ms + millis(ABANDONED_CLAIM_RETENTION)
 }
 
 impl RedisStore {
@@ -485,7 +523,8 @@ fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
     if pairs.is_empty() {
         return Ok(None);
     }
-    let (mut state, mut token, mut fingerprint, mut record) = (None, None, None, None);
+    let (mut state, mut token, mut fingerprint, mut record, mut lease_until) =
+        (None, None, None, None, None);
     for (k, v) in &pairs {
         let (Some(k), Some(v)) = (as_bytes(k), as_bytes(v)) else {
             continue;
@@ -495,6 +534,7 @@ fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
             b"token" => token = Some(v),
             b"fp" => fingerprint = Some(v),
             b"record" => record = Some(v),
+            b"lease_until" => lease_until = Some(v),
             _ => {}
         }
     }
@@ -502,6 +542,20 @@ fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
         token.ok_or_else(|| Error::corrupt("Redis record hash without a token field"))?,
     )?;
     let fingerprint = fingerprint.map(parse_fingerprint).transpose()?;
+    // Not needed to answer (a record in flight is reported as such, lease ended or not), but
+    // checked, as the claim script does.
+    if let Some(v) = lease_until {
+        if std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_none()
+        {
+            return Err(Error::corrupt(format!(
+                "Redis record has a malformed lease_until {:?}",
+                String::from_utf8_lossy(v)
+            )));
+        }
+    }
     let state = match state {
         Some(b"in_flight") => RecordState::InFlight { token },
         Some(b"completed") => RecordState::Completed {
@@ -535,13 +589,15 @@ impl Store for RedisStore {
     ) -> Result<Claim> {
         let (record, fence) = self.keys(key);
         let lease = millis(lease);
+        let record_ms = in_flight_millis(lease);
         let fp: &[u8] = fingerprint.map_or(&[], |f| &f.0);
         let mut invocation = self.scripts.claim.key(record);
         invocation
             .key(fence)
             .arg(fp)
             .arg(lease)
-            .arg(fence_millis(lease));
+            .arg(record_ms)
+            .arg(fence_millis(record_ms));
         parse_claim(self.eval(&invocation).await?)
     }
 
@@ -569,12 +625,21 @@ impl Store for RedisStore {
 
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
         let lease = millis(lease);
-        let (lease_arg, fence_arg) = (lease.to_string(), fence_millis(lease).to_string());
+        let record_ms = in_flight_millis(lease);
+        let (lease_arg, record_arg, fence_arg) = (
+            lease.to_string(),
+            record_ms.to_string(),
+            fence_millis(record_ms).to_string(),
+        );
         self.held(
             &self.scripts.renew,
             key,
             token,
-            &[lease_arg.as_bytes(), fence_arg.as_bytes()],
+            &[
+                lease_arg.as_bytes(),
+                record_arg.as_bytes(),
+                fence_arg.as_bytes(),
+            ],
         )
         .await
     }
@@ -591,7 +656,9 @@ impl Store for RedisStore {
         parse_record(reply.map_err(redis_error)?)
     }
 
-    /// Returns 0: Redis expires records itself (`PEXPIRE`), so nothing is left to purge.
+    /// Returns 0: Redis expires records itself (`PEXPIRE`: completed ones at the end of their
+    /// ttl, in-flight ones [`ABANDONED_CLAIM_RETENTION`] after their lease), so nothing is left
+    /// to purge.
     async fn purge_expired(&self) -> Result<u64> {
         Ok(0)
     }
@@ -630,6 +697,7 @@ mod tests {
         assert_eq!(millis(Duration::from_micros(300_001)), 301);
         assert_eq!(millis(Duration::MAX), MAX_MILLIS);
         assert_eq!(fence_millis(300), 300 + 3_600_000);
+        assert_eq!(in_flight_millis(300), 300 + 86_400_000);
     }
 
     #[test]
@@ -739,6 +807,11 @@ mod tests {
                 (b"fp", b"short"),
             ]),
             with(&[(b"state", b"completed"), (b"token", b"1")]),
+            with(&[
+                (b"state", b"in_flight"),
+                (b"token", b"1"),
+                (b"lease_until", b"soon"),
+            ]),
             with(&[(b"junk", b"x")]),
         ];
         for case in cases {

@@ -3,7 +3,8 @@
 //! Records survive restarts, and several processes on one machine may share the file: the
 //! database runs in WAL mode with a busy timeout, a claim is one `BEGIN IMMEDIATE` transaction,
 //! and `complete`, `release` and `renew` are each one statement guarded by the fencing token
-//! and a live lease.
+//! (and by the claim not being abandoned; its lease may have ended, see
+//! [`ABANDONED_CLAIM_RETENTION`]).
 //!
 //! # Schema
 //!
@@ -32,9 +33,14 @@
 //! CREATE INDEX idem_records_expires_at ON idem_records (expires_at);
 //! ```
 //!
-//! A row whose `expires_at` has passed counts as absent for [`Store::claim`] and
-//! [`Store::get`]; [`Store::purge_expired`] deletes such rows using the index. Nothing purges
-//! on its own: call it now and then (say, hourly) to keep the file small.
+//! A completed row whose `expires_at` has passed counts as absent. An in-flight row whose
+//! `expires_at` (its lease) has passed may be taken over by [`Store::claim`], but until then it
+//! stays its holder's, who may still complete, renew or release it, and [`Store::get`] reports
+//! it; only once its lease ended more than [`ABANDONED_CLAIM_RETENTION`] ago does it count as
+//! absent. [`Store::purge_expired`] deletes completed rows past their ttl and such abandoned
+//! in-flight rows, using the index (one range scan up to now; in-flight rows whose lease ended
+//! within the retention are read there and kept). Nothing purges on its own: call it now and
+//! then (say, hourly) to keep the file small.
 //!
 //! # Concurrency
 //!
@@ -53,7 +59,9 @@
 //! ([`SystemTime`], milliseconds since the Unix epoch), read by every process that opens the
 //! file. All processes of one machine share that clock, so they agree on expiry; do not share
 //! the file between machines (network file systems also break SQLite's locking). A wall clock
-//! stepped backwards lengthens leases and ttls by the step; one stepped forwards shortens them.
+//! stepped backwards lengthens leases and ttls by the step; one stepped forwards shortens them
+//! (a lease that ends early only allows an early takeover: until one happens, its holder still
+//! completes).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -65,7 +73,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{Mutex, Notify};
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord};
+use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -247,6 +255,12 @@ fn after(now: i64, d: Duration) -> i64 {
     now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The lease end (`expires_at`) that an in-flight row must be past to be abandoned at `now`:
+/// rows in flight with `expires_at > abandoned_before(now)` still exist for their holder.
+fn abandoned_before(now: i64) -> i64 {
+    now.saturating_sub(i64::try_from(ABANDONED_CLAIM_RETENTION.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A token as stored. A token too large for SQLite was never handed out by this store, so it
 /// holds nothing: [`Error::LeaseLost`].
 fn sql_token(token: FencingToken) -> Result<i64> {
@@ -299,8 +313,19 @@ impl Row {
         })
     }
 
+    /// Whether the row stands in a claim's way: completed within its ttl, or in flight within
+    /// its lease.
     fn is_live(&self, now: i64) -> bool {
         self.expires_at > now
+    }
+
+    /// Whether the row still exists for `get`: completed within its ttl, or in flight and not
+    /// abandoned (its lease may have ended).
+    fn exists(&self, now: i64) -> bool {
+        match self.record {
+            Some(_) => self.expires_at > now,
+            None => self.expires_at > abandoned_before(now),
+        }
     }
 
     /// What a claim reports for this live row.
@@ -396,8 +421,9 @@ fn claim_blocking(
     Ok(Claim::Acquired { token, takeover })
 }
 
-/// Runs one statement guarded by `key`, `token` and a live in-flight lease; no matching row
-/// means the claim was lost (taken over, completed, released or expired).
+/// Runs one statement guarded by `key`, `token` and an in-flight row that is not abandoned (its
+/// lease may have ended); no matching row means the claim was lost (taken over, completed,
+/// released or purged).
 fn guarded(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<()> {
     let changed = conn
         .prepare_cached(sql)
@@ -415,7 +441,7 @@ fn release_blocking(conn: &Connection, key: &str, token: FencingToken) -> Result
     guarded(
         conn,
         "DELETE FROM idem_records WHERE key = ?1 AND token = ?2 AND state = 0 AND expires_at > ?3",
-        params![key, token, now_ms()],
+        params![key, token, abandoned_before(now_ms())],
     )
 }
 
@@ -452,7 +478,13 @@ impl Store for SqliteStore {
                 conn,
                 "UPDATE idem_records SET state = 1, record = ?1, expires_at = ?2
                  WHERE key = ?3 AND token = ?4 AND state = 0 AND expires_at > ?5",
-                params![record, after(now, ttl), key.as_str(), token, now],
+                params![
+                    record,
+                    after(now, ttl),
+                    key.as_str(),
+                    token,
+                    abandoned_before(now)
+                ],
             )
         })
         .await?;
@@ -477,7 +509,12 @@ impl Store for SqliteStore {
                 conn,
                 "UPDATE idem_records SET expires_at = ?1
                  WHERE key = ?2 AND token = ?3 AND state = 0 AND expires_at > ?4",
-                params![after(now, lease), key.as_str(), token, now],
+                params![
+                    after(now, lease),
+                    key.as_str(),
+                    token,
+                    abandoned_before(now)
+                ],
             )
         })
         .await
@@ -488,7 +525,7 @@ impl Store for SqliteStore {
         let row = self
             .with_conn(move |conn| read_row(conn, key.as_str()))
             .await?;
-        Ok(row.filter(|r| r.is_live(now_ms())).map(|r| StoredRecord {
+        Ok(row.filter(|r| r.exists(now_ms())).map(|r| StoredRecord {
             fingerprint: r.fingerprint,
             state: match r.record {
                 None => RecordState::InFlight { token: r.token },
@@ -502,9 +539,14 @@ impl Store for SqliteStore {
 
     async fn purge_expired(&self) -> Result<u64> {
         self.with_conn(|conn| {
+            let now = now_ms();
+            // One range scan of the index up to now; in flight, only abandoned rows go.
             let removed = conn
-                .prepare_cached("DELETE FROM idem_records WHERE expires_at <= ?1")
-                .and_then(|mut stmt| stmt.execute([now_ms()]))
+                .prepare_cached(
+                    "DELETE FROM idem_records
+                     WHERE expires_at <= ?1 AND (state = 1 OR expires_at <= ?2)",
+                )
+                .and_then(|mut stmt| stmt.execute([now, abandoned_before(now)]))
                 .map_err(sql_err)?;
             Ok(removed as u64)
         })
@@ -690,6 +732,47 @@ mod tests {
         .unwrap();
         assert_eq!(store.purge_expired().await.unwrap(), 4);
         assert!(store.get(&key("fine")).await.unwrap().is_some());
+    }
+
+    /// An in-flight row whose lease ended stays its holder's for ABANDONED_CLAIM_RETENTION;
+    /// after that it is gone for everyone, and purged.
+    #[tokio::test]
+    async fn claims_are_kept_until_abandoned() {
+        let dir = TempDir::new("abandoned");
+        let store = SqliteStore::open(dir.db()).await.unwrap();
+        let raw = Connection::open(dir.db()).unwrap();
+        let retention = i64::try_from(ABANDONED_CLAIM_RETENTION.as_millis()).unwrap();
+        let (gone, kept) = (key("gone"), key("kept"));
+        let t_gone = acquire(&store, &gone).await;
+        let t_kept = acquire(&store, &kept).await;
+        let backdate = |k: &StorageKey, lease_ended_ms_ago: i64| {
+            raw.execute(
+                "UPDATE idem_records SET expires_at = ?1 WHERE key = ?2",
+                params![now_ms() - lease_ended_ms_ago, k.as_str()],
+            )
+            .unwrap();
+        };
+        backdate(&gone, retention + 1_000);
+        backdate(&kept, retention - 60_000);
+
+        assert_eq!(store.get(&gone).await.unwrap(), None);
+        for result in [
+            store.complete(&gone, t_gone, b"too late", LONG).await,
+            store.renew(&gone, t_gone, LONG).await,
+            store.release(&gone, t_gone).await,
+        ] {
+            assert!(matches!(result, Err(Error::LeaseLost)), "{result:?}");
+        }
+        assert_eq!(
+            store.get(&kept).await.unwrap().unwrap().state,
+            RecordState::InFlight { token: t_kept }
+        );
+        assert_eq!(store.purge_expired().await.unwrap(), 1, "only `gone`");
+        store.complete(&kept, t_kept, b"late", LONG).await.unwrap();
+        assert_eq!(
+            store.claim(&kept, None, LONG).await.unwrap(),
+            Claim::Completed(Bytes::from_static(b"late"))
+        );
     }
 
     #[tokio::test]
