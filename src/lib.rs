@@ -29,14 +29,17 @@
 //! |---|---|---|
 //! | `key = EXPR` | an expression over the parameters (borrowed, never moved) giving an [`IntoKey`]: a string, an integer, a `Uuid` | the fingerprint of the non-skipped parameters |
 //! | `ttl = "24h"` / `ttl = 3600` / `ttl = EXPR` | how long a completed result is replayed | `24h` |
-//! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed while the body runs | `30s` |
+//! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed on a task of its own while the body runs; at least 100 ms ([`MIN_LEASE`]) | `30s` |
 //! | `store = EXPR` | the store: `&S`, `Arc<S>`, `Arc<dyn Store>` | [`install`]ed store, else an in-memory one |
 //! | `scope = EXPR` | a namespace (e.g. a tenant id); scopes never share records | `module_path!()::fn_name` |
 //! | `skip(a, b)` | parameters left out of the fingerprint (handles, connections) | none |
 //! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
-//! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result | `reject` |
+//! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result (by default [`exec::default_wait`]: 2 × lease + 1 s) | `reject` |
 //! | `cache_errors = true` / `cache_errors = path::to::predicate` | also keep `Err` results (all, or those the `fn(&E) -> bool` accepts) | errors are not kept |
-//! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` | 8 MiB |
+//! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` (an unknown outcome) | 8 MiB |
+//! | `on_unknown = "refuse"` / `"rerun"` | a started body whose outcome is unknown (panic, abandoned, result not storable): refuse the key with [`Error::OutcomeUnknown`] until the recovery window passes (at most once), or release it (at least once); see [`OnUnknown`] | `refuse` |
+//! | `recovery = "1h"` | how long a key with an unknown outcome is refused | the ttl |
+//! | `detach = false` | keep the body in the caller's future even though it owns its data | detached when the function owns its data |
 //!
 //! The function must be `async` and return `Result<T, E>` with `T: Serialize + DeserializeOwned`
 //! and `E: From<idem::Error>`. It works on free functions, `&self`/`&mut self` methods,
@@ -49,8 +52,15 @@
 //!   result ([`Error::LeaseLost`]).
 //! - **Replay is exact**: the stored serde_json bytes are decoded into the same value.
 //! - **Key reuse is caught**: same key, different arguments is [`Error::KeyReuse`].
-//! - **Failures release**: an `Err` (unless kept), a panic or a dropped future releases the claim,
-//!   so a retry runs at once. A crashed process's claim is taken over when its lease expires.
+//! - **A started body is never run again by accident**: a function that owns its data (no
+//!   `&self`, no borrowed parameters, no generics) runs its body on a task of its own, so a caller
+//!   that stops waiting does not stop it, and its result is stored for the retry. A panic, an
+//!   abandoned borrowing body, or a result that cannot be stored is an unknown outcome, recorded
+//!   (at most once, the default) or released (at least once) per [`OnUnknown`]. An `Err` the body
+//!   returns (unless kept) releases the claim, so a retry runs at once. A crashed process's claim
+//!   is taken over when its lease expires.
+//! - **Fencing reaches the body**: inside a body, [`current()`] gives its [`CallContext`]: the
+//!   fencing token to pass to the downstream write, and whether the claim was lost.
 //! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
 
 #![warn(missing_docs)]
