@@ -5,29 +5,48 @@
 //!
 //! - `Acquired` only when the model says the key is free (never two holders at once; when all
 //!   callers race for a free key, exactly one acquires), with a token greater than every earlier
-//!   token of the key
-//!   (and of the store, except Redis, whose tokens are ordered per key);
-//! - `complete`/`release`/`renew` with a token that does not hold the key (taken over, released,
-//!   completed, another key's, never issued) fail with `Error::LeaseLost` and change nothing;
-//! - a completed record is returned byte-identical by `claim` and `get` until its ttl runs out, and
-//!   never overwritten;
-//! - expired leases are taken over (`takeover = true`), expired results run again.
+//!   token of the key (and of the store, except Redis, whose tokens are ordered per key), and
+//!   `takeover = true` exactly when it replaces an in-flight record, whatever that record's
+//!   fingerprint;
+//! - a lease only says when another caller may take the key over, not how long the claim lasts:
+//!   an in-flight record stays its holder's until a claim takes it over (or it has been
+//!   abandoned for `ABANDONED_CLAIM_RETENTION`, 24 h, never reached here). So `complete`,
+//!   `release` and `renew` with exactly the token that holds the key in flight succeed whether
+//!   or not its lease ran out (a late result lands and is replayed; a late renew makes the key
+//!   `InFlight` to other callers again), `get` reports such a record as `InFlight` with that
+//!   token, and `purge_expired` leaves it alone;
+//! - `complete`/`release`/`renew` with any other token (taken over, released, completed, another
+//!   key's, never issued) fail with `Error::LeaseLost` and change nothing;
+//! - a completed record is returned byte-identical by `claim` and `get` until its ttl runs out,
+//!   and never overwritten; then it is gone (a claim runs again, `get` finds nothing, and purge
+//!   counts it unless the server expires records itself).
 //!
 //! Time: the memory store runs on tokio's paused clock, moved by `tokio::time::advance`, so its
 //! expiry is exact. SQLite, Redis and PostgreSQL use real clocks, so the "advance" step really
 //! sleeps, leases and ttls are short (250 ms and 650 ms), and every step is timed: the model knows
 //! each deadline only as an interval (the store read its clock somewhere between the start and the
 //! end of the step that set it). A deadline that is neither clearly ahead nor clearly past is
-//! "unknown": the store may answer either way, and the model then follows the store's answer (a
-//! `LeaseLost` or a `None` proves the record expired). Advances are whole multiples of 100 ms and
-//! the lease and ttl end on half units, so unknown cases are rare; they are counted.
+//! "unknown": the store may answer either way. Lease deadlines matter only to claims (take over,
+//! or answer `InFlight`/`KeyReuse`); the holder's own `complete`, `renew` and `release` never
+//! depend on them, so they are never ambiguous. A ttl deadline matters to claim, get and purge;
+//! an answer that proves a completed record expired (a claim acquiring it, `get` finding
+//! nothing) is followed by the model. Advances are whole multiples of 100 ms and the lease and
+//! ttl end on half units, so unknown cases are rare; they are counted.
+//!
+//! The checks cannot pass vacuously: the memory run (given at least 256 cases) asserts that it
+//! saw late completes replayed, late renews and releases, lapsed claims reported by `get`,
+//! takeovers, and taken-over tokens refused; and `the_model_catches_broken_stores` runs the model
+//! against memory stores with one rule broken each (among them the old protocol: refusing a
+//! holder whose lease ran out, hiding or purging its record), each of which must fail it.
 //!
 //! Cases: `PROPTEST_CASES` sets the number of cases for every store; by default 512 for memory
 //! (12 to 24 steps each) and 32 for the others (6 to 12 steps each, 15 to 25 s per backend).
-//! Redis and PostgreSQL are skipped when unreachable unless `IDEM_REQUIRE_SERVICES=1`.
+//! Redis and PostgreSQL are skipped when unreachable unless `IDEM_REQUIRE_SERVICES=1`. One store
+//! alone: name its test (`memory_store_follows_the_model`, ...).
 //!
 //! ```text
 //! cargo test --all-features --test model -- --nocapture
+//! PROPTEST_CASES=2000 cargo test --all-features --test model memory_store -- --nocapture
 //! ```
 
 // Only `conformance::unavailable` is used here, not the suite.
@@ -39,9 +58,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::{Claim, Error, FencingToken, Fingerprint, RecordState, StorageKey, Store};
+use idem::{Claim, Error, FencingToken, Fingerprint, RecordState, StorageKey, Store, StoredRecord};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use tokio::time::Instant;
 
 /// The step of "advance time": advances are 1, 3 or 7 units.
@@ -178,23 +197,27 @@ struct Deadline {
 
 #[derive(Clone, Debug)]
 enum Slot {
-    /// No live record. `takeover`: the flag the next acquire must report, if known.
-    Absent { takeover: Option<bool> },
+    /// No record: never claimed, released, or a completed record purged. The next acquire is
+    /// no takeover.
+    Absent,
+    /// In flight under `token` until a claim takes it over, whether or not its lease ran out:
+    /// the lease only decides whether a claim may take over. (It is never abandoned here: the
+    /// retention is 24 h.)
     InFlight {
         token: u64,
         fp: Option<Fingerprint>,
-        until: Deadline,
-        /// Proven expired by an answer of the store.
-        dead: bool,
-        /// A purge ran while its expiry was unknown: it may be gone.
-        maybe_purged: bool,
+        lease: Deadline,
     },
     Completed {
         token: u64,
         fp: Option<Fingerprint>,
         payload: Vec<u8>,
         until: Deadline,
+        /// Completed by a holder whose lease had surely run out.
+        late: bool,
+        /// Proven expired by an answer of the store.
         dead: bool,
+        /// A purge ran while its expiry was unknown: it may be gone.
         maybe_purged: bool,
     },
 }
@@ -213,7 +236,8 @@ fn fingerprints_match(stored: Option<Fingerprint>, given: Option<Fingerprint>) -
     }
 }
 
-/// The answer a claim gets from a live record.
+/// The answer a claim gets from a live record (in flight within its lease, or completed
+/// within its ttl).
 fn live_answer(slot: &Slot, fp: Option<Fingerprint>) -> Claim {
     match slot {
         Slot::InFlight { fp: stored, .. } | Slot::Completed { fp: stored, .. }
@@ -223,7 +247,7 @@ fn live_answer(slot: &Slot, fp: Option<Fingerprint>) -> Claim {
         }
         Slot::InFlight { .. } => Claim::InFlight,
         Slot::Completed { payload, .. } => Claim::Completed(payload.clone().into()),
-        Slot::Absent { .. } => unreachable!("absent slots are not live"),
+        Slot::Absent => unreachable!("absent slots are not live"),
     }
 }
 
@@ -233,9 +257,21 @@ struct Stats {
     ops: BTreeMap<&'static str, u64>,
     acquired: u64,
     takeovers: u64,
+    /// Takeovers of a record with another fingerprint (never key reuse).
+    takeovers_of_other_fp: u64,
     replays_checked: u64,
+    /// Replays of results completed after their holder's lease had run out.
+    late_replays_checked: u64,
     stale_refused: u64,
+    /// Of those: tokens whose claim was taken over.
+    taken_over_refused: u64,
     accepted: BTreeMap<&'static str, u64>,
+    /// Accepted from the holder after its lease had surely run out, nobody having taken over.
+    accepted_late: BTreeMap<&'static str, u64>,
+    /// `get` answers `InFlight` for a claim whose lease had surely run out.
+    lapsed_gets: u64,
+    /// Purges that ran while some claim's lease had surely run out (and kept it).
+    lapsed_purges: u64,
     key_reuses: u64,
     in_flight: u64,
     expired_seen: u64,
@@ -259,6 +295,8 @@ struct Harness<'a> {
     jobs: Vec<Option<(usize, u64)>>,
     /// Every token issued, with its key.
     issued: Vec<(usize, u64)>,
+    /// Tokens (with their key) whose claim was taken over.
+    taken_over: HashSet<(usize, u64)>,
     max_token: Option<u64>,
     max_token_of_key: Vec<Option<u64>>,
     stats: Stats,
@@ -288,26 +326,26 @@ impl<'a> Harness<'a> {
             },
             native_expiry,
             global_tokens,
-            slots: vec![Slot::Absent { takeover: None }; KEYS],
+            slots: vec![Slot::Absent; KEYS],
             held: vec![HashMap::new(); CALLERS],
             jobs: vec![None; CALLERS],
             issued: Vec::new(),
+            taken_over: HashSet::new(),
             max_token: None,
             max_token_of_key: vec![None; KEYS],
             stats: Stats::default(),
         }
     }
 
+    /// Whether the record of `key` stands in a claim's way during `[s, e]`: an in-flight record
+    /// within its lease, or a completed one within its ttl.
     fn liveness(&self, key: usize, s: Instant, e: Instant) -> Live {
-        let (until, dead) = match &self.slots[key] {
-            Slot::Absent { .. } => return Live::No,
-            Slot::InFlight { until, dead, .. } | Slot::Completed { until, dead, .. } => {
-                (until, *dead)
-            }
+        let until = match &self.slots[key] {
+            Slot::Absent => return Live::No,
+            Slot::Completed { dead: true, .. } => return Live::No,
+            Slot::InFlight { lease: until, .. } | Slot::Completed { until, .. } => until,
         };
-        if dead {
-            Live::No
-        } else if until.lo > e + self.margin {
+        if until.lo > e + self.margin {
             Live::Yes
         } else if until.hi + self.margin <= s {
             Live::No
@@ -317,18 +355,15 @@ impl<'a> Harness<'a> {
     }
 
     fn mark_dead(&mut self, key: usize) {
-        if let Slot::InFlight { dead, .. } | Slot::Completed { dead, .. } = &mut self.slots[key] {
+        if let Slot::Completed { dead, .. } = &mut self.slots[key] {
             *dead = true;
         }
     }
 
-    /// The takeover flag an acquire of `key` must report, if known.
-    fn expected_takeover(&self, key: usize) -> Option<bool> {
-        match &self.slots[key] {
-            Slot::Absent { takeover } => *takeover,
-            Slot::InFlight { maybe_purged, .. } => (!maybe_purged).then_some(true),
-            Slot::Completed { .. } => Some(false),
-        }
+    /// The takeover flag an acquire of `key` must report: whether it replaces an in-flight
+    /// record (which only a takeover removes here).
+    fn expected_takeover(&self, key: usize) -> bool {
+        matches!(self.slots[key], Slot::InFlight { .. })
     }
 
     /// Who presents which token for which key. `Own`: the caller's job, or if it has none the
@@ -366,7 +401,8 @@ impl<'a> Harness<'a> {
         }
     }
 
-    /// Whether `token` holds `key` in the model (in flight with that token, maybe expired).
+    /// Whether `token` holds `key` in the model: in flight with that token, its lease live or
+    /// not (nobody took over).
     fn holds(&self, key: usize, token: u64) -> bool {
         matches!(&self.slots[key], Slot::InFlight { token: t, .. } if *t == token)
     }
@@ -380,9 +416,13 @@ impl<'a> Harness<'a> {
         fp: Option<Fingerprint>,
         (s, e): (Instant, Instant),
     ) -> Result<(), TestCaseError> {
-        if let Some(want) = self.expected_takeover(key) {
-            prop_assert_eq!(takeover, want, "takeover flag of key {}", key);
-        }
+        prop_assert_eq!(
+            takeover,
+            self.expected_takeover(key),
+            "takeover flag of key {} (model {:?})",
+            key,
+            &self.slots[key]
+        );
         if let Some(max) = self.max_token_of_key[key] {
             prop_assert!(
                 token > max,
@@ -402,6 +442,17 @@ impl<'a> Harness<'a> {
                 );
             }
         }
+        if let Slot::InFlight {
+            token: old,
+            fp: old_fp,
+            ..
+        } = self.slots[key]
+        {
+            self.taken_over.insert((key, old));
+            if !fingerprints_match(old_fp, fp) {
+                self.stats.takeovers_of_other_fp += 1;
+            }
+        }
         self.max_token = Some(self.max_token.map_or(token, |m| m.max(token)));
         self.max_token_of_key[key] = Some(token);
         self.issued.push((key, token));
@@ -412,14 +463,20 @@ impl<'a> Harness<'a> {
         self.slots[key] = Slot::InFlight {
             token,
             fp,
-            until: Deadline {
+            lease: Deadline {
                 lo: s + LEASE,
                 hi: e + LEASE,
             },
-            dead: false,
-            maybe_purged: false,
         };
         Ok(())
+    }
+
+    /// Counts a byte-for-byte replay of the completed record of `key`.
+    fn replayed(&mut self, key: usize) {
+        self.stats.replays_checked += 1;
+        if matches!(self.slots[key], Slot::Completed { late: true, .. }) {
+            self.stats.late_replays_checked += 1;
+        }
     }
 
     /// Checks one claim's answer against the model and applies it.
@@ -439,7 +496,7 @@ impl<'a> Harness<'a> {
                 if live == Live::Unknown {
                     self.stats.unknown_resolved += 1;
                 }
-                if !matches!(self.slots[key], Slot::Absent { .. }) {
+                if !matches!(self.slots[key], Slot::Absent) {
                     self.stats.expired_seen += 1;
                 }
                 self.acquired(caller, key, token.0, *takeover, fp, (s, e))?;
@@ -454,7 +511,7 @@ impl<'a> Harness<'a> {
                 let want = live_answer(&self.slots[key], fp);
                 prop_assert_eq!(answer, &want, "claim of key {} ({:?})", key, live);
                 match answer {
-                    Claim::Completed(_) => self.stats.replays_checked += 1,
+                    Claim::Completed(_) => self.replayed(key),
                     Claim::KeyReuse => self.stats.key_reuses += 1,
                     _ => self.stats.in_flight += 1,
                 }
@@ -475,8 +532,10 @@ impl<'a> Harness<'a> {
         (out, s, Instant::now())
     }
 
-    /// A guarded step (complete, release, renew) with `token` on `key`: `Ok` only if the token
-    /// holds a live lease. Returns whether the store accepted it.
+    /// A guarded step (complete, release, renew) with `token` on `key`: `Ok` exactly when the
+    /// token holds the key in flight, whether or not its lease ran out (nobody took over); else
+    /// `LeaseLost`. Returns whether the store accepted it, and whether the holder's lease had
+    /// surely run out.
     fn check_guarded(
         &mut self,
         what: &'static str,
@@ -485,45 +544,40 @@ impl<'a> Harness<'a> {
         got: &idem::Result<()>,
         s: Instant,
         e: Instant,
-    ) -> Result<bool, TestCaseError> {
-        let live = self.liveness(key, s, e);
+    ) -> Result<(bool, bool), TestCaseError> {
         let holder = self.holds(key, token);
         match got {
             Ok(()) => {
                 prop_assert!(
-                    holder && live != Live::No,
-                    "{} with token {} of key {} accepted, model {:?} ({:?})",
+                    holder,
+                    "{} with token {} of key {} accepted, model {:?}",
                     what,
                     token,
                     key,
-                    self.slots[key],
-                    live
+                    self.slots[key]
                 );
-                if live == Live::Unknown {
-                    self.stats.unknown_resolved += 1;
-                }
                 *self.stats.accepted.entry(what).or_default() += 1;
-                Ok(true)
+                let late = self.liveness(key, s, e) == Live::No;
+                if late {
+                    *self.stats.accepted_late.entry(what).or_default() += 1;
+                }
+                Ok((true, late))
             }
             Err(Error::LeaseLost) => {
                 prop_assert!(
-                    !(holder && live == Live::Yes),
-                    "{} by the live holder {} of key {} refused",
+                    !holder,
+                    "{} by the holder {} of key {} refused (lease {:?}, nobody took over): {:?}",
                     what,
                     token,
-                    key
+                    key,
+                    self.liveness(key, s, e),
+                    self.slots[key]
                 );
-                if holder {
-                    if live == Live::Unknown {
-                        self.stats.unknown_resolved += 1;
-                    }
-                    // The holder's lease ran out: proven expired.
-                    self.mark_dead(key);
-                    self.stats.expired_seen += 1;
-                } else {
-                    self.stats.stale_refused += 1;
+                self.stats.stale_refused += 1;
+                if self.taken_over.contains(&(key, token)) {
+                    self.stats.taken_over_refused += 1;
                 }
-                Ok(false)
+                Ok((false, false))
             }
             Err(other) => Err(TestCaseError::fail(format!(
                 "{what} failed: {}",
@@ -604,7 +658,8 @@ impl<'a> Harness<'a> {
                 let (got, s, e) = self
                     .timed(store.complete(&self.keys[*key], FencingToken(*token), payload, TTL))
                     .await;
-                if self.check_guarded("complete", *key, *token, &got, s, e)? {
+                let (accepted, late) = self.check_guarded("complete", *key, *token, &got, s, e)?;
+                if accepted {
                     self.done(*caller, *key);
                     let Slot::InFlight { fp, .. } = self.slots[*key] else {
                         unreachable!("checked: in flight")
@@ -617,6 +672,7 @@ impl<'a> Harness<'a> {
                             lo: s + TTL,
                             hi: e + TTL,
                         },
+                        late,
                         dead: false,
                         maybe_purged: false,
                     };
@@ -627,11 +683,9 @@ impl<'a> Harness<'a> {
                 let (got, s, e) = self
                     .timed(store.release(&self.keys[*key], FencingToken(*token)))
                     .await;
-                if self.check_guarded("release", *key, *token, &got, s, e)? {
+                if self.check_guarded("release", *key, *token, &got, s, e)?.0 {
                     self.done(*caller, *key);
-                    self.slots[*key] = Slot::Absent {
-                        takeover: Some(false),
-                    };
+                    self.slots[*key] = Slot::Absent;
                 }
             }
             Op::Renew { caller, key, pick } => {
@@ -639,9 +693,10 @@ impl<'a> Harness<'a> {
                 let (got, s, e) = self
                     .timed(store.renew(&self.keys[*key], FencingToken(*token), LEASE))
                     .await;
-                if self.check_guarded("renew", *key, *token, &got, s, e)? {
-                    if let Slot::InFlight { until, .. } = &mut self.slots[*key] {
-                        *until = Deadline {
+                if self.check_guarded("renew", *key, *token, &got, s, e)?.0 {
+                    // A new lease from now, also when the old one had run out.
+                    if let Slot::InFlight { lease, .. } = &mut self.slots[*key] {
+                        *lease = Deadline {
                             lo: s + LEASE,
                             hi: e + LEASE,
                         };
@@ -652,48 +707,67 @@ impl<'a> Harness<'a> {
                 let (got, s, e) = self.timed(store.get(&self.keys[*key])).await;
                 let got = got.map_err(|e| TestCaseError::fail(format!("get failed: {e:?}")))?;
                 let live = self.liveness(*key, s, e);
-                match (&got, live) {
-                    (None, Live::No) => {}
-                    (None, Live::Unknown) => {
-                        self.stats.unknown_resolved += 1;
-                        self.mark_dead(*key);
-                    }
-                    (None, Live::Yes) => {
+                match (&self.slots[*key], got) {
+                    (Slot::Absent, None) => {}
+                    (Slot::Absent, Some(record)) => {
                         return Err(TestCaseError::fail(format!(
-                            "get lost the live record of key {key}: {:?}",
-                            self.slots[*key]
+                            "get of key {key} found {record:?}, model says absent"
                         )))
                     }
-                    (Some(record), Live::Yes | Live::Unknown) => {
-                        let (fp, state) = match &self.slots[*key] {
-                            Slot::InFlight { token, fp, .. } => (
-                                *fp,
-                                RecordState::InFlight {
-                                    token: FencingToken(*token),
-                                },
-                            ),
-                            Slot::Completed {
-                                token, fp, payload, ..
-                            } => (
-                                *fp,
-                                RecordState::Completed {
-                                    token: FencingToken(*token),
-                                    record: payload.clone().into(),
-                                },
-                            ),
-                            Slot::Absent { .. } => unreachable!("absent is not live"),
+                    // In flight, lease live or not: the record is there until a takeover.
+                    (Slot::InFlight { token, fp, .. }, record) => {
+                        let want = StoredRecord {
+                            fingerprint: *fp,
+                            state: RecordState::InFlight {
+                                token: FencingToken(*token),
+                            },
                         };
-                        prop_assert_eq!(record.fingerprint, fp, "fingerprint of key {}", key);
-                        prop_assert_eq!(&record.state, &state, "state of key {}", key);
-                        if matches!(state, RecordState::Completed { .. }) {
-                            self.stats.replays_checked += 1;
+                        prop_assert_eq!(
+                            record,
+                            Some(want),
+                            "get of key {} in flight (lease {:?})",
+                            key,
+                            live
+                        );
+                        if live == Live::No {
+                            self.stats.lapsed_gets += 1;
                         }
                     }
-                    (Some(record), Live::No) => {
-                        return Err(TestCaseError::fail(format!(
-                            "get of key {key} found {record:?}, model says expired: {:?}",
+                    (Slot::Completed { .. }, None) => match live {
+                        Live::No => {}
+                        Live::Unknown => {
+                            self.stats.unknown_resolved += 1;
+                            self.mark_dead(*key);
+                        }
+                        Live::Yes => {
+                            return Err(TestCaseError::fail(format!(
+                                "get lost the live record of key {key}: {:?}",
+                                self.slots[*key]
+                            )))
+                        }
+                    },
+                    (
+                        Slot::Completed {
+                            token, fp, payload, ..
+                        },
+                        Some(record),
+                    ) => {
+                        prop_assert!(
+                            live != Live::No,
+                            "get of key {} found {:?}, model says expired: {:?}",
+                            key,
+                            record,
                             self.slots[*key]
-                        )))
+                        );
+                        let want = StoredRecord {
+                            fingerprint: *fp,
+                            state: RecordState::Completed {
+                                token: FencingToken(*token),
+                                record: payload.clone().into(),
+                            },
+                        };
+                        prop_assert_eq!(record, want, "get of key {} completed", key);
+                        self.replayed(*key);
                     }
                 }
             }
@@ -701,52 +775,44 @@ impl<'a> Harness<'a> {
                 let (got, s, e) = self.timed(store.purge_expired()).await;
                 let removed =
                     got.map_err(|e| TestCaseError::fail(format!("purge failed: {e:?}")))?;
+                // Only completed records past their ttl go; in-flight ones stay, lease run out
+                // or not (none is abandoned for the retention here).
                 let (mut sure, mut maybe) = (0, 0);
+                let mut lapsed = false;
                 for key in 0..KEYS {
-                    let purged_before = matches!(
-                        &self.slots[key],
-                        Slot::InFlight {
-                            maybe_purged: true,
-                            ..
-                        } | Slot::Completed {
-                            maybe_purged: true,
-                            ..
-                        }
-                    );
-                    match (self.liveness(key, s, e), &self.slots[key]) {
-                        (_, Slot::Absent { .. }) => {}
-                        (Live::No, _) if !purged_before => sure += 1,
-                        (Live::No | Live::Unknown, _) => maybe += 1,
-                        (Live::Yes, _) => {}
+                    let live = self.liveness(key, s, e);
+                    match &self.slots[key] {
+                        Slot::Absent => {}
+                        Slot::InFlight { .. } => lapsed |= live == Live::No,
+                        Slot::Completed { maybe_purged, .. } => match live {
+                            Live::No if !maybe_purged => sure += 1,
+                            Live::No | Live::Unknown => maybe += 1,
+                            Live::Yes => {}
+                        },
                     }
                 }
+                self.stats.lapsed_purges += u64::from(lapsed);
                 if self.native_expiry {
                     prop_assert_eq!(removed, 0, "a store with native expiry purges nothing");
                 } else {
                     prop_assert!(
                         (sure..=sure + maybe).contains(&removed),
-                        "purge removed {}, expected {} to {}",
+                        "purge removed {}, expected {} to {} (model {:?})",
                         removed,
                         sure,
-                        sure + maybe
+                        sure + maybe,
+                        self.slots
                     );
                     for key in 0..KEYS {
-                        match self.liveness(key, s, e) {
-                            Live::No => {
-                                if !matches!(self.slots[key], Slot::Absent { .. }) {
-                                    self.slots[key] = Slot::Absent {
-                                        takeover: Some(false),
-                                    };
-                                }
+                        let live = self.liveness(key, s, e);
+                        match &mut self.slots[key] {
+                            Slot::Completed { .. } if live == Live::No => {
+                                self.slots[key] = Slot::Absent;
                             }
-                            Live::Unknown => {
-                                if let Slot::InFlight { maybe_purged, .. }
-                                | Slot::Completed { maybe_purged, .. } = &mut self.slots[key]
-                                {
-                                    *maybe_purged = true;
-                                }
+                            Slot::Completed { maybe_purged, .. } if live == Live::Unknown => {
+                                *maybe_purged = true;
                             }
-                            Live::Yes => {}
+                            _ => {}
                         }
                     }
                 }
@@ -814,11 +880,19 @@ async fn run_case(
     }
     t.acquired += h.stats.acquired;
     t.takeovers += h.stats.takeovers;
+    t.takeovers_of_other_fp += h.stats.takeovers_of_other_fp;
     t.replays_checked += h.stats.replays_checked;
+    t.late_replays_checked += h.stats.late_replays_checked;
     t.stale_refused += h.stats.stale_refused;
+    t.taken_over_refused += h.stats.taken_over_refused;
     for (k, v) in h.stats.accepted {
         *t.accepted.entry(k).or_default() += v;
     }
+    for (k, v) in h.stats.accepted_late {
+        *t.accepted_late.entry(k).or_default() += v;
+    }
+    t.lapsed_gets += h.stats.lapsed_gets;
+    t.lapsed_purges += h.stats.lapsed_purges;
     t.key_reuses += h.stats.key_reuses;
     t.in_flight += h.stats.in_flight;
     t.expired_seen += h.stats.expired_seen;
@@ -832,8 +906,11 @@ fn report(name: &str, t: &Stats) {
     let total: u64 = t.ops.values().sum();
     eprintln!(
         "model[{name}]: {} cases, {total} operations {:?}, {} distinct interleavings; \
-         {} acquisitions ({} takeovers, {} races with one winner), accepted {:?}, {} stale tokens refused, \
-         {} replays checked byte for byte, {} in-flight and {} key-reuse answers, \
+         {} acquisitions ({} takeovers, {} of them of another fingerprint, {} races with one winner), \
+         accepted {:?}, of them after the holder's lease ran out {:?}, \
+         {} stale tokens refused ({} of them taken over), \
+         {} replays checked byte for byte ({} of late results), {} gets of lapsed claims, \
+         {} purges that kept lapsed claims, {} in-flight and {} key-reuse answers, \
          {} expiries observed, {} unknown deadlines resolved by the store; \
          duplicate holders found: 0, lost or overwritten results: 0",
         t.cases,
@@ -841,15 +918,43 @@ fn report(name: &str, t: &Stats) {
         t.shapes.len(),
         t.acquired,
         t.takeovers,
+        t.takeovers_of_other_fp,
         t.races_with_one_winner,
         t.accepted,
+        t.accepted_late,
         t.stale_refused,
+        t.taken_over_refused,
         t.replays_checked,
+        t.late_replays_checked,
+        t.lapsed_gets,
+        t.lapsed_purges,
         t.in_flight,
         t.key_reuses,
         t.expired_seen,
         t.unknown_resolved,
     );
+}
+
+/// Asserts that a run exercised every rule, so that no check passed vacuously.
+fn assert_coverage(name: &str, t: &Stats) {
+    let late = |what: &str| t.accepted_late.get(what).copied().unwrap_or(0);
+    let seen = [
+        ("takeovers", t.takeovers),
+        ("takeovers of another fingerprint", t.takeovers_of_other_fp),
+        ("races with one winner", t.races_with_one_winner),
+        ("late completes", late("complete")),
+        ("late renews", late("renew")),
+        ("late releases", late("release")),
+        ("replays of late results", t.late_replays_checked),
+        ("gets of lapsed claims", t.lapsed_gets),
+        ("purges that kept lapsed claims", t.lapsed_purges),
+        ("taken-over tokens refused", t.taken_over_refused),
+        ("in-flight answers", t.in_flight),
+        ("key-reuse answers", t.key_reuses),
+    ];
+    for (what, n) in seen {
+        assert!(n > 0, "model[{name}]: {} cases saw no {what}", t.cases);
+    }
 }
 
 fn finish(
@@ -920,6 +1025,258 @@ fn memory_store_follows_the_model() {
         })
     });
     finish(b.name, result, &totals);
+    let t = totals.lock().unwrap();
+    // Enough cases to see every rule at work (a few hundred almost surely do).
+    if t.cases >= 256 {
+        assert_coverage(b.name, &t);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broken stores: the model must catch each.
+
+/// One rule a broken store gets wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bug {
+    /// The old protocol: `complete`, `renew` and `release` of the holder are refused once its
+    /// lease ran out, although nobody took over.
+    RefuseLateHolder,
+    /// A late `complete` answers `Ok`, but its result is lost (the claim is released instead).
+    LoseLateResult,
+    /// A late `renew` answers `Ok` but does not re-establish the lease.
+    LateRenewIgnored,
+    /// `get` hides an in-flight record whose lease ran out.
+    HideLapsedClaim,
+    /// `purge_expired` removes in-flight records whose lease ran out.
+    PurgeLapsedClaim,
+    /// A claim never takes over an in-flight record whose lease ran out (answers `InFlight`).
+    NoTakeover,
+    /// A takeover reports `takeover: false`.
+    HideTakeover,
+    /// The token of a taken-over claim may still complete (`Ok`, storing nothing).
+    AcceptTakenOver,
+}
+
+impl Bug {
+    const ALL: [Bug; 8] = [
+        Bug::RefuseLateHolder,
+        Bug::LoseLateResult,
+        Bug::LateRenewIgnored,
+        Bug::HideLapsedClaim,
+        Bug::PurgeLapsedClaim,
+        Bug::NoTakeover,
+        Bug::HideTakeover,
+        Bug::AcceptTakenOver,
+    ];
+}
+
+/// A memory store with one [`Bug`], on the paused clock. It follows the claims made through it:
+/// per key, the token holding it in flight and the end of its lease.
+struct Broken {
+    inner: idem::MemoryStore,
+    bug: Bug,
+    claims: Mutex<HashMap<StorageKey, (u64, Instant)>>,
+    taken_over: Mutex<HashSet<(StorageKey, u64)>>,
+}
+
+impl Broken {
+    fn new(bug: Bug) -> Self {
+        Broken {
+            inner: idem::MemoryStore::new(),
+            bug,
+            claims: Mutex::default(),
+            taken_over: Mutex::default(),
+        }
+    }
+
+    /// The token of the claim on `key` whose lease ran out, if any.
+    fn lapsed(&self, key: &StorageKey) -> Option<u64> {
+        let now = Instant::now();
+        let claims = self.claims.lock().unwrap();
+        claims
+            .get(key)
+            .filter(|(_, until)| *until <= now)
+            .map(|(t, _)| *t)
+    }
+
+    /// Whether `token` holds `key` with its lease run out.
+    fn late(&self, key: &StorageKey, token: FencingToken) -> bool {
+        self.lapsed(key) == Some(token.0)
+    }
+
+    fn forget(&self, key: &StorageKey) {
+        self.claims.lock().unwrap().remove(key);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Broken {
+    fn backend(&self) -> &'static str {
+        "broken"
+    }
+
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> idem::Result<Claim> {
+        if self.bug == Bug::NoTakeover && self.lapsed(key).is_some() {
+            return Ok(Claim::InFlight);
+        }
+        let now = Instant::now();
+        let got = self.inner.claim(key, fingerprint, lease).await?;
+        if let Claim::Acquired { token, .. } = got {
+            let old = self
+                .claims
+                .lock()
+                .unwrap()
+                .insert(key.clone(), (token.0, now + lease));
+            if let Some((old, _)) = old {
+                self.taken_over.lock().unwrap().insert((key.clone(), old));
+            }
+            if self.bug == Bug::HideTakeover {
+                return Ok(Claim::Acquired {
+                    token,
+                    takeover: false,
+                });
+            }
+        }
+        Ok(got)
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> idem::Result<()> {
+        let late = self.late(key, token);
+        match self.bug {
+            Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
+            Bug::LoseLateResult if late => {
+                self.inner.release(key, token).await?;
+                self.forget(key);
+                return Ok(());
+            }
+            Bug::AcceptTakenOver
+                if self
+                    .taken_over
+                    .lock()
+                    .unwrap()
+                    .contains(&(key.clone(), token.0)) =>
+            {
+                return Ok(())
+            }
+            _ => {}
+        }
+        self.inner.complete(key, token, record, ttl).await?;
+        self.forget(key);
+        Ok(())
+    }
+
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> idem::Result<()> {
+        if self.bug == Bug::RefuseLateHolder && self.late(key, token) {
+            return Err(Error::LeaseLost);
+        }
+        self.inner.release(key, token).await?;
+        self.forget(key);
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> idem::Result<()> {
+        let late = self.late(key, token);
+        match self.bug {
+            Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
+            Bug::LateRenewIgnored if late => return Ok(()),
+            _ => {}
+        }
+        let now = Instant::now();
+        self.inner.renew(key, token, lease).await?;
+        self.claims
+            .lock()
+            .unwrap()
+            .insert(key.clone(), (token.0, now + lease));
+        Ok(())
+    }
+
+    async fn get(&self, key: &StorageKey) -> idem::Result<Option<StoredRecord>> {
+        let got = self.inner.get(key).await?;
+        if self.bug == Bug::HideLapsedClaim {
+            if let Some(RecordState::InFlight { token }) = got.as_ref().map(|r| &r.state) {
+                if self.late(key, *token) {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    async fn purge_expired(&self) -> idem::Result<u64> {
+        let mut removed = self.inner.purge_expired().await?;
+        if self.bug == Bug::PurgeLapsedClaim {
+            let keys: Vec<StorageKey> = self.claims.lock().unwrap().keys().cloned().collect();
+            for key in keys {
+                if let Some(token) = self.lapsed(&key) {
+                    if self.inner.release(&key, FencingToken(token)).await.is_ok() {
+                        self.forget(&key);
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[test]
+fn the_model_catches_broken_stores() {
+    let b = Backend {
+        name: "broken memory",
+        paused: true,
+        native_expiry: false,
+        global_tokens: true,
+        default_cases: 512,
+        max_ops: 24,
+    };
+    for bug in Bug::ALL {
+        let totals = Mutex::new(Stats::default());
+        // At least as many cases as the memory check has by default, whatever PROPTEST_CASES.
+        let cases = cases(b.default_cases).max(b.default_cases);
+        let mut runner = TestRunner::new(Config {
+            cases,
+            ..runner(&b).config().clone()
+        });
+        let result = runner.run(&ops(b.max_ops), |ops| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let store = Broken::new(bug);
+                run_case(&b, &store, &ops, &totals).await
+            })
+        });
+        match result {
+            Err(TestError::Fail(why, ops)) => {
+                let why = why.to_string();
+                let why = why.lines().next().unwrap_or_default();
+                eprintln!(
+                    "model[broken: {bug:?}]: caught, shrunk to {} steps: {why}",
+                    ops.len()
+                );
+            }
+            Err(e) => panic!("model check of the store with {bug:?}: {e}"),
+            Ok(()) => panic!("the model passed a store with {bug:?} in {cases} cases"),
+        }
+    }
 }
 
 #[cfg(feature = "sqlite")]
