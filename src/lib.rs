@@ -92,5 +92,6 @@ pub mod __private {
         default_wait, fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, OnUnknown,
         DEFAULT_LEASE,
     };
+    pub use idem_runtime::key::Operation;
     pub use idem_runtime::{Fingerprint, StorageKey};
 }

@@ -60,6 +60,8 @@ fn record(token: u64) -> Vec<u8> {
         completed_at_ms: 0,
         ttl_ms: 60_000,
         type_name: "u32",
+        operation: "",
+        schema: 0,
         payload: b"7",
     }
     .encode()

@@ -20,8 +20,9 @@ async fn functions_without_a_store_use_the_installed_one() {
     assert!(previous.is_none(), "nothing was installed before");
     assert_eq!(uses_the_default_store(21).await.unwrap(), 42);
 
-    let key =
-        StorageKey::derive(concat!(module_path!(), "::uses_the_default_store"), &21u32).unwrap();
+    let operation =
+        idem::key::Operation::from_path(concat!(module_path!(), "::uses_the_default_store"));
+    let key = StorageKey::derive_for(&operation, "", &21u32).unwrap();
     let record = store
         .get(&key)
         .await

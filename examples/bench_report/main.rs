@@ -256,6 +256,8 @@ fn sample_record(token: u64) -> Vec<u8> {
         completed_at_ms: 0,
         ttl_ms: 86_400_000,
         type_name: std::any::type_name::<Receipt>(),
+        operation: "",
+        schema: 0,
         payload: &payload,
     }
     .encode()

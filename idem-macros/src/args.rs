@@ -27,10 +27,12 @@ mod kw {
     syn::custom_keyword!(on_unknown);
     syn::custom_keyword!(recovery);
     syn::custom_keyword!(detach);
+    syn::custom_keyword!(name);
+    syn::custom_keyword!(version);
 }
 
 const ARGUMENTS: &str =
-    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`, `max_record_bytes`, `on_unknown`, `recovery`, `detach`";
+    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`, `max_record_bytes`, `on_unknown`, `recovery`, `detach`, `name`, `version`, `crate`";
 
 /// A duration argument: a literal checked now, or an expression evaluated at run time.
 pub enum DurationArg {
@@ -97,6 +99,12 @@ pub struct Args {
     pub recovery: Option<Arg<DurationArg>>,
     /// `detach = true | false`, with the literal's span.
     pub detach: Option<Arg<syn::LitBool>>,
+    /// `name = "billing.charge"`: the operation's stable name.
+    pub name: Option<Arg<LitStr>>,
+    /// `version = N`: the result's schema version.
+    pub version: Option<Arg<syn::LitInt>>,
+    /// `crate = path`: where the facade crate is, for users who renamed the dependency.
+    pub krate: Option<Arg<Path>>,
 }
 
 impl Parse for Args {
@@ -277,6 +285,49 @@ impl Args {
                 syn::Error::new(e.span(), "expected `detach = true` or `detach = false`")
             })?;
             set(&mut self.detach, name, "detach", lit)
+        } else if look.peek(kw::name) {
+            let name = input.parse::<kw::name>()?.span;
+            input.parse::<Token![=]>()?;
+            let lit: LitStr = input.parse().map_err(|e| {
+                syn::Error::new(e.span(), "expected `name = \"...\"`: a string literal naming what the function does, e.g. `name = \"billing.charge\"`")
+            })?;
+            let value = lit.value();
+            let problem = if value.is_empty() {
+                Some("is empty")
+            } else if value.len() > 255 {
+                Some("is longer than 255 bytes")
+            } else if value.chars().any(char::is_control) {
+                Some("contains a control character")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    format!("the operation name {problem}: give a short stable name such as `name = \"billing.charge\"`"),
+                ));
+            }
+            set(&mut self.name, name, "name", lit)
+        } else if look.peek(kw::version) {
+            let name = input.parse::<kw::version>()?.span;
+            input.parse::<Token![=]>()?;
+            let lit: syn::LitInt = input.parse().map_err(|e| {
+                syn::Error::new(e.span(), "expected `version = N`: a whole number (0 to 4294967295) you raise when the result type changes incompatibly")
+            })?;
+            if lit.base10_parse::<u32>().is_err() {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    "`version` must be a whole number from 0 to 4294967295",
+                ));
+            }
+            set(&mut self.version, name, "version", lit)
+        } else if look.peek(Token![crate]) {
+            let name = input.parse::<Token![crate]>()?.span;
+            input.parse::<Token![=]>()?;
+            let path: Path = input.parse().map_err(|e| {
+                syn::Error::new(e.span(), "expected `crate = path`, the path of the `idempotency` crate as your Cargo.toml renames it, e.g. `crate = ::payments_idem`")
+            })?;
+            set(&mut self.krate, name, "crate", path)
         } else if input.peek(Ident) {
             let ident: Ident = input.parse()?;
             Err(syn::Error::new(

@@ -67,7 +67,14 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         .as_ref()
         .map(|r| r.span())
         .unwrap_or_else(Span::call_site);
-    let p = quote_spanned!(ret_span=> ::idem::__private);
+    let krate = match &args.krate {
+        Some(k) => {
+            let path = &k.value;
+            quote!(#path)
+        }
+        None => quote!(::idem),
+    };
+    let p = quote_spanned!(ret_span=> #krate::__private);
     let fn_name = func.sig.ident.to_string();
 
     let scope = match &args.scope {
@@ -75,7 +82,16 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
             let e = &s.value;
             quote!(&(#e))
         }
-        None => quote!(::core::concat!(::core::module_path!(), "::", #fn_name)),
+        None => quote!(""),
+    };
+    let operation = match &args.name {
+        Some(name) => {
+            let lit = &name.value;
+            quote!(#p::Operation::named(#lit))
+        }
+        None => {
+            quote!(#p::Operation::from_path(::core::concat!(::core::module_path!(), "::", #fn_name)))
+        }
     };
 
     let default_fingerprint = {
@@ -87,7 +103,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     };
 
     let call = match (&args.key, &args.fingerprint) {
-        (None, _) => quote!(#p::Call::by_content(#scope, #default_fingerprint)),
+        (None, _) => quote!(#p::Call::by_content_for(#operation, #scope, #default_fingerprint)),
         (Some(key), fp) => {
             let key = &key.value;
             let fp = match fp.as_ref().map(|f| &f.value) {
@@ -100,7 +116,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
                 }
             };
             let key_span = key.span();
-            quote_spanned!(key_span=> #p::Call::new(#p::StorageKey::derive(#scope, &(#key))).fingerprint(#fp))
+            quote_spanned!(key_span=> #p::Call::for_operation(#operation, #scope, &(#key)).fingerprint(#fp))
         }
     };
 
@@ -128,6 +144,10 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     };
     if let Some(w) = wait {
         settings.extend(quote!(.on_conflict(#p::OnConflict::Wait(#w))));
+    }
+    if let Some(v) = &args.version {
+        let lit = &v.value;
+        settings.extend(quote!(.version(#lit)));
     }
     if let Some(u) = &args.on_unknown {
         let v = match u.value {
@@ -161,10 +181,10 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         // Paths written out (not `#p`) so every token carries the argument's span and a
         // missing `Serialize` on the error type is reported at `cache_errors`.
         Some((name, CacheErrors::All)) => {
-            quote_spanned!(name=> ::idem::__private::ErrorPolicy::always())
+            quote_spanned!(name=> #krate::__private::ErrorPolicy::always())
         }
         Some((_, CacheErrors::When(path))) => {
-            quote_spanned!(path.span()=> ::idem::__private::ErrorPolicy::when(#path))
+            quote_spanned!(path.span()=> #krate::__private::ErrorPolicy::when(#path))
         }
     };
 

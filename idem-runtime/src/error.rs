@@ -53,14 +53,18 @@ pub enum Error {
         reason: String,
     },
 
-    /// A stored record holds a result of another type than the caller expects (the function's
-    /// result type changed while records of the old type were still live, or two functions
-    /// share a scope and key).
-    #[error("stored result has type `{found}`, expected `{expected}`")]
+    /// A stored result does not fit this build: it was written with another schema version
+    /// (`version = N`), or it does not decode as the caller's type (the result type changed
+    /// incompatibly while records of the old shape were live). The body did not run and
+    /// nothing was decoded wrongly. Keep result types backward compatible (new fields with
+    /// `#[serde(default)]`, renamed ones with `#[serde(alias)]`); for an incompatible change,
+    /// give the function a new `version = N`: until their ttl runs out, records of the old
+    /// version then fail with this error (remove them to run those keys again).
+    #[error("the stored result ({found}) does not fit this build ({expected}): keep the result type backward compatible (#[serde(default)] on new fields), or for an incompatible change set a new `version = N` and let the old records expire")]
     TypeMismatch {
-        /// The type the caller expects.
+        /// What the caller expects: schema version, operation, type.
         expected: String,
-        /// The type recorded in the stored envelope.
+        /// What the record holds.
         found: String,
     },
 

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::context::CallContext;
 use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
-use crate::key::{IntoKey, StorageKey};
+use crate::key::{IntoKey, Operation, StorageKey};
 use crate::metrics::{bump, COUNTERS};
 use crate::record::{Outcome, Record};
 use crate::store::{default_store, Claim, FencingToken, RecordState, Store, StoredRecord};
@@ -153,6 +153,8 @@ pub fn fingerprint_with(
     Ok(b.finish())
 }
 
+const TEMP_REFUSE: bool = false;
+
 /// The shortest lease accepted: 100 ms. A shorter lease expires before a store round trip and
 /// a renewal can land, so every concurrent caller would take the key over and run the body.
 pub const MIN_LEASE: Duration = Duration::from_millis(100);
@@ -207,6 +209,8 @@ pub struct Call<'s> {
     max_record_bytes: usize,
     on_unknown: OnUnknown,
     recovery: Option<Duration>,
+    operation: Option<Operation>,
+    schema: u32,
 }
 
 impl<'s> Call<'s> {
@@ -224,7 +228,37 @@ impl<'s> Call<'s> {
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             on_unknown: OnUnknown::Refuse,
             recovery: None,
+            operation: None,
+            schema: 0,
         }
+    }
+
+    /// The call of `operation` under `key` in `scope` (what `#[idempotent(key = ...)]` expands
+    /// to): the storage key is [`StorageKey::derive_for`], and the record carries the
+    /// operation's name.
+    pub fn for_operation(
+        operation: Operation,
+        scope: &(impl IntoKey + ?Sized),
+        key: &(impl IntoKey + ?Sized),
+    ) -> Self {
+        let mut call = Call::new(StorageKey::derive_for(&operation, scope, key));
+        call.operation = Some(operation);
+        call
+    }
+
+    /// A call of `operation` keyed by content: the key is the fingerprint itself, so equal
+    /// arguments share one record (the macro's default when no `key = ...` is given).
+    pub fn by_content_for(
+        operation: Operation,
+        scope: &(impl IntoKey + ?Sized),
+        fingerprint: Result<Fingerprint>,
+    ) -> Self {
+        let mut call = match fingerprint {
+            Ok(fp) => Call::for_operation(operation, scope, &fp.to_hex()).fingerprint(Ok(Some(fp))),
+            Err(e) => Call::new(Err(e)),
+        };
+        call.operation = Some(operation);
+        call
     }
 
     /// A call keyed by content: the key is the fingerprint itself, so equal arguments share one
@@ -286,6 +320,15 @@ impl<'s> Call<'s> {
     /// [`OnUnknown::Refuse`] (at most once).
     pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
         self.on_unknown = on_unknown;
+        self
+    }
+
+    /// The schema version of the result (`version = N`): stored with it, and compared on
+    /// replay. Bump it when the result type changes in a way old records must not be decoded
+    /// into; records of another version are then [`Error::TypeMismatch`] (never decoded) until
+    /// their ttl runs out. Default 0.
+    pub fn version(mut self, version: u32) -> Self {
+        self.schema = version;
         self
     }
 
@@ -365,6 +408,8 @@ impl<'s> Call<'s> {
             max_record_bytes: self.max_record_bytes,
             on_unknown: self.on_unknown,
             recovery: self.recovery,
+            operation: self.operation,
+            schema: self.schema,
         }
     }
 
@@ -386,14 +431,30 @@ impl<'s> Call<'s> {
             ))
             .into());
         }
-        let default;
-        let store: &dyn Store = match &self.store {
-            StoreRef::Borrowed(s) => *s,
-            StoreRef::Shared(s) => &**s,
-            StoreRef::Default => {
-                default = default_store();
-                &*default
+        // The store, and the same store as a handle a background task can own, if any.
+        let shared: Option<Arc<dyn Store>> = match &self.store {
+            StoreRef::Borrowed(s) => s.detached(),
+            StoreRef::Shared(s) => Some(s.clone()),
+            StoreRef::Default => Some(default_store()),
+        };
+        let store: &dyn Store = match (&self.store, &shared) {
+            (StoreRef::Borrowed(s), _) => *s,
+            (_, Some(s)) => &**s,
+            (_, None) => unreachable!("shared and default stores are handles"),
+        };
+        if let Some(op) = &self.operation {
+            if TEMP_REFUSE && !op.is_stable() && store.durable() {
+                return Err(Error::config(format!(
+                    "`{}` has no stable name, and its store ({}) keeps records across deploys: a name taken from the function's path changes when the function moves or is renamed, and live keys would run the body again. Add `name = \"...\"` to its #[idempotent(...)], e.g. `name = \"billing.charge\"`, and keep it when the function moves",
+                    op.name(),
+                    store.backend()
+                ))
+                .into());
             }
+        }
+        let expect = Expect {
+            operation: self.operation.map(|op| op.name()),
+            schema: self.schema,
         };
         let (token, takeover) = match claim(
             store,
@@ -408,7 +469,7 @@ impl<'s> Call<'s> {
             Claimed::Replay(bytes) => {
                 bump(&COUNTERS.hits);
                 tracing::debug!(target: "idem", key = %key, "replay");
-                return replay::<R::Ok, R::Err>(&bytes, &errors);
+                return replay::<R::Ok, R::Err>(&bytes, &errors, &expect);
             }
         };
         bump(&COUNTERS.misses);
@@ -416,6 +477,7 @@ impl<'s> Call<'s> {
         let recovery = self.recovery.unwrap_or(self.ttl);
         let started = Started {
             store,
+            shared: shared.clone(),
             key: &key,
             token,
             on_unknown: self.on_unknown,
@@ -427,7 +489,8 @@ impl<'s> Call<'s> {
             armed: true,
         };
         let context = CallContext::new(key.clone(), token, takeover);
-        let output = match Renewal::start(store, &key, token, self.lease, context.clone()) {
+        let output = match Renewal::start(shared.clone(), &key, token, self.lease, context.clone())
+        {
             Some(renewal) => {
                 // Let the renewal task run once (and arm its timer) before the body, which
                 // may block this thread.
@@ -479,6 +542,8 @@ impl<'s> Call<'s> {
                 completed_at_ms: unix_ms(),
                 ttl_ms: self.ttl.as_millis() as u64,
                 type_name,
+                operation: expect.operation.unwrap_or(""),
+                schema: self.schema,
                 payload: &payload,
             },
             self.max_record_bytes,
@@ -537,6 +602,8 @@ impl Drop for Abandoned {
 /// unknown outcome.
 struct Started<'a> {
     store: &'a dyn Store,
+    /// The same store as a handle a background task can own, if there is one.
+    shared: Option<Arc<dyn Store>>,
     key: &'a StorageKey,
     token: FencingToken,
     on_unknown: OnUnknown,
@@ -580,7 +647,7 @@ impl Started<'_> {
     /// Goes on storing `record` on a task of its own until it lands, the key is taken over, or
     /// the ttl passes.
     fn finish_in_background(&self, record: Vec<u8>, ttl: Duration) {
-        let (Some(store), Ok(runtime)) = (self.store.detached(), Handle::try_current()) else {
+        let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
             tracing::warn!(target: "idem", key = %self.key, token = self.token.0,
                 "no handle or runtime to finish storing on; the claim stays in flight");
             return;
@@ -639,7 +706,7 @@ impl Started<'_> {
     fn unknown_in_background(&self, reason: &'static str) {
         bump(&COUNTERS.unknown_outcomes);
         let (key, token) = (self.key.clone(), self.token);
-        let (Some(store), Ok(runtime)) = (self.store.detached(), Handle::try_current()) else {
+        let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
             tracing::warn!(target: "idem", key = %key, token = token.0, reason,
                 "outcome unknown, and no handle or runtime to record it on; the claim stays in flight until its lease expires");
             return;
@@ -687,6 +754,8 @@ fn unknown_record(token: FencingToken, reason: &str, recovery: Duration) -> Vec<
         completed_at_ms: unix_ms(),
         ttl_ms: recovery.as_millis() as u64,
         type_name: "",
+        operation: "",
+        schema: 0,
         payload: reason.as_bytes(),
     }
     .encode()
@@ -767,7 +836,7 @@ impl Drop for FinishGuard<'_> {
             return;
         }
         let s = self.started;
-        let (Some(store), Ok(runtime)) = (s.store.detached(), Handle::try_current()) else {
+        let (Some(store), Ok(runtime)) = (s.shared.clone(), Handle::try_current()) else {
             tracing::warn!(target: "idem", key = %s.key, token = s.token.0,
                 "call dropped while storing its result; the claim stays in flight until its lease expires");
             return;
@@ -844,56 +913,95 @@ async fn claim(
     }
 }
 
+/// What a replayed record must match: the call's operation and schema version.
+struct Expect {
+    operation: Option<&'static str>,
+    schema: u32,
+}
+
 fn replay<T: DeserializeOwned, E: From<Error>>(
     bytes: &[u8],
     errors: &ErrorPolicy<E>,
+    expect: &Expect,
 ) -> Result<T, E> {
     let record = Record::decode(bytes)?;
-    let check = |expected: &str| {
-        if record.type_name == crate::record::type_name_key(expected) {
-            Ok(())
-        } else {
-            Err(Error::TypeMismatch {
-                expected: expected.to_owned(),
-                found: record.type_name.to_owned(),
-            })
+    if record.outcome == Outcome::Unknown {
+        return Err(Error::OutcomeUnknown {
+            reason: String::from_utf8_lossy(record.payload).into_owned(),
+        }
+        .into());
+    }
+    let written_as = || {
+        let mut found = format!("version {}", record.schema);
+        if !record.operation.is_empty() {
+            found = format!("{found} of `{}`", record.operation);
+        }
+        if !record.type_name.is_empty() {
+            found = format!("{found}, written as `{}`", record.type_name);
+        }
+        found
+    };
+    let expected = |ty: &str| match expect.operation {
+        Some(op) => format!("version {} of `{op}`, as `{ty}`", expect.schema),
+        None => format!("version {}, as `{ty}`", expect.schema),
+    };
+    let mismatch = |ty: &str, why: Option<String>| {
+        let mut found = written_as();
+        if let Some(why) = why {
+            found = format!("{found} ({why})");
+        }
+        Error::TypeMismatch {
+            expected: expected(ty),
+            found,
+        }
+    };
+    // Records of version 1 (no operation) and of plain calls carry no operation to compare; a
+    // different one cannot share a storage key unless SHA-256 collides, but is refused anyway.
+    let other_operation = matches!(expect.operation, Some(op) if !record.operation.is_empty() && record.operation != op);
+    // A payload that is valid JSON but does not decode is another shape of result (a
+    // mismatch); one that is not JSON at all was damaged (corrupt).
+    let decode = |ty: &str, result: serde_json::Result<()>| -> Result<()> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => match serde_json::from_slice::<serde::de::IgnoredAny>(record.payload) {
+                Ok(_) => Err(mismatch(ty, Some(format!("it does not decode: {e}")))),
+                Err(_) => Err(Error::corrupt(format!(
+                    "stored value is not valid JSON for `{ty}`: {e}"
+                ))),
+            },
         }
     };
     match record.outcome {
         Outcome::Ok => {
-            check(type_name::<T>())?;
-            serde_json::from_slice(record.payload).map_err(|e| {
-                Error::corrupt(format!(
-                    "stored value does not decode as {}: {e}",
-                    type_name::<T>()
-                ))
-                .into()
-            })
+            let ty = type_name::<T>();
+            if other_operation || record.schema != expect.schema {
+                return Err(mismatch(ty, None).into());
+            }
+            let mut value = None;
+            decode(
+                ty,
+                serde_json::from_slice(record.payload).map(|v| value = Some(v)),
+            )?;
+            Ok(value.expect("decoded"))
         }
         Outcome::Err => {
-            let Some((_, decode)) = errors.codec else {
-                // An error was kept by an earlier version that cached errors; this caller cannot
-                // decode errors at all.
-                return Err(Error::TypeMismatch {
-                    expected: type_name::<T>().to_owned(),
-                    found: record.type_name.to_owned(),
-                }
+            let ty = type_name::<E>();
+            let Some((_, decode_err)) = errors.codec else {
+                // An error was kept by a build that cached errors; this one cannot decode errors.
+                return Err(mismatch(
+                    ty,
+                    Some("a kept error, and this function does not keep errors".into()),
+                )
                 .into());
             };
-            check(type_name::<E>())?;
-            match decode(record.payload) {
-                Ok(e) => Err(e),
-                Err(e) => Err(Error::corrupt(format!(
-                    "stored error does not decode as {}: {e}",
-                    type_name::<E>()
-                ))
-                .into()),
+            if other_operation || record.schema != expect.schema {
+                return Err(mismatch(ty, None).into());
             }
+            let mut value = None;
+            decode(ty, decode_err(record.payload).map(|v| value = Some(v)))?;
+            Err(value.expect("decoded"))
         }
-        Outcome::Unknown => Err(Error::OutcomeUnknown {
-            reason: String::from_utf8_lossy(record.payload).into_owned(),
-        }
-        .into()),
+        Outcome::Unknown => unreachable!("handled above"),
     }
 }
 
@@ -907,16 +1015,16 @@ struct Renewal {
 }
 
 impl Renewal {
-    /// Starts renewing, or `None` if the store cannot be shared with a task (no
-    /// [`Store::detached`] handle) or there is no runtime.
+    /// Starts renewing, or `None` if there is no handle to the store that a task can own (a
+    /// borrowed store without [`Store::detached`]) or no runtime.
     fn start(
-        store: &dyn Store,
+        store: Option<Arc<dyn Store>>,
         key: &StorageKey,
         token: FencingToken,
         lease: Duration,
         context: CallContext,
     ) -> Option<Renewal> {
-        let store = store.detached()?;
+        let store = store?;
         let runtime = Handle::try_current().ok()?;
         let key = key.clone();
         let task = runtime.spawn(async move {

@@ -2,7 +2,9 @@
 //!
 //! A user key is whatever the `key = ...` expression gives (a string, an integer, a UUID). It is
 //! never used as a backend key or as SQL text: the storage key is
-//! `hex(SHA-256(scope, 0x00, user key))`, fixed length and safe for every backend.
+//! `hex(SHA-256(operation, 0x00, scope, 0x00, user key))` for `#[idempotent]` functions
+//! ([`StorageKey::derive_for`]) and `hex(SHA-256(scope, 0x00, user key))` for the HTTP layer
+//! and plain calls ([`StorageKey::derive`]): fixed length and safe for every backend.
 
 use std::fmt;
 
@@ -79,14 +81,79 @@ impl IntoKey for uuid::Uuid {
     }
 }
 
+/// What an idempotent function does, as part of its identity: a stable name such as
+/// `"billing.charge"` (`name = "..."` in the attribute), apart from the scope (for whom: a
+/// tenant) and the key (which request).
+///
+/// The name is part of every storage key, so two operations never share a record: `refund`
+/// after `charge` with the same scope and key runs `refund`. A stable name survives moving or
+/// renaming the function. Without one, the attribute falls back to the function's path
+/// (`module::function`), which changes when the function moves: that default is refused by
+/// durable stores ([`Store::durable`](crate::Store::durable)), whose records outlive the build that wrote them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Operation {
+    name: &'static str,
+    explicit: bool,
+}
+
+impl Operation {
+    /// An operation with a stable name chosen by the user.
+    pub const fn named(name: &'static str) -> Self {
+        Operation {
+            name,
+            explicit: true,
+        }
+    }
+
+    /// An operation named after its function's path: fine for records that die with the
+    /// process (the memory store), refused by durable stores.
+    pub const fn from_path(path: &'static str) -> Self {
+        Operation {
+            name: path,
+            explicit: false,
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether the name was chosen by the user (stable across refactoring).
+    pub fn is_stable(&self) -> bool {
+        self.explicit
+    }
+}
+
 /// The key a record is stored under: 64 lowercase hex digits of
 /// SHA-256(scope, 0x00, user key).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorageKey([u8; 64]);
 
 impl StorageKey {
+    /// Derives the storage key of `user_key` for `operation` in `scope`:
+    /// SHA-256(operation name, 0x00, scope, 0x00, user key). What `#[idempotent]` uses.
+    pub fn derive_for(
+        operation: &Operation,
+        scope: &(impl IntoKey + ?Sized),
+        user_key: &(impl IntoKey + ?Sized),
+    ) -> Result<Self> {
+        if operation.name.as_bytes().contains(&0) {
+            return Err(Error::config("an operation name contains a NUL byte"));
+        }
+        Self::derive_parts(Some(operation.name), scope, user_key)
+    }
+
     /// Derives the storage key of `user_key` in `scope`, checking the user key's length.
     pub fn derive(
+        scope: &(impl IntoKey + ?Sized),
+        user_key: &(impl IntoKey + ?Sized),
+    ) -> Result<Self> {
+        Self::derive_parts(None, scope, user_key)
+    }
+
+    fn derive_parts(
+        operation: Option<&str>,
         scope: &(impl IntoKey + ?Sized),
         user_key: &(impl IntoKey + ?Sized),
     ) -> Result<Self> {
@@ -96,6 +163,11 @@ impl StorageKey {
         }
         let mut buf = BUF.with(|b| b.take());
         buf.clear();
+        if let Some(operation) = operation {
+            buf.extend_from_slice(operation.as_bytes());
+            buf.push(0);
+        }
+        let scope_from = buf.len();
         scope.append_key(&mut buf);
         let scope_len = buf.len();
         buf.push(0);
@@ -103,7 +175,7 @@ impl StorageKey {
         let key_len = buf.len() - scope_len - 1;
         // The 0x00 separates scope from key: a NUL inside the scope would make
         // ("s\0", "k") and ("s", "\0k") hash alike, letting one scope reach another's records.
-        let result = if buf[..scope_len].contains(&0) {
+        let result = if buf[scope_from..scope_len].contains(&0) {
             Err(Error::InvalidKey {
                 reason: "the scope contains a NUL byte".into(),
             })

@@ -1,13 +1,13 @@
 //! The stored record: a versioned, checksummed envelope around a result's serde_json bytes.
 //!
-//! Stores keep these bytes opaque; only this module reads them. The byte format is pinned by a
-//! golden test, so records written by one release stay readable by the next. Layout (v1, all
+//! Stores keep these bytes opaque; only this module reads them. The byte format is pinned by
+//! golden tests, so records written by one release stay readable by the next. Layout (v2, all
 //! integers big-endian):
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 4 | magic `IDEM` |
-//! | 1 | format version, `1` |
+//! | 1 | format version, `2` |
 //! | 1 | outcome: `0` = `Ok`, `1` = `Err`, `2` = unknown (the payload is a UTF-8 reason) |
 //! | 1 | flags: bit 0 = has fingerprint |
 //! | 32 | fingerprint (zeros if none) |
@@ -15,10 +15,20 @@
 //! | 8 | completed at, milliseconds since the Unix epoch (writer's clock, informational) |
 //! | 8 | ttl in milliseconds |
 //! | 2 | length of the type name |
-//! | n | Rust type name of the payload, UTF-8 |
+//! | n | Rust type name of the payload, UTF-8 (informational: for people reading the record, never compared) |
+//! | 2 | length of the operation name |
+//! | o | the operation's stable name (`name = "billing.charge"`), UTF-8; empty for a plain `Call` |
+//! | 4 | the result's schema version (`version = N`, default 0) |
 //! | 4 | payload length |
 //! | m | payload (serde_json bytes for `#[idempotent]`) |
 //! | 4 | CRC-32 of everything before it |
+//!
+//! Version 1 (idem 0.1) had no operation and no schema version: the type name was followed by
+//! the payload length. Version 1 records still decode, as operation `""` and schema version 0.
+//!
+//! Whether a stored value belongs to a caller is not decided by Rust type names, which change
+//! when a type moves or the compiler changes: the operation name is part of the storage key, the
+//! schema version is compared, and the payload must decode as the caller's type.
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -26,7 +36,9 @@ use crate::fingerprint::Fingerprint;
 /// The magic bytes every record starts with.
 pub const MAGIC: &[u8; 4] = b"IDEM";
 /// The format version this release writes.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest format version this release reads.
+pub const OLDEST_FORMAT_VERSION: u8 = 1;
 const FIXED_HEADER: usize = 4 + 1 + 1 + 1 + 32 + 8 + 8 + 8 + 2;
 
 /// Whether the stored payload is the `Ok` or the `Err` of the result.
@@ -56,8 +68,15 @@ pub struct Record<'a> {
     pub completed_at_ms: u64,
     /// The ttl it was stored with, in ms.
     pub ttl_ms: u64,
-    /// `std::any::type_name` of the payload's type.
+    /// `std::any::type_name` of the payload's type, for people reading the record; never
+    /// compared (it changes when the type moves or the compiler changes).
     pub type_name: &'a str,
+    /// The stable name of the operation that wrote it (`""` for a plain `Call`, and for
+    /// version 1 records).
+    pub operation: &'a str,
+    /// The result's schema version (`version = N` of the attribute; 0 by default and for
+    /// version 1 records).
+    pub schema: u32,
     /// The encoded value.
     pub payload: &'a [u8],
 }
@@ -65,8 +84,15 @@ pub struct Record<'a> {
 impl<'a> Record<'a> {
     /// Encodes the record in the current format.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(FIXED_HEADER + self.type_name.len() + 4 + self.payload.len() + 4);
+        let mut out = Vec::with_capacity(
+            FIXED_HEADER
+                + self.type_name.len()
+                + 2
+                + self.operation.len()
+                + 8
+                + self.payload.len()
+                + 4,
+        );
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         out.push(match self.outcome {
@@ -84,6 +110,10 @@ impl<'a> Record<'a> {
         let name = type_name_key(self.type_name).as_bytes();
         out.extend_from_slice(&(name.len() as u16).to_be_bytes());
         out.extend_from_slice(name);
+        let operation = type_name_key(self.operation).as_bytes();
+        out.extend_from_slice(&(operation.len() as u16).to_be_bytes());
+        out.extend_from_slice(operation);
+        out.extend_from_slice(&self.schema.to_be_bytes());
         out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
         out.extend_from_slice(self.payload);
         let crc = crc32fast::hash(&out);
@@ -118,9 +148,9 @@ impl<'a> Record<'a> {
             return Err(Error::corrupt("not an idem record (bad magic)"));
         }
         let version = r.u8()?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(Error::corrupt(format!(
-                "unknown record format version {version} (this release reads {FORMAT_VERSION})"
+                "unknown record format version {version} (this release reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
             )));
         }
         if bytes.len() < 4 {
@@ -150,6 +180,14 @@ impl<'a> Record<'a> {
         let name_len = r.u16()? as usize;
         let type_name = std::str::from_utf8(r.take(name_len)?)
             .map_err(|_| Error::corrupt("type name is not UTF-8"))?;
+        let (operation, schema) = if version >= 2 {
+            let op_len = r.u16()? as usize;
+            let operation = std::str::from_utf8(r.take(op_len)?)
+                .map_err(|_| Error::corrupt("operation name is not UTF-8"))?;
+            (operation, r.u32()?)
+        } else {
+            ("", 0)
+        };
         let payload_len = r.u32()? as usize;
         let payload = r.take(payload_len)?;
         if r.pos != body.len() {
@@ -162,6 +200,8 @@ impl<'a> Record<'a> {
             completed_at_ms,
             ttl_ms,
             type_name,
+            operation,
+            schema,
             payload,
         })
     }
@@ -225,16 +265,56 @@ mod tests {
             completed_at_ms: 1_700_000_000_000,
             ttl_ms: 86_400_000,
             type_name: "app::Receipt",
+            operation: "billing.charge",
+            schema: 3,
             payload: br#"{"id":"r_1","amount":500}"#,
         }
     }
 
+    fn from_hex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
     /// Golden bytes: if this test fails, the stored format changed. Bump FORMAT_VERSION and keep
-    /// a decoder for version 1 instead of editing the expectation.
+    /// a decoder for this version instead of editing the expectation.
     #[test]
-    fn golden_v1_bytes() {
+    fn golden_v2_bytes() {
         let bytes = sample().encode();
         let golden = concat!(
+            "4944454d",
+            "02",
+            "00",
+            "01",
+            "abababababababababababababababababababababababababababababababab",
+            "0000000000000007",
+            "0000018bcfe56800",
+            "0000000005265c00",
+            "000c",
+            "6170703a3a52656365697074",
+            "000e",
+            "62696c6c696e672e636861726765",
+            "00000003",
+            "00000019",
+            "7b226964223a22725f31222c22616d6f756e74223a3530307d",
+        );
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(&hex[..hex.len() - 8], golden);
+        // The checksum is CRC-32 (IEEE) of the rest.
+        assert_eq!(
+            &hex[hex.len() - 8..],
+            format!("{:08x}", crc32fast::hash(&bytes[..bytes.len() - 4]))
+        );
+        assert_eq!(Record::decode(&bytes).unwrap(), sample());
+    }
+
+    /// A record exactly as idem 0.1 wrote it (format version 1, checksum included) still
+    /// decodes: operation `""`, schema version 0.
+    #[test]
+    fn golden_v1_bytes_still_decode() {
+        let bytes = from_hex(concat!(
             "4944454d",
             "01",
             "00",
@@ -247,15 +327,28 @@ mod tests {
             "6170703a3a52656365697074",
             "00000019",
             "7b226964223a22725f31222c22616d6f756e74223a3530307d",
-        );
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(&hex[..hex.len() - 8], golden);
-        // The checksum is CRC-32 (IEEE) of the rest.
+            "34581483",
+        ));
+        let record = Record::decode(&bytes).unwrap();
         assert_eq!(
-            &hex[hex.len() - 8..],
-            format!("{:08x}", crc32fast::hash(&bytes[..bytes.len() - 4]))
+            record,
+            Record {
+                operation: "",
+                schema: 0,
+                ..sample()
+            }
         );
-        assert_eq!(Record::decode(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn unknown_outcomes_round_trip_with_their_reason() {
+        let rec = Record {
+            outcome: Outcome::Unknown,
+            type_name: "",
+            payload: b"the body panicked",
+            ..sample()
+        };
+        assert_eq!(Record::decode(&rec.encode()).unwrap(), rec);
     }
 
     #[test]
@@ -296,9 +389,9 @@ mod tests {
             Err(Error::Corrupt { .. })
         ));
         let mut b = sample().encode();
-        b[4] = 2;
+        b[4] = 3;
         let err = Record::decode(&b).unwrap_err();
-        assert!(err.to_string().contains("version 2"), "{err}");
+        assert!(err.to_string().contains("version 3"), "{err}");
     }
 
     /// Property tests of the decoder: whatever the bytes, `decode` returns `Ok` or
@@ -329,7 +422,16 @@ mod tests {
         }
 
         /// The fields of a record, owned.
-        type Fields = (bool, Option<[u8; 32]>, u64, u64, u64, String, Vec<u8>);
+        type Fields = (
+            bool,
+            Option<[u8; 32]>,
+            u64,
+            u64,
+            u64,
+            String,
+            Vec<u8>,
+            (String, u32),
+        );
 
         fn fields() -> impl Strategy<Value = Fields> {
             (
@@ -341,6 +443,7 @@ mod tests {
                 // Type names: short Rust-like paths, or any text (multi-byte too).
                 prop_oneof!["[a-z_:<>, ]{0,40}", any::<String>()],
                 vec(any::<u8>(), 0..300),
+                ("[a-z_.]{0,20}", any::<u32>()),
             )
         }
 
@@ -352,6 +455,8 @@ mod tests {
                 completed_at_ms: f.3,
                 ttl_ms: f.4,
                 type_name: &f.5,
+                operation: &f.7 .0,
+                schema: f.7 .1,
                 payload: &f.6,
             }
         }
@@ -424,7 +529,9 @@ mod tests {
                 let name_at = FIXED_HEADER - 2;
                 let old_name_len =
                     u16::from_be_bytes([bytes[name_at], bytes[name_at + 1]]) as usize;
-                let payload_len_at = FIXED_HEADER + old_name_len;
+                let op_at = FIXED_HEADER + old_name_len;
+                let op_len = u16::from_be_bytes([bytes[op_at], bytes[op_at + 1]]) as usize;
+                let payload_len_at = op_at + 2 + op_len + 4;
                 bytes[name_at..name_at + 2].copy_from_slice(&name_len.to_be_bytes());
                 bytes[payload_len_at..payload_len_at + 4]
                     .copy_from_slice(&payload_len.to_be_bytes());

@@ -204,6 +204,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn durable(&self) -> bool {
+        false
+    }
+
     async fn claim(
         &self,
         key: &StorageKey,

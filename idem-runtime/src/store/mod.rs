@@ -111,6 +111,14 @@ pub trait Store: Send + Sync {
     /// A short name for errors and logs: `"memory"`, `"sqlite"`, `"redis"`, `"postgres"`.
     fn backend(&self) -> &'static str;
 
+    /// Whether records outlive the process (and so the build) that wrote them. Durable stores
+    /// refuse `#[idempotent]` functions without a stable `name = "..."`: a name taken from the
+    /// function's path would change when the function moves, and a live key would run its body
+    /// again after the deploy. Default `true`; the memory store says `false`.
+    fn durable(&self) -> bool {
+        true
+    }
+
     /// Atomically: if no live record exists (none, an in-flight record whose lease expired, or a
     /// completed record past its ttl), create an in-flight record with a new token and a lease of
     /// `lease`; else report what is there.
@@ -180,11 +188,14 @@ pub trait Store: Send + Sync {
         });
     }
 
-    /// A handle to this store that may outlive `&self` (stores are cheap to clone), so that a
-    /// call whose future is dropped while its result is being stored can finish storing it in a
-    /// background task: the body has run, and a result left unstored would let a later call run
-    /// it again once the lease runs out. The default, `None`, leaves the claim in flight until
-    /// its lease expires.
+    /// A handle to this store that may outlive `&self` (stores are cheap to clone), for the
+    /// work a call does on tasks of its own when it is given the store by reference: renewing
+    /// the lease while the body runs (so a busy body cannot starve it), recording an unknown
+    /// outcome when the body panics or is dropped, and finishing storing a result. Implement
+    /// it: with the default, `None`, renewal runs in the caller's task and a panicked or
+    /// dropped body's claim stays in flight until its lease expires, after which another
+    /// caller may run the body again. (Calls given an `Arc` of the store, detached calls and
+    /// the HTTP layer do not need it.)
     fn detached(&self) -> Option<Arc<dyn Store>> {
         None
     }
@@ -204,6 +215,9 @@ macro_rules! forward_store {
         impl<S: Store + ?Sized> Store for $ty {
             fn backend(&self) -> &'static str {
                 (**self).backend()
+            }
+            fn durable(&self) -> bool {
+                (**self).durable()
             }
             async fn claim(&self, key: &StorageKey, fingerprint: Option<&Fingerprint>, lease: Duration) -> Result<Claim> {
                 (**self).claim(key, fingerprint, lease).await

@@ -191,42 +191,64 @@ impl SqliteStore {
     }
 }
 
+/// Opens the file and prepares it (WAL, schema), retrying while another process or thread
+/// holds the lock: several workers that start at once on a fresh file race to create the
+/// schema and to switch it to WAL, and SQLite answers `SQLITE_BUSY` at once (without its busy
+/// handler) to the losers of that race.
 fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(sql_err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .map_err(sql_err)?;
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match try_open(path) {
+            Ok((conn, version)) if version == SCHEMA_VERSION => return Ok(conn),
+            Ok((_, version)) => {
+                return Err(Error::store(
+                    BACKEND,
+                    format!(
+                        "`{}` holds idem schema version {version}; this build reads version {SCHEMA_VERSION}",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if is_busy(&e) && std::time::Instant::now() + pause < deadline => {
+                tracing::debug!(target: "idem", path = %path.display(), error = %e, "SQLite file busy while opening; retrying");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(sql_err(e)),
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// One attempt of [`open_connection`]: the connection and the file's schema version.
+fn try_open(path: &Path) -> rusqlite::Result<(Connection, i64)> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         // An in-memory database (`:memory:`) reports `memory`; it is not shared anyway. Other
         // files keep working with a rollback journal, with less concurrency.
         tracing::warn!(target: "idem", path = %path.display(), mode, "SQLite store is not in WAL mode");
     }
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(sql_err)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
     let mut conn = conn;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql_err)?;
-    tx.execute_batch(SCHEMA).map_err(sql_err)?;
-    let version: i64 = tx
-        .query_row(
-            "SELECT schema_version FROM idem_meta WHERE id = 1",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(sql_err)?;
-    if version != SCHEMA_VERSION {
-        return Err(Error::store(
-            BACKEND,
-            format!(
-                "`{}` holds idem schema version {version}; this build reads version {SCHEMA_VERSION}",
-                path.display()
-            ),
-        ));
-    }
-    tx.commit().map_err(sql_err)?;
-    Ok(conn)
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    let version: i64 = tx.query_row(
+        "SELECT schema_version FROM idem_meta WHERE id = 1",
+        [],
+        |row| row.get(0),
+    )?;
+    tx.commit()?;
+    Ok((conn, version))
 }
 
 /// Maps a rusqlite error: a value of the wrong type or range read from a row means the file
@@ -815,6 +837,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_fresh_file_opened_by_many_at_once() {
+        // Many rounds on fresh files: workers that start together race to create the schema
+        // and switch to WAL, and the losers used to fail with "database is locked".
+        for round in 0..20 {
+            let dir = TempDir::new(&format!("open-race-{round}"));
+            let opens: Vec<_> = (0..16)
+                .map(|_| tokio::spawn(SqliteStore::open(dir.db())))
+                .collect();
+            for open in opens {
+                open.await.unwrap().unwrap();
+            }
+        }
         let dir = TempDir::new("open");
         let opens: Vec<_> = (0..8)
             .map(|_| tokio::spawn(SqliteStore::open(dir.db())))
