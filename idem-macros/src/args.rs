@@ -189,7 +189,11 @@ impl Args {
             let name = input.parse::<kw::skip>()?.span;
             let content;
             syn::parenthesized!(content in input);
-            let idents = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+            // `Ident::parse_any` takes `self` too (the `#[instrument(skip(self))]` habit).
+            let idents = Punctuated::<Ident, Token![,]>::parse_terminated_with(
+                &content,
+                syn::ext::IdentExt::parse_any,
+            )?;
             set(&mut self.skip, name, "skip", idents.into_iter().collect())
         } else if look.peek(kw::fingerprint) {
             let name = input.parse::<kw::fingerprint>()?.span;

@@ -67,14 +67,19 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         .as_ref()
         .map(|r| r.span())
         .unwrap_or_else(Span::call_site);
-    let krate = match &args.krate {
+    // The facade's path: `crate = path` if given, else `::idem`, written with the span the
+    // tokens around it need (the path's own tokens keep theirs).
+    let krate = |span: Span| match &args.krate {
         Some(k) => {
             let path = &k.value;
             quote!(#path)
         }
-        None => quote!(::idem),
+        None => quote_spanned!(span=> ::idem),
     };
-    let p = quote_spanned!(ret_span=> #krate::__private);
+    let p = {
+        let krate = krate(ret_span);
+        quote_spanned!(ret_span=> #krate::__private)
+    };
     let fn_name = func.sig.ident.to_string();
 
     let scope = match &args.scope {
@@ -181,9 +186,11 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         // Paths written out (not `#p`) so every token carries the argument's span and a
         // missing `Serialize` on the error type is reported at `cache_errors`.
         Some((name, CacheErrors::All)) => {
+            let krate = krate(name);
             quote_spanned!(name=> #krate::__private::ErrorPolicy::always())
         }
         Some((_, CacheErrors::When(path))) => {
+            let krate = krate(path.span());
             quote_spanned!(path.span()=> #krate::__private::ErrorPolicy::when(#path))
         }
     };
@@ -217,7 +224,10 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         Shape::Async => {
             let block = &func.block;
             let body = run_with(quote!(#block));
-            *func.block = syn::parse_quote!({ #body });
+            // Keep the user's braces (and so the item's span): an item whose span came from the
+            // macro would get no `dead_code` warning when it is never used.
+            let block: syn::Block = syn::parse_quote!({ #body });
+            func.block.stmts = block.stmts;
         }
         Shape::AsyncTrait => {
             // async-trait's block is: a type hint, `let param = param;` rebindings, then

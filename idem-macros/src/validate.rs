@@ -80,13 +80,8 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
     if let Some(skip) = &args.skip {
         for ident in &skip.value {
             if ident == "self" {
-                push(
-                    &mut errors,
-                    syn::Error::new(
-                        ident.span(),
-                        "`self` is never part of the fingerprint: remove it from `skip`",
-                    ),
-                );
+                // Accepted (the `#[instrument(skip(self))]` habit): `self` is never part of
+                // the fingerprint anyway.
             } else if !names.iter().any(|n| n == ident) {
                 let list = names
                     .iter()

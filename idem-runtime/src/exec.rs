@@ -351,7 +351,7 @@ impl<'s> Call<'s> {
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
-        R::from_result(self.run_inner(errors, body).await)
+        self.run_inner(errors, body).await
     }
 
     /// Like [`run`](Call::run), but the claim, the body and the storing of its result run on a
@@ -365,8 +365,6 @@ impl<'s> Call<'s> {
     pub async fn run_detached<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
     where
         R: IdempotentResult + Send + 'static,
-        R::Ok: Send + 'static,
-        R::Err: Send + 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
         let Some(store) = self.shareable_store() else {
@@ -378,7 +376,7 @@ impl<'s> Call<'s> {
         let joined = task.await;
         abandoned.armed = false;
         match joined {
-            Ok(result) => R::from_result(result),
+            Ok(result) => result,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => R::from_result(Err(Error::OutcomeUnknown {
                 reason: "the runtime shut down while the body ran".into(),
@@ -413,23 +411,23 @@ impl<'s> Call<'s> {
         }
     }
 
-    async fn run_inner<R, Fut>(
-        self,
-        errors: ErrorPolicy<R::Err>,
-        body: Fut,
-    ) -> Result<R::Ok, R::Err>
+    async fn run_inner<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
-        let key = self.key?;
-        let fingerprint = self.fingerprint?;
+        // No value of `R::Ok` or `R::Err` is held across an `.await` (only `R`), so that the
+        // future is `Send` whenever `R` and the body are, as `run_detached` needs.
+        let fail = |e: Error| R::from_result(Err(e.into()));
+        let (key, fingerprint) = match (self.key, self.fingerprint) {
+            (Ok(key), Ok(fingerprint)) => (key, fingerprint),
+            (Err(e), _) | (_, Err(e)) => return fail(e),
+        };
         if self.lease < MIN_LEASE {
-            return Err(Error::config(format!(
+            return fail(Error::config(format!(
                 "a lease of {:?} is shorter than the minimum of {MIN_LEASE:?}: it would expire before the claim could be renewed, and concurrent callers would all run the body",
                 self.lease
-            ))
-            .into());
+            )));
         }
         // The store, and the same store as a handle a background task can own, if any.
         let shared: Option<Arc<dyn Store>> = match &self.store {
@@ -444,12 +442,11 @@ impl<'s> Call<'s> {
         };
         if let Some(op) = &self.operation {
             if TEMP_REFUSE && !op.is_stable() && store.durable() {
-                return Err(Error::config(format!(
+                return fail(Error::config(format!(
                     "`{}` has no stable name, and its store ({}) keeps records across deploys: a name taken from the function's path changes when the function moves or is renamed, and live keys would run the body again. Add `name = \"...\"` to its #[idempotent(...)], e.g. `name = \"billing.charge\"`, and keep it when the function moves",
                     op.name(),
                     store.backend()
-                ))
-                .into());
+                )));
             }
         }
         let expect = Expect {
@@ -463,14 +460,15 @@ impl<'s> Call<'s> {
             self.lease,
             self.on_conflict,
         )
-        .await?
+        .await
         {
-            Claimed::Token(token, takeover) => (token, takeover),
-            Claimed::Replay(bytes) => {
+            Ok(Claimed::Token(token, takeover)) => (token, takeover),
+            Ok(Claimed::Replay(bytes)) => {
                 bump(&COUNTERS.hits);
                 tracing::debug!(target: "idem", key = %key, "replay");
-                return replay::<R::Ok, R::Err>(&bytes, &errors, &expect);
+                return R::from_result(replay::<R::Ok, R::Err>(&bytes, &errors, &expect));
             }
+            Err(e) => return fail(e),
         };
         bump(&COUNTERS.misses);
         tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
@@ -503,26 +501,33 @@ impl<'s> Call<'s> {
                 let lost = context.clone();
                 drive_renewing(store, &key, token, self.lease, &lost, context.scope(body)).await
             }
-        }
-        .into_result();
+        };
 
-        let (outcome, payload, type_name) = match &output {
-            Ok(v) => (Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>()),
-            Err(e) => match (errors.keep, errors.codec) {
-                (Some(keep), Some((encode, _))) if keep(e) => {
-                    (Outcome::Err, encode(e), type_name::<R::Err>())
-                }
-                _ => {
-                    guard.armed = false;
-                    match errors.unknown {
-                        Some(unknown) if unknown(e) => {
-                            started.unknown("the response could not be kept").await
-                        }
-                        _ => started.release().await,
+        // Decide what to keep while the value is at hand, then hold it as `R` again (in a
+        // block, so that no `Result<R::Ok, R::Err>` lives across an `.await`).
+        let (output, kept, unknown_err) = {
+            let result = output.into_result();
+            let kept = match &result {
+                Ok(v) => Some((Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>())),
+                Err(e) => match (errors.keep, errors.codec) {
+                    (Some(keep), Some((encode, _))) if keep(e) => {
+                        Some((Outcome::Err, encode(e), type_name::<R::Err>()))
                     }
-                    return output;
-                }
-            },
+                    _ => None,
+                },
+            };
+            let unknown_err =
+                matches!((&result, errors.unknown), (Err(e), Some(unknown)) if unknown(e));
+            (R::from_result(result), kept, unknown_err)
+        };
+        let Some((outcome, payload, type_name)) = kept else {
+            guard.armed = false;
+            if unknown_err {
+                started.unknown("the response could not be kept").await
+            } else {
+                started.release().await
+            }
+            return output;
         };
         let payload = match payload {
             Ok(p) => p,
@@ -531,7 +536,7 @@ impl<'s> Call<'s> {
                 started
                     .unknown(&format!("the result could not be encoded as JSON: {e}"))
                     .await;
-                return Err(Error::Encode(e).into());
+                return fail(Error::Encode(e));
             }
         };
         let record = Record::encode_checked(
@@ -555,7 +560,7 @@ impl<'s> Call<'s> {
                 started
                     .unknown(&format!("the result was not stored: {e}"))
                     .await;
-                return Err(e.into());
+                return fail(e);
             }
         };
         guard.armed = false;
@@ -568,7 +573,7 @@ impl<'s> Call<'s> {
                 bump(&COUNTERS.leases_lost);
                 tracing::warn!(target: "idem", key = %key, token = token.0,
                     "lease lost before completion: the newer holder's result stands");
-                Err(Error::LeaseLost.into())
+                fail(Error::LeaseLost)
             }
             Stored::Pending(e) => {
                 // The store stayed unreachable for a whole lease after the body ran. The body's

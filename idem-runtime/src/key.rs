@@ -19,6 +19,11 @@ pub const MAX_KEY_LEN: usize = 255;
 ///
 /// Implemented for strings, integers, `bool`, `char` and references to them, and for
 /// `uuid::Uuid` with the `uuid` feature. Implement it for your own id types.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used as an idempotency key",
+    label = "this key is a `{Self}`",
+    note = "keys are strings, integers, `bool`, `char`, byte slices or `Uuid` (feature `uuid`): use a field of it (`key = req.order_id`), format it (`key = format!(\"{{}}:{{}}\", a, b)`), or implement `IntoKey` for `{Self}`"
+)]
 pub trait IntoKey {
     /// Appends this key's bytes to `out`.
     fn append_key(&self, out: &mut Vec<u8>);
