@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem::store::postgres::tokio_postgres::{self, NoTls};
+use idem::key::Operation;
 use idem::{idempotent, Claim, FencingToken, PostgresStore, StorageKey, Store};
 
 #[derive(Debug)]
@@ -70,7 +71,7 @@ async fn guarded_debit(
 }
 
 /// Debits once per request id; the body hands its fencing token to the write.
-#[idempotent(key = request_id, scope = "example::debit", store = store.clone(), skip(store, db), lease = "1s")]
+#[idempotent(name = "example.debit", key = request_id, store = store.clone(), skip(store, db), lease = "1s")]
 async fn debit(
     store: Arc<PostgresStore>,
     db: Arc<tokio_postgres::Client>,
@@ -104,7 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     let request_id = format!("debit-{:08x}", rand::random::<u32>());
-    let key = StorageKey::derive("example::debit", &request_id)?;
+    let key = StorageKey::derive_for(&Operation::named("example.debit"), "", &request_id)?;
 
     println!("1. worker A claims {request_id} (lease 300 ms), then stalls for 600 ms");
     let a = match store.claim(&key, None, Duration::from_millis(300)).await? {

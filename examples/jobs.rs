@@ -40,7 +40,7 @@ static EMAILS_SENT: AtomicU32 = AtomicU32::new(0);
 
 /// Sends the welcome email for a message, once per message id. `worker` is who ran it: it is
 /// skipped from the fingerprint, since every worker passes its own number.
-#[idempotent(key = msg.id, store = store.clone(), skip(store, worker), on_conflict = "wait", lease = "5s", ttl = "1h")]
+#[idempotent(name = "jobs.send_email", key = msg.id, store = store.clone(), skip(store, worker), on_conflict = "wait", lease = "5s", ttl = "1h")]
 async fn send_welcome(
     store: Arc<dyn Store>,
     worker: usize,

@@ -1,8 +1,8 @@
 //! A retried call replayed from PostgreSQL.
 //!
 //! ```text
-//! cargo run --example postgres --features postgres            # a new order each run
-//! cargo run --example postgres --features postgres -- 42      # run twice: the second replays
+//! cargo run --example postgres --features postgres          # order 42: run it twice, the second run replays
+//! cargo run --example postgres --features postgres -- 7      # another order
 //! ```
 //!
 //! Connects to `IDEM_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and keeps
@@ -11,6 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use idem::key::Operation;
 use idem::{idempotent, PostgresStore, RecordState, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +46,7 @@ static RUNS: AtomicUsize = AtomicUsize::new(0);
 
 /// Charges once per order id; every retry within the hour gets the first receipt back, from
 /// any process sharing the database.
-#[idempotent(key = order_id, scope = "example::charge", store = store, skip(store), ttl = "1h")]
+#[idempotent(name = "example.charge", key = order_id, store = store, skip(store), ttl = "1h")]
 async fn charge(
     store: &PostgresStore,
     order_id: u64,
@@ -67,7 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let order_id = match std::env::args().nth(1) {
         Some(arg) => arg.parse()?,
-        None => rand::random::<u32>().into(),
+        None => 42,
     };
     println!("connecting to {url}");
     let store = PostgresStore::connect(&url).await?;
@@ -92,7 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let key = StorageKey::derive("example::charge", &order_id)?;
+    let key = StorageKey::derive_for(&Operation::named("example.charge"), "", &order_id)?;
     match store.get(&key).await? {
         Some(stored) => match stored.state {
             RecordState::Completed { token, record } => println!(

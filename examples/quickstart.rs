@@ -37,7 +37,7 @@ enum PaymentError {
 static PROCESSOR_CALLS: AtomicU32 = AtomicU32::new(0);
 
 /// Charges an order at most once, whatever the number of retries.
-#[idempotent(key = format!("charge:{}", req.order_id), ttl = "24h")]
+#[idempotent(name = "payments.charge", key = format!("charge:{}", req.order_id), ttl = "24h")]
 async fn charge(req: ChargeRequest) -> Result<Receipt, PaymentError> {
     PROCESSOR_CALLS.fetch_add(1, Ordering::SeqCst);
     // The payment processor is slow...

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idem::store::redis::redis;
+use idem::key::Operation;
 use idem::{idempotent, RecordState, RedisStore, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 
@@ -37,10 +38,11 @@ enum PaymentError {
 /// How many times this process really called the payment processor.
 static PROCESSOR_CALLS: AtomicU32 = AtomicU32::new(0);
 
-const SCOPE: &str = "examples::redis::charge";
+/// The tenant the charges are made for: records of other tenants never mix with these.
+const SCOPE: &str = "tenant-demo";
 
 /// Charges an order at most once across every process sharing the Redis server.
-#[idempotent(key = format!("charge:{}", req.order_id), ttl = "10m", scope = SCOPE, store = store, skip(store))]
+#[idempotent(name = "example.charge", key = format!("charge:{}", req.order_id), ttl = "10m", scope = SCOPE, store = store, skip(store))]
 async fn charge(store: &RedisStore, req: ChargeRequest) -> Result<Receipt, PaymentError> {
     PROCESSOR_CALLS.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -116,7 +118,12 @@ async fn main() {
     );
 
     // What Redis holds for the order.
-    let key = StorageKey::derive(SCOPE, &format!("charge:{}", req.order_id)).unwrap();
+    let key = StorageKey::derive_for(
+        &Operation::named("example.charge"),
+        SCOPE,
+        &format!("charge:{}", req.order_id),
+    )
+    .unwrap();
     let record_key = store.record_key(&key);
     let ttl_ms: i64 = redis::cmd("PTTL")
         .arg(&record_key)

@@ -36,7 +36,7 @@ enum PaymentError {
 static PROCESSOR_CALLS: AtomicU32 = AtomicU32::new(0);
 
 /// Charges an order at most once, across restarts and processes sharing the file.
-#[idempotent(key = format!("charge:{}", req.order_id), ttl = "10m", store = store, skip(store))]
+#[idempotent(name = "example.charge", key = format!("charge:{}", req.order_id), ttl = "10m", store = store, skip(store))]
 async fn charge(store: &SqliteStore, req: ChargeRequest) -> Result<Receipt, PaymentError> {
     PROCESSOR_CALLS.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(200)).await;

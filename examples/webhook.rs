@@ -40,7 +40,7 @@ static BALANCES: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
 
 /// Applies one event. Concurrent duplicates wait for the first delivery's result
 /// (`on_conflict = "wait"`), so every delivery gets a 200 with the same body.
-#[idempotent(key = &event.id, ttl = "72h", on_conflict = "wait", wait = "10s")]
+#[idempotent(name = "webhooks.handle", key = &event.id, ttl = "72h", on_conflict = "wait", wait = "10s")]
 async fn handle(event: WebhookEvent) -> Result<Ack, WebhookError> {
     tokio::time::sleep(Duration::from_millis(100)).await; // e.g. a database write
     let mut balances = BALANCES.lock().unwrap();
