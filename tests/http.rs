@@ -1,5 +1,7 @@
 //! `idem::http::IdempotencyLayer` against real servers on 127.0.0.1 (port 0), driven by a real
-//! HTTP client (hyper-util's).
+//! HTTP client (hyper-util's). What becomes of a handler that started and did not give a
+//! response that can be kept (a client that left, a 5xx, a stream, a panic) is tested in more
+//! depth, against every store, in `tests/http_started.rs`.
 #![cfg(feature = "http")]
 
 use std::collections::HashSet;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::body::Body;
 use axum::extract::{Path, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::Router;
@@ -24,7 +27,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idem::http::{IdempotencyLayer, RequestBody};
-use idem::{Claim, FencingToken, Fingerprint, MemoryStore, StorageKey, Store, StoredRecord};
+use idem::{
+    Claim, FencingToken, Fingerprint, MemoryStore, OnUnknown, StorageKey, Store, StoredRecord,
+};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +46,10 @@ struct App {
     started: Arc<Notify>,
     /// Handlers called with `x-wait-for-gate` wait for a permit here.
     gate: Arc<Semaphore>,
+    /// Request futures the server dropped before they finished (a client went away), and a
+    /// notification for each.
+    abandoned: Arc<AtomicUsize>,
+    dropped: Arc<Notify>,
 }
 
 impl App {
@@ -49,6 +58,8 @@ impl App {
             runs: Arc::default(),
             started: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
+            abandoned: Arc::default(),
+            dropped: Arc::default(),
         }
     }
 
@@ -162,6 +173,29 @@ async fn echo(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respon
         .into_response()
 }
 
+/// Counts a request future the server drops before it finishes.
+struct Unfinished {
+    app: App,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.armed {
+            self.app.abandoned.fetch_add(1, SeqCst);
+            self.app.dropped.notify_one();
+        }
+    }
+}
+
+/// The outermost middleware: sees the server drop a request's future.
+async fn probe(State(app): State<App>, req: axum::extract::Request, next: Next) -> Response {
+    let mut unfinished = Unfinished { app, armed: true };
+    let response = next.run(req).await;
+    unfinished.armed = false;
+    response
+}
+
 fn router(app: &App) -> Router<()> {
     Router::new()
         .route(
@@ -208,7 +242,9 @@ async fn serve(layer: IdempotencyLayer) -> Server {
     let app = App::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = router(&app).layer(layer);
+    let service = router(&app)
+        .layer(layer)
+        .layer(middleware::from_fn_with_state(app.clone(), probe));
     tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
     Server {
         addr,
@@ -559,11 +595,29 @@ async fn scopes_keep_principals_apart() {
 // Which responses are kept.
 
 #[tokio::test]
-async fn server_errors_are_not_kept_so_a_retry_runs_again() {
+async fn server_errors_are_passed_through_then_refused_as_unknown_outcomes() {
+    // The default, at most once: the 500 goes to the first client as it was; the handler may
+    // have done its work, so the key is refused rather than run again.
     let s = serve(layer()).await;
     let failed = s.post("/flaky", Some("k"), "{}").await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(failed.body, "processor down", "passed through as it was");
+    assert!(!failed.replayed());
+    for _ in 0..2 {
+        let retry = s.post("/flaky", Some("k"), "{}").await;
+        let doc = retry.problem(500);
+        assert!(
+            doc["type"].as_str().unwrap().ends_with("#outcome-unknown"),
+            "{doc}"
+        );
+        assert!(!retry.replayed());
+    }
+    assert_eq!(s.app.runs(), 1);
+
+    // At least once, on request: the retry runs again, and its response is kept.
+    let s = serve(layer().on_unknown(OnUnknown::Rerun)).await;
+    let failed = s.post("/flaky", Some("k"), "{}").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     let retry = s.post("/flaky", Some("k"), "{}").await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(!retry.replayed());
@@ -638,24 +692,32 @@ async fn request_bodies_over_the_limit_are_413() {
 }
 
 #[tokio::test]
-async fn responses_over_the_limit_are_passed_through_but_not_kept() {
+async fn responses_over_the_limit_are_passed_through_then_refused_as_unknown_outcomes() {
     let s = serve(layer().max_body_bytes(1024)).await;
     // Known length (refused without reading) and streamed (read up to the limit, then resumed).
     for path in ["/bytes/5000", "/stream/5000"] {
         let runs = s.app.runs();
         let first = s.post(path, Some(path), "").await;
         assert_eq!(first.status, 200);
-        assert_eq!(first.body, pattern(5000), "{path}: passed through whole");
+        assert!(first.body == pattern(5000), "{path}: passed through whole");
+        // Not kept, and the handler ran: its outcome is unknown, the key is refused.
         let retry = s.post(path, Some(path), "").await;
-        assert!(!retry.replayed(), "{path}: not kept");
-        assert_eq!(retry.body, pattern(5000));
-        assert_eq!(s.app.runs(), runs + 2, "{path}: the retry ran again");
+        let doc = retry.problem(500);
+        assert!(
+            doc["type"].as_str().unwrap().ends_with("#outcome-unknown"),
+            "{path}: {doc}"
+        );
+        assert_eq!(
+            s.app.runs(),
+            runs + 1,
+            "{path}: the retry did not run again"
+        );
     }
     // At the limit, a streamed body is kept.
     s.post("/stream/1024", Some("small"), "").await;
     let retry = s.post("/stream/1024", Some("small"), "").await;
     assert!(retry.replayed());
-    assert_eq!(retry.body, pattern(1024));
+    assert!(retry.body == pattern(1024));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -719,10 +781,10 @@ async fn other_methods_pass_through_untouched() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Claims: release on disconnect, lease renewal, store failure.
+// Claims: a client that goes away, lease renewal, store failure.
 
 #[tokio::test]
-async fn a_client_that_disconnects_releases_the_claim() {
+async fn a_client_that_disconnects_does_not_stop_the_handler() {
     let s = serve(layer()).await;
     let mut socket = TcpStream::connect(s.addr).await.unwrap();
     socket
@@ -744,10 +806,21 @@ async fn a_client_that_disconnects_releases_the_claim() {
     );
     drop(socket);
 
-    // The server notices the closed connection and drops the request's future; the drop guard
-    // releases the claim, so the retry runs at once instead of waiting out the 30s lease.
+    // The server notices the closed connection and drops the request's future (which used to
+    // release the claim, so that the retry ran the handler again)...
+    tokio::time::timeout(Duration::from_secs(10), s.app.dropped.notified())
+        .await
+        .expect("the server dropped the request of the client that left");
+    assert_eq!(s.app.abandoned.load(SeqCst), 1);
+    // ... but the handler runs on: the retry is told it is in progress.
+    s.post("/payments", Some("gone"), PAYMENT)
+        .await
+        .problem(409);
+
+    // Once it finishes, its response is replayed.
+    s.app.gate.add_permits(1);
     let mut retry = None;
-    for _ in 0..100 {
+    for _ in 0..200 {
         let reply = s.post("/payments", Some("gone"), PAYMENT).await;
         if reply.status != StatusCode::CONFLICT {
             retry = Some(reply);
@@ -755,10 +828,11 @@ async fn a_client_that_disconnects_releases_the_claim() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let retry = retry.expect("the claim was never released");
+    let retry = retry.expect("the handler never finished");
     assert_eq!(retry.status, StatusCode::CREATED);
-    assert!(!retry.replayed());
-    assert_eq!(s.app.runs(), 2);
+    assert!(retry.replayed());
+    assert_eq!(retry.json()["run"], 1);
+    assert_eq!(s.app.runs(), 1);
 }
 
 #[tokio::test]

@@ -8,11 +8,14 @@
 //!   wrapper that "restarts" it: calls fail with `Error::Store` for a moment while the
 //!   `SqliteStore` is dropped and opened again on the same file. `IDEM_SOAK_STORE=redis|sqlite`
 //!   chooses.
-//! - Handler: takes 50–300 ms, then makes a payment with a random id. A ledger outside the store
-//!   counts, per key, the handlers that *started* and those that *completed* (reached their
-//!   end): a client that gives up closes its connection, hyper drops the handler's future, and
-//!   idem releases the claim so that the retry runs the handler again; only completed handlers
-//!   are payments.
+//! - Handler: a payment is made (charged) on its first line, before any `.await`, with a random
+//!   id, as a real processor's charge would be: a handler that started is a payment, whether or
+//!   not it gets to answer. It then takes 50–300 ms and answers 201. A ledger outside the store
+//!   records, per key, the payment id of every handler that *started*, and counts those that
+//!   *completed* (reached their end). A client that gives up closes its connection; the layer
+//!   runs the handler on a task of its own, so it still runs to its end and its response is
+//!   stored, and the retry gets 409 while it runs, then the replay. Counting at the start is
+//!   what makes a handler that was interrupted and run again visible as a duplicate.
 //! - Clients: `IDEM_SOAK_CLIENTS` tasks (default 32), each with its own sequence of payments and
 //!   its own `Authorization` (the layer's scope). Each request is retried with the same key and
 //!   body after a random client timeout of 10–400 ms (or a 409/503, after a short pause) until it
@@ -23,11 +26,13 @@
 //!   left in flight is taken over within the run; `IDEM_SOAK_RESTARTS` (0-2, default 2) how many
 //!   restarts.
 //!
-//! Asserted: every key that got a 2xx has exactly one completed handler, and every 2xx of that
-//! key (and the final replay) carries that handler's payment id; no key has more than one
-//! completed handler; no 422 and no 5xx but 503; the store serves again after each restart,
-//! without being recreated. Printed: requests sent, responses by status, timeouts, handler
-//! starts and completions per key, and what the final pass found.
+//! Asserted: every key has exactly one started handler (one payment), and every 2xx of that key
+//! (and the final replay) carries that handler's payment id; once the layer is drained
+//! (`IdempotencyLayer::drain`), every started handler has completed (none was cut off by its
+//! client going away); no 422 and no 5xx but 503 (so no `500 #outcome-unknown` either); the
+//! store serves again after each restart, without being recreated. Printed: requests sent,
+//! responses by status, timeouts, handler starts and completions (in total and per key), what
+//! the final pass found, and `idem::metrics()`.
 //!
 //! ```text
 //! IDEM_REQUIRE_SERVICES=1 cargo test --all-features --test soak -- --nocapture
@@ -88,11 +93,12 @@ struct Payment {
 /// Handlers per idempotency key (scope and key), kept outside the store.
 #[derive(Default, Clone)]
 struct Runs {
-    started: u32,
-    /// The payment ids of the handlers that reached their end.
-    completed: Vec<String>,
-    /// When each of them did.
-    completed_at: Vec<Instant>,
+    /// The payment id of every handler that started: each is a payment.
+    started: Vec<String>,
+    /// When each of them started.
+    started_at: Vec<Instant>,
+    /// How many of them reached their end.
+    completed: usize,
 }
 
 struct AppState {
@@ -115,23 +121,14 @@ fn ledger_key(headers: &HeaderMap) -> String {
     )
 }
 
-/// Charges a payment: 50–300 ms at the "processor", then a new payment id.
+/// Charges a payment (on the first line: the charge is what must not happen twice), then
+/// 50–300 ms at the "processor" before answering with it.
 async fn create_payment(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Json(req): Json<NewPayment>,
 ) -> impl IntoResponse {
     let key = ledger_key(&headers);
-    state
-        .ledger
-        .lock()
-        .unwrap()
-        .entry(key.clone())
-        .or_default()
-        .started += 1;
-    // A client that times out drops its connection, and hyper drops this future here.
-    let delay = 50 + rand::random::<u64>() % 251;
-    tokio::time::sleep(Duration::from_millis(delay)).await;
     let payment = Payment {
         id: format!("pay_{:016x}", rand::random::<u64>()),
         amount: req.amount,
@@ -140,15 +137,25 @@ async fn create_payment(
     };
     {
         let mut ledger = state.ledger.lock().unwrap();
-        let runs = ledger.entry(key).or_default();
-        runs.completed.push(payment.id.clone());
-        runs.completed_at.push(Instant::now());
+        let runs = ledger.entry(key.clone()).or_default();
+        runs.started.push(payment.id.clone());
+        runs.started_at.push(Instant::now());
     }
     state
         .payments
         .lock()
         .unwrap()
         .insert(payment.id.clone(), payment.clone());
+    // A client that times out closes its connection; this handler runs on regardless.
+    let delay = 50 + rand::random::<u64>() % 251;
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    state
+        .ledger
+        .lock()
+        .unwrap()
+        .entry(key)
+        .or_default()
+        .completed += 1;
     let location = format!("/payments/{}", payment.id);
     (
         StatusCode::CREATED,
@@ -171,12 +178,18 @@ async fn get_payment(
         .ok_or(StatusCode::NOT_FOUND)
 }
 
-/// Serves the app on 127.0.0.1:0 until `stop` fires.
+/// Serves the app on 127.0.0.1:0 until `stop` fires; also returns its idempotency layer (for
+/// `drain`).
 async fn serve(
     store: Arc<dyn Store>,
     lease: Duration,
     stop: tokio::sync::oneshot::Receiver<()>,
-) -> (SocketAddr, Arc<AppState>, tokio::task::JoinHandle<()>) {
+) -> (
+    SocketAddr,
+    Arc<AppState>,
+    IdempotencyLayer,
+    tokio::task::JoinHandle<()>,
+) {
     let state = Arc::new(AppState {
         payments: Mutex::default(),
         ledger: Mutex::default(),
@@ -196,7 +209,7 @@ async fn serve(
         .route("/payments", post(create_payment))
         .route("/payments/{id}", get(get_payment))
         .with_state(state.clone())
-        .layer(idempotency);
+        .layer(idempotency.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -207,7 +220,7 @@ async fn serve(
             .await
             .unwrap()
     });
-    (addr, state, server)
+    (addr, state, idempotency, server)
 }
 
 // ---- stores that can be restarted ---------------------------------------------------------
@@ -574,7 +587,7 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
         return;
     };
     let (stop_server, stopped) = tokio::sync::oneshot::channel();
-    let (addr, app, server) = serve(store.clone(), lease, stopped).await;
+    let (addr, app, idempotency, server) = serve(store.clone(), lease, stopped).await;
     let started = Instant::now();
     let traffic_until = started + Duration::from_secs(secs);
     let stats = Arc::new(Stats::default());
@@ -707,18 +720,21 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
     futures::future::join_all(verify).await;
     let _ = stop_server.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // Handlers whose clients gave up at the deadline may still run: let them finish.
+    let running_at_end = idempotency.running();
+    let still_running = idempotency.drain(lease + Duration::from_secs(5)).await;
 
     // ---- figures and checks ----
     let ledger = app.ledger.lock().unwrap().clone();
     let ids = stats.ids.lock().unwrap();
-    let mut started_hist: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut started_hist: BTreeMap<usize, u64> = BTreeMap::new();
     let mut completed_hist: BTreeMap<usize, u64> = BTreeMap::new();
     let (mut starts, mut completions) = (0u64, 0u64);
     for runs in ledger.values() {
-        *started_hist.entry(runs.started).or_default() += 1;
-        *completed_hist.entry(runs.completed.len()).or_default() += 1;
-        starts += u64::from(runs.started);
-        completions += runs.completed.len() as u64;
+        *started_hist.entry(runs.started.len()).or_default() += 1;
+        *completed_hist.entry(runs.completed).or_default() += 1;
+        starts += runs.started.len() as u64;
+        completions += runs.completed as u64;
     }
     // Keys paid more than once, or whose 2xx carried an id other than their one payment's.
     let mut problems = Vec::new();
@@ -731,15 +747,15 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
         let runs = ledger.get(key).unwrap_or(&no_runs);
         let got = ids.get(key).map_or(&[][..], |v| &v[..]);
         let wrong_id = !got.is_empty()
-            && (runs.completed.len() != 1 || got.iter().any(|id| id != &runs.completed[0]));
-        if runs.completed.len() > 1 || wrong_id {
+            && (runs.started.len() != 1 || got.iter().any(|id| id != &runs.started[0]));
+        if runs.started.len() > 1 || wrong_id {
             let at: Vec<String> = runs
-                .completed_at
+                .started_at
                 .iter()
                 .map(|t| format!("{:.2}s", t.duration_since(started).as_secs_f64()))
                 .collect();
             // Was the first payment made while the store was restarting (give or take 1 s)?
-            let first = runs.completed_at.first().copied();
+            let first = runs.started_at.first().copied();
             if first.is_some_and(|t| {
                 outages.iter().any(|(down, up)| {
                     t + Duration::from_secs(1) >= *down && t <= *up + Duration::from_secs(1)
@@ -750,7 +766,7 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
                 far_from_restart += 1;
             }
             problems.push(format!(
-                "{key}: handlers started {}, completed {:?} at {at:?}; the client's 2xx carried {got:?}",
+                "{key}: handlers started {:?} at {at:?}, {} completed; the client's 2xx carried {got:?}",
                 runs.started, runs.completed
             ));
         }
@@ -792,8 +808,7 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
     );
     let _ = writeln!(
         report,
-        "handlers            {starts} started, {completions} completed, {} cancelled by a client going away",
-        starts - completions
+        "handlers            {starts} started (payments), {completions} completed; {running_at_end} still running when the server stopped, {still_running} after draining"
     );
     let _ = writeln!(report, "per key: started   {}", hist(&started_hist));
     let _ = writeln!(report, "per key: completed {}", hist(&completed_hist));
@@ -805,14 +820,15 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
     );
     let _ = writeln!(
         report,
-        "keys paid twice or answered with another payment's id: {} ({near_restart} first paid within 1 s of a store restart, {far_from_restart} not)",
+        "keys paid twice (2+ handlers started) or answered with another payment's id: {} ({near_restart} first paid within 1 s of a store restart, {far_from_restart} not)",
         problems.len()
     );
     let m = idem::metrics();
     let _ = writeln!(
         report,
-        "idem::metrics()     misses={} hits={} conflicts={} takeovers={} releases={} store_errors={} leases_lost={}",
-        m.misses, m.hits, m.conflicts, m.takeovers, m.releases, m.store_errors, m.leases_lost
+        "idem::metrics()     misses={} hits={} conflicts={} takeovers={} releases={} store_errors={} leases_lost={} unknown_outcomes={} results_unstored={} finished_detached={}",
+        m.misses, m.hits, m.conflicts, m.takeovers, m.releases, m.store_errors, m.leases_lost,
+        m.unknown_outcomes, m.results_unstored, m.finished_detached
     );
     println!("{report}");
 
@@ -823,9 +839,19 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
     );
     assert!(
         problems.is_empty(),
-        "{} keys were paid twice or got a payment id no single completed handler made: {:#?}",
+        "{} keys were paid twice (more than one handler started) or got a payment id other than their one payment's: {:#?}",
         problems.len(),
         &problems[..problems.len().min(20)]
+    );
+    assert_eq!(
+        still_running,
+        0,
+        "handlers still running {:?} after the server stopped",
+        lease + Duration::from_secs(5)
+    );
+    assert_eq!(
+        completions, starts,
+        "every handler that started ran to its end (none was cut off by its client going away)"
     );
     assert!(
         mismatches.is_empty(),

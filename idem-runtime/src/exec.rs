@@ -372,9 +372,9 @@ impl<'s> Call<'s> {
         };
         let call = self.with_shared_store(store);
         let task = tokio::spawn(call.run_inner(errors, body));
-        let mut abandoned = Abandoned { armed: true };
+        let abandoned = Abandoned::new();
         let joined = task.await;
-        abandoned.armed = false;
+        abandoned.disarm();
         match joined {
             Ok(result) => result,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -589,8 +589,20 @@ impl<'s> Call<'s> {
 }
 
 /// Counts a detached call whose caller stopped waiting: its body goes on by itself.
-struct Abandoned {
+pub(crate) struct Abandoned {
     armed: bool,
+}
+
+impl Abandoned {
+    /// Armed until [`disarm`](Self::disarm)ed: dropping it armed counts an abandoned call.
+    pub(crate) fn new() -> Self {
+        Abandoned { armed: true }
+    }
+
+    /// The caller got its answer.
+    pub(crate) fn disarm(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for Abandoned {

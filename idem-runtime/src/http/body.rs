@@ -233,7 +233,11 @@ impl<B: Body> Body for ResponseBody<B> {
                     .map(|d| d.len() as u64)
                     .sum();
                 if error.is_some() || *failed {
-                    return SizeHint::with_exact(read);
+                    // The body ends in an error: claim no exact size, so that the server does
+                    // not announce a `content-length` that makes the cut body look complete.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(read);
+                    return hint;
                 }
                 let rest = rest.size_hint();
                 let mut hint = SizeHint::new();

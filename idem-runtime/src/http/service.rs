@@ -18,7 +18,7 @@ use super::problem::Problem;
 use super::stored::StoredResponse;
 use super::{Config, DEFAULT_SCOPE, IDEMPOTENCY_KEY};
 use crate::error::{BoxError, Error};
-use crate::exec::{Call, ErrorPolicy};
+use crate::exec::{Abandoned, Call, ErrorPolicy};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
@@ -216,10 +216,17 @@ where
         errors,
         run(inner, request, config.clone(), storage_key.clone()),
     ));
-    let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match task.await {
+    let abandoned = Abandoned::new();
+    let joined = task.await;
+    abandoned.disarm();
+    let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match joined {
         Ok(outcome) => outcome,
         Err(e) => {
-            tracing::error!(target: "idem", key = %storage_key, error = %e, "http: the handler panicked");
+            if e.is_panic() {
+                tracing::error!(target: "idem", key = %storage_key, "http: the handler panicked");
+            } else {
+                tracing::warn!(target: "idem", key = %storage_key, "http: the handler was cancelled (runtime shutting down)");
+            }
             let detail = "The request failed while it was being processed; its effect is unknown.";
             return Ok(refuse(Problem::OutcomeUnknown, detail));
         }
@@ -276,7 +283,7 @@ where
             tracing::debug!(target: "idem", key = %key, status, "http: server error, not kept; outcome unknown");
             return Err(NotKept::Unknown(response.map(ResponseBody::streaming)));
         }
-        tracing::debug!(target: "idem", key = %key, status, "http: status not kept; outcome unknown");
+        tracing::debug!(target: "idem", key = %key, status, "http: status not kept; released");
         return Err(NotKept::Response(response.map(ResponseBody::streaming)));
     }
     let limit = config.max_body_bytes;
