@@ -312,7 +312,11 @@ async fn empty_and_overlong_keys_are_invalid_and_nothing_runs() {
     fingerprint = (id, amount),
     on_conflict = "wait",
     wait = "1s",
-    cache_errors = false
+    cache_errors = false,
+    max_record_bytes = 4096,
+    on_unknown = "refuse",
+    recovery = "1h",
+    detach = false
 )]
 async fn every_argument(
     store: Arc<dyn Store>,
@@ -458,11 +462,22 @@ async fn async_trait_methods() {
 
 #[idempotent(key = key, store = store, skip(store), max_record_bytes = 400)]
 async fn limited(store: &MemoryStore, key: &str, len: usize) -> Result<String, AppError> {
+    LIMITED_RUNS.fetch_add(1, SeqCst);
     Ok("x".repeat(len))
 }
 
+static LIMITED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(key = key, store = store, skip(store), max_record_bytes = 400, on_unknown = "rerun")]
+async fn limited_rerun(store: &MemoryStore, key: &str, len: usize) -> Result<String, AppError> {
+    LIMITED_RERUN_RUNS.fetch_add(1, SeqCst);
+    Ok("x".repeat(len))
+}
+
+static LIMITED_RERUN_RUNS: AtomicUsize = AtomicUsize::new(0);
+
 #[tokio::test]
-async fn max_record_bytes_refuses_larger_results_and_stores_nothing() {
+async fn max_record_bytes_refuses_a_larger_result_which_is_then_an_unknown_outcome() {
     let store = MemoryStore::new();
     assert_eq!(limited(&store, "small", 10).await.unwrap().len(), 10);
     let err = limited(&store, "big", 1_000).await.unwrap_err();
@@ -473,5 +488,34 @@ async fn max_record_bytes_refuses_larger_results_and_stores_nothing() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(store.len(), 1, "only the small result is stored");
+    // The body ran (its side effect may have happened) but its result was not kept: the key
+    // holds a record of the unknown outcome, not the result, and is not run again.
+    assert_eq!(store.len(), 2, "the small result and the unknown outcome");
+    let again = limited(&store, "big", 1_000).await.unwrap_err();
+    assert!(
+        matches!(again.idem(), Some(Error::OutcomeUnknown { reason }) if reason.contains("not stored")),
+        "{again:?}"
+    );
+    assert_eq!(LIMITED_RUNS.load(SeqCst), 2, "small once, big once");
+}
+
+#[tokio::test]
+async fn max_record_bytes_under_on_unknown_rerun_stores_nothing_and_runs_again() {
+    let store = MemoryStore::new();
+    for _ in 0..2 {
+        let err = limited_rerun(&store, "big", 1_000).await.unwrap_err();
+        assert!(
+            matches!(err.idem(), Some(Error::TooLarge { limit: 400, .. })),
+            "{err:?}"
+        );
+    }
+    assert!(
+        store.is_empty(),
+        "nothing is stored: the claim was released"
+    );
+    assert_eq!(
+        LIMITED_RERUN_RUNS.load(SeqCst),
+        2,
+        "at least once: run again"
+    );
 }

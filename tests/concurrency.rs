@@ -1,5 +1,5 @@
-//! Exactly once under concurrency; release on panic and cancellation; lease takeover, renewal
-//! and fencing.
+//! Exactly once under concurrency; a panicking or dropped call (an unknown outcome, or a detached
+//! body that finishes by itself); lease takeover, renewal and fencing.
 
 mod support;
 
@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idem::key::Operation;
 use idem::{idempotent, Error, MemoryStore, StorageKey, Store};
 use support::AppError;
 
@@ -109,7 +110,9 @@ async fn thousand_rejecting_callers_get_in_flight_or_the_replay_never_a_second_r
 
 static PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
 
-#[idempotent(key = "boom", store = store.clone(), skip(store), lease = "60s")]
+/// Waits for a call in flight, so that the retry sees what the panic left once it is recorded
+/// (on a task of its own).
+#[idempotent(key = "boom", store = store.clone(), skip(store), lease = "60s", on_conflict = "wait", wait = "10s")]
 async fn panics_first(store: Arc<MemoryStore>) -> Result<u32, AppError> {
     if PANIC_RUNS.fetch_add(1, SeqCst) == 0 {
         panic!("the first run panics");
@@ -118,16 +121,46 @@ async fn panics_first(store: Arc<MemoryStore>) -> Result<u32, AppError> {
 }
 
 #[tokio::test]
-async fn a_panicking_body_releases_the_claim_at_once() {
+async fn a_panicking_body_is_an_unknown_outcome_and_is_not_run_again() {
     let store = Arc::new(MemoryStore::new());
     let joined = tokio::spawn(panics_first(store.clone())).await;
     assert!(joined.unwrap_err().is_panic());
-    // The lease is 60 s; the retry runs now instead of meeting `InFlight`.
-    assert_eq!(panics_first(store.clone()).await.unwrap(), 7);
-    assert_eq!(PANIC_RUNS.load(SeqCst), 2);
+    // At most once: the panic may have come after the side effect, so the key is refused
+    // (until the recovery window, by default the ttl, passes) rather than run again.
+    for _ in 0..3 {
+        let err = panics_first(store.clone()).await.unwrap_err();
+        assert!(
+            matches!(err.idem(), Some(Error::OutcomeUnknown { reason }) if reason.contains("panicked")),
+            "{err:?}"
+        );
+    }
+    assert_eq!(PANIC_RUNS.load(SeqCst), 1);
 }
 
-#[idempotent(key = "slow", store = store.clone(), skip(store, ledger), lease = "60s")]
+static RERUN_PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(key = "boom", store = store.clone(), skip(store), lease = "60s", on_unknown = "rerun", on_conflict = "wait", wait = "10s")]
+async fn panics_first_rerun(store: Arc<MemoryStore>) -> Result<u32, AppError> {
+    if RERUN_PANIC_RUNS.fetch_add(1, SeqCst) == 0 {
+        panic!("the first run panics");
+    }
+    Ok(7)
+}
+
+#[tokio::test]
+async fn a_panicking_body_under_on_unknown_rerun_releases_the_claim_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let joined = tokio::spawn(panics_first_rerun(store.clone())).await;
+    assert!(joined.unwrap_err().is_panic());
+    // At least once: the lease is 60 s, and the retry (10 s wait at most) runs as soon as the
+    // claim is released.
+    assert_eq!(panics_first_rerun(store.clone()).await.unwrap(), 7);
+    assert_eq!(RERUN_PANIC_RUNS.load(SeqCst), 2);
+}
+
+/// Owns its data: runs detached, so it finishes when its caller stops waiting. Named, so that
+/// `slow_once_waiting` shares its records.
+#[idempotent(name = "concurrency.slow", key = "slow", store = store.clone(), skip(store, ledger), lease = "60s")]
 async fn slow_once(
     store: Arc<MemoryStore>,
     ledger: Arc<Ledger>,
@@ -138,33 +171,120 @@ async fn slow_once(
     Ok(1)
 }
 
+#[idempotent(name = "concurrency.slow", key = "slow", store = store.clone(), skip(store, ledger), lease = "60s", on_conflict = "wait", wait = "10s")]
+async fn slow_once_waiting(
+    store: Arc<MemoryStore>,
+    ledger: Arc<Ledger>,
+    delay_ms: u64,
+) -> Result<u32, AppError> {
+    ledger.record(0);
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    Ok(2)
+}
+
 #[tokio::test]
-async fn a_dropped_call_releases_the_claim_at_once() {
+async fn a_dropped_detached_call_keeps_its_claim_and_its_body_finishes() {
     let store = Arc::new(MemoryStore::new());
     let ledger = Arc::new(Ledger::default());
     let timed_out = tokio::time::timeout(
         Duration::from_millis(20),
-        slow_once(store.clone(), ledger.clone(), 10_000),
+        slow_once(store.clone(), ledger.clone(), 400),
+    )
+    .await;
+    assert!(timed_out.is_err(), "the caller stopped waiting");
+    // Same arguments (they are fingerprinted), so the retry reuses the key legally. The body
+    // still runs: the retry is rejected, not run.
+    let err = slow_once(store.clone(), ledger.clone(), 400)
+        .await
+        .unwrap_err();
+    assert!(matches!(err.idem(), Some(Error::InFlight)), "{err:?}");
+    // A waiting retry gets the abandoned call's result (1), not a run of its own (2).
+    assert_eq!(
+        slow_once_waiting(store.clone(), ledger.clone(), 400)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(ledger.runs(0), 1, "one run, finished by itself");
+}
+
+/// Borrows its ledger: runs in place, so it stops when its caller stops waiting.
+#[idempotent(key = "slow-in-place", store = store.clone(), skip(store, ledger, delay_ms), lease = "60s", on_conflict = "wait", wait = "10s")]
+async fn slow_in_place(
+    store: Arc<MemoryStore>,
+    ledger: &Ledger,
+    delay_ms: u64,
+) -> Result<u32, AppError> {
+    ledger.record(0);
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    Ok(1)
+}
+
+#[idempotent(key = "slow-in-place", store = store.clone(), skip(store, ledger, delay_ms), lease = "60s", on_unknown = "rerun")]
+async fn slow_in_place_rerun(
+    store: Arc<MemoryStore>,
+    ledger: &Ledger,
+    delay_ms: u64,
+) -> Result<u32, AppError> {
+    ledger.record(0);
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    Ok(1)
+}
+
+#[tokio::test]
+async fn a_dropped_in_place_call_is_an_unknown_outcome() {
+    let store = Arc::new(MemoryStore::new());
+    let ledger = Ledger::default();
+    let timed_out = tokio::time::timeout(
+        Duration::from_millis(50),
+        slow_in_place(store.clone(), &ledger, 10_000),
     )
     .await;
     assert!(timed_out.is_err(), "the call was cancelled by the timeout");
-    // Same arguments (they are fingerprinted), so the retry reuses the key legally.
-    let second = tokio::time::timeout(
-        Duration::from_secs(5),
-        slow_once(store.clone(), ledger.clone(), 10_000),
+    assert_eq!(ledger.runs(0), 1, "the body started before the timeout");
+    // The body stopped at its `.await`, halfway: the retry (waiting for the record of that)
+    // is refused rather than run.
+    let err = slow_in_place(store.clone(), &ledger, 10_000)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.idem(), Some(Error::OutcomeUnknown { reason }) if reason.contains("abandoned")),
+        "{err:?}"
     );
-    // Started, not rejected: it claims (the first claim was released) and runs.
-    let handle = tokio::spawn(second);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        ledger.runs(0),
-        2,
-        "the retry ran at once, without waiting out the 60 s lease"
-    );
-    handle.abort();
+    assert_eq!(ledger.runs(0), 1);
 }
 
-#[idempotent(key = "takeover", store = store.clone(), skip(store), lease = "100ms")]
+#[tokio::test]
+async fn a_dropped_in_place_call_under_on_unknown_rerun_releases_the_claim_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let ledger = Ledger::default();
+    let timed_out = tokio::time::timeout(
+        Duration::from_millis(50),
+        slow_in_place_rerun(store.clone(), &ledger, 10_000),
+    )
+    .await;
+    assert!(timed_out.is_err(), "the call was cancelled by the timeout");
+    assert_eq!(ledger.runs(0), 1);
+    // The claim is released in the background: the retry claims it and runs, without waiting
+    // out the 60 s lease (polled, 2 s at most).
+    let mut ran = false;
+    for _ in 0..100 {
+        match slow_in_place_rerun(store.clone(), &ledger, 0).await {
+            Ok(1) => {
+                ran = true;
+                break;
+            }
+            Err(AppError::Idem(Error::InFlight)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(ran, "the retry ran without waiting out the 60 s lease");
+    assert_eq!(ledger.runs(0), 2, "at least once: the body ran again");
+}
+
+#[idempotent(name = "concurrency.after_crash", scope = "concurrency", key = "takeover", store = store.clone(), skip(store), lease = "100ms")]
 async fn after_crash(store: Arc<MemoryStore>) -> Result<String, AppError> {
     Ok("recovered".into())
 }
@@ -173,7 +293,12 @@ async fn after_crash(store: Arc<MemoryStore>) -> Result<String, AppError> {
 async fn an_expired_claim_is_taken_over() {
     let store = Arc::new(MemoryStore::new());
     // A "crashed" holder: claims and never completes, releases or renews.
-    let key = StorageKey::derive(concat!(module_path!(), "::after_crash"), "takeover").unwrap();
+    let key = StorageKey::derive_for(
+        &Operation::named("concurrency.after_crash"),
+        "concurrency",
+        "takeover",
+    )
+    .unwrap();
     let fp = idem::fingerprint::FingerprintBuilder::new().finish();
     let claim = store
         .claim(&key, Some(&fp), Duration::from_millis(100))
@@ -223,9 +348,10 @@ async fn a_long_body_keeps_its_lease_renewed() {
     assert_eq!(ledger.runs(0), 1);
 }
 
-#[idempotent(key = "fenced", store = store.clone(), skip(store, block_ms), lease = "100ms")]
+#[idempotent(name = "concurrency.fenced", scope = "concurrency", key = "fenced", store = store.clone(), skip(store, block_ms), lease = "100ms")]
 async fn fenced(store: Arc<MemoryStore>, who: String, block_ms: u64) -> Result<String, AppError> {
-    // Blocking the thread starves the lease renewal, as a stalled (or SIGSTOPped) worker would.
+    // On a current-thread runtime, blocking its only thread starves the renewal task too, as a
+    // stalled (or SIGSTOPped) process would.
     std::thread::sleep(Duration::from_millis(block_ms));
     Ok(who)
 }
@@ -249,7 +375,12 @@ fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     assert_eq!(newer.join().unwrap().unwrap(), "w");
     let err = stalled.join().unwrap().unwrap_err();
     assert!(matches!(err.idem(), Some(Error::LeaseLost)), "{err:?}");
-    let key = StorageKey::derive(concat!(module_path!(), "::fenced"), "fenced").unwrap();
+    let key = StorageKey::derive_for(
+        &Operation::named("concurrency.fenced"),
+        "concurrency",
+        "fenced",
+    )
+    .unwrap();
     let rec = rt().block_on(store.get(&key)).unwrap().unwrap();
     let idem::RecordState::Completed { token, record } = rec.state else {
         panic!()

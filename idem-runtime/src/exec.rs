@@ -485,21 +485,34 @@ impl<'s> Call<'s> {
         let mut guard = StartedGuard {
             started: &started,
             armed: true,
+            body_started: false,
         };
         let context = CallContext::new(key.clone(), token, takeover);
-        let output = match Renewal::start(shared.clone(), &key, token, self.lease, context.clone())
-        {
+        let renewal = Renewal::start(shared.clone(), &key, token, self.lease, context.clone());
+        if renewal.is_some() {
+            // Let the renewal task run once (and arm its timer) before the body, which may
+            // block this thread.
+            tokio::task::yield_now().await;
+        }
+        // From here on the body may have done its side effect.
+        guard.body_started = true;
+        let body = catch_unwind(context.clone().scope(body));
+        let output = match renewal {
             Some(renewal) => {
-                // Let the renewal task run once (and arm its timer) before the body, which
-                // may block this thread.
-                tokio::task::yield_now().await;
-                let output = context.scope(body).await;
+                let output = body.await;
                 drop(renewal);
                 output
             }
-            None => {
-                let lost = context.clone();
-                drive_renewing(store, &key, token, self.lease, &lost, context.scope(body)).await
+            None => drive_renewing(store, &key, token, self.lease, &context, body).await,
+        };
+        let output = match output {
+            Ok(output) => output,
+            Err(panic) => {
+                // Record the unknown outcome before the panic goes on, so that a retry that
+                // follows it finds the record rather than the claim.
+                guard.armed = false;
+                started.unknown("the body panicked").await;
+                std::panic::resume_unwind(panic)
             }
         };
 
@@ -719,6 +732,24 @@ impl Started<'_> {
         }
     }
 
+    /// [`release`](Self::release) from a destructor: on a task of its own.
+    fn release_in_background(&self, reason: &'static str) {
+        bump(&COUNTERS.releases);
+        let (key, token) = (self.key.clone(), self.token);
+        let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
+            tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                "no handle or runtime to release on; the claim stays in flight until its lease expires");
+            return;
+        };
+        tracing::debug!(target: "idem", key = %key, token = token.0, reason, "releasing");
+        runtime.spawn(async move {
+            if let Err(e) = store.release(&key, token).await {
+                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
+                    "background release failed; the lease will expire");
+            }
+        });
+    }
+
     /// [`unknown`](Self::unknown) from a destructor: on a task of its own.
     fn unknown_in_background(&self, reason: &'static str) {
         bump(&COUNTERS.unknown_outcomes);
@@ -730,15 +761,9 @@ impl Started<'_> {
         };
         match self.on_unknown {
             OnUnknown::Rerun => {
-                bump(&COUNTERS.releases);
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                    "outcome unknown; releasing (at least once)");
-                runtime.spawn(async move {
-                    if let Err(e) = store.release(&key, token).await {
-                        tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
-                            "background release failed; the lease will expire");
-                    }
-                });
+                    "outcome unknown (at least once)");
+                self.release_in_background(reason);
             }
             OnUnknown::Refuse => {
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
@@ -783,19 +808,38 @@ fn unknown_record(token: FencingToken, reason: &str, recovery: Duration) -> Vec<
 struct StartedGuard<'a> {
     started: &'a Started<'a>,
     armed: bool,
+    /// Whether the body may have been polled: before that, a dropped call only releases.
+    body_started: bool,
 }
 
 impl Drop for StartedGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            let reason = if std::thread::panicking() {
-                "the body panicked"
-            } else {
-                "the call was abandoned while its body ran"
-            };
-            self.started.unknown_in_background(reason);
+        if !self.armed {
+            return;
+        }
+        if !self.body_started {
+            self.started
+                .release_in_background("the call was dropped before its body started");
+        } else if std::thread::panicking() {
+            self.started.unknown_in_background("the body panicked");
+        } else {
+            self.started
+                .unknown_in_background("the call was abandoned while its body ran");
         }
     }
+}
+
+/// Polls `body`, catching a panic (so that its unknown outcome is recorded before it goes on).
+async fn catch_unwind<F: Future>(body: F) -> std::thread::Result<F::Output> {
+    let mut body = pin!(body);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
 }
 
 /// Stores a result. The body has run, so a result left unstored would let a later call run it

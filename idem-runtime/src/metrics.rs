@@ -27,7 +27,9 @@ pub struct Metrics {
     /// Results that could not be stored while the caller waited (the store was unreachable);
     /// storing goes on in the background.
     pub results_unstored: u64,
-    /// Abandoned calls whose body went on running on its own task and stored its result.
+    /// Calls whose caller stopped waiting while the call went on on a task of its own (a
+    /// detached body, or an HTTP handler whose client left): the body runs to its end and its
+    /// outcome is stored as if the caller were still there.
     pub finished_detached: u64,
 }
 

@@ -1,0 +1,15 @@
+use idem::idempotent;
+
+#[derive(Debug)]
+pub struct AppError;
+impl From<idem::Error> for AppError {
+    fn from(_: idem::Error) -> Self {
+        AppError
+    }
+}
+
+#[idempotent(key = order, detach = true)]
+async fn charge(order: &str) -> Result<u64, AppError> {
+    Ok(order.len() as u64)
+}
+fn main() {}

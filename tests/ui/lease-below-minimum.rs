@@ -1,0 +1,15 @@
+use idem::idempotent;
+
+#[derive(Debug)]
+pub struct AppError;
+impl From<idem::Error> for AppError {
+    fn from(_: idem::Error) -> Self {
+        AppError
+    }
+}
+
+#[idempotent(key = id, lease = "50ms")]
+async fn charge(id: u64) -> Result<u64, AppError> {
+    Ok(id)
+}
+fn main() {}
