@@ -19,8 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::store::postgres::tokio_postgres::{self, NoTls};
 use idem::key::Operation;
+use idem::store::postgres::tokio_postgres::{self, NoTls};
 use idem::{idempotent, Claim, FencingToken, PostgresStore, StorageKey, Store};
 
 #[derive(Debug)]

@@ -12,8 +12,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem::store::redis::redis;
 use idem::key::Operation;
+use idem::store::redis::redis;
 use idem::{idempotent, RecordState, RedisStore, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 
