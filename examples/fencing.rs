@@ -19,16 +19,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::key::Operation;
-use idem::store::postgres::tokio_postgres::{self, NoTls};
-use idem::{idempotent, Claim, FencingToken, PostgresStore, StorageKey, Store};
+use idempotency::key::Operation;
+use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+use idempotency::{idempotent, Claim, FencingToken, PostgresStore, StorageKey, Store};
 
 #[derive(Debug)]
 enum DebitError {
     /// The write was refused: a newer holder of the key has written.
     Fenced,
     Db(tokio_postgres::Error),
-    Idem(idem::Error),
+    Idem(idempotency::Error),
 }
 
 impl std::fmt::Display for DebitError {
@@ -41,8 +41,8 @@ impl std::fmt::Display for DebitError {
     }
 }
 
-impl From<idem::Error> for DebitError {
-    fn from(e: idem::Error) -> Self {
+impl From<idempotency::Error> for DebitError {
+    fn from(e: idempotency::Error) -> Self {
         DebitError::Idem(e)
     }
 }
@@ -79,7 +79,7 @@ async fn debit(
     account: i64,
     amount: i64,
 ) -> Result<i64, DebitError> {
-    let call = idem::current().expect("inside an idempotent call");
+    let call = idempotency::current().expect("inside an idempotent call");
     println!(
         "   B's body runs with token {} (takeover: {})",
         call.token().0,
@@ -128,7 +128,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => println!("   A: {e}"),
     }
     match store.complete(&key, a, b"", Duration::from_secs(60)).await {
-        Err(idem::Error::LeaseLost) => println!("   A cannot store a result either: LeaseLost"),
+        Err(idempotency::Error::LeaseLost) => {
+            println!("   A cannot store a result either: LeaseLost")
+        }
         other => println!("   A's complete: {other:?}"),
     }
 

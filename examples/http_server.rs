@@ -1,5 +1,5 @@
 //! A small payments API whose `POST /payments` is safe to retry, with
-//! `idem::http::IdempotencyLayer` on an axum router.
+//! `idempotency::http::IdempotencyLayer` on an axum router.
 //!
 //! ```text
 //! cargo run --example http_server --features http
@@ -26,7 +26,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idem::http::IdempotencyLayer;
+use idempotency::http::IdempotencyLayer;
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -114,7 +114,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(300);
     let store_url = std::env::var("IDEM_STORE").unwrap_or_else(|_| "memory".to_owned());
-    let store = idem::connect(&store_url).await?;
+    let store = idempotency::connect(&store_url).await?;
 
     let state = Arc::new(AppState {
         payments: Mutex::new(HashMap::new()),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::{idempotent, MemoryStore, Store};
+use idempotency::{idempotent, MemoryStore, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -32,7 +32,7 @@ struct Sent {
 #[derive(Debug, thiserror::Error)]
 enum JobError {
     #[error(transparent)]
-    Idempotency(#[from] idem::Error),
+    Idempotency(#[from] idempotency::Error),
 }
 
 /// Emails really sent.

@@ -11,8 +11,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idem::key::Operation;
-use idem::{idempotent, PostgresStore, RecordState, StorageKey, Store};
+use idempotency::key::Operation;
+use idempotency::{idempotent, PostgresStore, RecordState, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,11 +24,11 @@ struct Receipt {
 
 #[derive(Debug)]
 enum PaymentError {
-    Idem(idem::Error),
+    Idem(idempotency::Error),
 }
 
-impl From<idem::Error> for PaymentError {
-    fn from(e: idem::Error) -> Self {
+impl From<idempotency::Error> for PaymentError {
+    fn from(e: idempotency::Error) -> Self {
         PaymentError::Idem(e)
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem::idempotent;
+use idempotency::idempotent;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,7 +30,7 @@ enum PaymentError {
     #[error("card declined")]
     Declined,
     #[error(transparent)]
-    Idempotency(#[from] idem::Error),
+    Idempotency(#[from] idempotency::Error),
 }
 
 /// How many times the payment processor was really called.
@@ -107,7 +107,7 @@ async fn main() {
         charge(declined).await
     );
 
-    let m = idem::metrics();
+    let m = idempotency::metrics();
     println!(
         "\nprocessor called {} times for 7 calls; hits {}, misses {}, conflicts {}, key reuses {}",
         PROCESSOR_CALLS.load(Ordering::SeqCst),

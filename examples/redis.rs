@@ -12,9 +12,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem::key::Operation;
-use idem::store::redis::redis;
-use idem::{idempotent, RecordState, RedisStore, StorageKey, Store};
+use idempotency::key::Operation;
+use idempotency::store::redis::redis;
+use idempotency::{idempotent, RecordState, RedisStore, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ struct Receipt {
 #[derive(Debug, thiserror::Error)]
 enum PaymentError {
     #[error(transparent)]
-    Idempotency(#[from] idem::Error),
+    Idempotency(#[from] idempotency::Error),
 }
 
 /// How many times this process really called the payment processor.

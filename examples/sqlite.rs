@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem::{idempotent, SqliteStore};
+use idempotency::{idempotent, SqliteStore};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,7 +29,7 @@ struct Receipt {
 #[derive(Debug, thiserror::Error)]
 enum PaymentError {
     #[error(transparent)]
-    Idempotency(#[from] idem::Error),
+    Idempotency(#[from] idempotency::Error),
 }
 
 /// How many times this process really called the payment processor.
@@ -84,7 +84,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         charge(&store, tampered).await.map_err(|e| e.to_string())
     );
 
-    let purged = idem::Store::purge_expired(&store).await?;
+    let purged = idempotency::Store::purge_expired(&store).await?;
     println!("purge_expired removed {purged} expired records");
     println!(
         "\nthe processor was called {} time(s) in this run; run again to see the first call replayed",

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use idem::idempotent;
+use idempotency::idempotent;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ struct Ack {
 #[derive(Debug, thiserror::Error)]
 enum WebhookError {
     #[error(transparent)]
-    Idempotency(#[from] idem::Error),
+    Idempotency(#[from] idempotency::Error),
 }
 
 /// The side effect that must not happen twice: customer balances.

@@ -1,11 +1,11 @@
 //! # idem — make async functions safe to retry
 //!
 //! ```
-//! use idem::idempotent;
+//! use idempotency::idempotent;
 //! # #[derive(serde::Serialize, serde::Deserialize)] struct ChargeRequest { order_id: u64, amount: u64 }
 //! # #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)] struct Receipt { id: String }
-//! # #[derive(Debug)] enum PaymentError { Idem(idem::Error) }
-//! # impl From<idem::Error> for PaymentError { fn from(e: idem::Error) -> Self { PaymentError::Idem(e) } }
+//! # #[derive(Debug)] enum PaymentError { Idem(idempotency::Error) }
+//! # impl From<idempotency::Error> for PaymentError { fn from(e: idempotency::Error) -> Self { PaymentError::Idem(e) } }
 //!
 //! #[idempotent(key = format!("charge:{}", req.order_id), ttl = "24h")]
 //! async fn charge(req: ChargeRequest) -> Result<Receipt, PaymentError> {
@@ -42,7 +42,7 @@
 //! | `detach = false` | keep the body in the caller's future even though it owns its data | detached when the function owns its data |
 //!
 //! The function must be `async` and return `Result<T, E>` with `T: Serialize + DeserializeOwned`
-//! and `E: From<idem::Error>`. It works on free functions, `&self`/`&mut self` methods,
+//! and `E: From<idempotency::Error>`. It works on free functions, `&self`/`&mut self` methods,
 //! generic functions and methods inside `#[async_trait]` impls.
 //!
 //! ## Guarantees
@@ -64,7 +64,7 @@
 //! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
 
 #![warn(missing_docs)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idem_macros::idempotent;
 pub use idem_runtime::context::{current, token};

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::{idempotent, Error, MemoryStore, Store};
+use idempotency::{idempotent, Error, MemoryStore, Store};
 use serde::{Deserialize, Serialize};
 use support::AppError;
 

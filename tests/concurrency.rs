@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::key::Operation;
-use idem::{idempotent, Error, MemoryStore, StorageKey, Store};
+use idempotency::key::Operation;
+use idempotency::{idempotent, Error, MemoryStore, StorageKey, Store};
 use support::AppError;
 
 /// Counts body runs per key.
@@ -299,12 +299,12 @@ async fn an_expired_claim_is_taken_over() {
         "takeover",
     )
     .unwrap();
-    let fp = idem::fingerprint::FingerprintBuilder::new().finish();
+    let fp = idempotency::fingerprint::FingerprintBuilder::new().finish();
     let claim = store
         .claim(&key, Some(&fp), Duration::from_millis(100))
         .await
         .unwrap();
-    let idem::Claim::Acquired { token: stale, .. } = claim else {
+    let idempotency::Claim::Acquired { token: stale, .. } = claim else {
         panic!("{claim:?}")
     };
     assert!(matches!(
@@ -382,10 +382,10 @@ fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     )
     .unwrap();
     let rec = rt().block_on(store.get(&key)).unwrap().unwrap();
-    let idem::RecordState::Completed { token, record } = rec.state else {
+    let idempotency::RecordState::Completed { token, record } = rec.state else {
         panic!()
     };
-    let decoded = idem::record::Record::decode(&record).unwrap();
+    let decoded = idempotency::record::Record::decode(&record).unwrap();
     assert_eq!(decoded.token, token.0, "the record is the newer holder's");
     assert!(token.0 >= 2, "the newer claim has a larger fencing token");
 }

@@ -4,7 +4,7 @@ mod conformance;
 
 use std::sync::Arc;
 
-use idem::{MemoryStore, Store};
+use idempotency::{MemoryStore, Store};
 
 async fn fresh_store() -> Option<Arc<dyn Store>> {
     Some(Arc::new(MemoryStore::new()))

@@ -13,9 +13,9 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::record::{Outcome, Record};
-use idem::store::postgres::tokio_postgres;
-use idem::{
+use idempotency::record::{Outcome, Record};
+use idempotency::store::postgres::tokio_postgres;
+use idempotency::{
     Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, PostgresStore, RecordState,
     StorageKey, Store,
 };
@@ -286,7 +286,7 @@ async fn claims_are_kept_until_abandoned() {
     let Some(store) = fresh_postgres().await else {
         return;
     };
-    let retention = idem::store::ABANDONED_CLAIM_RETENTION.as_secs();
+    let retention = idempotency::store::ABANDONED_CLAIM_RETENTION.as_secs();
     let (gone, kept) = (key("gone"), key("kept"));
     let t_gone = acquire(&store, &gone, 1, LONG).await;
     let t_kept = acquire(&store, &kept, 1, LONG).await;
@@ -495,7 +495,7 @@ impl Proxy {
 /// then all work, with the records kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_when_the_server_comes_back() {
-    use idem::store::postgres::tokio_postgres::config::Host;
+    use idempotency::store::postgres::tokio_postgres::config::Host;
 
     let Some(table) = fresh_table().await else {
         return;

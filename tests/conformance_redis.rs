@@ -11,10 +11,10 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::record::{Outcome, Record};
-use idem::store::redis::redis;
-use idem::store::ABANDONED_CLAIM_RETENTION;
-use idem::{
+use idempotency::record::{Outcome, Record};
+use idempotency::store::redis::redis;
+use idempotency::store::ABANDONED_CLAIM_RETENTION;
+use idempotency::{
     Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, RecordState, RedisStore,
     StorageKey, Store,
 };
@@ -488,7 +488,7 @@ async fn connect_by_url_gives_a_redis_store() {
     if raw().await.is_none() {
         return;
     }
-    let store = idem::connect(&url()).await.unwrap();
+    let store = idempotency::connect(&url()).await.unwrap();
     assert_eq!(store.backend(), "redis");
     let key = conformance::unique("by-url");
     let out: u32 = Call::new(Ok(key.clone()))

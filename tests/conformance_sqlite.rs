@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idem::{Claim, FencingToken, Fingerprint, SqliteStore, StorageKey, Store, StoredRecord};
+use idempotency::{Claim, FencingToken, Fingerprint, SqliteStore, StorageKey, Store, StoredRecord};
 use tempfile::TempDir;
 
 /// A `SqliteStore` in a temporary directory that is removed when the store is dropped.
@@ -36,7 +36,7 @@ impl Store for TempSqlite {
         key: &StorageKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
-    ) -> idem::Result<Claim> {
+    ) -> idempotency::Result<Claim> {
         self.store.claim(key, fingerprint, lease).await
     }
     async fn complete(
@@ -45,10 +45,10 @@ impl Store for TempSqlite {
         token: FencingToken,
         record: &[u8],
         ttl: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         self.store.complete(key, token, record, ttl).await
     }
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> idem::Result<()> {
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
         self.store.release(key, token).await
     }
     async fn renew(
@@ -56,13 +56,13 @@ impl Store for TempSqlite {
         key: &StorageKey,
         token: FencingToken,
         lease: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         self.store.renew(key, token, lease).await
     }
-    async fn get(&self, key: &StorageKey) -> idem::Result<Option<StoredRecord>> {
+    async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
         self.store.get(key).await
     }
-    async fn purge_expired(&self) -> idem::Result<u64> {
+    async fn purge_expired(&self) -> idempotency::Result<u64> {
         self.store.purge_expired().await
     }
     fn release_in_background(&self, key: StorageKey, token: FencingToken) {

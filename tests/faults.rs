@@ -40,7 +40,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem::{idempotent, Error, RecordState, StorageKey, Store};
+use idempotency::key::Operation;
+use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
 
 /// Concurrent calling tasks.
 const TASKS: usize = 32;
@@ -61,7 +62,7 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 const PROBE_BASE: u64 = 1 << 40;
 
 /// The tests of this file run one at a time, so that each one's figures (and the process-wide
-/// `idem::metrics()`) are its own.
+/// `idempotency::metrics()`) are its own.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Every run of a body and every value a call got back, per key; kept outside the store.
@@ -98,7 +99,7 @@ impl Ledger {
 }
 
 /// The side effect under test: one run per key, ever. The value names the run.
-#[idempotent(key = key, scope = &*scope, store = store.clone(), skip(store, ledger, scope), lease = "2s")]
+#[idempotent(name = "faults.debit", key = key, scope = &*scope, store = store.clone(), skip(store, ledger, scope), lease = "2s")]
 async fn debit(
     store: Arc<dyn Store>,
     ledger: Arc<Ledger>,
@@ -157,7 +158,7 @@ struct Run {
     probes: AtomicU64,
     faults: Mutex<Vec<String>>,
     recoveries: Mutex<Vec<Duration>>,
-    metrics_before: idem::Metrics,
+    metrics_before: idempotency::Metrics,
 }
 
 impl Run {
@@ -173,7 +174,7 @@ impl Run {
             probes: AtomicU64::new(0),
             faults: Mutex::default(),
             recoveries: Mutex::default(),
-            metrics_before: idem::metrics(),
+            metrics_before: idempotency::metrics(),
         })
     }
 
@@ -264,7 +265,9 @@ impl Run {
         let keys: Vec<u64> = self.ledger.keys.lock().unwrap().keys().copied().collect();
         let mut states = BTreeMap::new();
         for key in keys {
-            let storage = StorageKey::derive(&*self.scope, &key).unwrap();
+            let storage =
+                StorageKey::derive_for(&Operation::named("faults.debit"), &*self.scope, &key)
+                    .unwrap();
             let ran = self.ledger.keys.lock().unwrap()[&key].runs > 0;
             let state = match self.store.get(&storage).await {
                 Ok(None) if ran => "absent after its body ran (result unstored, lease expired)",
@@ -374,10 +377,10 @@ impl Run {
             recoveries.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
         );
         let _ = writeln!(report, "duplicates found    {}", duplicates.len());
-        let (m, b) = (idem::metrics(), &self.metrics_before);
+        let (m, b) = (idempotency::metrics(), &self.metrics_before);
         let _ = writeln!(
             report,
-            "idem::metrics() over the run: misses={} hits={} conflicts={} takeovers={} store_errors={} leases_lost={} releases={}",
+            "idempotency::metrics() over the run: misses={} hits={} conflicts={} takeovers={} store_errors={} leases_lost={} releases={}",
             m.misses - b.misses,
             m.hits - b.hits,
             m.conflicts - b.conflicts,
@@ -425,7 +428,7 @@ enum Fail {
 
 /// A memory store whose next `complete`s fail as scripted, then work.
 struct Flaky {
-    inner: idem::MemoryStore,
+    inner: idempotency::MemoryStore,
     script: Mutex<std::collections::VecDeque<Fail>>,
     completes: AtomicU64,
 }
@@ -433,7 +436,7 @@ struct Flaky {
 impl Flaky {
     fn new(script: impl IntoIterator<Item = Fail>) -> Self {
         Flaky {
-            inner: idem::MemoryStore::new(),
+            inner: idempotency::MemoryStore::new(),
             script: Mutex::new(script.into_iter().collect()),
             completes: AtomicU64::new(0),
         }
@@ -448,18 +451,18 @@ impl Store for Flaky {
     async fn claim(
         &self,
         key: &StorageKey,
-        fingerprint: Option<&idem::Fingerprint>,
+        fingerprint: Option<&idempotency::Fingerprint>,
         lease: Duration,
-    ) -> idem::Result<idem::Claim> {
+    ) -> idempotency::Result<idempotency::Claim> {
         self.inner.claim(key, fingerprint, lease).await
     }
     async fn complete(
         &self,
         key: &StorageKey,
-        token: idem::FencingToken,
+        token: idempotency::FencingToken,
         record: &[u8],
         ttl: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         self.completes.fetch_add(1, SeqCst);
         let fail = self.script.lock().unwrap().pop_front();
         match fail {
@@ -471,21 +474,28 @@ impl Store for Flaky {
             }
         }
     }
-    async fn release(&self, key: &StorageKey, token: idem::FencingToken) -> idem::Result<()> {
+    async fn release(
+        &self,
+        key: &StorageKey,
+        token: idempotency::FencingToken,
+    ) -> idempotency::Result<()> {
         self.inner.release(key, token).await
     }
     async fn renew(
         &self,
         key: &StorageKey,
-        token: idem::FencingToken,
+        token: idempotency::FencingToken,
         lease: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         self.inner.renew(key, token, lease).await
     }
-    async fn get(&self, key: &StorageKey) -> idem::Result<Option<idem::StoredRecord>> {
+    async fn get(
+        &self,
+        key: &StorageKey,
+    ) -> idempotency::Result<Option<idempotency::StoredRecord>> {
         self.inner.get(key).await
     }
-    async fn purge_expired(&self) -> idem::Result<u64> {
+    async fn purge_expired(&self) -> idempotency::Result<u64> {
         self.inner.purge_expired().await
     }
 }
@@ -496,10 +506,10 @@ async fn twice(store: &Flaky, lease: Duration) -> (String, String, u32, Option<R
     let key = StorageKey::derive("faults-flaky", &rand::random::<u64>()).unwrap();
     let runs = AtomicU64::new(0);
     let call = || {
-        idem::Call::new(Ok(key.clone()))
+        idempotency::Call::new(Ok(key.clone()))
             .store(store)
             .lease(lease)
-            .run(idem::ErrorPolicy::never(), async {
+            .run(idempotency::ErrorPolicy::never(), async {
                 runs.fetch_add(1, SeqCst);
                 Ok::<_, Error>(format!("{:016x}", rand::random::<u64>()))
             })
@@ -563,8 +573,8 @@ async fn a_store_down_past_the_lease_returns_the_result_unstored() {
 #[cfg(feature = "redis")]
 mod redis_faults {
     use super::*;
-    use idem::store::redis::redis;
-    use idem::RedisStore;
+    use idempotency::store::redis::redis;
+    use idempotency::RedisStore;
 
     use crate::conformance::private_redis::PrivateRedis;
 
@@ -653,8 +663,8 @@ mod redis_faults {
 #[cfg(feature = "postgres")]
 mod postgres_faults {
     use super::*;
-    use idem::store::postgres::tokio_postgres::{self, NoTls};
-    use idem::PostgresStore;
+    use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+    use idempotency::PostgresStore;
 
     fn url() -> String {
         std::env::var("IDEM_POSTGRES_URL")

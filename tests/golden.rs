@@ -6,10 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use idem::exec::fingerprint_with;
-use idem::fingerprint::canonical_json;
-use idem::key::Operation;
-use idem::{Fingerprint, StorageKey};
+use idempotency::exec::fingerprint_with;
+use idempotency::fingerprint::canonical_json;
+use idempotency::key::Operation;
+use idempotency::{Fingerprint, StorageKey};
 use serde::Serialize;
 
 #[derive(Serialize)]

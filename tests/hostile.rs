@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::record::{Outcome, Record};
-use idem::{
+use idempotency::record::{Outcome, Record};
+use idempotency::{
     idempotent, Call, Claim, Error, ErrorPolicy, Fingerprint, MemoryStore, OnUnknown, RecordState,
     StorageKey, Store, StoredRecord,
 };
@@ -70,10 +70,10 @@ enum Raw {
         _dir: tempfile::TempDir,
     },
     #[cfg(feature = "redis")]
-    Redis(idem::RedisStore),
+    Redis(idempotency::RedisStore),
     #[cfg(feature = "postgres")]
     Postgres {
-        client: idem::store::postgres::tokio_postgres::Client,
+        client: idempotency::store::postgres::tokio_postgres::Client,
         /// The table, quoted.
         table: String,
     },
@@ -123,9 +123,9 @@ impl Fixture {
     }
 
     #[cfg(feature = "redis")]
-    async fn redis_keys(&self, store: &idem::RedisStore) -> Vec<String> {
+    async fn redis_keys(&self, store: &idempotency::RedisStore) -> Vec<String> {
         let mut con = store.connection_manager();
-        idem::store::redis::redis::cmd("KEYS")
+        idempotency::store::redis::redis::cmd("KEYS")
             .arg(format!("{}:*", store.prefix()))
             .query_async(&mut con)
             .await
@@ -193,7 +193,7 @@ impl Fixture {
             #[cfg(feature = "redis")]
             Raw::Redis(store) => {
                 let mut con = store.connection_manager();
-                let _: () = idem::store::redis::redis::cmd("HSET")
+                let _: () = idempotency::store::redis::redis::cmd("HSET")
                     .arg(store.record_key(key))
                     .arg("record")
                     .arg(bytes)
@@ -236,7 +236,7 @@ impl Fixture {
             #[cfg(feature = "redis")]
             Raw::Redis(store) => {
                 let mut con = store.connection_manager();
-                let _: () = idem::store::redis::redis::cmd("HDEL")
+                let _: () = idempotency::store::redis::redis::cmd("HDEL")
                     .arg(store.record_key(key))
                     .arg("record")
                     .query_async(&mut con)
@@ -282,7 +282,7 @@ async fn fixtures() -> Vec<Fixture> {
     {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("idem.sqlite");
-        let store = idem::SqliteStore::open(&path).await.unwrap();
+        let store = idempotency::SqliteStore::open(&path).await.unwrap();
         all.push(Fixture {
             name: "sqlite",
             store: Arc::new(store),
@@ -309,8 +309,8 @@ async fn fixtures() -> Vec<Fixture> {
 }
 
 #[cfg(feature = "redis")]
-async fn redis_store() -> Option<idem::RedisStore> {
-    use idem::store::redis::redis;
+async fn redis_store() -> Option<idempotency::RedisStore> {
+    use idempotency::store::redis::redis;
     let url = conformance::redis_url();
     // Probe with a plain connection first: it fails at once when nothing listens.
     let probe = async {
@@ -331,7 +331,7 @@ async fn redis_store() -> Option<idem::RedisStore> {
     }
     let prefix = format!("idem-hostile-{:016x}", rand::random::<u64>());
     Some(
-        idem::RedisStore::connect_with_prefix(&url, &prefix)
+        idempotency::RedisStore::connect_with_prefix(&url, &prefix)
             .await
             .unwrap(),
     )
@@ -339,15 +339,15 @@ async fn redis_store() -> Option<idem::RedisStore> {
 
 #[cfg(feature = "postgres")]
 async fn postgres_store() -> Option<(
-    idem::PostgresStore,
-    idem::store::postgres::tokio_postgres::Client,
+    idempotency::PostgresStore,
+    idempotency::store::postgres::tokio_postgres::Client,
     String,
 )> {
     let schema = conformance::postgres::run_schema().await?;
     let client = conformance::postgres::admin().await.unwrap();
     let name = format!("hostile_{:016x}", rand::random::<u64>());
     let url = conformance::postgres::url();
-    let store = idem::PostgresStore::connect_with_table(&url, &format!("{schema}.{name}"))
+    let store = idempotency::PostgresStore::connect_with_table(&url, &format!("{schema}.{name}"))
         .await
         .unwrap();
     Some((store, client, format!("\"{schema}\".\"{name}\"")))
@@ -361,7 +361,7 @@ fn is_hex64(s: &str) -> bool {
 // Hostile keys.
 
 /// A result that shows whether it was replayed (same nonce) or recomputed, and for which key.
-#[idempotent(key = key, scope = "hostile", store = store.clone(), skip(store, runs))]
+#[idempotent(name = "hostile.keyed", key = key, scope = "hostile", store = store.clone(), skip(store, runs))]
 async fn keyed(
     store: Arc<dyn Store>,
     runs: Arc<AtomicUsize>,
@@ -575,7 +575,7 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-/// Offsets in a v2 record (see `idem::record`).
+/// Offsets in a v2 record (see `idempotency::record`).
 const VERSION_AT: usize = 4;
 const OUTCOME_AT: usize = 5;
 const FLAGS_AT: usize = 6;
@@ -852,7 +852,7 @@ impl From<Error> for Kept {
 // ---------------------------------------------------------------------------------------------
 // Huge results.
 
-#[idempotent(key = id, store = store.clone(), skip(store, runs))]
+#[idempotent(name = "hostile.huge", key = id, store = store.clone(), skip(store, runs))]
 async fn huge(
     store: Arc<dyn Store>,
     runs: Arc<AtomicUsize>,

@@ -1,4 +1,4 @@
-//! `idem::http::IdempotencyLayer` against real servers on 127.0.0.1 (port 0), driven by a real
+//! `idempotency::http::IdempotencyLayer` against real servers on 127.0.0.1 (port 0), driven by a real
 //! HTTP client (hyper-util's). What becomes of a handler that started and did not give a
 //! response that can be kept (a client that left, a 5xx, a stream, a panic) is tested in more
 //! depth, against every store, in `tests/http_started.rs`.
@@ -26,8 +26,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use idem::http::{IdempotencyLayer, RequestBody};
-use idem::{
+use idempotency::http::{IdempotencyLayer, RequestBody};
+use idempotency::{
     Claim, FencingToken, Fingerprint, MemoryStore, OnUnknown, StorageKey, Store, StoredRecord,
 };
 use serde_json::{json, Value};
@@ -877,8 +877,8 @@ impl Store for DownStore {
         _: &StorageKey,
         _: Option<&Fingerprint>,
         _: Duration,
-    ) -> idem::Result<Claim> {
-        Err(idem::Error::store(
+    ) -> idempotency::Result<Claim> {
+        Err(idempotency::Error::store(
             "down",
             "connection refused to db.internal:6379",
         ))
@@ -889,19 +889,19 @@ impl Store for DownStore {
         _: FencingToken,
         _: &[u8],
         _: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         unreachable!("nothing is claimed")
     }
-    async fn release(&self, _: &StorageKey, _: FencingToken) -> idem::Result<()> {
+    async fn release(&self, _: &StorageKey, _: FencingToken) -> idempotency::Result<()> {
         unreachable!("nothing is claimed")
     }
-    async fn renew(&self, _: &StorageKey, _: FencingToken, _: Duration) -> idem::Result<()> {
+    async fn renew(&self, _: &StorageKey, _: FencingToken, _: Duration) -> idempotency::Result<()> {
         unreachable!("nothing is claimed")
     }
-    async fn get(&self, _: &StorageKey) -> idem::Result<Option<StoredRecord>> {
+    async fn get(&self, _: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
         Ok(None)
     }
-    async fn purge_expired(&self) -> idem::Result<u64> {
+    async fn purge_expired(&self) -> idempotency::Result<u64> {
         Ok(0)
     }
 }

@@ -1,4 +1,4 @@
-//! A handler that started is never run again by accident: `idem::http::IdempotencyLayer` in
+//! A handler that started is never run again by accident: `idempotency::http::IdempotencyLayer` in
 //! front of real axum servers on 127.0.0.1 (port 0), with clients that go away in the middle of
 //! a request, responses that cannot be kept (5xx, failing midway, over the limit, an endless
 //! `text/event-stream`), a handler that panics, and a graceful shutdown (`drain`).
@@ -42,8 +42,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use idem::http::IdempotencyLayer;
-use idem::{MemoryStore, OnUnknown, Store};
+use idempotency::http::IdempotencyLayer;
+use idempotency::{MemoryStore, OnUnknown, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -547,7 +547,7 @@ async fn memory_clients_that_leave_get_the_first_payment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_clients_that_leave_get_the_first_payment() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let store = idem::SqliteStore::open(dir.path().join("idem.sqlite"))
+    let store = idempotency::SqliteStore::open(dir.path().join("idem.sqlite"))
         .await
         .expect("open the SQLite store");
     clients_that_leave_get_the_first_payment(store).await;
@@ -567,7 +567,7 @@ impl Drop for DeletePrefix {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_clients_that_leave_get_the_first_payment() {
-    use idem::store::redis::redis;
+    use idempotency::store::redis::redis;
     // Probe with a plain connection: it fails at once, where the store's connection manager
     // would retry for a few seconds.
     let probe = async {
@@ -588,7 +588,7 @@ async fn redis_clients_that_leave_get_the_first_payment() {
     }
     let prefix = format!("idem-test-http-started-{:016x}", rand::random::<u64>());
     let _cleanup = DeletePrefix(prefix.clone());
-    let store = idem::RedisStore::connect_with_prefix(&conformance::redis_url(), &prefix)
+    let store = idempotency::RedisStore::connect_with_prefix(&conformance::redis_url(), &prefix)
         .await
         .expect("connect to Redis");
     clients_that_leave_get_the_first_payment(store).await;
@@ -600,9 +600,10 @@ async fn postgres_clients_that_leave_get_the_first_payment() {
     let Some(table) = conformance::postgres::fresh_table("http_started").await else {
         return;
     };
-    let store = idem::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
-        .await
-        .expect("connect to PostgreSQL");
+    let store =
+        idempotency::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
+            .await
+            .expect("connect to PostgreSQL");
     clients_that_leave_get_the_first_payment(store).await;
 }
 

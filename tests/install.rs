@@ -1,11 +1,11 @@
-//! `idem::install`: the process-wide store used without `store = ...` (its own test binary, as
+//! `idempotency::install`: the process-wide store used without `store = ...` (its own test binary, as
 //! the default store is process-wide).
 
 mod support;
 
 use std::sync::Arc;
 
-use idem::{idempotent, MemoryStore, RecordState, StorageKey, Store};
+use idempotency::{idempotent, MemoryStore, RecordState, StorageKey, Store};
 use support::AppError;
 
 #[idempotent(key = id)]
@@ -16,12 +16,12 @@ async fn uses_the_default_store(id: u32) -> Result<u32, AppError> {
 #[tokio::test]
 async fn functions_without_a_store_use_the_installed_one() {
     let store = Arc::new(MemoryStore::new());
-    let previous = idem::install(store.clone());
+    let previous = idempotency::install(store.clone());
     assert!(previous.is_none(), "nothing was installed before");
     assert_eq!(uses_the_default_store(21).await.unwrap(), 42);
 
     let operation =
-        idem::key::Operation::from_path(concat!(module_path!(), "::uses_the_default_store"));
+        idempotency::key::Operation::from_path(concat!(module_path!(), "::uses_the_default_store"));
     let key = StorageKey::derive_for(&operation, "", &21u32).unwrap();
     let record = store
         .get(&key)
@@ -33,7 +33,7 @@ async fn functions_without_a_store_use_the_installed_one() {
 
     // Installing another store replaces it for later calls (and returns the old one).
     let other = Arc::new(MemoryStore::new());
-    let replaced = idem::install(other.clone()).expect("the first store");
+    let replaced = idempotency::install(other.clone()).expect("the first store");
     assert_eq!(replaced.backend(), "memory");
     assert_eq!(uses_the_default_store(21).await.unwrap(), 42);
     assert_eq!(other.len(), 1, "the new store got its own record");

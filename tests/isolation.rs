@@ -13,7 +13,7 @@ mod conformance;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
-use idem::{idempotent, Call, Error, ErrorPolicy, MemoryStore, StorageKey, Store};
+use idempotency::{idempotent, Call, Error, ErrorPolicy, MemoryStore, StorageKey, Store};
 
 #[derive(Debug)]
 enum AppError {
@@ -58,7 +58,7 @@ async fn fixtures() -> Vec<Fixture> {
     #[cfg(feature = "sqlite")]
     {
         let dir = tempfile::tempdir().unwrap();
-        let store = idem::SqliteStore::open(dir.path().join("idem.sqlite"))
+        let store = idempotency::SqliteStore::open(dir.path().join("idem.sqlite"))
             .await
             .unwrap();
         all.push(Fixture {
@@ -90,8 +90,8 @@ async fn fixtures() -> Vec<Fixture> {
 }
 
 #[cfg(feature = "redis")]
-async fn redis_store() -> Option<idem::RedisStore> {
-    use idem::store::redis::redis;
+async fn redis_store() -> Option<idempotency::RedisStore> {
+    use idempotency::store::redis::redis;
     let url = conformance::redis_url();
     let probe = async {
         redis::Client::open(url.as_str())?
@@ -111,17 +111,17 @@ async fn redis_store() -> Option<idem::RedisStore> {
     }
     let prefix = format!("idem-isolation-{:016x}", rand::random::<u64>());
     Some(
-        idem::RedisStore::connect_with_prefix(&url, &prefix)
+        idempotency::RedisStore::connect_with_prefix(&url, &prefix)
             .await
             .unwrap(),
     )
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres_store() -> Option<idem::PostgresStore> {
+async fn postgres_store() -> Option<idempotency::PostgresStore> {
     let table = conformance::postgres::fresh_table("isolation").await?;
     Some(
-        idem::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
+        idempotency::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
             .await
             .unwrap(),
     )
@@ -131,7 +131,7 @@ async fn postgres_store() -> Option<idem::PostgresStore> {
 // Scopes in the attribute and in `Call`.
 
 /// `tenant` is the scope and is not fingerprinted, so a shared record would show as a replay.
-#[idempotent(key = key, scope = tenant, store = store.clone(), skip(store, runs, tenant))]
+#[idempotent(name = "isolation.scoped", key = key, scope = tenant, store = store.clone(), skip(store, runs, tenant))]
 async fn scoped(
     store: Arc<dyn Store>,
     runs: Arc<AtomicUsize>,
@@ -307,13 +307,14 @@ async fn a_nul_in_the_scope_cannot_reach_another_scopes_records() {
     }
 }
 
-/// Functions without `scope = ...` are scoped by their path: the same key never shares.
-#[idempotent(key = key, store = store.clone(), skip(store))]
+/// Two operations never share a record, even with the same scope and key: the operation's
+/// name is part of the storage key.
+#[idempotent(name = "isolation.first", key = key, store = store.clone(), skip(store))]
 async fn first_fn(store: Arc<dyn Store>, key: String) -> Result<String, AppError> {
     Ok(format!("first {}", rand::random::<u64>()))
 }
 
-#[idempotent(key = key, store = store.clone(), skip(store))]
+#[idempotent(name = "isolation.second", key = key, store = store.clone(), skip(store))]
 async fn second_fn(store: Arc<dyn Store>, key: String) -> Result<String, AppError> {
     Ok(format!("second {}", rand::random::<u64>()))
 }
@@ -331,6 +332,30 @@ async fn default_scopes_of_two_functions_are_apart() {
         );
         assert_eq!(first_fn(f.store.clone(), key.clone()).await.unwrap(), a);
         assert_eq!(second_fn(f.store.clone(), key.clone()).await.unwrap(), b);
+    }
+}
+
+/// A function without a stable `name = ...`: its default name is its path, which changes when
+/// it moves, so stores whose records outlive the build refuse it instead of letting a live key
+/// run again after a refactoring deploy.
+#[idempotent(key = key, store = store.clone(), skip(store))]
+async fn unnamed_fn(store: Arc<dyn Store>, key: String) -> Result<String, AppError> {
+    Ok(format!("unnamed {key}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_stores_refuse_functions_without_a_stable_name() {
+    for f in fixtures().await {
+        let out = unnamed_fn(f.store.clone(), "k".to_owned()).await;
+        match (f.name, out) {
+            ("memory", Ok(v)) => assert_eq!(v, "unnamed k"),
+            ("memory", other) => panic!("memory: {other:?}"),
+            (_, Err(AppError::Idem(Error::Config { reason }))) => {
+                assert!(reason.contains("name = "), "{}: {reason}", f.name);
+                assert!(reason.contains("unnamed_fn"), "{}: {reason}", f.name);
+            }
+            (name, other) => panic!("{name}: {other:?}"),
+        }
     }
 }
 
@@ -390,7 +415,7 @@ mod http_layer {
     use bytes::Bytes;
     use http::{HeaderMap, Request, StatusCode};
     use http_body_util::BodyExt;
-    use idem::http::IdempotencyLayer;
+    use idempotency::http::IdempotencyLayer;
     use tokio::sync::{Notify, Semaphore};
     use tower::ServiceExt;
 

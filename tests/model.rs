@@ -58,7 +58,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::{Claim, Error, FencingToken, Fingerprint, RecordState, StorageKey, Store, StoredRecord};
+use idempotency::{
+    Claim, Error, FencingToken, Fingerprint, RecordState, StorageKey, Store, StoredRecord,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use tokio::time::Instant;
@@ -485,7 +487,7 @@ impl<'a> Harness<'a> {
         caller: usize,
         key: usize,
         fp: Option<Fingerprint>,
-        got: idem::Result<Claim>,
+        got: idempotency::Result<Claim>,
         s: Instant,
         e: Instant,
     ) -> Result<(), TestCaseError> {
@@ -541,7 +543,7 @@ impl<'a> Harness<'a> {
         what: &'static str,
         key: usize,
         token: u64,
-        got: &idem::Result<()>,
+        got: &idempotency::Result<()>,
         s: Instant,
         e: Instant,
     ) -> Result<(bool, bool), TestCaseError> {
@@ -604,7 +606,7 @@ impl<'a> Harness<'a> {
                 let (got, s, e) = self.timed(futures::future::join_all(claims)).await;
                 let got: Vec<Claim> = got
                     .into_iter()
-                    .collect::<idem::Result<_>>()
+                    .collect::<idempotency::Result<_>>()
                     .map_err(|e| TestCaseError::fail(format!("claim failed: {e:?}")))?;
                 let winners: Vec<usize> = (0..CALLERS)
                     .filter(|&c| matches!(got[c], Claim::Acquired { .. }))
@@ -1020,7 +1022,7 @@ fn memory_store_follows_the_model() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let store = idem::MemoryStore::new();
+            let store = idempotency::MemoryStore::new();
             run_case(&b, &store, &ops, &totals).await
         })
     });
@@ -1073,7 +1075,7 @@ impl Bug {
 /// A memory store with one [`Bug`], on the paused clock. It follows the claims made through it:
 /// per key, the token holding it in flight and the end of its lease.
 struct Broken {
-    inner: idem::MemoryStore,
+    inner: idempotency::MemoryStore,
     bug: Bug,
     claims: Mutex<HashMap<StorageKey, (u64, Instant)>>,
     taken_over: Mutex<HashSet<(StorageKey, u64)>>,
@@ -1082,7 +1084,7 @@ struct Broken {
 impl Broken {
     fn new(bug: Bug) -> Self {
         Broken {
-            inner: idem::MemoryStore::new(),
+            inner: idempotency::MemoryStore::new(),
             bug,
             claims: Mutex::default(),
             taken_over: Mutex::default(),
@@ -1120,7 +1122,7 @@ impl Store for Broken {
         key: &StorageKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
-    ) -> idem::Result<Claim> {
+    ) -> idempotency::Result<Claim> {
         if self.bug == Bug::NoTakeover && self.lapsed(key).is_some() {
             return Ok(Claim::InFlight);
         }
@@ -1151,7 +1153,7 @@ impl Store for Broken {
         token: FencingToken,
         record: &[u8],
         ttl: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         let late = self.late(key, token);
         match self.bug {
             Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
@@ -1176,7 +1178,7 @@ impl Store for Broken {
         Ok(())
     }
 
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> idem::Result<()> {
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
         if self.bug == Bug::RefuseLateHolder && self.late(key, token) {
             return Err(Error::LeaseLost);
         }
@@ -1190,7 +1192,7 @@ impl Store for Broken {
         key: &StorageKey,
         token: FencingToken,
         lease: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         let late = self.late(key, token);
         match self.bug {
             Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
@@ -1206,7 +1208,7 @@ impl Store for Broken {
         Ok(())
     }
 
-    async fn get(&self, key: &StorageKey) -> idem::Result<Option<StoredRecord>> {
+    async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
         let got = self.inner.get(key).await?;
         if self.bug == Bug::HideLapsedClaim {
             if let Some(RecordState::InFlight { token }) = got.as_ref().map(|r| &r.state) {
@@ -1218,7 +1220,7 @@ impl Store for Broken {
         Ok(got)
     }
 
-    async fn purge_expired(&self) -> idem::Result<u64> {
+    async fn purge_expired(&self) -> idempotency::Result<u64> {
         let mut removed = self.inner.purge_expired().await?;
         if self.bug == Bug::PurgeLapsedClaim {
             let keys: Vec<StorageKey> = self.claims.lock().unwrap().keys().cloned().collect();
@@ -1282,7 +1284,7 @@ fn the_model_catches_broken_stores() {
 #[cfg(feature = "sqlite")]
 #[test]
 fn sqlite_store_follows_the_model() {
-    use idem::SqliteStore;
+    use idempotency::SqliteStore;
 
     let dir = tempfile::tempdir().unwrap();
     let b = Backend {
@@ -1309,8 +1311,8 @@ fn sqlite_store_follows_the_model() {
 #[cfg(feature = "redis")]
 #[test]
 fn redis_store_follows_the_model() {
-    use idem::store::redis::redis;
-    use idem::RedisStore;
+    use idempotency::store::redis::redis;
+    use idempotency::RedisStore;
 
     let url = conformance::redis_url();
     let b = Backend {
@@ -1366,9 +1368,11 @@ fn redis_store_follows_the_model() {
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_store_follows_the_model() {
-    use idem::store::postgres::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-    use idem::store::postgres::tokio_postgres::{self, NoTls};
-    use idem::PostgresStore;
+    use idempotency::store::postgres::deadpool_postgres::{
+        Manager, ManagerConfig, Pool, RecyclingMethod,
+    };
+    use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+    use idempotency::PostgresStore;
 
     let url = std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());

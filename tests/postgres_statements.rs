@@ -16,9 +16,11 @@ mod conformance;
 
 use std::time::Duration;
 
-use idem::store::postgres::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use idem::store::postgres::tokio_postgres::{self, NoTls};
-use idem::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey};
+use idempotency::store::postgres::deadpool_postgres::{
+    Manager, ManagerConfig, Pool, RecyclingMethod,
+};
+use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const CALLS: u64 = 100;
@@ -96,7 +98,7 @@ impl Counting {
                 deleted: after.deleted - before.deleted,
                 last_token: after.last_token - before.last_token,
             };
-            if best.map_or(true, |b| delta.xact_commit < b.xact_commit) {
+            if best.is_none_or(|b| delta.xact_commit < b.xact_commit) {
                 best = Some(delta);
             }
         }

@@ -4,7 +4,7 @@
 //!
 //! The workers are this test binary run again with `--exact worker`: the `worker` test reads
 //! its role from `IDEM_WORKER` (and returns at once when it is absent, as in the parent run),
-//! opens the store with `idem::connect(IDEM_STORE)`, and prints one `@idem <kind> <payload>`
+//! opens the store with `idempotency::connect(IDEM_STORE)`, and prints one `@idem <kind> <payload>`
 //! line per result to stdout, which the parent parses. Bodies append to a ledger file outside
 //! the store, one `write` per line with `O_APPEND`, so the ledger shows every run of a body,
 //! whatever the store says.
@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use idem::{idempotent, Error, RecordState, StorageKey, Store};
+use idempotency::key::Operation;
+use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
 use rand::seq::SliceRandom;
 use tempfile::TempDir;
 
@@ -58,7 +59,7 @@ fn worker() {
         .expect("tokio runtime");
     runtime.block_on(async {
         let url = env("IDEM_STORE");
-        let store = idem::connect(&url)
+        let store = idempotency::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("worker cannot open `{url}`: {e}"));
         let scope = env("IDEM_SCOPE");
@@ -106,7 +107,7 @@ async fn until_exists(path: &Path) {
     }
 }
 
-#[idempotent(key = key, scope = &*scope, store = store.clone(), skip(store, ledger, scope), on_conflict = "wait", wait = "15s")]
+#[idempotent(name = "processes.hammered", key = key, scope = &*scope, store = store.clone(), skip(store, ledger, scope), on_conflict = "wait", wait = "15s")]
 async fn hammered(
     store: Arc<dyn Store>,
     ledger: Arc<Path>,
@@ -155,7 +156,7 @@ enum Hold {
     Until(PathBuf),
 }
 
-#[idempotent(key = key, scope = scope, store = store.clone(), skip(store, ledger, scope, hold), lease = "1s", on_conflict = "wait", wait = "15s")]
+#[idempotent(name = "processes.held", key = key, scope = scope, store = store.clone(), skip(store, ledger, scope, hold), lease = "1s", on_conflict = "wait", wait = "15s")]
 async fn held(
     store: Arc<dyn Store>,
     ledger: &Path,
@@ -184,7 +185,7 @@ async fn call_worker(store: Arc<dyn Store>, scope: String, ledger: PathBuf) {
         path => Hold::Until(path.into()),
     };
     let out = held(store, &ledger, &scope, env("IDEM_KEY"), hold).await;
-    let m = idem::metrics();
+    let m = idempotency::metrics();
     report(
         "metrics",
         format_args!(
@@ -412,7 +413,7 @@ impl World {
             .expect("tokio runtime");
         let probe = StorageKey::derive("processes", "probe").expect("key");
         let store = match runtime.block_on(async {
-            let store = idem::connect(&url).await?;
+            let store = idempotency::connect(&url).await?;
             store.get(&probe).await?;
             Ok::<_, Error>(store)
         }) {
@@ -499,7 +500,8 @@ impl World {
 
     /// The record of `key` as the store holds it now.
     fn state(&self, key: &str) -> Option<RecordState> {
-        let key = StorageKey::derive(&self.scope, key).expect("key");
+        let key = StorageKey::derive_for(&Operation::named("processes.held"), &self.scope, key)
+            .expect("key");
         self.runtime
             .block_on(self.store.get(&key))
             .expect("get")

@@ -14,8 +14,8 @@ mod conformance;
 use std::time::Duration;
 
 use futures::StreamExt;
-use idem::store::redis::redis;
-use idem::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
+use idempotency::store::redis::redis;
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
 
 fn url() -> String {
     std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())

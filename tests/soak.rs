@@ -1,5 +1,5 @@
 //! A soak test on loopback: a payments API like `examples/http_server.rs` (rebuilt here, in
-//! process, on 127.0.0.1:0) behind `idem::http::IdempotencyLayer`, under concurrent clients that
+//! process, on 127.0.0.1:0) behind `idempotency::http::IdempotencyLayer`, under concurrent clients that
 //! time out at random and retry with the same `Idempotency-Key`, while the store is restarted.
 //!
 //! - Store: a private `redis-server` on a free loopback port with an append-only file fsynced on
@@ -32,7 +32,7 @@
 //! client going away); no 422 and no 5xx but 503 (so no `500 #outcome-unknown` either); the
 //! store serves again after each restart, without being recreated. Printed: requests sent,
 //! responses by status, timeouts, handler starts and completions (in total and per key), what
-//! the final pass found, and `idem::metrics()`.
+//! the final pass found, and `idempotency::metrics()`.
 //!
 //! ```text
 //! IDEM_REQUIRE_SERVICES=1 cargo test --all-features --test soak -- --nocapture
@@ -60,8 +60,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use idem::http::IdempotencyLayer;
-use idem::Store;
+use idempotency::http::IdempotencyLayer;
+use idempotency::Store;
 use serde::{Deserialize, Serialize};
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -232,8 +232,8 @@ mod restartable_sqlite {
     use std::time::Duration;
 
     use async_trait::async_trait;
-    use idem::store::sqlite::SqliteStore;
-    use idem::{Claim, Error, FencingToken, Fingerprint, StorageKey, Store, StoredRecord};
+    use idempotency::store::sqlite::SqliteStore;
+    use idempotency::{Claim, Error, FencingToken, Fingerprint, StorageKey, Store, StoredRecord};
 
     /// An `SqliteStore` that can be "restarted": dropped, unavailable for a moment (every call
     /// fails with `Error::Store`), and opened again on the same file.
@@ -245,7 +245,7 @@ mod restartable_sqlite {
     }
 
     impl Restartable {
-        pub async fn open(path: PathBuf) -> idem::Result<Arc<Self>> {
+        pub async fn open(path: PathBuf) -> idempotency::Result<Arc<Self>> {
             let store = Arc::new(SqliteStore::open(&path).await?);
             Ok(Arc::new_cyclic(|me| Restartable {
                 me: me.clone(),
@@ -254,7 +254,7 @@ mod restartable_sqlite {
             }))
         }
 
-        fn current(&self) -> idem::Result<Arc<SqliteStore>> {
+        fn current(&self) -> idempotency::Result<Arc<SqliteStore>> {
             self.current
                 .read()
                 .unwrap()
@@ -285,7 +285,7 @@ mod restartable_sqlite {
             key: &StorageKey,
             fingerprint: Option<&Fingerprint>,
             lease: Duration,
-        ) -> idem::Result<Claim> {
+        ) -> idempotency::Result<Claim> {
             self.current()?.claim(key, fingerprint, lease).await
         }
         async fn complete(
@@ -294,10 +294,10 @@ mod restartable_sqlite {
             token: FencingToken,
             record: &[u8],
             ttl: Duration,
-        ) -> idem::Result<()> {
+        ) -> idempotency::Result<()> {
             self.current()?.complete(key, token, record, ttl).await
         }
-        async fn release(&self, key: &StorageKey, token: FencingToken) -> idem::Result<()> {
+        async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
             self.current()?.release(key, token).await
         }
         async fn renew(
@@ -305,13 +305,13 @@ mod restartable_sqlite {
             key: &StorageKey,
             token: FencingToken,
             lease: Duration,
-        ) -> idem::Result<()> {
+        ) -> idempotency::Result<()> {
             self.current()?.renew(key, token, lease).await
         }
-        async fn get(&self, key: &StorageKey) -> idem::Result<Option<StoredRecord>> {
+        async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
             self.current()?.get(key).await
         }
-        async fn purge_expired(&self) -> idem::Result<u64> {
+        async fn purge_expired(&self) -> idempotency::Result<u64> {
             self.current()?.purge_expired().await
         }
         fn release_in_background(&self, key: StorageKey, token: FencingToken) {
@@ -395,7 +395,7 @@ impl Backend {
         if server.admin().await.is_none() {
             return Err("the private redis-server did not answer within 5 s".to_owned());
         }
-        let store = idem::RedisStore::connect(&server.url())
+        let store = idempotency::RedisStore::connect(&server.url())
             .await
             .map_err(|e| format!("cannot connect to the private redis-server: {e}"))?;
         Ok((Backend::Redis(server), Arc::new(store)))
@@ -823,10 +823,10 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
         "keys paid twice (2+ handlers started) or answered with another payment's id: {} ({near_restart} first paid within 1 s of a store restart, {far_from_restart} not)",
         problems.len()
     );
-    let m = idem::metrics();
+    let m = idempotency::metrics();
     let _ = writeln!(
         report,
-        "idem::metrics()     misses={} hits={} conflicts={} takeovers={} releases={} store_errors={} leases_lost={} unknown_outcomes={} results_unstored={} finished_detached={}",
+        "idempotency::metrics()     misses={} hits={} conflicts={} takeovers={} releases={} store_errors={} leases_lost={} unknown_outcomes={} results_unstored={} finished_detached={}",
         m.misses, m.hits, m.conflicts, m.takeovers, m.releases, m.store_errors, m.leases_lost,
         m.unknown_outcomes, m.results_unstored, m.finished_detached
     );

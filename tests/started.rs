@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idem::key::Operation;
-use idem::{
+use idempotency::key::Operation;
+use idempotency::{
     idempotent, Claim, Error, FencingToken, Fingerprint, MemoryStore, StorageKey, Store,
     StoredRecord,
 };
@@ -59,7 +59,7 @@ async fn memory() -> Option<Fresh> {
 #[cfg(feature = "sqlite")]
 async fn sqlite() -> Option<Fresh> {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let store = idem::SqliteStore::open(dir.path().join("idem.sqlite"))
+    let store = idempotency::SqliteStore::open(dir.path().join("idem.sqlite"))
         .await
         .expect("open the SQLite store");
     Some(Fresh {
@@ -70,7 +70,7 @@ async fn sqlite() -> Option<Fresh> {
 
 #[cfg(feature = "redis")]
 async fn redis() -> Option<Fresh> {
-    use idem::store::redis::redis;
+    use idempotency::store::redis::redis;
     struct Prefix(String);
     impl Drop for Prefix {
         fn drop(&mut self) {
@@ -96,7 +96,7 @@ async fn redis() -> Option<Fresh> {
         }
     }
     let prefix = format!("idem-started-{:016x}", rand::random::<u64>());
-    let store = idem::RedisStore::connect_with_prefix(&url, &prefix)
+    let store = idempotency::RedisStore::connect_with_prefix(&url, &prefix)
         .await
         .expect("connect to Redis");
     Some(Fresh {
@@ -108,9 +108,10 @@ async fn redis() -> Option<Fresh> {
 #[cfg(feature = "postgres")]
 async fn postgres() -> Option<Fresh> {
     let table = conformance::postgres::fresh_table("started").await?;
-    let store = idem::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
-        .await
-        .expect("connect to PostgreSQL");
+    let store =
+        idempotency::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
+            .await
+            .expect("connect to PostgreSQL");
     Some(Fresh {
         store: Arc::new(store),
         _cleanup: Box::new(()),
@@ -181,9 +182,9 @@ impl Ledger {
     /// The first line of every body, before any `.await`.
     fn start(&self) {
         self.starts.send_modify(|n| *n += 1);
-        let call = idem::context::current().expect("a body runs inside its call's context");
-        assert_eq!(idem::context::token(), Some(call.token()));
-        assert_eq!(idem::token(), Some(call.token()));
+        let call = idempotency::context::current().expect("a body runs inside its call's context");
+        assert_eq!(idempotency::context::token(), Some(call.token()));
+        assert_eq!(idempotency::token(), Some(call.token()));
         self.holders
             .lock()
             .unwrap()
@@ -289,7 +290,7 @@ async fn a_detached_body_runs_to_its_end_after_the_caller_gives_up(store: Arc<dy
             "order-1".into(),
         )
     };
-    let finished_before = idem::metrics().finished_detached;
+    let finished_before = idempotency::metrics().finished_detached;
 
     // The body is held at the gate (it "takes 400 ms"); the caller gives up after 50 ms.
     let gave_up = tokio::time::timeout(Duration::from_millis(50), call()).await;
@@ -321,7 +322,7 @@ async fn a_detached_body_runs_to_its_end_after_the_caller_gives_up(store: Arc<dy
         "a later retry replays the first run's value"
     );
     assert_eq!(ledger.starts(), 1, "one charge");
-    assert!(idem::metrics().finished_detached > finished_before);
+    assert!(idempotency::metrics().finished_detached > finished_before);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,7 +411,7 @@ async fn abandon_once_started<F: std::future::Future>(call: F, ledger: &Ledger) 
 async fn an_abandoned_in_place_body_is_an_unknown_outcome_and_is_not_run_again(
     store: Arc<dyn Store>,
 ) {
-    let unknown_before = idem::metrics().unknown_outcomes;
+    let unknown_before = idempotency::metrics().unknown_outcomes;
 
     // `&self` method.
     let account = Account::new(&store);
@@ -455,7 +456,7 @@ async fn an_abandoned_in_place_body_is_an_unknown_outcome_and_is_not_run_again(
     assert!(is_unknown(&retry), "{retry:?}");
     assert_eq!(ledger.starts(), 1, "detach = false: one charge");
 
-    assert!(idem::metrics().unknown_outcomes >= unknown_before + 3);
+    assert!(idempotency::metrics().unknown_outcomes >= unknown_before + 3);
 }
 
 async fn an_abandoned_in_place_body_runs_again_under_on_unknown_rerun(store: Arc<dyn Store>) {
@@ -679,7 +680,7 @@ impl Store for FlakyRenew {
         key: &StorageKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
-    ) -> idem::Result<Claim> {
+    ) -> idempotency::Result<Claim> {
         self.inner.claim(key, fingerprint, lease).await
     }
     async fn complete(
@@ -688,10 +689,10 @@ impl Store for FlakyRenew {
         token: FencingToken,
         record: &[u8],
         ttl: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         self.inner.complete(key, token, record, ttl).await
     }
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> idem::Result<()> {
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
         self.inner.release(key, token).await
     }
     async fn renew(
@@ -699,16 +700,16 @@ impl Store for FlakyRenew {
         key: &StorageKey,
         token: FencingToken,
         lease: Duration,
-    ) -> idem::Result<()> {
+    ) -> idempotency::Result<()> {
         if self.failing.load(SeqCst) {
             return Err(Error::store("test", "renewal cut off from the store"));
         }
         self.inner.renew(key, token, lease).await
     }
-    async fn get(&self, key: &StorageKey) -> idem::Result<Option<StoredRecord>> {
+    async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
         self.inner.get(key).await
     }
-    async fn purge_expired(&self) -> idem::Result<u64> {
+    async fn purge_expired(&self) -> idempotency::Result<u64> {
         self.inner.purge_expired().await
     }
     fn detached(&self) -> Option<Arc<dyn Store>> {
@@ -731,7 +732,7 @@ async fn guarded(
     key: String,
 ) -> Result<u64, AppError> {
     ledger.start();
-    let call = idem::context::current().expect("inside a body");
+    let call = idempotency::context::current().expect("inside a body");
     if !call.is_takeover() {
         // The first holder stalls (a slow dependency) until its claim is lost.
         seen.lock()
@@ -767,10 +768,10 @@ where
 
 async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<dyn Store>) {
     assert!(
-        idem::context::current().is_none(),
+        idempotency::context::current().is_none(),
         "no context outside a body"
     );
-    assert!(idem::token().is_none());
+    assert!(idempotency::token().is_none());
     let flaky = FlakyRenew::failing(&store);
     let shared: Arc<dyn Store> = Arc::new(flaky.clone());
     let (ledger, seen): (_, Seen) = (Ledger::new(), Seen::default());
@@ -819,7 +820,7 @@ async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<
 #[cfg(feature = "postgres")]
 mod fenced {
     use super::*;
-    use idem::store::postgres::tokio_postgres;
+    use idempotency::store::postgres::tokio_postgres;
 
     /// Writes to a table that refuses a token older than one it has seen. The first holder
     /// stalls at the gate until the taker has written, then writes with its stale token.
@@ -833,11 +834,11 @@ mod fenced {
         key: String,
     ) -> Result<u64, AppError> {
         ledger.start();
-        let call = idem::context::current().expect("inside a body");
+        let call = idempotency::context::current().expect("inside a body");
         if !call.is_takeover() {
             gate.pass().await;
         }
-        let token = i64::try_from(idem::token().expect("inside a body").0).unwrap();
+        let token = i64::try_from(idempotency::token().expect("inside a body").0).unwrap();
         let rows = db
             .execute(
                 &format!(
@@ -992,7 +993,7 @@ async fn with_lease(
 }
 
 async fn a_lease_below_the_minimum_is_a_config_error_and_nothing_runs(store: Arc<dyn Store>) {
-    assert_eq!(idem::MIN_LEASE, Duration::from_millis(100));
+    assert_eq!(idempotency::MIN_LEASE, Duration::from_millis(100));
     for lease_ms in [0, 1] {
         let key = format!("order-13-{lease_ms}");
         let ledger = Ledger::new();

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use idem::{idempotent, MemoryStore};
+use idempotency::{idempotent, MemoryStore};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -36,8 +36,8 @@ pub enum BenchError {
     Idem(String),
 }
 
-impl From<idem::Error> for BenchError {
-    fn from(e: idem::Error) -> Self {
+impl From<idempotency::Error> for BenchError {
+    fn from(e: idempotency::Error) -> Self {
         BenchError::Idem(e.to_string())
     }
 }

@@ -20,7 +20,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem::{MemoryStore, StorageKey, Store};
+use idempotency::{MemoryStore, StorageKey, Store};
 use serde_json::{json, Map, Value};
 use workload::*;
 
@@ -249,9 +249,9 @@ fn rss_bytes() -> u64 {
 /// A record of the workload's size: the envelope around a ~200-byte receipt.
 fn sample_record(token: u64) -> Vec<u8> {
     let payload = serde_json::to_vec(&compute(&request(token))).unwrap();
-    idem::record::Record {
-        outcome: idem::record::Outcome::Ok,
-        fingerprint: Some(idem::Fingerprint([7; 32])),
+    idempotency::record::Record {
+        outcome: idempotency::record::Outcome::Ok,
+        fingerprint: Some(idempotency::Fingerprint([7; 32])),
         token,
         completed_at_ms: 0,
         ttl_ms: 86_400_000,
@@ -264,10 +264,10 @@ fn sample_record(token: u64) -> Vec<u8> {
 }
 
 async fn fill(store: &MemoryStore, from: u64, n: u64, ttl: Duration) {
-    let fp = idem::Fingerprint([7; 32]);
+    let fp = idempotency::Fingerprint([7; 32]);
     for i in from..from + n {
         let key = StorageKey::derive("bench", &i).unwrap();
-        let idem::Claim::Acquired { token, .. } = store
+        let idempotency::Claim::Acquired { token, .. } = store
             .claim(&key, Some(&fp), Duration::from_secs(60))
             .await
             .unwrap()

@@ -82,8 +82,8 @@ mod common {
     pub(super) type Res<T> = std::result::Result<T, String>;
 
     /// The workload of section 1 through a store given as an argument.
-    #[idem::idempotent(key = req.order_id, store = store, skip(store), ttl = TTL)]
-    pub(super) async fn charge<S: idem::Store>(
+    #[idempotency::idempotent(key = req.order_id, store = store, skip(store), ttl = TTL)]
+    pub(super) async fn charge<S: idempotency::Store>(
         store: &S,
         req: ChargeRequest,
     ) -> Result<Receipt, BenchError> {
@@ -91,7 +91,7 @@ mod common {
     }
 
     /// One `#[idempotent]` call, its error as text.
-    pub(super) async fn call<S: idem::Store>(store: &S, order_id: u64) -> Res<()> {
+    pub(super) async fn call<S: idempotency::Store>(store: &S, order_id: u64) -> Res<()> {
         let receipt = charge(store, request(order_id))
             .await
             .map_err(|e| format!("idem call failed: {e}"))?;
@@ -217,9 +217,9 @@ mod redis_part {
     use std::time::Duration;
 
     use futures::StreamExt;
-    use idem::store::redis::redis::aio::{ConnectionManager, MultiplexedConnection};
-    use idem::store::redis::redis::{self, IntoConnectionInfo, ProtocolVersion, Value};
-    use idem::{RedisStore, StorageKey};
+    use idempotency::store::redis::redis::aio::{ConnectionManager, MultiplexedConnection};
+    use idempotency::store::redis::redis::{self, IntoConnectionInfo, ProtocolVersion, Value};
+    use idempotency::{RedisStore, StorageKey};
 
     use super::*;
 
@@ -594,7 +594,7 @@ mod redis_part {
                 }
             }
             let sum = |m: &BTreeMap<String, u64>| m.values().sum::<u64>();
-            if best.as_ref().map_or(true, |b| sum(&delta) < sum(b)) {
+            if best.as_ref().is_none_or(|b| sum(&delta) < sum(b)) {
                 best = Some(delta);
             }
         }
@@ -781,12 +781,12 @@ mod redis_part {
 mod postgres_part {
     use std::time::Duration;
 
-    use idem::exec::DEFAULT_LEASE;
-    use idem::store::postgres::deadpool_postgres::{
+    use idempotency::exec::DEFAULT_LEASE;
+    use idempotency::store::postgres::deadpool_postgres::{
         Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
     };
-    use idem::store::postgres::tokio_postgres::{self, Client, Config, NoTls, Statement};
-    use idem::{PostgresStore, StorageKey};
+    use idempotency::store::postgres::tokio_postgres::{self, Client, Config, NoTls, Statement};
+    use idempotency::{PostgresStore, StorageKey};
 
     use super::*;
 

@@ -1,5 +1,5 @@
 //! Code generation: the annotated function's body becomes one call,
-//! `::idem::__private::Call::new(..)...run(policy, async { body }).await`.
+//! `::idempotency::__private::Call::new(..)...run(policy, async { body }).await`.
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
@@ -67,14 +67,14 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         .as_ref()
         .map(|r| r.span())
         .unwrap_or_else(Span::call_site);
-    // The facade's path: `crate = path` if given, else `::idem`, written with the span the
+    // The facade's path: `crate = path` if given, else `::idempotency`, written with the span the
     // tokens around it need (the path's own tokens keep theirs).
     let krate = |span: Span| match &args.krate {
         Some(k) => {
             let path = &k.value;
             quote!(#path)
         }
-        None => quote_spanned!(span=> ::idem),
+        None => quote_spanned!(span=> ::idempotency),
     };
     let p = {
         let krate = krate(ret_span);

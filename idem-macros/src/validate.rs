@@ -56,7 +56,7 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
 
     let ret = match (&sig.output, &shape) {
         (ReturnType::Default, _) => {
-            push(&mut errors, syn::Error::new(sig.ident.span(), "`#[idempotent]` functions must return `Result<T, E>` (`T: Serialize + DeserializeOwned`, `E: From<idem::Error>`): add a return type"));
+            push(&mut errors, syn::Error::new(sig.ident.span(), "`#[idempotent]` functions must return `Result<T, E>` (`T: Serialize + DeserializeOwned`, `E: From<idempotency::Error>`): add a return type"));
             None
         }
         (ReturnType::Type(_, ty), Shape::Async) => Some((**ty).clone()),

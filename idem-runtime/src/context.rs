@@ -9,7 +9,8 @@
 //! before doing the work twice.
 //!
 //! ```
-//! # use idem_runtime::{exec::{Call, ErrorPolicy}, key::StorageKey, MemoryStore, Error, context};
+//! # use idem_runtime as idempotency;
+//! use idempotency::{exec::{Call, ErrorPolicy}, key::StorageKey, MemoryStore, Error, context};
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let store = MemoryStore::new();
 //! let out: Result<u64, Error> = Call::new(StorageKey::derive("docs", "k1"))

@@ -7,7 +7,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Everything that can go wrong in an idempotent call, each variant meaningful to a caller.
 ///
-/// An `#[idempotent]` function's error type must implement `From<idem::Error>`; the body's own
+/// An `#[idempotent]` function's error type must implement `From<idempotency::Error>`; the body's own
 /// errors pass through untouched, and idem's errors are converted with that `From`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

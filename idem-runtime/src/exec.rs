@@ -4,7 +4,8 @@
 //! Everything here is plain Rust, usable (and tested) without the macro:
 //!
 //! ```
-//! # use idem_runtime::{exec::{Call, ErrorPolicy}, key::StorageKey, MemoryStore, Error};
+//! # use idem_runtime as idempotency;
+//! use idempotency::{exec::{Call, ErrorPolicy}, key::StorageKey, MemoryStore, Error};
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let store = MemoryStore::new();
 //! let out: Result<u32, Error> = Call::new(StorageKey::derive("docs", "k1"))
@@ -71,7 +72,7 @@ impl<T: Serialize + DeserializeOwned> Storable for T {}
 #[diagnostic::on_unimplemented(
     message = "`#[idempotent]` functions must return `Result<T, E>`, not `{Self}`",
     label = "the return type must be `Result<T, E>`",
-    note = "`T` must implement `Serialize + DeserializeOwned` (it is stored and replayed), and `E` must implement `From<idem::Error>`"
+    note = "`T` must implement `Serialize + DeserializeOwned` (it is stored and replayed), and `E` must implement `From<idempotency::Error>`"
 )]
 pub trait IdempotentResult: Sized {
     /// The stored, replayed success value.
@@ -152,8 +153,6 @@ pub fn fingerprint_with(
     add(&mut b)?;
     Ok(b.finish())
 }
-
-const TEMP_REFUSE: bool = false;
 
 /// The shortest lease accepted: 100 ms. A shorter lease expires before a store round trip and
 /// a renewal can land, so every concurrent caller would take the key over and run the body.
@@ -441,7 +440,7 @@ impl<'s> Call<'s> {
             (_, None) => unreachable!("shared and default stores are handles"),
         };
         if let Some(op) = &self.operation {
-            if TEMP_REFUSE && !op.is_stable() && store.durable() {
+            if !op.is_stable() && store.durable() {
                 return fail(Error::config(format!(
                     "`{}` has no stable name, and its store ({}) keeps records across deploys: a name taken from the function's path changes when the function moves or is renamed, and live keys would run the body again. Add `name = \"...\"` to its #[idempotent(...)], e.g. `name = \"billing.charge\"`, and keep it when the function moves",
                     op.name(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::{Claim, Error, FencingToken, RecordState, Store};
+use idempotency::{Claim, Error, FencingToken, RecordState, Store};
 
 use super::{acquire, fp, record, unique, LONG};
 

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::record::{Outcome, Record};
-use idem::{
+use idempotency::record::{Outcome, Record};
+use idempotency::{
     Call, Claim, Error, ErrorPolicy, Fingerprint, OnConflict, OnUnknown, RecordState, StorageKey,
     Store,
 };
@@ -75,7 +75,7 @@ pub fn redis_url() -> String {
 /// than ten minutes.
 #[cfg(feature = "postgres")]
 pub mod postgres {
-    use idem::store::postgres::tokio_postgres::{self, NoTls};
+    use idempotency::store::postgres::tokio_postgres::{self, NoTls};
     use tokio::sync::OnceCell;
 
     /// `IDEM_POSTGRES_URL`, or the loopback default.
@@ -148,7 +148,7 @@ pub mod postgres {
 /// can run from `Drop`. Best effort.
 #[cfg(feature = "redis")]
 pub fn delete_redis_prefix(prefix: &str) {
-    use idem::store::redis::redis;
+    use idempotency::store::redis::redis;
     let Ok(mut con) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
         return;
     };
@@ -167,7 +167,7 @@ pub mod private_redis {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use idem::store::redis::redis;
+    use idempotency::store::redis::redis;
 
     /// A `redis-server` on a free loopback port, with an append-only file fsynced on every
     /// write, so acknowledged records survive a crash. Killed on drop.
@@ -428,9 +428,9 @@ pub async fn expired_lease_is_taken_over(store: Arc<dyn Store>, _: bool) {
 
 pub async fn stale_tokens_are_fenced(store: Arc<dyn Store>, _: bool) {
     let key = unique("fence");
-    let stale = idem::FencingToken(acquire(&*store, &key, Duration::from_millis(300)).await);
+    let stale = idempotency::FencingToken(acquire(&*store, &key, Duration::from_millis(300)).await);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let fresh = idem::FencingToken(acquire(&*store, &key, LONG).await);
+    let fresh = idempotency::FencingToken(acquire(&*store, &key, LONG).await);
     assert!(matches!(
         store.renew(&key, stale, LONG).await,
         Err(Error::LeaseLost)
@@ -490,7 +490,10 @@ pub async fn tokens_strictly_increase(store: Arc<dyn Store>, _: bool) {
     for _ in 0..5 {
         let t = acquire(&*store, &key, LONG).await;
         assert!(t > last, "{t} after {last}");
-        store.release(&key, idem::FencingToken(t)).await.unwrap();
+        store
+            .release(&key, idempotency::FencingToken(t))
+            .await
+            .unwrap();
         last = t;
     }
     let other = acquire(&*store, &unique("tokens-other"), LONG).await;
@@ -651,7 +654,7 @@ pub async fn corrupt_records_are_errors_not_reruns(store: Arc<dyn Store>, _: boo
         let key = unique(label);
         let t = acquire(&*store, &key, LONG).await;
         store
-            .complete(&key, idem::FencingToken(t), &bytes, LONG)
+            .complete(&key, idempotency::FencingToken(t), &bytes, LONG)
             .await
             .unwrap();
         let out: Result<u32, Error> = call(&*store, &key)
@@ -694,7 +697,12 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
         let k = unique(&format!("purge-done{i}"));
         let t = acquire(&*store, &k, LONG).await;
         store
-            .complete(&k, idem::FencingToken(t), &record(t, "1", "u32"), short)
+            .complete(
+                &k,
+                idempotency::FencingToken(t),
+                &record(t, "1", "u32"),
+                short,
+            )
             .await
             .unwrap();
         expired.push(k);
@@ -707,7 +715,12 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
         let k = unique(&format!("purge-live{i}"));
         let t = acquire(&*store, &k, LONG).await;
         store
-            .complete(&k, idem::FencingToken(t), &record(t, "1", "u32"), LONG)
+            .complete(
+                &k,
+                idempotency::FencingToken(t),
+                &record(t, "1", "u32"),
+                LONG,
+            )
             .await
             .unwrap();
         live.push(k);
@@ -742,7 +755,7 @@ pub async fn purge_removes_only_expired(store: Arc<dyn Store>, native_expiry: bo
 pub async fn get_reports_states(store: Arc<dyn Store>, _: bool) {
     let key = unique("get");
     assert_eq!(store.get(&key).await.unwrap(), None);
-    let t = idem::FencingToken(acquire(&*store, &key, LONG).await);
+    let t = idempotency::FencingToken(acquire(&*store, &key, LONG).await);
     let got = store.get(&key).await.unwrap().unwrap();
     assert_eq!(got.fingerprint, Some(fp(1)));
     assert_eq!(got.state, RecordState::InFlight { token: t });

@@ -7,20 +7,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AppError {
     #[serde(skip)]
-    Idem(idem::Error),
+    Idem(idempotency::Error),
     Declined(String),
     Transient(String),
 }
 
-impl From<idem::Error> for AppError {
-    fn from(e: idem::Error) -> Self {
+impl From<idempotency::Error> for AppError {
+    fn from(e: idempotency::Error) -> Self {
         AppError::Idem(e)
     }
 }
 
 impl AppError {
     /// The idem error inside, if this is one.
-    pub fn idem(&self) -> Option<&idem::Error> {
+    pub fn idem(&self) -> Option<&idempotency::Error> {
         match self {
             AppError::Idem(e) => Some(e),
             _ => None,

@@ -1,9 +1,9 @@
-use idem::idempotent;
+use idempotency::idempotent;
 
 #[derive(Debug)]
 pub struct AppError;
-impl From<idem::Error> for AppError {
-    fn from(_: idem::Error) -> Self {
+impl From<idempotency::Error> for AppError {
+    fn from(_: idempotency::Error) -> Self {
         AppError
     }
 }

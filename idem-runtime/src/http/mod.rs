@@ -13,7 +13,8 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Full};
-//! use idem_runtime::{http::{IdempotencyLayer, RequestBody}, MemoryStore};
+//! # use idem_runtime as idempotency;
+//! use idempotency::{http::{IdempotencyLayer, RequestBody}, MemoryStore};
 //! use tower::{service_fn, Layer, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -200,13 +201,13 @@ struct Config {
 ///
 /// ```ignore
 /// use axum::{routing::post, Json, Router, http::StatusCode};
-/// use idem::http::IdempotencyLayer;
+/// use idempotency::http::IdempotencyLayer;
 ///
 /// async fn create_payment(Json(req): Json<serde_json::Value>) -> (StatusCode, Json<serde_json::Value>) {
 ///     (StatusCode::CREATED, Json(serde_json::json!({ "id": "pay_123", "amount": req["amount"] })))
 /// }
 ///
-/// let store = idem::connect("redis://127.0.0.1:6379").await?;
+/// let store = idempotency::connect("redis://127.0.0.1:6379").await?;
 /// let app = Router::new()
 ///     .route("/payments", post(create_payment))
 ///     .layer(

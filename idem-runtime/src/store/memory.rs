@@ -106,7 +106,7 @@ impl Slot {
     fn exists(&self, now: Instant) -> bool {
         match &self.state {
             SlotState::InFlight { lease_until } => {
-                abandoned_at(*lease_until).map_or(true, |at| at > now)
+                abandoned_at(*lease_until).is_none_or(|at| at > now)
             }
             SlotState::Completed { expires_at, .. } => *expires_at > now,
         }

@@ -2,11 +2,12 @@
 //! lives in PostgreSQL (feature `postgres`).
 //!
 //! ```no_run
-//! # async fn demo() -> idem_runtime::Result<()> {
-//! use idem_runtime::store::postgres::PostgresStore;
+//! # use idem_runtime as idempotency;
+//! # async fn demo() -> idempotency::Result<()> {
+//! use idempotency::PostgresStore;
 //!
 //! let store = PostgresStore::connect("postgres://app@db.internal/app").await?;
-//! idem_runtime::install(store);
+//! idempotency::install(store);
 //! # Ok(()) }
 //! ```
 //!
@@ -109,8 +110,10 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
 /// The deadpool-postgres version this store is built with, for [`PostgresStore::from_pool`].
+#[doc(no_inline)]
 pub use deadpool_postgres;
 /// The tokio-postgres version this store is built with.
+#[doc(no_inline)]
 pub use tokio_postgres;
 
 /// The table [`PostgresStore::connect`] uses.

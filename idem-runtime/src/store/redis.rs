@@ -107,6 +107,7 @@ use redis::{
 
 /// The `redis` crate this store is built on, for building a [`ConnectionManager`] of the
 /// matching version to hand to [`RedisStore::from_manager`].
+#[doc(no_inline)]
 pub use ::redis;
 
 use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
@@ -249,12 +250,12 @@ struct Scripts {
 /// [module docs](self) for the data layout, fencing tokens and expiry.
 ///
 /// ```no_run
-/// # async fn f() -> idem_runtime::Result<()> {
-/// // `idem::RedisStore` in the `idem` crate.
-/// use idem_runtime::store::redis::RedisStore;
+/// # use idem_runtime as idempotency;
+/// # async fn f() -> idempotency::Result<()> {
+/// use idempotency::RedisStore;
 ///
 /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
-/// idem_runtime::install(store);
+/// idempotency::install(store);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]

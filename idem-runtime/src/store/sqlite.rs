@@ -115,9 +115,10 @@ const STATE_COMPLETED: i64 = 1;
 /// schema and the clock.
 ///
 /// ```no_run
-/// # async fn demo() -> idem_runtime::Result<()> {
-/// let store = idem_runtime::store::sqlite::SqliteStore::open("idem.sqlite").await?;
-/// idem_runtime::install(store);
+/// # use idem_runtime as idempotency;
+/// # async fn demo() -> idempotency::Result<()> {
+/// let store = idempotency::SqliteStore::open("idem.sqlite").await?;
+/// idempotency::install(store);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]

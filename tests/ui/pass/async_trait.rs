@@ -1,12 +1,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use idem::{idempotent, MemoryStore, Store};
+use idempotency::{idempotent, MemoryStore, Store};
 
 #[async_trait]
 pub trait Payments {
-    async fn charge(&self, order: u64, amount: u64) -> Result<String, idem::Error>;
-    async fn refund(&mut self, order: u64) -> Result<u64, idem::Error>;
+    async fn charge(&self, order: u64, amount: u64) -> Result<String, idempotency::Error>;
+    async fn refund(&mut self, order: u64) -> Result<u64, idempotency::Error>;
 }
 
 pub struct Gateway {
@@ -17,12 +17,12 @@ pub struct Gateway {
 #[async_trait]
 impl Payments for Gateway {
     #[idempotent(key = format!("charge:{order}"), store = self.store.clone(), ttl = "24h")]
-    async fn charge(&self, order: u64, amount: u64) -> Result<String, idem::Error> {
+    async fn charge(&self, order: u64, amount: u64) -> Result<String, idempotency::Error> {
         Ok(format!("{order}:{amount}"))
     }
 
     #[idempotent(key = order, store = self.store.clone())]
-    async fn refund(&mut self, order: u64) -> Result<u64, idem::Error> {
+    async fn refund(&mut self, order: u64) -> Result<u64, idempotency::Error> {
         self.refunds += 1;
         Ok(self.refunds)
     }

@@ -1,8 +1,8 @@
-use idem::{idempotent, MemoryStore, Store};
+use idempotency::{idempotent, MemoryStore, Store};
 use serde::{de::DeserializeOwned, Serialize};
 
 #[idempotent(key = key, store = store, skip(store))]
-async fn echo<S, T>(store: &S, key: &str, value: T) -> Result<T, idem::Error>
+async fn echo<S, T>(store: &S, key: &str, value: T) -> Result<T, idempotency::Error>
 where
     S: Store,
     T: Serialize + DeserializeOwned + Send,
@@ -10,8 +10,8 @@ where
     Ok(value)
 }
 
-/// `anyhow`-style aliases with one parameter work too: any `Result<T, E>` with `E: From<idem::Error>`.
-type Result2<T> = std::result::Result<T, idem::Error>;
+/// `anyhow`-style aliases with one parameter work too: any `Result<T, E>` with `E: From<idempotency::Error>`.
+type Result2<T> = std::result::Result<T, idempotency::Error>;
 
 #[idempotent(store = store, skip(store))]
 async fn aliased(store: &impl Store, n: u32) -> Result2<Vec<u32>> {

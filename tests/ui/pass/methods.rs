@@ -1,11 +1,11 @@
 use std::sync::Arc;
 
-use idem::{idempotent, MemoryStore};
+use idempotency::{idempotent, MemoryStore};
 
 #[derive(Debug)]
 pub struct AppError;
-impl From<idem::Error> for AppError {
-    fn from(_: idem::Error) -> Self {
+impl From<idempotency::Error> for AppError {
+    fn from(_: idempotency::Error) -> Self {
         AppError
     }
 }
@@ -28,7 +28,7 @@ impl Service {
     }
 
     #[idempotent(key = id, store = &*self.store, on_conflict = "wait")]
-    pub async fn waits(&self, id: u64) -> Result<String, idem::Error> {
+    pub async fn waits(&self, id: u64) -> Result<String, idempotency::Error> {
         Ok(id.to_string())
     }
 }
