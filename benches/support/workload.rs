@@ -92,7 +92,7 @@ pub async fn with_idem_unfingerprinted(req: ChargeRequest) -> Result<Receipt, Be
 }
 
 /// The `cached` crate's async memoization, keyed the same way.
-#[cached::cached(result = true, key = "u64", convert = "{ req.order_id }")]
+#[cached::cached(key = "u64", convert = "{ req.order_id }")]
 pub async fn with_cached(req: ChargeRequest) -> Result<Receipt, BenchError> {
     Ok(compute(&req))
 }

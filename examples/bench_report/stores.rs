@@ -270,7 +270,11 @@ mod redis_part {
         // The raw client: a ConnectionManager speaking the protocol the store speaks.
         let mut info = url.into_connection_info().map_err(err)?;
         if !url.contains("protocol=") {
-            info.redis.protocol = ProtocolVersion::RESP3;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            info = info.set_redis_settings(settings);
         }
         let raw = redis::Client::open(info)
             .map_err(err)?

@@ -475,6 +475,7 @@ impl<'s> Call<'s> {
         let started = Started {
             store,
             shared: shared.clone(),
+            renewal: std::sync::Mutex::new(None),
             key: &key,
             token,
             on_unknown: self.on_unknown,
@@ -499,7 +500,9 @@ impl<'s> Call<'s> {
         let output = match renewal {
             Some(renewal) => {
                 let output = body.await;
-                drop(renewal);
+                // Renewal goes on until the outcome is stored (or the claim released): a store
+                // that is down when the body ends must not let the lease lapse unnoticed.
+                *started.renewal.lock().unwrap_or_else(|p| p.into_inner()) = Some(renewal);
                 output
             }
             None => drive_renewing(store, &key, token, self.lease, &context, body).await,
@@ -633,6 +636,8 @@ struct Started<'a> {
     store: &'a dyn Store,
     /// The same store as a handle a background task can own, if there is one.
     shared: Option<Arc<dyn Store>>,
+    /// The lease's renewal once the body has ended, kept until the outcome is stored.
+    renewal: std::sync::Mutex<Option<Renewal>>,
     key: &'a StorageKey,
     token: FencingToken,
     on_unknown: OnUnknown,
@@ -664,18 +669,32 @@ impl Started<'_> {
         finish.armed = false;
         drop(finish);
         match stored {
-            Ok(()) => Stored::Landed,
-            Err(Error::LeaseLost) => Stored::Lost,
+            Ok(()) => {
+                drop(self.take_renewal());
+                Stored::Landed
+            }
+            Err(Error::LeaseLost) => {
+                drop(self.take_renewal());
+                Stored::Lost
+            }
             Err(e) => {
-                self.finish_in_background(record, ttl);
+                self.finish_in_background(record, ttl, self.take_renewal());
                 Stored::Pending(e)
             }
         }
     }
 
-    /// Goes on storing `record` on a task of its own until it lands, the key is taken over, or
-    /// the ttl passes.
-    fn finish_in_background(&self, record: Vec<u8>, ttl: Duration) {
+    /// The lease's renewal, if it is still running.
+    fn take_renewal(&self) -> Option<Renewal> {
+        self.renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Goes on storing `record` on a task of its own, renewing the lease meanwhile (`renewal`),
+    /// until it lands, the key is taken over, or the ttl passes.
+    fn finish_in_background(&self, record: Vec<u8>, ttl: Duration, renewal: Option<Renewal>) {
         let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
             tracing::warn!(target: "idem", key = %self.key, token = self.token.0,
                 "no handle or runtime to finish storing on; the claim stays in flight");
@@ -683,6 +702,7 @@ impl Started<'_> {
         };
         let (key, token) = (self.key.clone(), self.token);
         runtime.spawn(async move {
+            let _renewal = renewal;
             let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
             match complete(&*store, &key, token, &record, ttl, until, true).await {
                 Ok(()) => tracing::info!(target: "idem", key = %key, token = token.0,
@@ -695,6 +715,7 @@ impl Started<'_> {
 
     /// Releases the claim: nothing happened that a retry must not repeat.
     async fn release(&self) {
+        drop(self.take_renewal());
         bump(&COUNTERS.releases);
         match self.store.release(self.key, self.token).await {
             Ok(()) => {

@@ -316,15 +316,20 @@ impl RedisStore {
         check_prefix(prefix)?;
         let mut info = url.into_connection_info().map_err(redis_error)?;
         let chose_protocol = url.contains("protocol=");
+        let with_protocol = |info: redis::ConnectionInfo, protocol| {
+            let settings = info.redis_settings().clone().set_protocol(protocol);
+            info.set_redis_settings(settings)
+        };
         if !chose_protocol {
-            info.redis.protocol = ProtocolVersion::RESP3;
+            info = with_protocol(info, ProtocolVersion::RESP3);
         }
         let con = match manager(info.clone()).await {
             Ok(con) => con,
             // A server that answers but refuses RESP3 (`HELLO`, before Redis 6): use RESP2.
             Err(e) if !chose_protocol && !e.is_io_error() => {
-                info.redis.protocol = ProtocolVersion::RESP2;
-                manager(info).await.map_err(redis_error)?
+                manager(with_protocol(info, ProtocolVersion::RESP2))
+                    .await
+                    .map_err(redis_error)?
             }
             Err(e) => return Err(redis_error(e)),
         };
@@ -430,8 +435,8 @@ async fn manager(info: redis::ConnectionInfo) -> Result<ConnectionManager, Redis
     // `RedisStore::eval`) picks up a server that has come back.
     let config = ConnectionManagerConfig::new()
         .set_number_of_retries(0)
-        .set_connection_timeout(CONNECTION_TIMEOUT)
-        .set_response_timeout(RESPONSE_TIMEOUT);
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
     Client::open(info)?
         .get_connection_manager_with_config(config)
         .await
