@@ -27,7 +27,8 @@ impl Service {
         Ok(self.calls)
     }
 
-    #[idempotent(key = id, store = &*self.store, on_conflict = "wait")]
+    // `skip(self)`, the `#[instrument(skip(self))]` habit: accepted (self is never fingerprinted).
+    #[idempotent(key = id, store = &*self.store, on_conflict = "wait", skip(self))]
     pub async fn waits(&self, id: u64) -> Result<String, idempotency::Error> {
         Ok(id.to_string())
     }
