@@ -482,6 +482,15 @@ async fn an_abandoned_in_place_body_runs_again_under_on_unknown_rerun(store: Arc
 // ---------------------------------------------------------------------------------------------
 // A panic after the side effect.
 
+/// The body of the `panics_first*` functions: charges, then panics in its first run only.
+fn panic_on_first_run(ledger: &Ledger) -> Result<u64, AppError> {
+    ledger.start();
+    if ledger.starts() == 1 {
+        panic!("the first run panics after its side effect");
+    }
+    Ok(ledger.produce())
+}
+
 /// Panics in its first run, after the side effect; later runs succeed. Waits for a call in
 /// flight, so that a retry sees what the panic left once it is recorded (it is recorded by a
 /// task of its own).
@@ -491,11 +500,7 @@ async fn panics_first(
     ledger: Arc<Ledger>,
     key: String,
 ) -> Result<u64, AppError> {
-    ledger.start();
-    if ledger.starts() == 1 {
-        panic!("the first run panics after its side effect");
-    }
-    Ok(ledger.produce())
+    panic_on_first_run(&ledger)
 }
 
 #[idempotent(name = "started.panics_first_rerun", key = key, store = store.clone(), skip(store, ledger), on_conflict = "wait", wait = "10s", on_unknown = "rerun")]
@@ -504,11 +509,7 @@ async fn panics_first_rerun(
     ledger: Arc<Ledger>,
     key: String,
 ) -> Result<u64, AppError> {
-    ledger.start();
-    if ledger.starts() == 1 {
-        panic!("the first run panics after its side effect");
-    }
-    Ok(ledger.produce())
+    panic_on_first_run(&ledger)
 }
 
 /// A recovery window of 2 s: the key is refused for 2 s, then runs again.
@@ -518,11 +519,7 @@ async fn panics_first_recovering(
     ledger: Arc<Ledger>,
     key: String,
 ) -> Result<u64, AppError> {
-    ledger.start();
-    if ledger.starts() == 1 {
-        panic!("the first run panics after its side effect");
-    }
-    Ok(ledger.produce())
+    panic_on_first_run(&ledger)
 }
 
 /// Runs `call` on a task and checks that it panicked (the body's panic reaches the caller).
