@@ -82,7 +82,7 @@ mod common {
     pub(super) type Res<T> = std::result::Result<T, String>;
 
     /// The workload of section 1 through a store given as an argument.
-    #[idempotency::idempotent(key = req.order_id, store = store, skip(store), ttl = TTL)]
+    #[idempotency::idempotent(name = "bench.charge", key = req.order_id, store = store, skip(store), ttl = TTL)]
     pub(super) async fn charge<S: idempotency::Store>(
         store: &S,
         req: ChargeRequest,

@@ -369,8 +369,18 @@ impl<'s> Call<'s> {
         let Some(store) = self.shareable_store() else {
             return self.run(errors, body).await;
         };
-        let call = self.with_shared_store(store);
-        let task = tokio::spawn(call.run_inner(errors, body));
+        // Claim (or replay) in the caller; only a body that is to run moves to a task of its
+        // own. A caller that leaves while the claim is on its way may leave the claim in flight
+        // until its lease ends; the body has not started then, so nothing runs twice.
+        let holding = match self.with_shared_store(store).begin::<R>(&errors).await {
+            Begun::Answer(answer) => return answer,
+            Begun::Claimed(holding) => holding,
+        };
+        // Renewal first: spawning the body's task next moves the renewal task out of this
+        // worker's next-task slot into its queue, where another worker can run it even if the
+        // body blocks this thread.
+        let begun = holding.start_renewal();
+        let task = tokio::spawn(holding.finish(errors, body, Some(begun)));
         let abandoned = Abandoned::new();
         let joined = task.await;
         abandoned.disarm();
@@ -415,9 +425,16 @@ impl<'s> Call<'s> {
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
-        // No value of `R::Ok` or `R::Err` is held across an `.await` (only `R`), so that the
-        // future is `Send` whenever `R` and the body are, as `run_detached` needs.
-        let fail = |e: Error| R::from_result(Err(e.into()));
+        match self.begin::<R>(&errors).await {
+            Begun::Answer(answer) => answer,
+            Begun::Claimed(claimed) => claimed.finish(errors, body, None).await,
+        }
+    }
+
+    /// Checks the call, then claims its key: the answer (a replay, a refusal, an error), or the
+    /// claim under which the body is to run.
+    async fn begin<R: IdempotentResult>(self, errors: &ErrorPolicy<R::Err>) -> Begun<'s, R> {
+        let fail = |e: Error| Begun::Answer(R::from_result(Err(e.into())));
         let (key, fingerprint) = match (self.key, self.fingerprint) {
             (Ok(key), Ok(fingerprint)) => (key, fingerprint),
             (Err(e), _) | (_, Err(e)) => return fail(e),
@@ -465,10 +482,111 @@ impl<'s> Call<'s> {
             Ok(Claimed::Replay(bytes)) => {
                 bump(&COUNTERS.hits);
                 tracing::debug!(target: "idem", key = %key, "replay");
-                return R::from_result(replay::<R::Ok, R::Err>(&bytes, &errors, &expect));
+                return Begun::Answer(R::from_result(replay::<R::Ok, R::Err>(
+                    &bytes, errors, &expect,
+                )));
             }
             Err(e) => return fail(e),
         };
+        Begun::Claimed(Box::new(Holding {
+            store: match self.store {
+                StoreRef::Borrowed(s) => HeldStore::Borrowed(s),
+                _ => HeldStore::Shared,
+            },
+            shared,
+            key,
+            fingerprint,
+            token,
+            takeover,
+            expect,
+            ttl: self.ttl,
+            lease: self.lease,
+            max_record_bytes: self.max_record_bytes,
+            on_unknown: self.on_unknown,
+            recovery: self.recovery,
+        }))
+    }
+}
+
+/// What [`Call::begin`] found.
+enum Begun<'s, R> {
+    /// The call's answer: a replay, a refusal or an error. Nothing runs.
+    Answer(R),
+    /// The key is claimed: run the body under it.
+    Claimed(Box<Holding<'s>>),
+}
+
+/// Where a claimed call finds its store.
+enum HeldStore<'s> {
+    Borrowed(&'s dyn Store),
+    /// The `shared` handle of [`Holding`].
+    Shared,
+}
+
+/// A claimed key and everything needed to run the body under it, store its outcome, and do
+/// the work that outlives the caller: owned (`'static`) when the store is shared, so that it
+/// can move to a task of its own.
+struct Holding<'s> {
+    store: HeldStore<'s>,
+    shared: Option<Arc<dyn Store>>,
+    key: StorageKey,
+    fingerprint: Option<Fingerprint>,
+    token: FencingToken,
+    takeover: bool,
+    expect: Expect,
+    ttl: Duration,
+    lease: Duration,
+    max_record_bytes: usize,
+    on_unknown: OnUnknown,
+    recovery: Option<Duration>,
+}
+
+impl Holding<'_> {
+    /// The body's context, and the lease's renewal on a task of its own (if the store can be
+    /// shared with one).
+    fn start_renewal(&self) -> (CallContext, Option<Renewal>) {
+        let context = CallContext::new(self.key.clone(), self.token, self.takeover);
+        let renewal = Renewal::start(
+            self.shared.clone(),
+            &self.key,
+            self.token,
+            self.lease,
+            context.clone(),
+        );
+        (context, renewal)
+    }
+
+    /// Runs the body under the claim, then stores its outcome (or releases, or records an
+    /// unknown outcome). `begun`: the context and renewal if the caller started them already
+    /// (a detached call starts them before spawning the body's task, so the renewal task is
+    /// queued where another worker can take it, with no yield); else they start here.
+    async fn finish<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+        begun: Option<(CallContext, Option<Renewal>)>,
+    ) -> R
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+    {
+        // No value of `R::Ok` or `R::Err` is held across an `.await` (only `R`), so that the
+        // future is `Send` whenever `R` and the body are, as `run_detached` needs.
+        let fail = |e: Error| R::from_result(Err(e.into()));
+        let store: &dyn Store = match (&self.store, &self.shared) {
+            (HeldStore::Borrowed(s), _) => *s,
+            (HeldStore::Shared, Some(s)) => &**s,
+            (HeldStore::Shared, None) => unreachable!("a shared store has a handle"),
+        };
+        let Holding {
+            shared,
+            key,
+            fingerprint,
+            token,
+            expect,
+            ..
+        } = &self;
+        let (key, fingerprint, token) = (key, *fingerprint, *token);
         bump(&COUNTERS.misses);
         tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
         let recovery = self.recovery.unwrap_or(self.ttl);
@@ -476,7 +594,7 @@ impl<'s> Call<'s> {
             store,
             shared: shared.clone(),
             renewal: std::sync::Mutex::new(None),
-            key: &key,
+            key,
             token,
             on_unknown: self.on_unknown,
             recovery,
@@ -487,13 +605,18 @@ impl<'s> Call<'s> {
             armed: true,
             body_started: false,
         };
-        let context = CallContext::new(key.clone(), token, takeover);
-        let renewal = Renewal::start(shared.clone(), &key, token, self.lease, context.clone());
-        if renewal.is_some() {
-            // Let the renewal task run once (and arm its timer) before the body, which may
-            // block this thread.
-            tokio::task::yield_now().await;
-        }
+        let (context, renewal) = match begun {
+            Some(begun) => begun,
+            None => {
+                let (context, renewal) = self.start_renewal();
+                if renewal.is_some() {
+                    // Let the renewal task run once (and arm its timer) before the body, which
+                    // may block this thread.
+                    tokio::task::yield_now().await;
+                }
+                (context, renewal)
+            }
+        };
         // From here on the body may have done its side effect.
         guard.body_started = true;
         let body = catch_unwind(context.clone().scope(body));
@@ -505,7 +628,7 @@ impl<'s> Call<'s> {
                 *started.renewal.lock().unwrap_or_else(|p| p.into_inner()) = Some(renewal);
                 output
             }
-            None => drive_renewing(store, &key, token, self.lease, &context, body).await,
+            None => drive_renewing(store, key, token, self.lease, &context, body).await,
         };
         let output = match output {
             Ok(output) => output,
@@ -563,7 +686,7 @@ impl<'s> Call<'s> {
                 ttl_ms: self.ttl.as_millis() as u64,
                 type_name,
                 operation: expect.operation.unwrap_or(""),
-                schema: self.schema,
+                schema: expect.schema,
                 payload: &payload,
             },
             self.max_record_bytes,
