@@ -62,6 +62,24 @@
 //! - **Fencing reaches the body**: inside a body, [`current()`] gives its [`CallContext`]: the
 //!   fencing token to pass to the downstream write, and whether the claim was lost.
 //! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
+//! - **Safe across deploys**: an operation's `name = "..."` is part of its storage key and
+//!   survives moving or renaming the function; results are checked by schema version and by
+//!   decoding, not by Rust type names ([`Error::TypeMismatch`]). Durable stores refuse unnamed
+//!   functions ([`Error::Config`]).
+//!
+//! ## Stores and features
+//!
+//! | store | cargo feature | for |
+//! |---|---|---|
+//! | [`MemoryStore`] | (always) | the default; tests; one process |
+//! | `SqliteStore` | `sqlite` | embedded and durable: one file, several processes on one machine |
+//! | `RedisStore` | `redis` | many processes and machines |
+//! | `PostgresStore` | `postgres` | many processes, when the data already lives in PostgreSQL |
+//!
+//! Other features: `http` ([`http::IdempotencyLayer`](crate::http), a tower layer for
+//! `Idempotency-Key`), `uuid` (`Uuid` keys), `full` (all of them). [`install`] sets the store of
+//! functions without `store = ...`; [`connect`] opens one from a URL (`memory`, `sqlite:PATH`,
+//! `redis://...`, `postgres://...`).
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

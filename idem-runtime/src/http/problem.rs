@@ -9,7 +9,9 @@ use http::{Response, StatusCode};
 
 use crate::error::Error;
 
-const TYPE_BASE: &str = "https://docs.rs/idem/latest/idem/http/index.html";
+/// Where the problem types are documented: the `http` module of this crate on docs.rs (the anchors
+/// are in its "Error responses" table).
+const TYPE_BASE: &str = "https://docs.rs/idempotency/latest/idempotency/http/index.html";
 
 /// The members of a problem document, in the order RFC 9457 lists them.
 #[derive(serde::Serialize)]
