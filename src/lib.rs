@@ -76,7 +76,7 @@
 //! | `RedisStore` | `redis` | many processes and machines |
 //! | `PostgresStore` | `postgres` | many processes, when the data already lives in PostgreSQL |
 //!
-//! Other features: `http` ([`http::IdempotencyLayer`](crate::http), a tower layer for
+//! Other features: `http` (`http::IdempotencyLayer`, a tower layer for
 //! `Idempotency-Key`), `uuid` (`Uuid` keys), `full` (all of them). [`install`] sets the store of
 //! functions without `store = ...`; [`connect`] opens one from a URL (`memory`, `sqlite:PATH`,
 //! `redis://...`, `postgres://...`).
