@@ -48,7 +48,9 @@ impl Ledger {
             .append(true)
             .open(&self.0)
             .expect("ledger");
-        writeln!(file, "{order} {build}").expect("ledger line");
+        // One `write` of the whole line: appends of other processes never split it.
+        file.write_all(format!("{order} {build}\n").as_bytes())
+            .expect("ledger line");
     }
 }
 
