@@ -278,15 +278,15 @@ pub fn default_store() -> Arc<dyn Store> {
 
 /// Opens a store from a URL, for configuration by environment variable (`IDEM_STORE`):
 /// `memory`, `sqlite:PATH` (feature `sqlite`), `redis://...` (feature `redis`),
-/// `postgres://...` or `postgresql://...` (feature `postgres`).
+/// `postgres://...` or `postgresql://...` (feature `postgres`). An unknown scheme, or one whose
+/// feature this build lacks, is [`crate::Error::Config`] (not retryable).
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
     // Used only by the branches of features this build lacks.
     #[allow(unused_variables)]
     let unsupported = |feature: &str| {
-        crate::Error::store(
-            "config",
-            format!("store URL `{url}` needs idem's `{feature}` feature, which this build lacks"),
-        )
+        crate::Error::config(format!(
+            "store URL `{url}` needs the `{feature}` feature of idempotency, which this build lacks"
+        ))
     };
     if url == "memory" || url.is_empty() {
         return Ok(Arc::new(memory::MemoryStore::new()));
@@ -314,8 +314,20 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
         #[cfg(not(feature = "postgres"))]
         return Err(unsupported("postgres"));
     }
-    Err(crate::Error::store(
-        "config",
-        format!("unknown store URL `{url}`: expected `memory`, `sqlite:PATH`, `redis://...` or `postgres://...`"),
-    ))
+    Err(crate::Error::config(format!(
+        "unknown store URL `{url}`: expected `memory`, `sqlite:PATH`, `redis://...` or `postgres://...`"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bad_url_is_a_configuration_error_not_retryable() {
+        let err = connect("mysql://localhost").await.err().expect("refused");
+        assert!(matches!(err, crate::Error::Config { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("mysql://localhost"), "{err}");
+    }
 }

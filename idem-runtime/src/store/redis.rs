@@ -420,10 +420,9 @@ impl RedisStore {
 
 fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.is_empty() || prefix.contains(['{', '}']) {
-        return Err(Error::store(
-            "config",
-            format!("Redis key prefix `{prefix}` must be non-empty and free of `{{` and `}}`"),
-        ));
+        return Err(Error::config(format!(
+            "Redis key prefix `{prefix}` must be non-empty and free of `{{` and `}}`"
+        )));
     }
     Ok(())
 }
@@ -712,7 +711,7 @@ mod tests {
         assert!(check_prefix("app:idem-v1").is_ok());
         for bad in ["", "a{b", "}", "{x}"] {
             assert!(
-                matches!(check_prefix(bad), Err(Error::Store { .. })),
+                matches!(check_prefix(bad), Err(Error::Config { .. })),
                 "{bad:?}"
             );
         }
