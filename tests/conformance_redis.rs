@@ -476,7 +476,7 @@ async fn prefixes_isolate_and_are_checked() {
         assert!(
             matches!(
                 RedisStore::connect_with_prefix(&url(), bad).await,
-                Err(Error::Store { .. })
+                Err(Error::Config { .. })
             ),
             "{bad:?}"
         );

@@ -139,103 +139,19 @@ const BACKEND: &str = "redis";
 ///
 /// An in-flight record whose `lease_until` has passed is taken over, whatever its fingerprint;
 /// one without `lease_until` (written before it existed) is live until its `PX` removes it.
-const CLAIM: &str = r"
-local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'record', 'lease_until')
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local state = rec[1]
-if state then
-  if state ~= 'in_flight' and state ~= 'completed' then
-    return {'corrupt', 'unknown state'}
-  end
-  local expired = false
-  if state == 'in_flight' and rec[4] then
-    local lease_until = tonumber(rec[4])
-    if not lease_until then
-      return {'corrupt', 'lease_until is not a number'}
-    end
-    expired = lease_until <= now_ms
-  end
-  if not expired then
-    local fp = rec[2]
-    if fp and ARGV[1] ~= '' and fp ~= ARGV[1] then
-      return {'reuse'}
-    end
-    if state == 'in_flight' then
-      return {'in_flight'}
-    end
-    if not rec[3] then
-      return {'corrupt', 'completed record without its record field'}
-    end
-    return {'completed', rec[3]}
-  end
-  redis.call('DEL', KEYS[1])
-elseif redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'corrupt', 'record hash without a state field'}
-end
-local fence = redis.call('HMGET', KEYS[2], 'last', 'open')
-local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local last = tonumber(fence[1])
-if last and last >= token then
-  token = last + 1
-end
-token = string.format('%.0f', token)
-local lease_until = string.format('%.0f', now_ms + tonumber(ARGV[2]))
-if ARGV[1] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until, 'fp', ARGV[1])
-else
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], 'last', token, 'open', '1')
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if fence[2] == '1' then
-  return {'acquired', token, 1}
-end
-return {'acquired', token, 0}
-";
+const CLAIM: &str = include_str!("claim.lua");
 
 /// KEYS: record, fence. ARGV: token, record bytes, ttl ms, fence ms. Returns 1, or 0 if the
 /// key is not in flight under the token (its lease may have ended).
-const COMPLETE: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
-if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'state', 'completed', 'record', ARGV[2])
-redis.call('HDEL', KEYS[1], 'lease_until')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], 'open', '0')
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-";
+const COMPLETE: &str = include_str!("complete.lua");
 
 /// KEYS: record, fence. ARGV: token. Returns 1, or 0 if the key is not in flight under the
 /// token (its lease may have ended).
-const RELEASE: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
-if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], 'open', '0')
-return 1
-";
+const RELEASE: &str = include_str!("release.lua");
 
 /// KEYS: record, fence. ARGV: token, lease ms, record ms, fence ms. Returns 1, or 0 if the key
 /// is not in flight under the token (its lease may have ended: it then gets a new one).
-const RENEW: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
-if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
-  return 0
-end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[1], 'lease_until', string.format('%.0f', now_ms + tonumber(ARGV[2])))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-";
+const RENEW: &str = include_str!("renew.lua");
 
 struct Scripts {
     claim: Script,

@@ -1,0 +1,53 @@
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'record', 'lease_until')
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local state = rec[1]
+if state then
+  if state ~= 'in_flight' and state ~= 'completed' then
+    return {'corrupt', 'unknown state'}
+  end
+  local expired = false
+  if state == 'in_flight' and rec[4] then
+    local lease_until = tonumber(rec[4])
+    if not lease_until then
+      return {'corrupt', 'lease_until is not a number'}
+    end
+    expired = lease_until <= now_ms
+  end
+  if not expired then
+    local fp = rec[2]
+    if fp and ARGV[1] ~= '' and fp ~= ARGV[1] then
+      return {'reuse'}
+    end
+    if state == 'in_flight' then
+      return {'in_flight'}
+    end
+    if not rec[3] then
+      return {'corrupt', 'completed record without its record field'}
+    end
+    return {'completed', rec[3]}
+  end
+  redis.call('DEL', KEYS[1])
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'corrupt', 'record hash without a state field'}
+end
+local fence = redis.call('HMGET', KEYS[2], 'last', 'open')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(fence[1])
+if last and last >= token then
+  token = last + 1
+end
+token = string.format('%.0f', token)
+local lease_until = string.format('%.0f', now_ms + tonumber(ARGV[2]))
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until, 'fp', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], 'last', token, 'open', '1')
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if fence[2] == '1' then
+  return {'acquired', token, 1}
+end
+return {'acquired', token, 0}

@@ -1,0 +1,7 @@
+local cur = redis.call('HMGET', KEYS[1], 'state', 'token')
+if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'open', '0')
+return 1
