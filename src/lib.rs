@@ -27,11 +27,12 @@
 //!
 //! | argument | meaning | default |
 //! |---|---|---|
+//! | `name = "billing.charge"` | the operation's stable name (what is done): part of every storage key, kept when the function moves or is renamed; required with a durable store ([`Store::durable`]) | the function's path, memory store only |
 //! | `key = EXPR` | an expression over the parameters (borrowed, never moved) giving an [`IntoKey`]: a string, an integer, a `Uuid` | the fingerprint of the non-skipped parameters |
+//! | `scope = EXPR` | for whom, e.g. a tenant id: scopes never share records | none |
 //! | `ttl = "24h"` / `ttl = 3600` / `ttl = EXPR` | how long a completed result is replayed | `24h` |
 //! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed on a task of its own while the body runs; at least 100 ms ([`MIN_LEASE`]) | `30s` |
 //! | `store = EXPR` | the store: `&S`, `Arc<S>`, `Arc<dyn Store>` | [`install`]ed store, else an in-memory one |
-//! | `scope = EXPR` | a namespace (e.g. a tenant id); scopes never share records | `module_path!()::fn_name` |
 //! | `skip(a, b)` | parameters left out of the fingerprint (handles, connections) | none |
 //! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
 //! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result (by default [`exec::default_wait`]: 2 × lease + 1 s) | `reject` |
@@ -39,7 +40,9 @@
 //! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` (an unknown outcome) | 8 MiB |
 //! | `on_unknown = "refuse"` / `"rerun"` | a started body whose outcome is unknown (panic, abandoned, result not storable): refuse the key with [`Error::OutcomeUnknown`] until the recovery window passes (at most once), or release it (at least once); see [`OnUnknown`] | `refuse` |
 //! | `recovery = "1h"` | how long a key with an unknown outcome is refused | the ttl |
+//! | `version = N` | the result's schema version: raise it when the result type changes incompatibly; records of another version are [`Error::TypeMismatch`] | `0` |
 //! | `detach = false` | keep the body in the caller's future even though it owns its data | detached when the function owns its data |
+//! | `crate = path` | this crate's path if your `Cargo.toml` renames it | `::idempotency` |
 //!
 //! The function must be `async` and return `Result<T, E>` with `T: Serialize + DeserializeOwned`
 //! and `E: From<idempotency::Error>`. It works on free functions, `&self`/`&mut self` methods,

@@ -1,7 +1,8 @@
-//! Parsing of `#[idempotent(...)]` arguments: hand-written `Parse` impls over custom keywords,
-//! every value keeping its span, all errors of the list reported together.
+//! Parsing of `#[idempotent(...)]` arguments: one table ([`ARGUMENTS`]) of argument names and
+//! their parsers, every value keeping its span, all errors of the list reported together.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
+use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned as _;
@@ -11,28 +12,6 @@ use crate::duration::parse_millis;
 
 /// The runtime's `MIN_LEASE`, checked at compile time for literal leases.
 const MIN_LEASE_MS: u64 = 100;
-
-mod kw {
-    syn::custom_keyword!(key);
-    syn::custom_keyword!(ttl);
-    syn::custom_keyword!(lease);
-    syn::custom_keyword!(store);
-    syn::custom_keyword!(scope);
-    syn::custom_keyword!(skip);
-    syn::custom_keyword!(fingerprint);
-    syn::custom_keyword!(on_conflict);
-    syn::custom_keyword!(wait);
-    syn::custom_keyword!(cache_errors);
-    syn::custom_keyword!(max_record_bytes);
-    syn::custom_keyword!(on_unknown);
-    syn::custom_keyword!(recovery);
-    syn::custom_keyword!(detach);
-    syn::custom_keyword!(name);
-    syn::custom_keyword!(version);
-}
-
-const ARGUMENTS: &str =
-    "`key`, `ttl`, `lease`, `store`, `scope`, `skip`, `fingerprint`, `on_conflict`, `wait`, `cache_errors`, `max_record_bytes`, `on_unknown`, `recovery`, `detach`, `name`, `version`, `crate`";
 
 /// A duration argument: a literal checked now, or an expression evaluated at run time.
 pub enum DurationArg {
@@ -152,196 +131,252 @@ fn set<T>(slot: &mut Option<Arg<T>>, name: Span, label: &str, value: T) -> syn::
     Ok(())
 }
 
+/// How one argument is parsed after its name: `=` and the value, or `(...)`.
+type ParseArg = fn(&mut Args, Span, ParseStream) -> syn::Result<()>;
+
+/// Every argument of `#[idempotent(...)]`, in the order the docs and "expected one of" list
+/// them: the one place that says which arguments exist.
+pub const ARGUMENTS: &[(&str, ParseArg)] = &[
+    ("name", parse_name),
+    ("key", parse_key),
+    ("scope", parse_scope),
+    ("ttl", parse_ttl),
+    ("lease", parse_lease),
+    ("store", parse_store),
+    ("skip", parse_skip),
+    ("fingerprint", parse_fingerprint),
+    ("on_conflict", parse_on_conflict),
+    ("wait", parse_wait),
+    ("cache_errors", parse_cache_errors),
+    ("max_record_bytes", parse_max_record_bytes),
+    ("on_unknown", parse_on_unknown),
+    ("recovery", parse_recovery),
+    ("version", parse_version),
+    ("detach", parse_detach),
+    ("crate", parse_krate),
+];
+
+/// "`key`, `ttl`, ...": the argument names, for error messages.
+fn argument_list() -> String {
+    ARGUMENTS
+        .iter()
+        .map(|(name, _)| format!("`{name}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Args {
     fn parse_one(&mut self, input: ParseStream) -> syn::Result<()> {
-        let look = input.lookahead1();
-        if look.peek(kw::key) {
-            let name = input.parse::<kw::key>()?.span;
-            input.parse::<Token![=]>()?;
-            set(&mut self.key, name, "key", input.parse()?)
-        } else if look.peek(kw::ttl) {
-            let name = input.parse::<kw::ttl>()?.span;
-            input.parse::<Token![=]>()?;
-            let value = parse_duration(input, "ttl")?;
-            set(&mut self.ttl, name, "ttl", value)
-        } else if look.peek(kw::lease) {
-            let name = input.parse::<kw::lease>()?.span;
-            input.parse::<Token![=]>()?;
-            let value = parse_duration(input, "lease")?;
-            if let DurationArg::Millis(ms) = value {
-                if ms < MIN_LEASE_MS {
-                    return Err(syn::Error::new(
-                        name,
-                        format!("`lease` must be at least {MIN_LEASE_MS}ms: a shorter lease expires before the claim can be renewed, and concurrent callers would all run the body"),
-                    ));
-                }
-            }
-            set(&mut self.lease, name, "lease", value)
-        } else if look.peek(kw::store) {
-            let name = input.parse::<kw::store>()?.span;
-            input.parse::<Token![=]>()?;
-            set(&mut self.store, name, "store", input.parse()?)
-        } else if look.peek(kw::scope) {
-            let name = input.parse::<kw::scope>()?.span;
-            input.parse::<Token![=]>()?;
-            set(&mut self.scope, name, "scope", input.parse()?)
-        } else if look.peek(kw::skip) {
-            let name = input.parse::<kw::skip>()?.span;
-            let content;
-            syn::parenthesized!(content in input);
-            // `Ident::parse_any` takes `self` too (the `#[instrument(skip(self))]` habit).
-            let idents = Punctuated::<Ident, Token![,]>::parse_terminated_with(
-                &content,
-                syn::ext::IdentExt::parse_any,
-            )?;
-            set(&mut self.skip, name, "skip", idents.into_iter().collect())
-        } else if look.peek(kw::fingerprint) {
-            let name = input.parse::<kw::fingerprint>()?.span;
-            input.parse::<Token![=]>()?;
-            let expr: Expr = input.parse()?;
-            let value = match &expr {
-                Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) if !b.value => FingerprintArg::Off(b.span),
-                Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => {
-                    return Err(syn::Error::new(
-                        b.span,
-                        "`fingerprint = true` is the default: remove it, or give `fingerprint = false` or an expression",
-                    ))
-                }
-                _ => FingerprintArg::Expr(Box::new(expr)),
-            };
-            set(&mut self.fingerprint, name, "fingerprint", value)
-        } else if look.peek(kw::on_conflict) {
-            let name = input.parse::<kw::on_conflict>()?.span;
-            input.parse::<Token![=]>()?;
-            let lit: LitStr = input.parse().map_err(|e| {
-                syn::Error::new(
-                    e.span(),
-                    "expected `on_conflict = \"reject\"` or `on_conflict = \"wait\"`",
-                )
-            })?;
-            let value = match lit.value().as_str() {
-                "reject" => Conflict::Reject,
-                "wait" => Conflict::Wait,
-                other => {
-                    return Err(syn::Error::new(
-                        lit.span(),
-                        format!("unknown `on_conflict` value \"{other}\": expected \"reject\" (fail with `Error::InFlight`) or \"wait\" (wait for the result)"),
-                    ))
-                }
-            };
-            set(&mut self.on_conflict, name, "on_conflict", value)
-        } else if look.peek(kw::wait) {
-            let name = input.parse::<kw::wait>()?.span;
-            input.parse::<Token![=]>()?;
-            let value = parse_duration(input, "wait")?;
-            set(&mut self.wait, name, "wait", value)
-        } else if look.peek(kw::cache_errors) {
-            let name = input.parse::<kw::cache_errors>()?.span;
-            input.parse::<Token![=]>()?;
-            let value = if input.peek(syn::LitBool) {
-                input
-                    .parse::<syn::LitBool>()?
-                    .value
-                    .then_some(CacheErrors::All)
-            } else {
-                let path: Path = input.parse().map_err(|e| {
-                    syn::Error::new(e.span(), "expected `cache_errors = true` or `cache_errors = path::to::predicate` (a `fn(&E) -> bool`)")
-                })?;
-                Some(CacheErrors::When(path))
-            };
-            set(&mut self.cache_errors, name, "cache_errors", value)
-        } else if look.peek(kw::max_record_bytes) {
-            let name = input.parse::<kw::max_record_bytes>()?.span;
-            input.parse::<Token![=]>()?;
-            let expr: Expr = input.parse()?;
-            if let Expr::Lit(ExprLit { lit, .. }) = &expr {
-                let ok = matches!(lit, Lit::Int(i) if i.base10_parse::<u64>().is_ok_and(|n| n > 0));
-                if !ok {
-                    return Err(syn::Error::new(
-                        lit.span(),
-                        "`max_record_bytes` must be a number of bytes greater than zero, e.g. `max_record_bytes = 1_048_576`",
-                    ));
-                }
-            }
-            set(&mut self.max_record_bytes, name, "max_record_bytes", expr)
-        } else if look.peek(kw::on_unknown) {
-            let name = input.parse::<kw::on_unknown>()?.span;
-            input.parse::<Token![=]>()?;
-            let expected = "expected `on_unknown = \"refuse\"` (at most once: a started body whose outcome is unknown is not run again for the key) or `on_unknown = \"rerun\"` (at least once: a retry runs it again)";
-            let lit: LitStr = input
-                .parse()
-                .map_err(|e| syn::Error::new(e.span(), expected))?;
-            let value = match lit.value().as_str() {
-                "refuse" => Unknown::Refuse,
-                "rerun" => Unknown::Rerun,
-                _ => return Err(syn::Error::new(lit.span(), expected)),
-            };
-            set(&mut self.on_unknown, name, "on_unknown", value)
-        } else if look.peek(kw::recovery) {
-            let name = input.parse::<kw::recovery>()?.span;
-            input.parse::<Token![=]>()?;
-            let value = parse_duration(input, "recovery")?;
-            set(&mut self.recovery, name, "recovery", value)
-        } else if look.peek(kw::detach) {
-            let name = input.parse::<kw::detach>()?.span;
-            input.parse::<Token![=]>()?;
-            let lit: syn::LitBool = input.parse().map_err(|e| {
-                syn::Error::new(e.span(), "expected `detach = true` or `detach = false`")
-            })?;
-            set(&mut self.detach, name, "detach", lit)
-        } else if look.peek(kw::name) {
-            let name = input.parse::<kw::name>()?.span;
-            input.parse::<Token![=]>()?;
-            let lit: LitStr = input.parse().map_err(|e| {
-                syn::Error::new(e.span(), "expected `name = \"...\"`: a string literal naming what the function does, e.g. `name = \"billing.charge\"`")
-            })?;
-            let value = lit.value();
-            let problem = if value.is_empty() {
-                Some("is empty")
-            } else if value.len() > 255 {
-                Some("is longer than 255 bytes")
-            } else if value.chars().any(char::is_control) {
-                Some("contains a control character")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(syn::Error::new(
-                    lit.span(),
-                    format!("the operation name {problem}: give a short stable name such as `name = \"billing.charge\"`"),
-                ));
-            }
-            set(&mut self.name, name, "name", lit)
-        } else if look.peek(kw::version) {
-            let name = input.parse::<kw::version>()?.span;
-            input.parse::<Token![=]>()?;
-            let lit: syn::LitInt = input.parse().map_err(|e| {
-                syn::Error::new(e.span(), "expected `version = N`: a whole number (0 to 4294967295) you raise when the result type changes incompatibly")
-            })?;
-            if lit.base10_parse::<u32>().is_err() {
-                return Err(syn::Error::new(
-                    lit.span(),
-                    "`version` must be a whole number from 0 to 4294967295",
-                ));
-            }
-            set(&mut self.version, name, "version", lit)
-        } else if look.peek(Token![crate]) {
-            let name = input.parse::<Token![crate]>()?.span;
-            input.parse::<Token![=]>()?;
-            let path: Path = input.parse().map_err(|e| {
-                syn::Error::new(e.span(), "expected `crate = path`, the path of the `idempotency` crate as your Cargo.toml renames it, e.g. `crate = ::payments_idem`")
-            })?;
-            set(&mut self.krate, name, "crate", path)
-        } else if input.peek(Ident) {
-            let ident: Ident = input.parse()?;
-            Err(syn::Error::new(
+        if !input.peek(Ident::peek_any) {
+            return Err(input.error(format!("expected one of {}", argument_list())));
+        }
+        // `Ident::parse_any` also takes `crate`, a keyword.
+        let ident = Ident::parse_any(input)?;
+        match ARGUMENTS.iter().find(|(name, _)| ident == name) {
+            Some((_, parse)) => parse(self, ident.span(), input),
+            None => Err(syn::Error::new(
                 ident.span(),
-                format!("unknown argument `{ident}`: expected one of {ARGUMENTS}"),
-            ))
-        } else {
-            Err(look.error())
+                format!(
+                    "unknown argument `{ident}`: expected one of {}",
+                    argument_list()
+                ),
+            )),
         }
     }
+}
+
+fn parse_key(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    set(&mut args.key, name, "key", input.parse()?)
+}
+
+fn parse_ttl(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let value = parse_duration(input, "ttl")?;
+    set(&mut args.ttl, name, "ttl", value)
+}
+
+fn parse_lease(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let value = parse_duration(input, "lease")?;
+    if let DurationArg::Millis(ms) = value {
+        if ms < MIN_LEASE_MS {
+            return Err(syn::Error::new(
+                    name,
+                    format!("`lease` must be at least {MIN_LEASE_MS}ms: a shorter lease expires before the claim can be renewed, and concurrent callers would all run the body"),
+                ));
+        }
+    }
+    set(&mut args.lease, name, "lease", value)
+}
+
+fn parse_store(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    set(&mut args.store, name, "store", input.parse()?)
+}
+
+fn parse_scope(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    set(&mut args.scope, name, "scope", input.parse()?)
+}
+
+fn parse_skip(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    let content;
+    syn::parenthesized!(content in input);
+    // `Ident::parse_any` takes `self` too (the `#[instrument(skip(self))]` habit).
+    let idents = Punctuated::<Ident, Token![,]>::parse_terminated_with(
+        &content,
+        syn::ext::IdentExt::parse_any,
+    )?;
+    set(&mut args.skip, name, "skip", idents.into_iter().collect())
+}
+
+fn parse_fingerprint(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let expr: Expr = input.parse()?;
+    let value = match &expr {
+            Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) if !b.value => FingerprintArg::Off(b.span),
+            Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => {
+                return Err(syn::Error::new(
+                    b.span,
+                    "`fingerprint = true` is the default: remove it, or give `fingerprint = false` or an expression",
+                ))
+            }
+            _ => FingerprintArg::Expr(Box::new(expr)),
+        };
+    set(&mut args.fingerprint, name, "fingerprint", value)
+}
+
+fn parse_on_conflict(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let lit: LitStr = input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "expected `on_conflict = \"reject\"` or `on_conflict = \"wait\"`",
+        )
+    })?;
+    let value = match lit.value().as_str() {
+            "reject" => Conflict::Reject,
+            "wait" => Conflict::Wait,
+            other => {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    format!("unknown `on_conflict` value \"{other}\": expected \"reject\" (fail with `Error::InFlight`) or \"wait\" (wait for the result)"),
+                ))
+            }
+        };
+    set(&mut args.on_conflict, name, "on_conflict", value)
+}
+
+fn parse_wait(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let value = parse_duration(input, "wait")?;
+    set(&mut args.wait, name, "wait", value)
+}
+
+fn parse_cache_errors(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let value = if input.peek(syn::LitBool) {
+        input
+            .parse::<syn::LitBool>()?
+            .value
+            .then_some(CacheErrors::All)
+    } else {
+        let path: Path = input.parse().map_err(|e| {
+                syn::Error::new(e.span(), "expected `cache_errors = true` or `cache_errors = path::to::predicate` (a `fn(&E) -> bool`)")
+            })?;
+        Some(CacheErrors::When(path))
+    };
+    set(&mut args.cache_errors, name, "cache_errors", value)
+}
+
+fn parse_max_record_bytes(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let expr: Expr = input.parse()?;
+    if let Expr::Lit(ExprLit { lit, .. }) = &expr {
+        let ok = matches!(lit, Lit::Int(i) if i.base10_parse::<u64>().is_ok_and(|n| n > 0));
+        if !ok {
+            return Err(syn::Error::new(
+                    lit.span(),
+                    "`max_record_bytes` must be a number of bytes greater than zero, e.g. `max_record_bytes = 1_048_576`",
+                ));
+        }
+    }
+    set(&mut args.max_record_bytes, name, "max_record_bytes", expr)
+}
+
+fn parse_on_unknown(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let expected = "expected `on_unknown = \"refuse\"` (at most once: a started body whose outcome is unknown is not run again for the key) or `on_unknown = \"rerun\"` (at least once: a retry runs it again)";
+    let lit: LitStr = input
+        .parse()
+        .map_err(|e| syn::Error::new(e.span(), expected))?;
+    let value = match lit.value().as_str() {
+        "refuse" => Unknown::Refuse,
+        "rerun" => Unknown::Rerun,
+        _ => return Err(syn::Error::new(lit.span(), expected)),
+    };
+    set(&mut args.on_unknown, name, "on_unknown", value)
+}
+
+fn parse_recovery(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let value = parse_duration(input, "recovery")?;
+    set(&mut args.recovery, name, "recovery", value)
+}
+
+fn parse_detach(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let lit: syn::LitBool = input
+        .parse()
+        .map_err(|e| syn::Error::new(e.span(), "expected `detach = true` or `detach = false`"))?;
+    set(&mut args.detach, name, "detach", lit)
+}
+
+fn parse_name(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let lit: LitStr = input.parse().map_err(|e| {
+            syn::Error::new(e.span(), "expected `name = \"...\"`: a string literal naming what the function does, e.g. `name = \"billing.charge\"`")
+        })?;
+    let value = lit.value();
+    let problem = if value.is_empty() {
+        Some("is empty")
+    } else if value.len() > 255 {
+        Some("is longer than 255 bytes")
+    } else if value.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(syn::Error::new(
+                lit.span(),
+                format!("the operation name {problem}: give a short stable name such as `name = \"billing.charge\"`"),
+            ));
+    }
+    set(&mut args.name, name, "name", lit)
+}
+
+fn parse_version(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let lit: syn::LitInt = input.parse().map_err(|e| {
+            syn::Error::new(e.span(), "expected `version = N`: a whole number (0 to 4294967295) you raise when the result type changes incompatibly")
+        })?;
+    if lit.base10_parse::<u32>().is_err() {
+        return Err(syn::Error::new(
+            lit.span(),
+            "`version` must be a whole number from 0 to 4294967295",
+        ));
+    }
+    set(&mut args.version, name, "version", lit)
+}
+
+fn parse_krate(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let path: Path = input.parse().map_err(|e| {
+            syn::Error::new(e.span(), "expected `crate = path`, the path of the `idempotency` crate as your Cargo.toml renames it, e.g. `crate = ::payments_idem`")
+        })?;
+    set(&mut args.krate, name, "crate", path)
 }
 
 /// `"24h"`-style strings and integer seconds are checked here; other expressions at run time.
@@ -379,4 +414,45 @@ fn parse_duration(input: ParseStream, what: &str) -> syn::Result<DurationArg> {
 /// Parses the attribute's token stream.
 pub fn parse(tokens: TokenStream) -> syn::Result<Args> {
     syn::parse2(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ARGUMENTS;
+
+    /// The argument names of a markdown table's first column (`key = EXPR`, `skip(a, b)`, two
+    /// in one cell such as `on_conflict = ...` / `wait = ...`).
+    pub(crate) fn names_in_first_cells(rows: impl Iterator<Item = String>) -> Vec<String> {
+        let mut names = Vec::new();
+        for row in rows {
+            let cell = row
+                .trim_start_matches('|')
+                .split(" | ")
+                .next()
+                .unwrap_or("");
+            for span in cell.split('`').skip(1).step_by(2) {
+                let name: String = span
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                let after = span[name.len()..].trim_start();
+                let new = names.last() != Some(&name);
+                if !name.is_empty() && new && (after.starts_with('=') || after.starts_with('(')) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn the_attribute_docs_list_every_argument_in_order() {
+        let rows = include_str!("lib.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("/// | `"))
+            .map(|l| format!("| `{l}"));
+        let documented = names_in_first_cells(rows);
+        let known: Vec<&str> = ARGUMENTS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(documented, known);
+    }
 }
