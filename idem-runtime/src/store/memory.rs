@@ -92,6 +92,15 @@ fn abandoned_at(lease_until: Instant) -> Option<Instant> {
 }
 
 impl Slot {
+    /// What a claim reports for this live record.
+    fn live_claim(&self, fingerprint: Option<&Fingerprint>) -> Claim {
+        let completed = match &self.state {
+            SlotState::Completed { record, .. } => Some(record.clone()),
+            SlotState::InFlight { .. } => None,
+        };
+        Claim::on_live_record(self.fingerprint.as_ref(), fingerprint, completed)
+    }
+
     /// Whether the record stands in a claim's way: a completed record within its ttl, or an
     /// in-flight one within its lease.
     fn is_live(&self, now: Instant) -> bool {
@@ -110,13 +119,6 @@ impl Slot {
             }
             SlotState::Completed { expires_at, .. } => *expires_at > now,
         }
-    }
-}
-
-fn fingerprints_match(stored: Option<&Fingerprint>, given: Option<&Fingerprint>) -> bool {
-    match (stored, given) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
     }
 }
 
@@ -219,13 +221,7 @@ impl Store for MemoryStore {
         // and no key allocation.
         if let Some(slot) = self.inner.records.get(key) {
             if slot.is_live(now) {
-                if !fingerprints_match(slot.fingerprint.as_ref(), fingerprint) {
-                    return Ok(Claim::KeyReuse);
-                }
-                return Ok(match &slot.state {
-                    SlotState::Completed { record, .. } => Claim::Completed(record.clone()),
-                    SlotState::InFlight { .. } => Claim::InFlight,
-                });
+                return Ok(slot.live_claim(fingerprint));
             }
         }
         let fresh = |token| Slot {
@@ -250,15 +246,7 @@ impl Store for MemoryStore {
                 let slot = e.get();
                 if slot.is_live(now) {
                     // Another caller got here between our look and the entry lock.
-                    let claim = if !fingerprints_match(slot.fingerprint.as_ref(), fingerprint) {
-                        Claim::KeyReuse
-                    } else {
-                        match &slot.state {
-                            SlotState::Completed { record, .. } => Claim::Completed(record.clone()),
-                            SlotState::InFlight { .. } => Claim::InFlight,
-                        }
-                    };
-                    return Ok(claim);
+                    return Ok(slot.live_claim(fingerprint));
                 }
                 let takeover = matches!(slot.state, SlotState::InFlight { .. });
                 let token = self.next_token();

@@ -75,6 +75,25 @@ pub enum Claim {
     KeyReuse,
 }
 
+impl Claim {
+    /// What a claim finds on a live record (a result within its ttl, or a claim within its
+    /// lease), the rule every backend applies: [`Claim::KeyReuse`] if the stored and the given
+    /// fingerprints differ (a missing one matches any), else [`Claim::Completed`] with the
+    /// record bytes, or [`Claim::InFlight`] while the record has none.
+    pub fn on_live_record(
+        stored: Option<&Fingerprint>,
+        given: Option<&Fingerprint>,
+        completed: Option<Bytes>,
+    ) -> Claim {
+        let reused = matches!((stored, given), (Some(a), Some(b)) if a != b);
+        match (reused, completed) {
+            (true, _) => Claim::KeyReuse,
+            (false, Some(record)) => Claim::Completed(record),
+            (false, None) => Claim::InFlight,
+        }
+    }
+}
+
 /// The state of a stored record, as [`Store::get`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordState {

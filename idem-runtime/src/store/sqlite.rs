@@ -353,20 +353,7 @@ impl Row {
 
     /// What a claim reports for this live row.
     fn live_claim(self, fingerprint: Option<&Fingerprint>) -> Claim {
-        if !fingerprints_match(self.fingerprint.as_ref(), fingerprint) {
-            return Claim::KeyReuse;
-        }
-        match self.record {
-            Some(record) => Claim::Completed(record),
-            None => Claim::InFlight,
-        }
-    }
-}
-
-fn fingerprints_match(stored: Option<&Fingerprint>, given: Option<&Fingerprint>) -> bool {
-    match (stored, given) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
+        Claim::on_live_record(self.fingerprint.as_ref(), fingerprint, self.record)
     }
 }
 
