@@ -30,7 +30,6 @@
 mod conformance;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -43,14 +42,7 @@ struct Ledger(PathBuf);
 
 impl Ledger {
     fn ran(&self, order: u64, build: &str) {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.0)
-            .expect("ledger");
-        // One `write` of the whole line: appends of other processes never split it.
-        file.write_all(format!("{order} {build}\n").as_bytes())
-            .expect("ledger line");
+        conformance::append_line(&self.0, &format!("{order} {build}\n"));
     }
 }
 

@@ -21,8 +21,7 @@
 mod conformance;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -82,18 +81,6 @@ fn report(kind: &str, payload: impl std::fmt::Display) {
     println!("\n{MARK}{kind} {payload}");
 }
 
-/// Appends `line` to the ledger with a single `write` on an `O_APPEND` file, so lines of
-/// concurrent processes never interleave.
-fn append(ledger: &Path, line: &str) {
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(ledger)
-        .expect("open the ledger");
-    let written = file.write(line.as_bytes()).expect("write the ledger");
-    assert_eq!(written, line.len(), "one write per ledger line");
-}
-
 /// Waits (bounded) until `path` exists.
 async fn until_exists(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -115,7 +102,7 @@ async fn hammered(
     key: String,
 ) -> Result<String, Error> {
     let value = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
-    append(&ledger, &format!("run {key} {value}\n"));
+    conformance::append_line(&ledger, &format!("run {key} {value}\n"));
     // Hold the claim a moment, so that other callers find it in flight.
     tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 4 + 1)).await;
     Ok(value)
@@ -166,14 +153,14 @@ async fn held(
 ) -> Result<String, Error> {
     let pid = std::process::id();
     let value = format!("{pid}-{:016x}", rand::random::<u64>());
-    append(ledger, &format!("start {key} {pid}\n"));
+    conformance::append_line(ledger, &format!("start {key} {pid}\n"));
     report("started", pid);
     match hold {
         Hold::Brief => {}
         Hold::Forever => tokio::time::sleep(Duration::from_secs(60)).await,
         Hold::Until(path) => until_exists(&path).await,
     }
-    append(ledger, &format!("done {key} {pid} {value}\n"));
+    conformance::append_line(ledger, &format!("done {key} {pid} {value}\n"));
     Ok(value)
 }
 

@@ -57,8 +57,7 @@ mod conformance;
 mod slow_proxy;
 
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -605,7 +604,7 @@ async fn fenced_charge(
     id: String,
     hold: Option<PathBuf>,
 ) -> Result<String, Error> {
-    append(&starts, &format!("start {}\n", std::process::id()));
+    conformance::append_line(&starts, &format!("start {}\n", std::process::id()));
     let call = idempotency::context::current().expect("a body runs inside its call");
     report(
         "started",
@@ -692,18 +691,6 @@ async fn charge_worker() {
 fn report(kind: &str, payload: impl std::fmt::Display) {
     // A leading newline: libtest may have printed `test worker ... ` without one.
     println!("\n{MARK}{kind} {payload}");
-}
-
-/// Appends `line` with a single `write` on an `O_APPEND` file, so lines of concurrent processes
-/// never interleave.
-fn append(path: &Path, line: &str) {
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .expect("open the starts file");
-    let written = file.write(line.as_bytes()).expect("append a start");
-    assert_eq!(written, line.len(), "one write per line");
 }
 
 /// Waits (bounded) until `path` exists.

@@ -350,13 +350,17 @@ impl<'s> Call<'s> {
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
-        self.run_inner(errors, body).await
+        match self.begin::<R>(&errors).await {
+            Begun::Answer(answer) => answer,
+            Begun::Claimed(claimed) => claimed.finish(errors, body, None).await,
+        }
     }
 
-    /// Like [`run`](Call::run), but the claim, the body and the storing of its result run on a
-    /// task of their own: if the caller stops waiting, the body still runs to its end and its
-    /// result is stored, so a retry gets it replayed (or [`Error::InFlight`] / waits while it
-    /// runs) instead of an unknown outcome. A panic in the body is re-raised in the caller.
+    /// Like [`run`](Call::run), but once the key is claimed, the body and the storing of its
+    /// result run on a task of their own: if the caller stops waiting, the body still runs to
+    /// its end and its result is stored, so a retry gets it replayed (or [`Error::InFlight`] /
+    /// waits while it runs) instead of an unknown outcome. The claim itself, and so a replay,
+    /// happens in the caller. A panic in the body is re-raised in the caller.
     ///
     /// Needs a store that can be shared ([`shared_store`](Call::shared_store), the process-wide
     /// one, or a store whose [`Store::detached`] gives a handle, as every built-in store's
@@ -420,21 +424,12 @@ impl<'s> Call<'s> {
         }
     }
 
-    async fn run_inner<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
-    where
-        R: IdempotentResult,
-        Fut: Future<Output = R>,
-    {
-        match self.begin::<R>(&errors).await {
-            Begun::Answer(answer) => answer,
-            Begun::Claimed(claimed) => claimed.finish(errors, body, None).await,
-        }
-    }
-
     /// Checks the call, then claims its key: the answer (a replay, a refusal, an error), or the
     /// claim under which the body is to run.
     async fn begin<R: IdempotentResult>(self, errors: &ErrorPolicy<R::Err>) -> Begun<'s, R> {
         let fail = |e: Error| Begun::Answer(R::from_result(Err(e.into())));
+        // The store as a handle a background task can own, if any.
+        let shared = self.shareable_store();
         let (key, fingerprint) = match (self.key, self.fingerprint) {
             (Ok(key), Ok(fingerprint)) => (key, fingerprint),
             (Err(e), _) | (_, Err(e)) => return fail(e),
@@ -445,12 +440,6 @@ impl<'s> Call<'s> {
                 self.lease
             )));
         }
-        // The store, and the same store as a handle a background task can own, if any.
-        let shared: Option<Arc<dyn Store>> = match &self.store {
-            StoreRef::Borrowed(s) => s.detached(),
-            StoreRef::Shared(s) => Some(s.clone()),
-            StoreRef::Default => Some(default_store()),
-        };
         let store: &dyn Store = match (&self.store, &shared) {
             (StoreRef::Borrowed(s), _) => *s,
             (_, Some(s)) => &**s,
@@ -801,7 +790,7 @@ impl Started<'_> {
                 Stored::Lost
             }
             Err(e) => {
-                self.finish_in_background(record, ttl, self.take_renewal());
+                self.complete_in_background("a result", record, ttl, true, self.take_renewal());
                 Stored::Pending(e)
             }
         }
@@ -815,23 +804,34 @@ impl Started<'_> {
             .take()
     }
 
-    /// Goes on storing `record` on a task of its own, renewing the lease meanwhile (`renewal`),
-    /// until it lands, the key is taken over, or the ttl passes.
-    fn finish_in_background(&self, record: Vec<u8>, ttl: Duration, renewal: Option<Renewal>) {
+    /// Goes on storing `record` (`what`: a result, an unknown outcome) on a task of its own,
+    /// renewing the lease meanwhile if `renewal` is given, until it lands, the key is taken
+    /// over, or the ttl (at most a day) passes. `attempted`: an earlier attempt may have been
+    /// applied (see [`complete`]). The one place that stores in the background.
+    fn complete_in_background(
+        &self,
+        what: &'static str,
+        record: Vec<u8>,
+        ttl: Duration,
+        attempted: bool,
+        renewal: Option<Renewal>,
+    ) {
         let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
-            tracing::warn!(target: "idem", key = %self.key, token = self.token.0,
-                "no handle or runtime to finish storing on; the claim stays in flight");
+            tracing::warn!(target: "idem", key = %self.key, token = self.token.0, what,
+                "no handle or runtime to store on in the background; the claim stays in flight until its lease expires");
             return;
         };
         let (key, token) = (self.key.clone(), self.token);
         runtime.spawn(async move {
             let _renewal = renewal;
             let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
-            match complete(&*store, &key, token, &record, ttl, until, true).await {
-                Ok(()) => tracing::info!(target: "idem", key = %key, token = token.0,
-                    "stored a result in the background"),
-                Err(e) => tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
-                    "gave up storing a result in the background"),
+            match complete(&*store, &key, token, &record, ttl, until, attempted).await {
+                Ok(()) => tracing::info!(target: "idem", key = %key, token = token.0, what,
+                    "stored in the background"),
+                Err(e) => {
+                    tracing::warn!(target: "idem", key = %key, token = token.0, what, error = %e,
+                    "gave up storing in the background")
+                }
             }
         });
     }
@@ -875,54 +875,36 @@ impl Started<'_> {
         }
     }
 
-    /// [`release`](Self::release) from a destructor: on a task of its own.
+    /// [`release`](Self::release) from a destructor, through the store's own
+    /// [`Store::release_in_background`] (which knows how to release without being awaited).
     fn release_in_background(&self, reason: &'static str) {
+        drop(self.take_renewal());
         bump(&COUNTERS.releases);
-        let (key, token) = (self.key.clone(), self.token);
-        let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
-            tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                "no handle or runtime to release on; the claim stays in flight until its lease expires");
-            return;
-        };
-        tracing::debug!(target: "idem", key = %key, token = token.0, reason, "releasing");
-        runtime.spawn(async move {
-            if let Err(e) = store.release(&key, token).await {
-                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
-                    "background release failed; the lease will expire");
-            }
-        });
+        tracing::debug!(target: "idem", key = %self.key, token = self.token.0, reason, "releasing");
+        self.store
+            .release_in_background(self.key.clone(), self.token);
     }
 
     /// [`unknown`](Self::unknown) from a destructor: on a task of its own.
     fn unknown_in_background(&self, reason: &'static str) {
         bump(&COUNTERS.unknown_outcomes);
-        let (key, token) = (self.key.clone(), self.token);
-        let (Some(store), Ok(runtime)) = (self.shared.clone(), Handle::try_current()) else {
-            tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                "outcome unknown, and no handle or runtime to record it on; the claim stays in flight until its lease expires");
-            return;
-        };
         match self.on_unknown {
             OnUnknown::Rerun => {
-                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                tracing::warn!(target: "idem", key = %self.key, token = self.token.0, reason,
                     "outcome unknown (at least once)");
                 self.release_in_background(reason);
             }
             OnUnknown::Refuse => {
-                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                tracing::warn!(target: "idem", key = %self.key, token = self.token.0, reason,
                     "outcome unknown; recording it (at most once)");
-                let record = unknown_record(token, reason, self.recovery);
-                let (ttl, until) = (
+                let record = unknown_record(self.token, reason, self.recovery);
+                self.complete_in_background(
+                    "an unknown outcome",
+                    record,
                     self.recovery,
-                    Instant::now() + self.recovery.min(MAX_BACKGROUND_STORING),
+                    false,
+                    None,
                 );
-                runtime.spawn(async move {
-                    if let Err(e) = complete(&*store, &key, token, &record, ttl, until, false).await
-                    {
-                        tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
-                            "could not record the unknown outcome");
-                    }
-                });
             }
         }
     }
@@ -1039,22 +1021,16 @@ impl Drop for FinishGuard<'_> {
         if !self.armed {
             return;
         }
-        let s = self.started;
-        let (Some(store), Ok(runtime)) = (s.shared.clone(), Handle::try_current()) else {
-            tracing::warn!(target: "idem", key = %s.key, token = s.token.0,
-                "call dropped while storing its result; the claim stays in flight until its lease expires");
-            return;
-        };
-        let (key, token, record, ttl) = (s.key.clone(), s.token, self.record.to_vec(), self.ttl);
-        let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
-        tracing::debug!(target: "idem", key = %key, token = token.0, "call dropped while storing its result; finishing in the background");
-        runtime.spawn(async move {
-            // The dropped attempt may have been applied: `attempted = true`.
-            if let Err(e) = complete(&*store, &key, token, &record, ttl, until, true).await {
-                tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
-                    "could not store a dropped call's result");
-            }
-        });
+        tracing::debug!(target: "idem", key = %self.started.key, token = self.started.token.0,
+            "call dropped while storing its result; finishing in the background");
+        // The dropped attempt may have been applied: `attempted = true`.
+        self.started.complete_in_background(
+            "a dropped call's result",
+            self.record.to_vec(),
+            self.ttl,
+            true,
+            None,
+        );
     }
 }
 

@@ -65,6 +65,19 @@ pub fn unavailable(what: &str, why: impl std::fmt::Display) -> Option<Arc<dyn St
     None
 }
 
+/// Appends `line` to the file at `path` with a single `write` on an `O_APPEND` file, so lines
+/// that concurrent processes append (ledgers of body starts) never interleave.
+pub fn append_line(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .expect("open the ledger");
+    let written = file.write(line.as_bytes()).expect("append to the ledger");
+    assert_eq!(written, line.len(), "one write per ledger line");
+}
+
 /// `IDEM_REDIS_URL`, or the loopback default.
 pub fn redis_url() -> String {
     std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
