@@ -19,8 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency::key::Operation;
-use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+use idempotency::postgres::tokio_postgres::{self, NoTls};
+use idempotency::Operation;
 use idempotency::{idempotent, Claim, FencingToken, PostgresStore, StorageKey, Store};
 
 #[derive(Debug)]

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idempotency::key::Operation;
+use idempotency::Operation;
 use idempotency::{idempotent, PostgresStore, RecordState, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 

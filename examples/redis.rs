@@ -12,8 +12,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idempotency::key::Operation;
-use idempotency::store::redis::redis;
+use idempotency::redis::redis;
+use idempotency::Operation;
 use idempotency::{idempotent, RecordState, RedisStore, StorageKey, Store};
 use serde::{Deserialize, Serialize};
 

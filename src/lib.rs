@@ -32,10 +32,10 @@
 //! | `scope = EXPR` | for whom, e.g. a tenant id: scopes never share records | none |
 //! | `ttl = "24h"` / `ttl = 3600` / `ttl = EXPR` | how long a completed result is replayed | `24h` |
 //! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed on a task of its own while the body runs; at least 100 ms ([`MIN_LEASE`]) | `30s` |
-//! | `store = EXPR` | the store: `&S`, `Arc<S>`, `Arc<dyn Store>` | [`install`]ed store, else an in-memory one |
+//! | `store = EXPR` | the store ([`IntoStore`]): `&S` of a store that is `Clone` (every built-in one), `Arc<S>`, `Arc<dyn Store>`, a built-in store by value | [`install`]ed store, else an in-memory one |
 //! | `skip(a, b)` | parameters left out of the fingerprint (handles, connections) | none |
 //! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
-//! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result (by default [`exec::default_wait`]: 2 × lease + 1 s) | `reject` |
+//! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result (by default `default_wait`: 2 × lease + 1 s) | `reject` |
 //! | `cache_errors = true` / `cache_errors = path::to::predicate` | also keep `Err` results (all, or those the `fn(&E) -> bool` accepts) | errors are not kept |
 //! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` (an unknown outcome) | 8 MiB |
 //! | `on_unknown = "refuse"` / `"rerun"` | a started body whose outcome is unknown (panic, abandoned, result not storable): refuse the key with [`Error::OutcomeUnknown`] until the recovery window passes (at most once), or release it (at least once); see [`OnUnknown`] | `refuse` |
@@ -90,29 +90,39 @@
 pub use idem_macros::idempotent;
 pub use idem_runtime::context::{current, token};
 pub use idem_runtime::{
-    context, default_store, error, exec, fingerprint, install, key, metrics, record, store, Call,
-    CallContext, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, IdempotentResult,
-    IntoDuration, IntoKey, MemoryStore, Metrics, OnConflict, OnUnknown, RecordState, Result,
-    StorageKey, Store, StoredRecord, MIN_LEASE,
+    connect, default_store, install, metrics, Call, CallContext, Claim, Error, ErrorPolicy,
+    FencingToken, Fingerprint, FingerprintBuilder, Fingerprintable, IdempotentResult, IntoDuration,
+    IntoKey, IntoStore, MemoryStore, Metrics, OnConflict, OnUnknown, Operation, RecordState,
+    Result, Storable, StorageKey, Store, StoredRecord, ABANDONED_CLAIM_RETENTION, MIN_LEASE,
 };
 
 #[cfg(feature = "http")]
 pub use idem_runtime::http;
-pub use idem_runtime::store::connect;
 #[cfg(feature = "postgres")]
-pub use idem_runtime::store::postgres::PostgresStore;
+pub use idem_runtime::PostgresStore;
 #[cfg(feature = "redis")]
-pub use idem_runtime::store::redis::RedisStore;
+pub use idem_runtime::RedisStore;
 #[cfg(feature = "sqlite")]
-pub use idem_runtime::store::sqlite::SqliteStore;
+pub use idem_runtime::SqliteStore;
+
+/// The PostgreSQL backend's defaults and client crates, for [`PostgresStore`].
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres {
+    pub use idem_runtime::store::postgres::{
+        deadpool_postgres, tokio_postgres, DEFAULT_POOL_SIZE, DEFAULT_TABLE,
+    };
+}
+
+/// The Redis backend's defaults and client crate, for [`RedisStore`].
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis {
+    pub use idem_runtime::store::redis::{redis, DEFAULT_PREFIX, FENCE_GRACE, RESPONSE_TIMEOUT};
+}
 
 /// Items the `#[idempotent]` expansion names. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use idem_runtime::exec::{
-        default_wait, fingerprint_with, Call, ErrorPolicy, IntoDuration, OnConflict, OnUnknown,
-        DEFAULT_LEASE,
-    };
-    pub use idem_runtime::key::Operation;
-    pub use idem_runtime::{Fingerprint, StorageKey};
+    pub use idem_runtime::__private::*;
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idempotency::key::Operation;
+use idempotency::Operation;
 use idempotency::{idempotent, Error, MemoryStore, StorageKey, Store};
 use support::AppError;
 
@@ -299,7 +299,7 @@ async fn an_expired_claim_is_taken_over() {
         "takeover",
     )
     .unwrap();
-    let fp = idempotency::fingerprint::FingerprintBuilder::new().finish();
+    let fp = idem_runtime::fingerprint::FingerprintBuilder::new().finish();
     let claim = store
         .claim(&key, Some(&fp), Duration::from_millis(100))
         .await
@@ -385,7 +385,7 @@ fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     let idempotency::RecordState::Completed { token, record } = rec.state else {
         panic!()
     };
-    let decoded = idempotency::record::Record::decode(&record).unwrap();
+    let decoded = idem_runtime::record::Record::decode(&record).unwrap();
     assert_eq!(decoded.token, token.0, "the record is the newer holder's");
     assert!(token.0 >= 2, "the newer claim has a larger fencing token");
 }

@@ -11,9 +11,9 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency::record::{Outcome, Record};
-use idempotency::store::redis::redis;
-use idempotency::store::ABANDONED_CLAIM_RETENTION;
+use idem_runtime::record::{Outcome, Record};
+use idempotency::redis::redis;
+use idempotency::ABANDONED_CLAIM_RETENTION;
 use idempotency::{
     Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, RecordState, RedisStore,
     StorageKey, Store,
@@ -427,7 +427,7 @@ async fn hashes_idem_did_not_write_are_errors_not_panics_or_reruns() {
             matches!(store.get(&key).await, Err(Error::Corrupt { .. })),
             "get {fields:?}"
         );
-        let out: Result<u32, Error> = Call::new(Ok(key.clone()))
+        let out: Result<u32, Error> = Call::new(key.clone())
             .store(&store)
             .run(ErrorPolicy::never(), async {
                 unreachable!("never run over a bad record")
@@ -491,8 +491,8 @@ async fn connect_by_url_gives_a_redis_store() {
     let store = idempotency::connect(&url()).await.unwrap();
     assert_eq!(store.backend(), "redis");
     let key = conformance::unique("by-url");
-    let out: u32 = Call::new(Ok(key.clone()))
-        .store(&*store)
+    let out: u32 = Call::new(key.clone())
+        .store(&store)
         .run(ErrorPolicy::never(), async { Ok::<_, Error>(5) })
         .await
         .unwrap();
@@ -536,7 +536,7 @@ async fn recovers_after_its_connection_is_killed() {
     };
     let key = conformance::unique("reconnect");
     let replayed = |store: RedisStore, key: StorageKey| async move {
-        Call::new(Ok(key))
+        Call::new(key)
             .store(&store)
             .run(ErrorPolicy::never(), async {
                 Ok::<u64, Error>(rand::random())
@@ -681,7 +681,7 @@ async fn fails_closed_while_redis_is_down_and_recovers_after_a_restart() {
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let runs = std::sync::atomic::AtomicUsize::new(0);
     let call = |key: StorageKey| {
-        Call::new(Ok(key))
+        Call::new(key)
             .store(&store)
             .run(ErrorPolicy::never(), async {
                 runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

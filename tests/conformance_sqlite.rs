@@ -65,13 +65,6 @@ impl Store for TempSqlite {
     async fn purge_expired(&self) -> idempotency::Result<u64> {
         self.store.purge_expired().await
     }
-    fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-        self.store.release_in_background(key, token)
-    }
-    fn detached(&self) -> Option<Arc<dyn Store>> {
-        // The same file; the directory lives as long as this wrapper, which outlives the test.
-        self.store.detached()
-    }
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         self.store.wait_for_change(key, max).await
     }

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idempotency::key::Operation;
+use idempotency::Operation;
 use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
 
 /// Concurrent calling tasks.
@@ -502,12 +502,12 @@ impl Store for Flaky {
 
 /// Calls `store` twice under one key with a body that counts its runs; returns both results,
 /// the runs, and what the store holds after the first call.
-async fn twice(store: &Flaky, lease: Duration) -> (String, String, u32, Option<RecordState>) {
+async fn twice(store: &Arc<Flaky>, lease: Duration) -> (String, String, u32, Option<RecordState>) {
     let key = StorageKey::derive("faults-flaky", &rand::random::<u64>()).unwrap();
     let runs = AtomicU64::new(0);
     let call = || {
-        idempotency::Call::new(Ok(key.clone()))
-            .store(store)
+        idempotency::Call::new(key.clone())
+            .store(store.clone())
             .lease(lease)
             .run(idempotency::ErrorPolicy::never(), async {
                 runs.fetch_add(1, SeqCst);
@@ -527,7 +527,7 @@ async fn twice(store: &Flaky, lease: Duration) -> (String, String, u32, Option<R
 /// the call's own token, and the next call replays it.
 #[tokio::test]
 async fn a_complete_whose_reply_was_lost_is_not_run_again() {
-    let store = Flaky::new([Fail::After]);
+    let store = Arc::new(Flaky::new([Fail::After]));
     let (first, second, runs, state) = twice(&store, Duration::from_secs(30)).await;
     assert!(
         matches!(state, Some(RecordState::Completed { .. })),
@@ -539,7 +539,12 @@ async fn a_complete_whose_reply_was_lost_is_not_run_again() {
 /// A `complete` that failed before reaching the store is retried while the lease lasts.
 #[tokio::test]
 async fn a_complete_that_failed_is_retried_while_the_lease_lasts() {
-    let store = Flaky::new([Fail::Before, Fail::Before, Fail::After, Fail::Before]);
+    let store = Arc::new(Flaky::new([
+        Fail::Before,
+        Fail::Before,
+        Fail::After,
+        Fail::Before,
+    ]));
     let (first, second, runs, state) = twice(&store, Duration::from_secs(30)).await;
     assert!(
         matches!(state, Some(RecordState::Completed { .. })),
@@ -553,7 +558,7 @@ async fn a_complete_that_failed_is_retried_while_the_lease_lasts() {
 /// body ran) once the lease is nearly over, and the claim stays in flight until it expires.
 #[tokio::test]
 async fn a_store_down_past_the_lease_returns_the_result_unstored() {
-    let store = Flaky::new([Fail::Before; 1_000]);
+    let store = Arc::new(Flaky::new([Fail::Before; 1_000]));
     let lease = Duration::from_secs(1);
     let at = Instant::now();
     let (_, second, runs, state) = twice(&store, lease).await;
@@ -573,7 +578,7 @@ async fn a_store_down_past_the_lease_returns_the_result_unstored() {
 #[cfg(feature = "redis")]
 mod redis_faults {
     use super::*;
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     use idempotency::RedisStore;
 
     use crate::conformance::private_redis::PrivateRedis;
@@ -663,7 +668,7 @@ mod redis_faults {
 #[cfg(feature = "postgres")]
 mod postgres_faults {
     use super::*;
-    use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+    use idempotency::postgres::tokio_postgres::{self, NoTls};
     use idempotency::PostgresStore;
 
     fn url() -> String {

@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use idempotency::exec::fingerprint_with;
-use idempotency::fingerprint::canonical_json;
-use idempotency::key::Operation;
+use idem_runtime::__private::fingerprint_with;
+use idem_runtime::fingerprint::canonical_json;
+use idempotency::Operation;
 use idempotency::{Fingerprint, StorageKey};
 use serde::Serialize;
 

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency::record::{Outcome, Record};
+use idem_runtime::record::{Outcome, Record};
 use idempotency::{
     idempotent, Call, Claim, Error, ErrorPolicy, Fingerprint, MemoryStore, OnUnknown, RecordState,
     StorageKey, Store, StoredRecord,
@@ -73,7 +73,7 @@ enum Raw {
     Redis(idempotency::RedisStore),
     #[cfg(feature = "postgres")]
     Postgres {
-        client: idempotency::store::postgres::tokio_postgres::Client,
+        client: idempotency::postgres::tokio_postgres::Client,
         /// The table, quoted.
         table: String,
     },
@@ -125,7 +125,7 @@ impl Fixture {
     #[cfg(feature = "redis")]
     async fn redis_keys(&self, store: &idempotency::RedisStore) -> Vec<String> {
         let mut con = store.connection_manager();
-        idempotency::store::redis::redis::cmd("KEYS")
+        idempotency::redis::redis::cmd("KEYS")
             .arg(format!("{}:*", store.prefix()))
             .query_async(&mut con)
             .await
@@ -193,7 +193,7 @@ impl Fixture {
             #[cfg(feature = "redis")]
             Raw::Redis(store) => {
                 let mut con = store.connection_manager();
-                let _: () = idempotency::store::redis::redis::cmd("HSET")
+                let _: () = idempotency::redis::redis::cmd("HSET")
                     .arg(store.record_key(key))
                     .arg("record")
                     .arg(bytes)
@@ -236,7 +236,7 @@ impl Fixture {
             #[cfg(feature = "redis")]
             Raw::Redis(store) => {
                 let mut con = store.connection_manager();
-                let _: () = idempotency::store::redis::redis::cmd("HDEL")
+                let _: () = idempotency::redis::redis::cmd("HDEL")
                     .arg(store.record_key(key))
                     .arg("record")
                     .query_async(&mut con)
@@ -310,7 +310,7 @@ async fn fixtures() -> Vec<Fixture> {
 
 #[cfg(feature = "redis")]
 async fn redis_store() -> Option<idempotency::RedisStore> {
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     let url = conformance::redis_url();
     // Probe with a plain connection first: it fails at once when nothing listens.
     let probe = async {
@@ -340,7 +340,7 @@ async fn redis_store() -> Option<idempotency::RedisStore> {
 #[cfg(feature = "postgres")]
 async fn postgres_store() -> Option<(
     idempotency::PostgresStore,
-    idempotency::store::postgres::tokio_postgres::Client,
+    idempotency::postgres::tokio_postgres::Client,
     String,
 )> {
     let schema = conformance::postgres::run_schema().await?;
@@ -451,13 +451,13 @@ async fn hostile_keys_work_and_stay_distinct_in_every_store() {
         // The same keys through `Call` (no fingerprint), in another scope: again all distinct.
         for (i, key) in keys.iter().enumerate() {
             let k = StorageKey::derive("hostile-call", key).unwrap();
-            let out: Result<usize, Error> = Call::new(Ok(k.clone()))
-                .store(&*f.store)
+            let out: Result<usize, Error> = Call::new(k.clone())
+                .store(f.store.clone())
                 .run(ErrorPolicy::never(), async { Ok(i) })
                 .await;
             assert_eq!(out.unwrap(), i);
-            let replay: Result<usize, Error> = Call::new(Ok(k))
-                .store(&*f.store)
+            let replay: Result<usize, Error> = Call::new(k)
+                .store(f.store.clone())
                 .run(ErrorPolicy::never(), async {
                     unreachable!("replayed, not run")
                 })
@@ -511,8 +511,16 @@ async fn overlong_keys_are_invalid_and_store_nothing() {
                     f.name
                 );
             }
-            let out: Result<u8, Error> = Call::new(StorageKey::derive("hostile-call", &key))
-                .store(&*f.store)
+            // The plain builder cannot even be given such a key (above); the macro's form
+            // carries the error into the call, which runs nothing.
+            let call = idem_runtime::__private::keyed(
+                idempotency::Operation::named("hostile.call"),
+                "hostile-call",
+                &key,
+                Ok(None),
+            );
+            let out: Result<u8, Error> = call
+                .store(f.store.clone())
                 .run(ErrorPolicy::never(), async {
                     unreachable!("an invalid key runs nothing")
                 })
@@ -700,9 +708,9 @@ async fn corrupt_and_truncated_records_are_errors_and_nothing_runs() {
     for f in fixtures().await {
         let runs = AtomicUsize::new(0);
         let call = |label: &str| {
-            Call::new(StorageKey::derive("corrupt", &format!("{run}:{label}")))
-                .store(&*f.store)
-                .fingerprint(Ok(Some(Fingerprint([7; 32]))))
+            Call::new(StorageKey::derive("corrupt", &format!("{run}:{label}")).unwrap())
+                .store(f.store.clone())
+                .fingerprint(Some(Fingerprint([7; 32])))
         };
         // A genuine record, as exec writes it, to take apart.
         let good = {
@@ -802,13 +810,13 @@ async fn records_of_another_type_are_type_mismatch() {
             id: u64,
         }
         let k = StorageKey::derive("type", &id).unwrap();
-        let out: Result<Receipt, Error> = Call::new(Ok(k.clone()))
-            .store(&*f.store)
+        let out: Result<Receipt, Error> = Call::new(k.clone())
+            .store(f.store.clone())
             .run(ErrorPolicy::never(), async { Ok(Receipt { id: 1 }) })
             .await;
         assert_eq!(out.unwrap().id, 1);
-        let out: Result<(u64,), Error> = Call::new(Ok(k.clone()))
-            .store(&*f.store)
+        let out: Result<(u64,), Error> = Call::new(k.clone())
+            .store(f.store.clone())
             .run(ErrorPolicy::never(), async { unreachable!() })
             .await;
         assert!(
@@ -819,15 +827,15 @@ async fn records_of_another_type_are_type_mismatch() {
 
         // A kept error, replayed to a caller that keeps no errors.
         let k = StorageKey::derive("type-err", &id).unwrap();
-        let out: Result<u64, Kept> = Call::new(Ok(k.clone()))
-            .store(&*f.store)
+        let out: Result<u64, Kept> = Call::new(k.clone())
+            .store(f.store.clone())
             .run(ErrorPolicy::always(), async {
                 Err(Kept::Declined("declined".to_owned()))
             })
             .await;
         assert!(matches!(out, Err(Kept::Declined(_))), "{out:?}");
-        let out: Result<u64, Error> = Call::new(Ok(k))
-            .store(&*f.store)
+        let out: Result<u64, Error> = Call::new(k)
+            .store(f.store.clone())
             .run(ErrorPolicy::never(), async { unreachable!() })
             .await;
         assert!(matches!(out, Err(Error::TypeMismatch { .. })), "{out:?}");
@@ -873,8 +881,8 @@ async fn results_over_the_limit_are_too_large_and_not_stored() {
         let call = |limit: usize, len: usize| {
             let runs = &runs;
             // At least once: a result that cannot be kept releases the claim.
-            Call::new(Ok(key.clone()))
-                .store(&*f.store)
+            Call::new(key.clone())
+                .store(f.store.clone())
                 .max_record_bytes(limit)
                 .on_unknown(OnUnknown::Rerun)
                 .run(ErrorPolicy::never(), async move {
@@ -1045,8 +1053,8 @@ fn replay_of_arbitrary_record_bytes_never_panics_nor_runs() {
                 unreachable!()
             };
             store.complete(&key, token, &bytes, LONG).await.unwrap();
-            let out: Result<u64, Error> = Call::new(Ok(key))
-                .store(&store)
+            let out: Result<u64, Error> = Call::new(key)
+                .store(store.clone())
                 .run(ErrorPolicy::never(), async {
                     Err(Error::corrupt("the body ran"))
                 })

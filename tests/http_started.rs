@@ -567,7 +567,7 @@ impl Drop for DeletePrefix {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_clients_that_leave_get_the_first_payment() {
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     // Probe with a plain connection: it fails at once, where the store's connection manager
     // would retry for a few seconds.
     let probe = async {

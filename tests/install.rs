@@ -21,7 +21,7 @@ async fn functions_without_a_store_use_the_installed_one() {
     assert_eq!(uses_the_default_store(21).await.unwrap(), 42);
 
     let operation =
-        idempotency::key::Operation::from_path(concat!(module_path!(), "::uses_the_default_store"));
+        idempotency::Operation::from_path(concat!(module_path!(), "::uses_the_default_store"));
     let key = StorageKey::derive_for(&operation, "", &21u32).unwrap();
     let record = store
         .get(&key)

@@ -91,7 +91,7 @@ async fn fixtures() -> Vec<Fixture> {
 
 #[cfg(feature = "redis")]
 async fn redis_store() -> Option<idempotency::RedisStore> {
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     let url = conformance::redis_url();
     let probe = async {
         redis::Client::open(url.as_str())?
@@ -250,15 +250,15 @@ async fn scopes_and_keys_that_run_together_stay_apart_through_call() {
     assert_eq!(distinct.len(), keys.len(), "distinct storage keys");
     for f in fixtures().await {
         for (i, key) in keys.iter().enumerate() {
-            let out: Result<usize, Error> = Call::new(Ok(key.clone()))
-                .store(&*f.store)
+            let out: Result<usize, Error> = Call::new(key.clone())
+                .store(f.store.clone())
                 .run(ErrorPolicy::never(), async { Ok(i) })
                 .await;
             assert_eq!(out.unwrap(), i, "{}: pair {:?}", f.name, pairs[i]);
         }
         for (i, key) in keys.iter().enumerate() {
-            let out: Result<usize, Error> = Call::new(Ok(key.clone()))
-                .store(&*f.store)
+            let out: Result<usize, Error> = Call::new(key.clone())
+                .store(f.store.clone())
                 .run(ErrorPolicy::never(), async { unreachable!("replayed") })
                 .await;
             assert_eq!(
@@ -369,31 +369,34 @@ async fn in_flight_in_one_scope_is_free_in_another() {
         let holder = {
             let (store, key) = (f.store.clone(), key.clone());
             tokio::spawn(async move {
-                let out: Result<String, Error> = Call::new(StorageKey::derive("scope-a", &key))
-                    .store(&*store)
-                    .run(ErrorPolicy::never(), async move {
-                        started_tx.send(()).unwrap();
-                        finish_rx.await.unwrap();
-                        Ok("a".to_owned())
-                    })
-                    .await;
+                let out: Result<String, Error> =
+                    Call::new(StorageKey::derive("scope-a", &key).unwrap())
+                        .store(store.clone())
+                        .run(ErrorPolicy::never(), async move {
+                            started_tx.send(()).unwrap();
+                            finish_rx.await.unwrap();
+                            Ok("a".to_owned())
+                        })
+                        .await;
                 out
             })
         };
         started_rx.await.unwrap();
-        let same_scope: Result<String, Error> = Call::new(StorageKey::derive("scope-a", &key))
-            .store(&*f.store)
-            .run(ErrorPolicy::never(), async { Ok("a2".to_owned()) })
-            .await;
+        let same_scope: Result<String, Error> =
+            Call::new(StorageKey::derive("scope-a", &key).unwrap())
+                .store(f.store.clone())
+                .run(ErrorPolicy::never(), async { Ok("a2".to_owned()) })
+                .await;
         assert!(
             matches!(same_scope, Err(Error::InFlight)),
             "{}: {same_scope:?}",
             f.name
         );
-        let other_scope: Result<String, Error> = Call::new(StorageKey::derive("scope-b", &key))
-            .store(&*f.store)
-            .run(ErrorPolicy::never(), async { Ok("b".to_owned()) })
-            .await;
+        let other_scope: Result<String, Error> =
+            Call::new(StorageKey::derive("scope-b", &key).unwrap())
+                .store(f.store.clone())
+                .run(ErrorPolicy::never(), async { Ok("b".to_owned()) })
+                .await;
         assert_eq!(other_scope.unwrap(), "b", "{}", f.name);
         finish_tx.send(()).unwrap();
         assert_eq!(holder.await.unwrap().unwrap(), "a");

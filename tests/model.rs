@@ -1311,7 +1311,7 @@ fn sqlite_store_follows_the_model() {
 #[cfg(feature = "redis")]
 #[test]
 fn redis_store_follows_the_model() {
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     use idempotency::RedisStore;
 
     let url = conformance::redis_url();
@@ -1368,10 +1368,8 @@ fn redis_store_follows_the_model() {
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_store_follows_the_model() {
-    use idempotency::store::postgres::deadpool_postgres::{
-        Manager, ManagerConfig, Pool, RecyclingMethod,
-    };
-    use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+    use idempotency::postgres::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+    use idempotency::postgres::tokio_postgres::{self, NoTls};
     use idempotency::PostgresStore;
 
     let url = std::env::var("IDEM_POSTGRES_URL")

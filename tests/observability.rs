@@ -75,9 +75,9 @@ async fn counters_and_events_follow_each_outcome() {
     op(store.clone(), "c", 1, false, 100).await.unwrap_err(); // conflict
     slow.await.unwrap().unwrap();
     // A crashed holder of "d": its lease runs out and the next call takes over.
-    let operation = idempotency::key::Operation::from_path(concat!(module_path!(), "::op"));
+    let operation = idempotency::Operation::from_path(concat!(module_path!(), "::op"));
     let key = StorageKey::derive_for(&operation, "", "d").unwrap();
-    let fp = idempotency::exec::fingerprint_with(|f| {
+    let fp = idem_runtime::__private::fingerprint_with(|f| {
         f.add("d")?.add(&1u32)?.add(&false)?.add(&0u64)?;
         Ok(())
     })

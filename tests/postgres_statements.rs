@@ -16,10 +16,8 @@ mod conformance;
 
 use std::time::Duration;
 
-use idempotency::store::postgres::deadpool_postgres::{
-    Manager, ManagerConfig, Pool, RecyclingMethod,
-};
-use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+use idempotency::postgres::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use idempotency::postgres::tokio_postgres::{self, NoTls};
 use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -112,9 +110,9 @@ fn key(label: &str, i: u64) -> StorageKey {
 
 /// One idempotent call through the runtime, as `#[idempotent]` makes it.
 async fn call(store: &PostgresStore, key: StorageKey) {
-    let out: Result<u64, Error> = Call::new(Ok(key))
+    let out: Result<u64, Error> = Call::new(key)
         .store(store)
-        .fingerprint(Ok(Some(Fingerprint([7; 32]))))
+        .fingerprint(Some(Fingerprint([7; 32])))
         .lease(Duration::from_secs(30))
         .run(ErrorPolicy::never(), async { Ok(42) })
         .await;

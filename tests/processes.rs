@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use idempotency::key::Operation;
+use idempotency::Operation;
 use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
 use rand::seq::SliceRandom;
 use tempfile::TempDir;

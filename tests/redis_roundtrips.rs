@@ -14,7 +14,7 @@ mod conformance;
 use std::time::Duration;
 
 use futures::StreamExt;
-use idempotency::store::redis::redis;
+use idempotency::redis::redis;
 use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
 
 fn url() -> String {
@@ -52,7 +52,7 @@ async fn a_hit_is_one_round_trip_and_a_miss_two() {
         .await
         .unwrap();
     let fp = Some(Fingerprint([7; 32]));
-    let call = |key: &StorageKey| Call::new(Ok(key.clone())).store(&store).fingerprint(Ok(fp));
+    let call = |key: &StorageKey| Call::new(key.clone()).store(store.clone()).fingerprint(fp);
 
     // Warm up: the server learns the scripts (a NOSCRIPT answer costs a SCRIPT LOAD once).
     let warm = conformance::unique("warm-up");

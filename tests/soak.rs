@@ -232,14 +232,12 @@ mod restartable_sqlite {
     use std::time::Duration;
 
     use async_trait::async_trait;
-    use idempotency::store::sqlite::SqliteStore;
+    use idempotency::SqliteStore;
     use idempotency::{Claim, Error, FencingToken, Fingerprint, StorageKey, Store, StoredRecord};
 
     /// An `SqliteStore` that can be "restarted": dropped, unavailable for a moment (every call
     /// fails with `Error::Store`), and opened again on the same file.
     pub struct Restartable {
-        /// The wrapper itself, for `detached`.
-        me: std::sync::Weak<Restartable>,
         path: PathBuf,
         current: RwLock<Option<Arc<SqliteStore>>>,
     }
@@ -247,8 +245,7 @@ mod restartable_sqlite {
     impl Restartable {
         pub async fn open(path: PathBuf) -> idempotency::Result<Arc<Self>> {
             let store = Arc::new(SqliteStore::open(&path).await?);
-            Ok(Arc::new_cyclic(|me| Restartable {
-                me: me.clone(),
+            Ok(Arc::new(Restartable {
                 path,
                 current: RwLock::new(Some(store)),
             }))
@@ -313,14 +310,6 @@ mod restartable_sqlite {
         }
         async fn purge_expired(&self) -> idempotency::Result<u64> {
             self.current()?.purge_expired().await
-        }
-        fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-            if let Ok(store) = self.current() {
-                store.release_in_background(key, token)
-            }
-        }
-        fn detached(&self) -> Option<Arc<dyn Store>> {
-            self.me.upgrade().map(|s| s as Arc<dyn Store>)
         }
         async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
             match self.current() {

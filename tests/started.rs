@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idempotency::key::Operation;
+use idempotency::Operation;
 use idempotency::{
     idempotent, Claim, Error, FencingToken, Fingerprint, MemoryStore, StorageKey, Store,
     StoredRecord,
@@ -70,7 +70,7 @@ async fn sqlite() -> Option<Fresh> {
 
 #[cfg(feature = "redis")]
 async fn redis() -> Option<Fresh> {
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     struct Prefix(String);
     impl Drop for Prefix {
         fn drop(&mut self) {
@@ -182,8 +182,8 @@ impl Ledger {
     /// The first line of every body, before any `.await`.
     fn start(&self) {
         self.starts.send_modify(|n| *n += 1);
-        let call = idempotency::context::current().expect("a body runs inside its call's context");
-        assert_eq!(idempotency::context::token(), Some(call.token()));
+        let call = idempotency::current().expect("a body runs inside its call's context");
+        assert_eq!(idempotency::token(), Some(call.token()));
         assert_eq!(idempotency::token(), Some(call.token()));
         self.holders
             .lock()
@@ -709,9 +709,6 @@ impl Store for FlakyRenew {
     async fn purge_expired(&self) -> idempotency::Result<u64> {
         self.inner.purge_expired().await
     }
-    fn detached(&self) -> Option<Arc<dyn Store>> {
-        Some(Arc::new(self.clone()))
-    }
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         self.inner.wait_for_change(key, max).await
     }
@@ -729,7 +726,7 @@ async fn guarded(
     key: String,
 ) -> Result<u64, AppError> {
     ledger.start();
-    let call = idempotency::context::current().expect("inside a body");
+    let call = idempotency::current().expect("inside a body");
     if !call.is_takeover() {
         // The first holder stalls (a slow dependency) until its claim is lost.
         seen.lock()
@@ -765,7 +762,7 @@ where
 
 async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<dyn Store>) {
     assert!(
-        idempotency::context::current().is_none(),
+        idempotency::current().is_none(),
         "no context outside a body"
     );
     assert!(idempotency::token().is_none());
@@ -817,7 +814,7 @@ async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<
 #[cfg(feature = "postgres")]
 mod fenced {
     use super::*;
-    use idempotency::store::postgres::tokio_postgres;
+    use idempotency::postgres::tokio_postgres;
 
     /// Writes to a table that refuses a token older than one it has seen. The first holder
     /// stalls at the gate until the taker has written, then writes with its stale token.
@@ -831,7 +828,7 @@ mod fenced {
         key: String,
     ) -> Result<u64, AppError> {
         ledger.start();
-        let call = idempotency::context::current().expect("inside a body");
+        let call = idempotency::current().expect("inside a body");
         if !call.is_takeover() {
             gate.pass().await;
         }

@@ -66,7 +66,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use idempotency::store::postgres::tokio_postgres;
+use idempotency::postgres::tokio_postgres;
 use idempotency::{
     idempotent, CallContext, Error, PostgresStore, RecordState, RedisStore, StorageKey, Store,
 };
@@ -281,7 +281,7 @@ async fn slow_pay(
     id: String,
 ) -> Result<String, Error> {
     ledger.starts.fetch_add(1, SeqCst);
-    let call = idempotency::context::current().expect("a body runs inside its call");
+    let call = idempotency::current().expect("a body runs inside its call");
     let me = ledger.begin(&call);
     // Notes when (if ever) this body is told that it lost the claim.
     let (watch, watched) = (call.clone(), ledger.clone());
@@ -605,7 +605,7 @@ async fn fenced_charge(
     hold: Option<PathBuf>,
 ) -> Result<String, Error> {
     conformance::append_line(&starts, &format!("start {}\n", std::process::id()));
-    let call = idempotency::context::current().expect("a body runs inside its call");
+    let call = idempotency::current().expect("a body runs inside its call");
     report(
         "started",
         format_args!(
@@ -1067,7 +1067,7 @@ async fn outage_pay(
     id: String,
 ) -> Result<String, Error> {
     ledger.charges.fetch_add(1, SeqCst);
-    let call = idempotency::context::current().expect("a body runs inside its call");
+    let call = idempotency::current().expect("a body runs inside its call");
     let token = call.token();
     *ledger.call.lock().unwrap() = Some((call.key().clone(), token));
     ledger.started.store(true, SeqCst);
@@ -1285,7 +1285,7 @@ async fn blocking_pay(
     ledger.ended.store(true, SeqCst);
     Ok(format!(
         "pay-{}",
-        idempotency::context::token().expect("in a call").0
+        idempotency::token().expect("in a call").0
     ))
 }
 

@@ -249,8 +249,8 @@ fn rss_bytes() -> u64 {
 /// A record of the workload's size: the envelope around a ~200-byte receipt.
 fn sample_record(token: u64) -> Vec<u8> {
     let payload = serde_json::to_vec(&compute(&request(token))).unwrap();
-    idempotency::record::Record {
-        outcome: idempotency::record::Outcome::Ok,
+    idem_runtime::record::Record {
+        outcome: idem_runtime::record::Outcome::Ok,
         fingerprint: Some(idempotency::Fingerprint([7; 32])),
         token,
         completed_at_ms: 0,

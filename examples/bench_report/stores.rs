@@ -83,7 +83,7 @@ mod common {
 
     /// The workload of section 1 through a store given as an argument.
     #[idempotency::idempotent(name = "bench.charge", key = req.order_id, store = store, skip(store), ttl = TTL)]
-    pub(super) async fn charge<S: idempotency::Store>(
+    pub(super) async fn charge<S: idempotency::Store + Clone + 'static>(
         store: &S,
         req: ChargeRequest,
     ) -> Result<Receipt, BenchError> {
@@ -91,7 +91,10 @@ mod common {
     }
 
     /// One `#[idempotent]` call, its error as text.
-    pub(super) async fn call<S: idempotency::Store>(store: &S, order_id: u64) -> Res<()> {
+    pub(super) async fn call<S: idempotency::Store + Clone + 'static>(
+        store: &S,
+        order_id: u64,
+    ) -> Res<()> {
         let receipt = charge(store, request(order_id))
             .await
             .map_err(|e| format!("idem call failed: {e}"))?;
@@ -217,8 +220,8 @@ mod redis_part {
     use std::time::Duration;
 
     use futures::StreamExt;
-    use idempotency::store::redis::redis::aio::{ConnectionManager, MultiplexedConnection};
-    use idempotency::store::redis::redis::{self, IntoConnectionInfo, ProtocolVersion, Value};
+    use idempotency::redis::redis::aio::{ConnectionManager, MultiplexedConnection};
+    use idempotency::redis::redis::{self, IntoConnectionInfo, ProtocolVersion, Value};
     use idempotency::{RedisStore, StorageKey};
 
     use super::*;
@@ -785,11 +788,11 @@ mod redis_part {
 mod postgres_part {
     use std::time::Duration;
 
-    use idempotency::exec::DEFAULT_LEASE;
-    use idempotency::store::postgres::deadpool_postgres::{
+    use idem_runtime::engine::DEFAULT_LEASE;
+    use idempotency::postgres::deadpool_postgres::{
         Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
     };
-    use idempotency::store::postgres::tokio_postgres::{self, Client, Config, NoTls, Statement};
+    use idempotency::postgres::tokio_postgres::{self, Client, Config, NoTls, Statement};
     use idempotency::{PostgresStore, StorageKey};
 
     use super::*;

@@ -117,22 +117,30 @@ pub fn push(errors: &mut Option<syn::Error>, e: syn::Error) {
     }
 }
 
+/// An argument's name where it is written: its span, and its spelling in [`ARGUMENTS`].
+#[derive(Clone, Copy)]
+pub struct Name {
+    span: Span,
+    text: &'static str,
+}
+
 /// Stores a parsed argument, or reports it as a duplicate pointing at both places.
-fn set<T>(slot: &mut Option<Arg<T>>, name: Span, label: &str, value: T) -> syn::Result<()> {
+fn set<T>(slot: &mut Option<Arg<T>>, name: Name, value: T) -> syn::Result<()> {
+    let Name { span, text } = name;
     if let Some(first) = slot {
-        let mut e = syn::Error::new(name, format!("duplicate argument `{label}`: give it once"));
+        let mut e = syn::Error::new(span, format!("duplicate argument `{text}`: give it once"));
         e.combine(syn::Error::new(
             first.name,
-            format!("`{label}` first set here"),
+            format!("`{text}` first set here"),
         ));
         return Err(e);
     }
-    *slot = Some(Arg { name, value });
+    *slot = Some(Arg { name: span, value });
     Ok(())
 }
 
 /// How one argument is parsed after its name: `=` and the value, or `(...)`.
-type ParseArg = fn(&mut Args, Span, ParseStream) -> syn::Result<()>;
+type ParseArg = fn(&mut Args, Name, ParseStream) -> syn::Result<()>;
 
 /// Every argument of `#[idempotent(...)]`, in the order the docs and "expected one of" list
 /// them: the one place that says which arguments exist.
@@ -173,7 +181,13 @@ impl Args {
         // `Ident::parse_any` also takes `crate`, a keyword.
         let ident = Ident::parse_any(input)?;
         match ARGUMENTS.iter().find(|(name, _)| ident == name) {
-            Some((_, parse)) => parse(self, ident.span(), input),
+            Some(&(text, parse)) => {
+                let name = Name {
+                    span: ident.span(),
+                    text,
+                };
+                parse(self, name, input)
+            }
             None => Err(syn::Error::new(
                 ident.span(),
                 format!(
@@ -185,42 +199,42 @@ impl Args {
     }
 }
 
-fn parse_key(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_key(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    set(&mut args.key, name, "key", input.parse()?)
+    set(&mut args.key, name, input.parse()?)
 }
 
-fn parse_ttl(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_ttl(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    let value = parse_duration(input, "ttl")?;
-    set(&mut args.ttl, name, "ttl", value)
+    let value = parse_duration(input, name.text)?;
+    set(&mut args.ttl, name, value)
 }
 
-fn parse_lease(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_lease(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    let value = parse_duration(input, "lease")?;
+    let value = parse_duration(input, name.text)?;
     if let DurationArg::Millis(ms) = value {
         if ms < MIN_LEASE_MS {
             return Err(syn::Error::new(
-                    name,
+                    name.span,
                     format!("`lease` must be at least {MIN_LEASE_MS}ms: a shorter lease expires before the claim can be renewed, and concurrent callers would all run the body"),
                 ));
         }
     }
-    set(&mut args.lease, name, "lease", value)
+    set(&mut args.lease, name, value)
 }
 
-fn parse_store(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_store(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    set(&mut args.store, name, "store", input.parse()?)
+    set(&mut args.store, name, input.parse()?)
 }
 
-fn parse_scope(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_scope(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    set(&mut args.scope, name, "scope", input.parse()?)
+    set(&mut args.scope, name, input.parse()?)
 }
 
-fn parse_skip(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_skip(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     let content;
     syn::parenthesized!(content in input);
     // `Ident::parse_any` takes `self` too (the `#[instrument(skip(self))]` habit).
@@ -228,10 +242,10 @@ fn parse_skip(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()
         &content,
         syn::ext::IdentExt::parse_any,
     )?;
-    set(&mut args.skip, name, "skip", idents.into_iter().collect())
+    set(&mut args.skip, name, idents.into_iter().collect())
 }
 
-fn parse_fingerprint(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_fingerprint(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let expr: Expr = input.parse()?;
     let value = match &expr {
@@ -244,10 +258,10 @@ fn parse_fingerprint(args: &mut Args, name: Span, input: ParseStream) -> syn::Re
             }
             _ => FingerprintArg::Expr(Box::new(expr)),
         };
-    set(&mut args.fingerprint, name, "fingerprint", value)
+    set(&mut args.fingerprint, name, value)
 }
 
-fn parse_on_conflict(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_on_conflict(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let lit: LitStr = input.parse().map_err(|e| {
         syn::Error::new(
@@ -265,16 +279,16 @@ fn parse_on_conflict(args: &mut Args, name: Span, input: ParseStream) -> syn::Re
                 ))
             }
         };
-    set(&mut args.on_conflict, name, "on_conflict", value)
+    set(&mut args.on_conflict, name, value)
 }
 
-fn parse_wait(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_wait(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    let value = parse_duration(input, "wait")?;
-    set(&mut args.wait, name, "wait", value)
+    let value = parse_duration(input, name.text)?;
+    set(&mut args.wait, name, value)
 }
 
-fn parse_cache_errors(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_cache_errors(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let value = if input.peek(syn::LitBool) {
         input
@@ -287,10 +301,10 @@ fn parse_cache_errors(args: &mut Args, name: Span, input: ParseStream) -> syn::R
             })?;
         Some(CacheErrors::When(path))
     };
-    set(&mut args.cache_errors, name, "cache_errors", value)
+    set(&mut args.cache_errors, name, value)
 }
 
-fn parse_max_record_bytes(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_max_record_bytes(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let expr: Expr = input.parse()?;
     if let Expr::Lit(ExprLit { lit, .. }) = &expr {
@@ -302,10 +316,10 @@ fn parse_max_record_bytes(args: &mut Args, name: Span, input: ParseStream) -> sy
                 ));
         }
     }
-    set(&mut args.max_record_bytes, name, "max_record_bytes", expr)
+    set(&mut args.max_record_bytes, name, expr)
 }
 
-fn parse_on_unknown(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_on_unknown(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let expected = "expected `on_unknown = \"refuse\"` (at most once: a started body whose outcome is unknown is not run again for the key) or `on_unknown = \"rerun\"` (at least once: a retry runs it again)";
     let lit: LitStr = input
@@ -316,24 +330,24 @@ fn parse_on_unknown(args: &mut Args, name: Span, input: ParseStream) -> syn::Res
         "rerun" => Unknown::Rerun,
         _ => return Err(syn::Error::new(lit.span(), expected)),
     };
-    set(&mut args.on_unknown, name, "on_unknown", value)
+    set(&mut args.on_unknown, name, value)
 }
 
-fn parse_recovery(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_recovery(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
-    let value = parse_duration(input, "recovery")?;
-    set(&mut args.recovery, name, "recovery", value)
+    let value = parse_duration(input, name.text)?;
+    set(&mut args.recovery, name, value)
 }
 
-fn parse_detach(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_detach(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let lit: syn::LitBool = input
         .parse()
         .map_err(|e| syn::Error::new(e.span(), "expected `detach = true` or `detach = false`"))?;
-    set(&mut args.detach, name, "detach", lit)
+    set(&mut args.detach, name, lit)
 }
 
-fn parse_name(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_name(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let lit: LitStr = input.parse().map_err(|e| {
             syn::Error::new(e.span(), "expected `name = \"...\"`: a string literal naming what the function does, e.g. `name = \"billing.charge\"`")
@@ -354,10 +368,10 @@ fn parse_name(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()
                 format!("the operation name {problem}: give a short stable name such as `name = \"billing.charge\"`"),
             ));
     }
-    set(&mut args.name, name, "name", lit)
+    set(&mut args.name, name, lit)
 }
 
-fn parse_version(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_version(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let lit: syn::LitInt = input.parse().map_err(|e| {
             syn::Error::new(e.span(), "expected `version = N`: a whole number (0 to 4294967295) you raise when the result type changes incompatibly")
@@ -368,15 +382,15 @@ fn parse_version(args: &mut Args, name: Span, input: ParseStream) -> syn::Result
             "`version` must be a whole number from 0 to 4294967295",
         ));
     }
-    set(&mut args.version, name, "version", lit)
+    set(&mut args.version, name, lit)
 }
 
-fn parse_krate(args: &mut Args, name: Span, input: ParseStream) -> syn::Result<()> {
+fn parse_krate(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
     input.parse::<Token![=]>()?;
     let path: Path = input.parse().map_err(|e| {
             syn::Error::new(e.span(), "expected `crate = path`, the path of the `idempotency` crate as your Cargo.toml renames it, e.g. `crate = ::payments_idem`")
         })?;
-    set(&mut args.krate, name, "crate", path)
+    set(&mut args.krate, name, path)
 }
 
 /// `"24h"`-style strings and integer seconds are checked here; other expressions at run time.

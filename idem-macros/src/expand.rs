@@ -1,5 +1,5 @@
 //! Code generation: the annotated function's body becomes one call,
-//! `::idempotency::__private::Call::new(..)...run(policy, async { body }).await`.
+//! `::idempotency::__private::keyed(..)...run(policy, async { body }).await`.
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
@@ -8,7 +8,7 @@ use syn::{Expr, ItemFn, Stmt};
 
 use crate::args::{self, Args, CacheErrors, Conflict, DurationArg, FingerprintArg, Unknown};
 use crate::fallback;
-use crate::validate::{self, async_trait_block, Plan, Shape};
+use crate::validate::{self, AsyncTraitBody, Plan, Shape};
 
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
@@ -24,22 +24,29 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let parsed = args::parse(args);
     // Report argument errors and signature errors together.
     let (args, plan) = match parsed {
-        Ok(args) => match validate::validate(&args, &func) {
+        Ok(args) => match validate::validate(&args, func) {
             Ok(plan) => (args, plan),
             Err(e) => return fallback::expand(item, e),
         },
         Err(mut e) => {
-            if let Err(more) = validate::validate(&Args::default(), &func) {
+            if let Err(more) = validate::validate(&Args::default(), func) {
                 e.combine(more);
             }
             return fallback::expand(item, e);
         }
     };
-    expand(args, plan, func)
+    expand(args, plan)
 }
 
-fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
-    if matches!(plan.shape, Shape::AsyncTrait) && func.sig.receiver().is_some() {
+fn expand(mut args: Args, plan: Plan) -> TokenStream {
+    let Plan {
+        mut func,
+        shape,
+        fingerprinted,
+        ret,
+        detach,
+    } = plan;
+    if matches!(shape, Shape::AsyncTrait(_)) && func.sig.receiver().is_some() {
         // async-trait moves `self` into `__self` before the body; our arguments run after that
         // rebinding, so they must say `__self` too (as async-trait does for the body).
         for expr in [
@@ -62,8 +69,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
 
     // Runtime paths carry the return type's span: rustc reports an unusable return type at
     // the first token of the call chain, which is then the user's signature, not the attribute.
-    let ret_span = plan
-        .ret
+    let ret_span = ret
         .as_ref()
         .map(|r| r.span())
         .unwrap_or_else(Span::call_site);
@@ -100,7 +106,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     };
 
     let default_fingerprint = {
-        let adds = plan.fingerprinted.iter().map(|ident| {
+        let adds = fingerprinted.iter().map(|ident| {
             // Spanned at the parameter, so "Serialize is not implemented" points at it.
             quote_spanned!(ident.span()=> __idem_fp.add(&#ident)?;)
         });
@@ -108,7 +114,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     };
 
     let call = match (&args.key, &args.fingerprint) {
-        (None, _) => quote!(#p::Call::by_content_for(#operation, #scope, #default_fingerprint)),
+        (None, _) => quote!(#p::by_content(#operation, #scope, #default_fingerprint)),
         (Some(key), fp) => {
             let key = &key.value;
             let fp = match fp.as_ref().map(|f| &f.value) {
@@ -121,7 +127,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
                 }
             };
             let key_span = key.span();
-            quote_spanned!(key_span=> #p::Call::for_operation(#operation, #scope, &(#key)).fingerprint(#fp))
+            quote_spanned!(key_span=> #p::keyed(#operation, #scope, &(#key), #fp))
         }
     };
 
@@ -171,11 +177,10 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
     }
     let bind_store = args.store.as_ref().map(|s| {
         let e = &s.value;
+        // Spanned at the expression, so a value that is not a store is reported there.
+        settings.extend(quote_spanned!(e.span()=> .store(__idem_store)));
         quote_spanned!(e.span()=> let __idem_store = #e;)
     });
-    if bind_store.is_some() {
-        settings.extend(quote!(.store(&__idem_store)));
-    }
 
     let policy = match args
         .cache_errors
@@ -200,7 +205,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         // reported once, at the user's signature.
         // A body that owns its data runs on its own task and finishes if the caller stops
         // waiting (`async move` so that it owns the parameters).
-        let (run, capture) = if plan.detach {
+        let (run, capture) = if detach {
             (
                 proc_macro2::Ident::new("run_detached", ret_span),
                 quote_spanned!(ret_span=> move),
@@ -208,7 +213,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         } else {
             (proc_macro2::Ident::new("run", ret_span), TokenStream::new())
         };
-        let call = match &plan.ret {
+        let call = match &ret {
             Some(ret) => {
                 quote_spanned!(ret_span=> #call #settings .#run::<#ret, _>(#policy, async #capture #body).await)
             }
@@ -220,7 +225,7 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
         }
     };
 
-    match plan.shape {
+    match shape {
         Shape::Async => {
             let block = &func.block;
             let body = run_with(quote!(#block));
@@ -229,32 +234,24 @@ fn expand(mut args: Args, plan: Plan, mut func: ItemFn) -> TokenStream {
             let block: syn::Block = syn::parse_quote!({ #body });
             func.block.stmts = block.stmts;
         }
-        Shape::AsyncTrait => {
-            // async-trait's block is: a type hint, `let param = param;` rebindings, then
-            // `let __ret: R = { body }; __ret`. Keep the first two outside, so the key
-            // expression uses the rebound parameters, and wrap the rest.
-            let stmts = &async_trait_block(&func).expect("validated").block.stmts;
-            let split = stmts.iter().position(is_ret_binding).unwrap_or(0);
-            let (prefix, rest) = stmts.split_at(split);
-            let run = run_with(quote!({ #(#rest)* }));
-            let body = quote!(#(#prefix)* #run);
-            let Some(Stmt::Expr(Expr::Call(call), None)) = func.block.stmts.last_mut() else {
-                unreachable!("validated")
-            };
-            let Some(Expr::Async(block)) = call.args.first_mut() else {
-                unreachable!("validated")
-            };
-            block.block = syn::parse_quote!({ #body });
+        Shape::AsyncTrait(async_trait) => {
+            let AsyncTraitBody {
+                mut boxed,
+                mut block,
+                setup,
+                body,
+            } = *async_trait;
+            // async-trait's setup stays outside, so the key expression uses the rebound
+            // parameters; the rest is wrapped.
+            let run = run_with(quote!({ #(#body)* }));
+            block.block = syn::parse_quote!({ #(#setup)* #run });
+            boxed.args.push(Expr::Async(block));
+            func.block.stmts.push(Stmt::Expr(Expr::Call(boxed), None));
         }
     }
     // Lints the expansion could trip in user crates.
     func.attrs.push(syn::parse_quote!(#[allow(clippy::used_underscore_binding, clippy::redundant_closure_call, clippy::needless_question_mark)]));
     quote!(#func)
-}
-
-/// `let __ret: R = ...;`, the statement async-trait binds the body's value with.
-fn is_ret_binding(stmt: &Stmt) -> bool {
-    matches!(stmt, Stmt::Local(local) if matches!(&local.pat, syn::Pat::Type(t) if matches!(&*t.pat, syn::Pat::Ident(i) if i.ident == "__ret")))
 }
 
 /// `self` → `__self` in an expression, token by token so that macro arguments

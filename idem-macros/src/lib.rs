@@ -37,7 +37,7 @@ use proc_macro::TokenStream;
 /// | `scope = EXPR` | for whom, e.g. a tenant id: scopes never share records | none |
 /// | `ttl = "24h"` / `ttl = 3600` / `ttl = EXPR` | how long a result is replayed | `24h` |
 /// | `lease = "30s"` | how long a claim holds before another caller may take over; renewed while the body runs; at least `100ms` | `30s` |
-/// | `store = EXPR` | the store: `&S`, `Arc<S>`, `Arc<dyn Store>` | the installed store, else memory |
+/// | `store = EXPR` | the store (`IntoStore`): `&S` of a store that is `Clone`, `Arc<S>`, `Arc<dyn Store>`, a built-in store by value | the installed store, else memory |
 /// | `skip(a, b)` | parameters left out of the fingerprint (`self` is never in it) | none |
 /// | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | the non-skipped parameters |
 /// | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a key in flight elsewhere: fail with `Error::InFlight`, or wait for its result | `reject`; waiting defaults to 2 × lease + 1 s |

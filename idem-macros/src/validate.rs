@@ -1,8 +1,9 @@
 //! Checks of the arguments against the function they annotate, before any code is generated.
 
 use proc_macro2::Span;
+use syn::punctuated::Pair;
 use syn::spanned::Spanned;
-use syn::{Expr, FnArg, Ident, ItemFn, Pat, ReturnType, Stmt, Type};
+use syn::{Expr, ExprAsync, ExprCall, FnArg, Ident, ItemFn, Pat, ReturnType, Stmt, Type};
 
 use crate::args::{push, Args, Conflict, FingerprintArg};
 
@@ -11,12 +12,31 @@ pub enum Shape {
     /// `async fn`: the body is wrapped directly.
     Async,
     /// A method already rewritten by `#[async_trait]`: the body is the `async move` block
-    /// inside the returned `Box::pin(...)`, the last statement of the function.
-    AsyncTrait,
+    /// inside the returned `Box::pin(...)`, the last statement of the function, which
+    /// validation has taken out of the function and apart.
+    AsyncTrait(Box<AsyncTraitBody>),
+}
+
+/// The `Box::pin(async move { ... })` that ends a body rewritten by `#[async_trait]`, in
+/// pieces: expansion wraps `body`, puts the pieces back together and appends them to the
+/// function.
+pub struct AsyncTraitBody {
+    /// `Box::pin(...)`, without its argument.
+    pub boxed: ExprCall,
+    /// `async move { ... }`, without its statements.
+    pub block: ExprAsync,
+    /// async-trait's first statements: a type hint and `let param = param;` rebindings. They
+    /// stay outside the call, so the key expression uses the rebound parameters.
+    pub setup: Vec<Stmt>,
+    /// The rest, `let __ret: R = { body }; __ret`: what runs at most once.
+    pub body: Vec<Stmt>,
 }
 
 /// What validation learnt: everything expansion needs beyond the arguments.
 pub struct Plan {
+    /// The function; under [`Shape::AsyncTrait`] without its last statement, which the shape
+    /// holds.
+    pub func: ItemFn,
     pub shape: Shape,
     /// Parameters that make up the default fingerprint, in order.
     pub fingerprinted: Vec<Ident>,
@@ -29,17 +49,21 @@ pub struct Plan {
     pub detach: bool,
 }
 
-pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
+pub fn validate(args: &Args, mut func: ItemFn) -> syn::Result<Plan> {
     let mut errors = None;
+    let async_trait = match func.sig.asyncness {
+        None => take_async_trait_body(&mut func.block.stmts),
+        Some(_) => None,
+    };
     let sig = &func.sig;
 
     if let Some(c) = &sig.constness {
         push(&mut errors, syn::Error::new(c.span, "`#[idempotent]` cannot be used on a `const fn`: remove `const` and make the function `async`"));
     }
-    let shape = if sig.asyncness.is_some() {
+    let shape = if let Some(body) = async_trait {
+        Shape::AsyncTrait(body)
+    } else if sig.asyncness.is_some() {
         Shape::Async
-    } else if async_trait_block(func).is_some() {
-        Shape::AsyncTrait
     } else if sig.constness.is_some() {
         // Already reported at `const`; one mistake, one error.
         Shape::Async
@@ -60,7 +84,7 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
             None
         }
         (ReturnType::Type(_, ty), Shape::Async) => Some((**ty).clone()),
-        (ReturnType::Type(_, ty), Shape::AsyncTrait) => future_output(ty),
+        (ReturnType::Type(_, ty), Shape::AsyncTrait(_)) => future_output(ty),
     };
 
     let params: Vec<(&Pat, Span)> = sig
@@ -141,7 +165,7 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
         }
     }
 
-    let owned = borrowed_data(func, &shape);
+    let owned = borrowed_data(&func, &shape);
     let detach = match (&args.detach, &owned) {
         (Some(d), Err(why)) if d.value.value => {
             push(&mut errors, syn::Error::new(d.value.span, format!("`detach = true` needs a body that owns its data, so it can run on after the caller stops waiting, but {why}: take owned values (`String`, `Arc<T>`, ...) or remove `detach`")));
@@ -154,6 +178,7 @@ pub fn validate(args: &Args, func: &ItemFn) -> syn::Result<Plan> {
     match errors {
         Some(e) => Err(e),
         None => Ok(Plan {
+            func,
             shape,
             fingerprinted,
             ret,
@@ -179,7 +204,7 @@ fn borrowed_data(func: &ItemFn, shape: &Shape) -> Result<(), &'static str> {
         }
     }
     let sig = &func.sig;
-    if matches!(shape, Shape::AsyncTrait) {
+    if matches!(shape, Shape::AsyncTrait(_)) {
         return Err("`#[async_trait]` already boxed its future");
     }
     if sig.receiver().is_some() {
@@ -200,14 +225,44 @@ fn borrowed_data(func: &ItemFn, shape: &Shape) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The `async move { ... }` block of a body rewritten by `#[async_trait]`:
-/// `Box::pin(async move { ... })` as the function's last statement.
-pub fn async_trait_block(func: &ItemFn) -> Option<&syn::ExprAsync> {
-    let Some(Stmt::Expr(Expr::Call(call), None)) = func.block.stmts.last() else {
-        return None;
+/// Takes the `Box::pin(async move { ... })` that ends a body rewritten by `#[async_trait]` out
+/// of the statements, in pieces; `None`, the statements untouched, if it is not there.
+fn take_async_trait_body(stmts: &mut Vec<Stmt>) -> Option<Box<AsyncTraitBody>> {
+    let mut boxed = match stmts.pop()? {
+        Stmt::Expr(Expr::Call(call), None) => call,
+        other => {
+            stmts.push(other);
+            return None;
+        }
     };
-    let Expr::Path(path) = &*call.func else {
-        return None;
+    match boxed.args.pop().map(Pair::into_tuple) {
+        Some((Expr::Async(mut block), _))
+            if block.capture.is_some() && boxed.args.is_empty() && is_box_pin(&boxed.func) =>
+        {
+            let mut setup = std::mem::take(&mut block.block.stmts);
+            let body = setup.split_off(setup.iter().position(is_ret_binding).unwrap_or(0));
+            Some(Box::new(AsyncTraitBody {
+                boxed,
+                block,
+                setup,
+                body,
+            }))
+        }
+        last => {
+            // Not async-trait's: put it back as it was.
+            boxed
+                .args
+                .extend(last.map(|(arg, comma)| Pair::new(arg, comma)));
+            stmts.push(Stmt::Expr(Expr::Call(boxed), None));
+            None
+        }
+    }
+}
+
+/// A path ending in `Box::pin`.
+fn is_box_pin(callee: &Expr) -> bool {
+    let Expr::Path(path) = callee else {
+        return false;
     };
     let segs: Vec<_> = path
         .path
@@ -215,13 +270,12 @@ pub fn async_trait_block(func: &ItemFn) -> Option<&syn::ExprAsync> {
         .iter()
         .map(|s| s.ident.to_string())
         .collect();
-    if !segs.ends_with(&["Box".to_string(), "pin".to_string()]) || call.args.len() != 1 {
-        return None;
-    }
-    match call.args.first() {
-        Some(Expr::Async(block)) if block.capture.is_some() => Some(block),
-        _ => None,
-    }
+    segs.ends_with(&["Box".to_string(), "pin".to_string()])
+}
+
+/// `let __ret: R = ...;`, the statement async-trait binds the body's value with.
+fn is_ret_binding(stmt: &Stmt) -> bool {
+    matches!(stmt, Stmt::Local(local) if matches!(&local.pat, Pat::Type(t) if matches!(&*t.pat, Pat::Ident(i) if i.ident == "__ret")))
 }
 
 /// `Output` of `Pin<Box<dyn Future<Output = R> + ...>>`.

@@ -10,10 +10,10 @@
 //!
 //! ```
 //! # use idem_runtime as idempotency;
-//! use idempotency::{exec::{Call, ErrorPolicy}, key::StorageKey, MemoryStore, Error, context};
+//! use idempotency::{Call, ErrorPolicy, StorageKey, MemoryStore, Error, context};
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let store = MemoryStore::new();
-//! let out: Result<u64, Error> = Call::new(StorageKey::derive("docs", "k1"))
+//! let out: Result<u64, Error> = Call::new(StorageKey::derive("docs", "k1").unwrap())
 //!     .store(&store)
 //!     .run(ErrorPolicy::never(), async {
 //!         let call = context::current().expect("inside an idempotent call");

@@ -80,7 +80,7 @@ pub enum Error {
     /// A call with this key started its body earlier, and that body's outcome is unknown: it
     /// panicked, was abandoned, or its result could not be kept. Its side effect may have
     /// happened, so under the at-most-once policy (the default, see
-    /// [`OnUnknown`](crate::exec::OnUnknown)) the body is not run again for this key until the
+    /// [`OnUnknown`](crate::engine::OnUnknown)) the body is not run again for this key until the
     /// record is resolved: check the downstream system for the effect, then remove the record,
     /// or wait until the recovery window (by default the ttl) passes. Retrying at once does not
     /// help.
@@ -90,7 +90,7 @@ pub enum Error {
         reason: String,
     },
 
-    /// A configuration mistake (a lease below [`MIN_LEASE`](crate::exec::MIN_LEASE), an
+    /// A configuration mistake (a lease below [`MIN_LEASE`](crate::engine::MIN_LEASE), an
     /// unknown store URL, a feature this build lacks). Nothing ran; retrying does not help: fix
     /// the configuration.
     #[error("idempotency configuration error: {reason}")]

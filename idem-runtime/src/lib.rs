@@ -3,31 +3,32 @@
 //! Use it through the [`idempotency`](https://docs.rs/idempotency) crate. The modules, one concept each:
 //! [`key`] (user keys and storage keys), [`fingerprint`] (canonical JSON hashing),
 //! [`record`] (the stored envelope), [`store`] (the `Store` trait and its backends),
-//! [`exec`] (the claim/run/complete state machine the macro calls), [`metrics`](mod@metrics).
+//! [`engine`] (the claim/run/complete state machine the macro calls), [`metrics`](mod@metrics).
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod canonical;
 pub mod context;
+pub mod engine;
 pub mod error;
-pub mod exec;
 pub mod fingerprint;
 mod hex;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod key;
 pub mod metrics;
+#[doc(hidden)]
 pub mod record;
 pub mod store;
 
 pub use context::CallContext;
-pub use error::{Error, Result};
-pub use exec::{
+pub use engine::{
     Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable, MIN_LEASE,
 };
-pub use fingerprint::Fingerprint;
-pub use key::{IntoKey, StorageKey};
+pub use error::{Error, Result};
+pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};
+pub use key::{IntoKey, Operation, StorageKey};
 pub use metrics::{metrics, Metrics};
 pub use store::connect;
 pub use store::memory::MemoryStore;
@@ -37,4 +38,61 @@ pub use store::postgres::PostgresStore;
 pub use store::redis::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::SqliteStore;
-pub use store::{default_store, install, Claim, FencingToken, RecordState, Store, StoredRecord};
+pub use store::{
+    default_store, install, Claim, FencingToken, IntoStore, RecordState, Store, StoredRecord,
+    ABANDONED_CLAIM_RETENTION,
+};
+
+/// Items the `#[idempotent]` expansion names, with the forms only the macro needs (they carry
+/// a key or fingerprint that failed to derive into the call, which returns the error without
+/// running anything). Not public API: may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::engine::{
+        default_wait, Call, ErrorPolicy, IntoDuration, OnConflict, OnUnknown, DEFAULT_LEASE,
+    };
+    pub use crate::fingerprint::Fingerprint;
+    pub use crate::key::{Operation, StorageKey};
+
+    use crate::error::Result;
+    use crate::fingerprint::FingerprintBuilder;
+    use crate::key::IntoKey;
+
+    /// The call of `operation` under `key` in `scope` (`key = ...`).
+    pub fn keyed(
+        operation: Operation,
+        scope: &(impl IntoKey + ?Sized),
+        key: &(impl IntoKey + ?Sized),
+        fingerprint: Result<Option<Fingerprint>>,
+    ) -> Call {
+        let mut call = Call::with_key(StorageKey::derive_for(&operation, scope, key));
+        call.operation = Some(operation);
+        call.fingerprint = fingerprint;
+        call
+    }
+
+    /// The call of `operation` keyed by the fingerprint of its arguments (no `key = ...`).
+    pub fn by_content(
+        operation: Operation,
+        scope: &(impl IntoKey + ?Sized),
+        fingerprint: Result<Fingerprint>,
+    ) -> Call {
+        match fingerprint {
+            Ok(fp) => keyed(operation, scope, &fp.to_hex(), Ok(Some(fp))),
+            Err(e) => {
+                let mut call = Call::with_key(Err(e));
+                call.operation = Some(operation);
+                call
+            }
+        }
+    }
+
+    /// A fingerprint made by adding values to a builder (the parameters).
+    pub fn fingerprint_with(
+        add: impl FnOnce(&mut FingerprintBuilder) -> Result<()>,
+    ) -> Result<Fingerprint> {
+        let mut b = FingerprintBuilder::new();
+        add(&mut b)?;
+        Ok(b.finish())
+    }
+}

@@ -30,6 +30,8 @@
 //! when a type moves or the compiler changes: the operation name is part of the storage key, the
 //! schema version is compared, and the payload must decode as the caller's type.
 
+use std::time::Duration;
+
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 
@@ -82,6 +84,35 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// A record of `outcome` written now under `token`, kept for `ttl`, with no fingerprint,
+    /// type name, operation or schema version (set them with struct update syntax).
+    pub fn now(outcome: Outcome, token: u64, ttl: Duration, payload: &'a [u8]) -> Self {
+        Record {
+            outcome,
+            fingerprint: None,
+            token,
+            completed_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            type_name: "",
+            operation: "",
+            schema: 0,
+            payload,
+        }
+    }
+
+    /// The record of an unknown outcome (see [`Outcome::Unknown`]), kept for `recovery`.
+    pub fn unknown(token: u64, reason: &'a str, recovery: Duration) -> Self {
+        Record::now(Outcome::Unknown, token, recovery, reason.as_bytes())
+    }
+
+    /// The reason a record of an unknown outcome gives.
+    pub fn reason(&self) -> String {
+        String::from_utf8_lossy(self.payload).into_owned()
+    }
+
     /// Encodes the record in the current format.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
@@ -204,6 +235,62 @@ impl<'a> Record<'a> {
             schema,
             payload,
         })
+    }
+}
+
+/// What a stored result must match to be replayed into a caller: the caller's operation (if
+/// it has one) and schema version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expected<'e> {
+    /// The caller's operation name; `None` for a plain `Call`.
+    pub operation: Option<&'e str>,
+    /// The caller's schema version (`version = N`).
+    pub schema: u32,
+}
+
+impl Record<'_> {
+    /// Decodes the payload as the caller's type `ty` with `decode`, once the record is known to
+    /// be of the caller's operation and schema version. A record of another operation or
+    /// version, or a payload that is valid JSON of another shape, is [`Error::TypeMismatch`]
+    /// (never decoded into the caller's type); a payload that is not JSON at all was damaged,
+    /// [`Error::Corrupt`].
+    pub fn decode_payload<V>(
+        &self,
+        expected: &Expected<'_>,
+        ty: &str,
+        decode: impl FnOnce(&[u8]) -> serde_json::Result<V>,
+    ) -> Result<V> {
+        // Records of version 1 (no operation) and of plain calls carry no operation to compare;
+        // a different one cannot share a storage key unless SHA-256 collides, but is refused.
+        let other_operation = matches!(expected.operation, Some(op) if !self.operation.is_empty() && self.operation != op);
+        if other_operation || self.schema != expected.schema {
+            return Err(self.mismatch(expected, ty, None));
+        }
+        decode(self.payload).map_err(|e| {
+            match serde_json::from_slice::<serde::de::IgnoredAny>(self.payload) {
+                Ok(_) => self.mismatch(expected, ty, Some(format!("it does not decode: {e}"))),
+                Err(_) => Error::corrupt(format!("stored value is not valid JSON for `{ty}`: {e}")),
+            }
+        })
+    }
+
+    /// [`Error::TypeMismatch`]: this record is not what a caller of type `ty` expected.
+    pub fn mismatch(&self, expected: &Expected<'_>, ty: &str, why: Option<String>) -> Error {
+        let mut found = format!("version {}", self.schema);
+        if !self.operation.is_empty() {
+            found = format!("{found} of `{}`", self.operation);
+        }
+        if !self.type_name.is_empty() {
+            found = format!("{found}, written as `{}`", self.type_name);
+        }
+        if let Some(why) = why {
+            found = format!("{found} ({why})");
+        }
+        let expected = match expected.operation {
+            Some(op) => format!("version {} of `{op}`, as `{ty}`", expected.schema),
+            None => format!("version {}, as `{ty}`", expected.schema),
+        };
+        Error::TypeMismatch { expected, found }
     }
 }
 

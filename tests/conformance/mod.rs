@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idempotency::record::{Outcome, Record};
+use idem_runtime::record::{Outcome, Record};
 use idempotency::{
     Call, Claim, Error, ErrorPolicy, Fingerprint, OnConflict, OnUnknown, RecordState, StorageKey,
     Store,
@@ -88,7 +88,7 @@ pub fn redis_url() -> String {
 /// than ten minutes.
 #[cfg(feature = "postgres")]
 pub mod postgres {
-    use idempotency::store::postgres::tokio_postgres::{self, NoTls};
+    use idempotency::postgres::tokio_postgres::{self, NoTls};
     use tokio::sync::OnceCell;
 
     /// `IDEM_POSTGRES_URL`, or the loopback default.
@@ -161,7 +161,7 @@ pub mod postgres {
 /// can run from `Drop`. Best effort.
 #[cfg(feature = "redis")]
 pub fn delete_redis_prefix(prefix: &str) {
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
     let Ok(mut con) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
         return;
     };
@@ -180,7 +180,7 @@ pub mod private_redis {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use idempotency::store::redis::redis;
+    use idempotency::redis::redis;
 
     /// A `redis-server` on a free loopback port, with an append-only file fsynced on every
     /// write, so acknowledged records survive a crash. Killed on drop.
@@ -297,10 +297,10 @@ fn fp(n: u8) -> Fingerprint {
 const LONG: Duration = Duration::from_secs(60);
 
 /// A call on `store` under `key` with fingerprint `fp(1)`.
-fn call<'s>(store: &'s dyn Store, key: &StorageKey) -> Call<'s> {
-    Call::new(Ok(key.clone()))
+fn call(store: &Arc<dyn Store>, key: &StorageKey) -> Call {
+    Call::new(key.clone())
         .store(store)
-        .fingerprint(Ok(Some(fp(1))))
+        .fingerprint(Some(fp(1)))
         .lease(Duration::from_secs(10))
 }
 
@@ -333,7 +333,7 @@ pub async fn exactly_once_under_200_concurrent_callers(store: Arc<dyn Store>, _:
         .map(|i| {
             let (store, runs, key) = (store.clone(), runs.clone(), keys[i % 10].clone());
             tokio::spawn(async move {
-                let out: Result<u64, Error> = call(&*store, &key)
+                let out: Result<u64, Error> = call(&store, &key)
                     .on_conflict(OnConflict::Wait(Duration::from_secs(30)))
                     .run(ErrorPolicy::never(), async {
                         *runs.lock().unwrap().entry(i % 10).or_default() += 1;
@@ -364,14 +364,14 @@ pub async fn exactly_once_under_200_concurrent_callers(store: Arc<dyn Store>, _:
 
 pub async fn replay_is_identical(store: Arc<dyn Store>, _: bool) {
     let key = unique("replay");
-    let first: Result<(u64, String, Vec<f64>), Error> = call(&*store, &key)
+    let first: Result<(u64, String, Vec<f64>), Error> = call(&store, &key)
         .run(ErrorPolicy::never(), async {
             Ok((rand::random(), "ü\"\\\n".to_string(), vec![0.1, 1e300]))
         })
         .await;
     let first = first.unwrap();
     for _ in 0..3 {
-        let again: Result<(u64, String, Vec<f64>), Error> = call(&*store, &key)
+        let again: Result<(u64, String, Vec<f64>), Error> = call(&store, &key)
             .run(ErrorPolicy::never(), async {
                 unreachable!("replayed, not run")
             })
@@ -382,12 +382,12 @@ pub async fn replay_is_identical(store: Arc<dyn Store>, _: bool) {
 
 pub async fn key_reuse_is_refused(store: Arc<dyn Store>, _: bool) {
     let key = unique("reuse");
-    let _: u32 = call(&*store, &key)
+    let _: u32 = call(&store, &key)
         .run(ErrorPolicy::never(), async { Ok::<u32, Error>(1) })
         .await
         .unwrap();
-    let other: Result<u32, Error> = call(&*store, &key)
-        .fingerprint(Ok(Some(fp(2))))
+    let other: Result<u32, Error> = call(&store, &key)
+        .fingerprint(Some(fp(2)))
         .run(ErrorPolicy::never(), async {
             unreachable!("key reuse must not run")
         })
@@ -406,7 +406,7 @@ pub async fn ttl_expiry_runs_again(store: Arc<dyn Store>, _: bool) {
     let key = unique("ttl");
     let runs = AtomicUsize::new(0);
     let go = || {
-        call(&*store, &key)
+        call(&store, &key)
             .ttl(Duration::from_millis(300))
             .run(ErrorPolicy::never(), async {
                 runs.fetch_add(1, SeqCst);
@@ -520,7 +520,7 @@ pub async fn release_on_error(store: Arc<dyn Store>, _: bool) {
     let key = unique("err");
     let runs = AtomicUsize::new(0);
     for _ in 0..2 {
-        let out: Result<u32, Error> = call(&*store, &key)
+        let out: Result<u32, Error> = call(&store, &key)
             .run(ErrorPolicy::never(), async {
                 runs.fetch_add(1, SeqCst);
                 Err(Error::InvalidKey {
@@ -568,7 +568,7 @@ async fn unknown_outcome_is_recorded_or_released(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let runs = AtomicUsize::new(0);
     loop {
-        let out: Result<u32, Error> = call(&*store, &key)
+        let out: Result<u32, Error> = call(&store, &key)
             .lease(LONG)
             .run(ErrorPolicy::never(), async {
                 runs.fetch_add(1, SeqCst);
@@ -597,7 +597,7 @@ pub async fn unknown_on_panic(store: Arc<dyn Store>, _: bool) {
     unknown_outcome_is_recorded_or_released(store, "panic", |s, k, policy| {
         tokio::spawn(async move {
             let joined = tokio::spawn(async move {
-                let _: Result<u32, Error> = call(&*s, &k)
+                let _: Result<u32, Error> = call(&s, &k)
                     .lease(LONG)
                     .on_unknown(policy)
                     .run(ErrorPolicy::never(), async { panic!("body panics") })
@@ -614,7 +614,7 @@ pub async fn unknown_on_cancel(store: Arc<dyn Store>, _: bool) {
     unknown_outcome_is_recorded_or_released(store, "cancel", |s, k, policy| {
         tokio::spawn(async move {
             let slow =
-                call(&*s, &k)
+                call(&s, &k)
                     .lease(LONG)
                     .on_unknown(policy)
                     .run(ErrorPolicy::never(), async {
@@ -633,7 +633,7 @@ pub async fn long_body_renews_its_lease(store: Arc<dyn Store>, _: bool) {
     let key = unique("renew");
     let (s, k) = (store.clone(), key.clone());
     let holder = tokio::spawn(async move {
-        call(&*s, &k)
+        call(&s, &k)
             .lease(Duration::from_millis(300))
             .run(ErrorPolicy::never(), async {
                 tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -670,7 +670,7 @@ pub async fn corrupt_records_are_errors_not_reruns(store: Arc<dyn Store>, _: boo
             .complete(&key, idempotency::FencingToken(t), &bytes, LONG)
             .await
             .unwrap();
-        let out: Result<u32, Error> = call(&*store, &key)
+        let out: Result<u32, Error> = call(&store, &key)
             .run(ErrorPolicy::never(), async {
                 unreachable!("never re-run silently")
             })
@@ -684,13 +684,13 @@ pub async fn corrupt_records_are_errors_not_reruns(store: Arc<dyn Store>, _: boo
 
 pub async fn wrong_type_is_type_mismatch(store: Arc<dyn Store>, _: bool) {
     let key = unique("type");
-    let _: String = call(&*store, &key)
+    let _: String = call(&store, &key)
         .run(ErrorPolicy::never(), async {
             Ok::<_, Error>("text".to_string())
         })
         .await
         .unwrap();
-    let out: Result<u64, Error> = call(&*store, &key)
+    let out: Result<u64, Error> = call(&store, &key)
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;
     match out {
@@ -810,7 +810,7 @@ pub async fn wait_gets_the_first_result(store: Arc<dyn Store>, _: bool) {
     let key = unique("wait");
     let (s, k) = (store.clone(), key.clone());
     let first = tokio::spawn(async move {
-        call(&*s, &k)
+        call(&s, &k)
             .run(ErrorPolicy::never(), async {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 Ok::<u64, Error>(rand::random())
@@ -818,16 +818,16 @@ pub async fn wait_gets_the_first_result(store: Arc<dyn Store>, _: bool) {
             .await
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let rejected: Result<u64, Error> = call(&*store, &key)
+    let rejected: Result<u64, Error> = call(&store, &key)
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;
     assert!(matches!(rejected, Err(Error::InFlight)));
-    let short: Result<u64, Error> = call(&*store, &key)
+    let short: Result<u64, Error> = call(&store, &key)
         .on_conflict(OnConflict::Wait(Duration::from_millis(20)))
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;
     assert!(matches!(short, Err(Error::WaitTimeout(_))), "{short:?}");
-    let waited: Result<u64, Error> = call(&*store, &key)
+    let waited: Result<u64, Error> = call(&store, &key)
         .on_conflict(OnConflict::Wait(Duration::from_secs(10)))
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;

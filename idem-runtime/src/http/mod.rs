@@ -4,7 +4,7 @@
 //! A client sends `Idempotency-Key: <unique value>` with a POST or PATCH. The first request with
 //! a key runs the handler; its response (status, body, and the headers that matter) is stored
 //! and replayed, byte for byte and with `Idempotent-Replayed: true`, to every retry with the same
-//! key until the ttl runs out. The flow is the runtime's state machine ([`crate::exec`]): claim
+//! key until the ttl runs out. The flow is the runtime's state machine ([`crate::engine`]): claim
 //! the key, then replay, refuse, or run the inner service and store its response (or release the
 //! claim so that a retry runs again).
 //!
@@ -67,10 +67,10 @@
 //! - **The outcome is unknown**: a 5xx, a handler that panicked or failed, a response streamed
 //!   (`text/event-stream`, passed through as it comes, never buffered), over the body limit,
 //!   failing midway or with trailers. The first client gets the response as it is. Under the
-//!   default [`OnUnknown::Refuse`](crate::exec::OnUnknown) (at most once) the key then keeps a
+//!   default [`OnUnknown::Refuse`](crate::engine::OnUnknown) (at most once) the key then keeps a
 //!   record of the unknown outcome and retries get `500 #outcome-unknown` until the
 //!   [`recovery`](IdempotencyLayer::recovery) window passes (Stripe keeps 500s the same way);
-//!   under [`OnUnknown::Rerun`](crate::exec::OnUnknown) (at least once) the claim is released
+//!   under [`OnUnknown::Rerun`](crate::engine::OnUnknown) (at least once) the claim is released
 //!   and a retry runs the handler again.
 //! - **Nothing was done**: a 408, 429 or another status [`keep_status`](IdempotencyLayer::keep_status)
 //!   refuses (below 500) releases the claim at once, so a retry runs the handler.
@@ -119,7 +119,7 @@ use http::header::{HeaderName, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{request, Method, StatusCode};
 use tower::Layer;
 
-use crate::exec::{IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
+use crate::engine::{IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
 use crate::store::{default_store, Store};
 use tokio_util::task::TaskTracker;
 
@@ -353,7 +353,7 @@ impl IdempotencyLayer {
 
     /// How long a request's claim is held before another request with the key may take it over
     /// (if this one's process died); renewed while the handler runs. Default 30s; at least
-    /// [`MIN_LEASE`](crate::exec::MIN_LEASE) (a shorter lease answers every request with 500).
+    /// [`MIN_LEASE`](crate::engine::MIN_LEASE) (a shorter lease answers every request with 500).
     pub fn lease(self, lease: impl IntoDuration) -> Self {
         let lease = lease.into_duration();
         self.with(|c| c.lease = lease)

@@ -17,8 +17,8 @@ use super::body::{to_bytes, RequestBody, ResponseBody};
 use super::problem::Problem;
 use super::stored::StoredResponse;
 use super::{Config, DEFAULT_SCOPE, IDEMPOTENCY_KEY};
+use crate::engine::{Abandoned, Call, ErrorPolicy};
 use crate::error::{BoxError, Error};
-use crate::exec::{Abandoned, Call, ErrorPolicy};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
@@ -103,7 +103,7 @@ enum NotKept<B: Body, E> {
     Response(Response<ResponseBody<B>>),
     /// A response to pass through that cannot be kept (a 5xx, a stream, a body over the limit,
     /// failed midway or with trailers): the handler's outcome is unknown, handled per the
-    /// layer's [`OnUnknown`](crate::exec::OnUnknown).
+    /// layer's [`OnUnknown`](crate::engine::OnUnknown).
     Unknown(Response<ResponseBody<B>>),
 }
 
@@ -197,11 +197,10 @@ where
         Fingerprint::of_bytes(&[parts.method.as_str().as_bytes(), target.as_bytes(), &data]);
     let request = Request::from_parts(parts, RequestBody::buffered(data, trailers));
 
-    // The limits on bodies bound the record; exec's own record limit must not drop a response
-    // whose handler already ran.
-    let mut call = Call::new(Ok(storage_key.clone()))
-        .shared_store(config.store.clone())
-        .fingerprint(Ok(Some(fingerprint)))
+    // The limits on bodies bound the record; the engine's own record limit must not drop a
+    // response whose handler already ran.
+    let mut call = Call::new(storage_key.clone())
+        .fingerprint(Some(fingerprint))
         .ttl(config.ttl)
         .lease(config.lease)
         .on_unknown(config.on_unknown)
@@ -209,6 +208,8 @@ where
     if let Some(window) = config.recovery {
         call = call.recovery(window);
     }
+    // The layer's store is already shared: no second `Arc` around it.
+    call.store = Some(config.store.clone());
     let errors = ErrorPolicy::never().unknown_when(NotKept::is_unknown);
     // The handler runs on a task of its own: if the client goes away, the handler still runs to
     // its end and its response is stored for the retry.
@@ -263,8 +264,8 @@ where
     }
 }
 
-/// The body exec runs under the claim: call the inner service and capture its response, or
-/// say why it is not kept (then exec releases the claim, or records an unknown outcome).
+/// The body the engine runs under the claim: call the inner service and capture its response, or
+/// say why it is not kept (then the engine releases the claim, or records an unknown outcome).
 async fn run<S, B, ResB>(
     mut inner: S,
     request: Request<RequestBody<B>>,

@@ -16,8 +16,12 @@
 //! lost while nobody else took over. A claim is abandoned once its lease ended more than
 //! [`ABANDONED_CLAIM_RETENTION`] ago, and only then deleted without a takeover.
 //!
-//! Every backend passes the same conformance suite (`tests/conformance`). Stores treat the
-//! record bytes as opaque; [`crate::record`] encodes and decodes them.
+//! A store is the atomic protocol only: `claim`, `complete`, `release`, `renew`, `get`,
+//! `purge_expired`, and a change notification for waiters (`wait_for_change`). Runtimes,
+//! spawning, retries and policy belong to the engine, which holds the store as an
+//! `Arc<dyn Store>` (see [`IntoStore`]). Every backend passes the same conformance suite, which
+//! the `idem-testkit` crate publishes for other people's stores. Stores treat the record bytes
+//! as opaque.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -189,36 +193,6 @@ pub trait Store: Send + Sync {
     /// complete it. Stores whose server expires records itself (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64>;
 
-    /// Releases a claim without being awaited: called from a drop guard when the body panicked
-    /// or its future was dropped. The default spawns [`Store::release`] on the current tokio
-    /// runtime through [`Store::detached`]; without either, the lease is left to expire.
-    fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-        let (Some(store), Ok(runtime)) = (self.detached(), tokio::runtime::Handle::try_current())
-        else {
-            tracing::debug!(target: "idem", key = %key, token = token.0,
-                "no handle or runtime to release on; the lease will expire");
-            return;
-        };
-        runtime.spawn(async move {
-            if let Err(e) = store.release(&key, token).await {
-                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
-                    "background release failed; the lease will expire");
-            }
-        });
-    }
-
-    /// A handle to this store that may outlive `&self` (stores are cheap to clone), for the
-    /// work a call does on tasks of its own when it is given the store by reference: renewing
-    /// the lease while the body runs (so a busy body cannot starve it), recording an unknown
-    /// outcome when the body panics or is dropped, and finishing storing a result. Implement
-    /// it: with the default, `None`, renewal runs in the caller's task and a panicked or
-    /// dropped body's claim stays in flight until its lease expires, after which another
-    /// caller may run the body again. (Calls given an `Arc` of the store, detached calls and
-    /// the HTTP layer do not need it.)
-    fn detached(&self) -> Option<Arc<dyn Store>> {
-        None
-    }
-
     /// Waits until the record under `key` may have changed, or `max` has passed. Used by
     /// `on_conflict = "wait"` between claims. The default sleeps `max`; stores that can be told
     /// of changes return sooner.
@@ -256,26 +230,73 @@ macro_rules! forward_store {
             async fn purge_expired(&self) -> Result<u64> {
                 (**self).purge_expired().await
             }
-            fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-                (**self).release_in_background(key, token)
-            }
-            fn detached(&self) -> Option<Arc<dyn Store>> {
-                (**self).detached()
-            }
             async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
                 (**self).wait_for_change(key, max).await
             }
         }
     )*};
 }
-forward_store!(&S, Arc<S>, Box<S>);
+forward_store!(Arc<S>, Box<S>);
+
+/// What `Call::store` (and `store = EXPR` of the attribute) accepts: a reference to a store
+/// that is cheap to clone (every built-in store is a handle to shared state), an `Arc` of any
+/// store (`Arc<S>` or `Arc<dyn Store>`), or a built-in store by value. A call keeps the store as
+/// an `Arc<dyn Store>`, so the work that outlives its caller (renewal, storing a result after
+/// the caller left) can hold it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a store a call can hold",
+    label = "expected `&S` with `S: Store + Clone`, an `Arc` of a store, or a built-in store",
+    note = "a call keeps its store so that work outliving the caller can use it: pass an `Arc` of the store, or derive `Clone` for a handle-like store and pass a reference"
+)]
+pub trait IntoStore {
+    /// The store, shared.
+    fn into_store(self) -> Arc<dyn Store>;
+}
+
+impl<S: Store + Clone + 'static> IntoStore for &S {
+    fn into_store(self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+impl<S: Store + 'static> IntoStore for Arc<S> {
+    fn into_store(self) -> Arc<dyn Store> {
+        self
+    }
+}
+
+impl IntoStore for Arc<dyn Store> {
+    fn into_store(self) -> Arc<dyn Store> {
+        self
+    }
+}
+
+macro_rules! built_in_into_store {
+    ($($(#[$cfg:meta])* $ty:ty),*) => {$(
+        $(#[$cfg])*
+        impl IntoStore for $ty {
+            fn into_store(self) -> Arc<dyn Store> {
+                Arc::new(self)
+            }
+        }
+    )*};
+}
+built_in_into_store!(
+    memory::MemoryStore,
+    #[cfg(feature = "sqlite")]
+    sqlite::SqliteStore,
+    #[cfg(feature = "redis")]
+    redis::RedisStore,
+    #[cfg(feature = "postgres")]
+    postgres::PostgresStore
+);
 
 static DEFAULT_STORE: RwLock<Option<Arc<dyn Store>>> = RwLock::new(None);
 
 /// Sets the process-wide store used by `#[idempotent]` functions without a `store = ...`
 /// argument, and returns the one it replaces. Call it once at start-up, before the first call.
-pub fn install(store: impl Store + 'static) -> Option<Arc<dyn Store>> {
-    let store: Arc<dyn Store> = Arc::new(store);
+pub fn install(store: impl IntoStore) -> Option<Arc<dyn Store>> {
+    let store = store.into_store();
     let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
     slot.replace(store)
 }

@@ -4,7 +4,7 @@ use serde::{de::DeserializeOwned, Serialize};
 #[idempotent(key = key, store = store, skip(store))]
 async fn echo<S, T>(store: &S, key: &str, value: T) -> Result<T, idempotency::Error>
 where
-    S: Store,
+    S: Store + Clone + 'static,
     T: Serialize + DeserializeOwned + Send,
 {
     Ok(value)
@@ -14,7 +14,7 @@ where
 type Result2<T> = std::result::Result<T, idempotency::Error>;
 
 #[idempotent(store = store, skip(store))]
-async fn aliased(store: &impl Store, n: u32) -> Result2<Vec<u32>> {
+async fn aliased(store: &(impl Store + Clone + 'static), n: u32) -> Result2<Vec<u32>> {
     Ok(vec![n; 3])
 }
 

@@ -39,9 +39,9 @@
 //! its ttl counts as absent. An in-flight row past its lease may be taken over by
 //! [`claim`](Store::claim), but until then it stays its holder's: `complete`, `renew` and
 //! `release` with its token still work, and [`get`](Store::get) reports it. Only once its lease
-//! ended more than [`ABANDONED_CLAIM_RETENTION`] ago is it abandoned and counts as absent.
-//! [`purge_expired`](Store::purge_expired) removes completed rows past their ttl and abandoned
-//! in-flight rows; run it from a periodic job.
+//! ended more than [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) ago is it
+//! abandoned and counts as absent. [`purge_expired`](Store::purge_expired) removes completed rows
+//! past their ttl and abandoned in-flight rows; run it from a periodic job.
 //!
 //! # One statement per step
 //!
@@ -98,16 +98,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::error::{Severity, SqlState};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
+use super::{Claim, FencingToken, Store, StoredRecord};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
+
+mod failure;
+mod row;
+mod sql;
+use failure::{pg_error, Failure};
+use sql::Sql;
 
 /// The deadpool-postgres version this store is built with, for [`PostgresStore::from_pool`].
 #[doc(no_inline)]
@@ -123,10 +127,6 @@ pub const DEFAULT_TABLE: &str = "idem_records";
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
 const BACKEND: &str = "postgres";
-const SEQUENCE_SUFFIX: &str = "_token_seq";
-const INDEX_SUFFIX: &str = "_expires_idx";
-/// PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1).
-const MAX_IDENTIFIER: usize = 63;
 /// Rows deleted per statement by [`Store::purge_expired`], so a large purge does not hold one
 /// long transaction.
 const PURGE_BATCH: i64 = 10_000;
@@ -141,20 +141,6 @@ const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 pub struct PostgresStore {
     pool: Pool,
     sql: Arc<Sql>,
-}
-
-/// The statements of one table, formatted once.
-struct Sql {
-    table: String,
-    schema: String,
-    /// `schema` behind an advisory lock, so processes starting together do not race.
-    create: String,
-    claim: String,
-    complete: String,
-    release: String,
-    renew: String,
-    get: String,
-    purge: String,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -372,29 +358,7 @@ impl Store for PostgresStore {
             )
             .await?
             .ok_or_else(|| Error::store(BACKEND, "claim returned no row"))?;
-        let outcome: &str = column(&row, 0)?;
-        let token = token(column(&row, 1)?)?;
-        Ok(match outcome {
-            "acquired" => Claim::Acquired {
-                token,
-                takeover: column(&row, 3)?,
-            },
-            "completed" => {
-                let record: Option<Vec<u8>> = column(&row, 2)?;
-                let record = record.ok_or_else(|| {
-                    Error::corrupt("completed PostgreSQL record without record bytes")
-                })?;
-                Claim::Completed(Bytes::from(record))
-            }
-            "in_flight" => Claim::InFlight,
-            "key_reuse" => Claim::KeyReuse,
-            other => {
-                return Err(Error::store(
-                    BACKEND,
-                    format!("claim returned an unknown outcome `{other}`"),
-                ))
-            }
-        })
+        row::claim(&row)
     }
 
     async fn complete(
@@ -433,36 +397,7 @@ impl Store for PostgresStore {
         else {
             return Ok(None);
         };
-        let token = token(column(&row, 0)?)?;
-        let fingerprint: Option<Vec<u8>> = column(&row, 1)?;
-        let fingerprint = match fingerprint {
-            None => None,
-            Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|b: Vec<u8>| {
-                Error::corrupt(format!(
-                    "PostgreSQL fingerprint of {} bytes, expected 32",
-                    b.len()
-                ))
-            })?)),
-        };
-        let state = match column::<&str>(&row, 2)? {
-            "in_flight" => RecordState::InFlight { token },
-            "completed" => {
-                let record: Option<Vec<u8>> = column(&row, 3)?;
-                let record = record.ok_or_else(|| {
-                    Error::corrupt("completed PostgreSQL record without record bytes")
-                })?;
-                RecordState::Completed {
-                    token,
-                    record: Bytes::from(record),
-                }
-            }
-            other => {
-                return Err(Error::corrupt(format!(
-                    "unknown PostgreSQL record state `{other}`"
-                )))
-            }
-        };
-        Ok(Some(StoredRecord { fingerprint, state }))
+        row::record(&row).map(Some)
     }
 
     async fn purge_expired(&self) -> Result<u64> {
@@ -477,178 +412,6 @@ impl Store for PostgresStore {
             }
         }
     }
-
-    fn detached(&self) -> Option<Arc<dyn Store>> {
-        Some(Arc::new(self.clone()))
-    }
-}
-
-impl Sql {
-    fn new(table: &str) -> Result<Self> {
-        let names = Names::new(table)?;
-        let Names {
-            table: t,
-            sequence,
-            index,
-            sequence_literal,
-        } = &names;
-        let schema = format!(
-            "CREATE TABLE IF NOT EXISTS {t} (
-    key         text        PRIMARY KEY,
-    token       bigint      NOT NULL,
-    fingerprint bytea,
-    state       text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
-    record      bytea,
-    expires_at  timestamptz NOT NULL
-);
-CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint MINVALUE 1 CACHE 1 NO CYCLE;
-CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);
-"
-        );
-        // $1 key, $2 fingerprint, $3 lease in microseconds. See the module docs.
-        let claim = format!(
-            "WITH cur AS (
-    SELECT token, fingerprint, state, record, expires_at > now() AS live
-    FROM {t} WHERE key = $1::text
-),
-next AS MATERIALIZED (
-    SELECT nextval({sequence_literal}) AS token
-    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE live)
-),
-ins AS (
-    INSERT INTO {t} AS r (key, token, fingerprint, state, record, expires_at)
-    SELECT $1::text, next.token, $2::bytea, 'in_flight', NULL,
-           clock_timestamp() + $3::bigint * interval '1 microsecond'
-    FROM next
-    ON CONFLICT (key) DO UPDATE SET
-        token       = CASE WHEN r.expires_at <= now() THEN excluded.token       ELSE r.token       END,
-        fingerprint = CASE WHEN r.expires_at <= now() THEN excluded.fingerprint ELSE r.fingerprint END,
-        state       = CASE WHEN r.expires_at <= now() THEN excluded.state       ELSE r.state       END,
-        record      = CASE WHEN r.expires_at <= now() THEN excluded.record      ELSE r.record      END,
-        expires_at  = CASE WHEN r.expires_at <= now() THEN excluded.expires_at  ELSE r.expires_at  END
-    RETURNING r.token, r.fingerprint, r.state, r.record
-),
-found AS (
-    SELECT token, fingerprint, state, record FROM ins
-    UNION ALL
-    SELECT token, fingerprint, state, record FROM cur WHERE live
-)
-SELECT outcome, token,
-       CASE WHEN outcome = 'completed' THEN record END AS record,
-       outcome = 'acquired' AND EXISTS (SELECT 1 FROM cur WHERE state = 'in_flight') AS takeover
-FROM (
-    SELECT CASE
-               WHEN token = (SELECT token FROM next) THEN 'acquired'
-               WHEN fingerprint <> $2::bytea THEN 'key_reuse'
-               WHEN state = 'completed' THEN 'completed'
-               ELSE 'in_flight'
-           END AS outcome,
-           token, record
-    FROM found
-) AS o"
-        );
-        // In-flight rows whose lease ended longer ago than this are abandoned.
-        let abandoned = format!(
-            "now() - interval '{} microseconds'",
-            ABANDONED_CLAIM_RETENTION.as_micros()
-        );
-        // The lease may have ended: the row is still the holder's until a takeover replaces it.
-        let held = format!(
-            "key = $1::text AND token = $2::bigint AND state = 'in_flight' AND expires_at > {abandoned}"
-        );
-        // Run as one simple query: an implicit transaction, so the lock is held to the end.
-        let create = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('idem_runtime.create_table:{t}'));\n{schema}"
-        );
-        Ok(Sql {
-            table: table.to_owned(),
-            schema,
-            create,
-            claim,
-            complete: format!(
-                "UPDATE {t} SET state = 'completed', record = $3::bytea, \
-                 expires_at = clock_timestamp() + $4::bigint * interval '1 microsecond' WHERE {held}"
-            ),
-            release: format!("DELETE FROM {t} WHERE {held}"),
-            renew: format!(
-                "UPDATE {t} SET expires_at = clock_timestamp() + $3::bigint * interval '1 microsecond' WHERE {held}"
-            ),
-            get: format!(
-                "SELECT token, fingerprint, state, record FROM {t} WHERE key = $1::text
-    AND expires_at > CASE WHEN state = 'in_flight' THEN {abandoned} ELSE now() END"
-            ),
-            // SKIP LOCKED: a row locked right now is being claimed or renewed, so not garbage.
-            // One index range scan up to now(); of the in-flight rows in it, only abandoned ones go.
-            purge: format!(
-                "DELETE FROM {t} WHERE expires_at <= now()
-    AND (state = 'completed' OR expires_at <= {abandoned}) AND key IN (
-    SELECT key FROM {t} WHERE expires_at <= now()
-        AND (state = 'completed' OR expires_at <= {abandoned})
-    LIMIT $1::bigint FOR UPDATE SKIP LOCKED
-)"
-            ),
-        })
-    }
-}
-
-/// The quoted names of a table and its sequence and index.
-struct Names {
-    table: String,
-    sequence: String,
-    index: String,
-    /// The sequence as a string literal, for `nextval`.
-    sequence_literal: String,
-}
-
-impl Names {
-    fn new(table: &str) -> Result<Self> {
-        let invalid = |why: &str| {
-            Error::store(
-                BACKEND,
-                format!("invalid table name `{table}`: {why}; expected `name` or `schema.name` made of ASCII letters, digits and `_`"),
-            )
-        };
-        let (schema, name) = match table.split_once('.') {
-            Some((schema, name)) => (Some(schema), name),
-            None => (None, table),
-        };
-        for part in schema.into_iter().chain([name]) {
-            let mut chars = part.chars();
-            match chars.next() {
-                None => return Err(invalid("empty identifier")),
-                Some(c) if !(c.is_ascii_alphabetic() || c == '_') => {
-                    return Err(invalid("identifiers start with a letter or `_`"))
-                }
-                _ => {}
-            }
-            if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(invalid("only ASCII letters, digits and `_` are allowed"));
-            }
-        }
-        if schema.is_some_and(|s| s.len() > MAX_IDENTIFIER) {
-            return Err(invalid("the schema name is longer than 63 bytes"));
-        }
-        let longest_suffix = SEQUENCE_SUFFIX.len().max(INDEX_SUFFIX.len());
-        if name.len() + longest_suffix > MAX_IDENTIFIER {
-            return Err(invalid(&format!(
-                "the table name is longer than {} bytes (its index name must fit in 63)",
-                MAX_IDENTIFIER - longest_suffix
-            )));
-        }
-        // Validated above: no quotes inside, so plain double quotes are a correct quoting, and
-        // they keep the case as given and allow reserved words.
-        let qualify = |n: &str| match schema {
-            Some(s) => format!("\"{s}\".\"{n}\""),
-            None => format!("\"{n}\""),
-        };
-        let sequence = qualify(&format!("{name}{SEQUENCE_SUFFIX}"));
-        Ok(Names {
-            table: qualify(name),
-            sequence_literal: format!("'{sequence}'"),
-            sequence,
-            index: format!("\"{name}{INDEX_SUFFIX}\""),
-        })
-    }
 }
 
 /// A duration in whole microseconds, capped at [`MAX_MICROS`].
@@ -656,17 +419,6 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros())
         .unwrap_or(i64::MAX)
         .min(MAX_MICROS)
-}
-
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
-    row.try_get(idx)
-        .map_err(|e| pg_error("unexpected result column", e))
-}
-
-fn token(raw: i64) -> Result<FencingToken> {
-    u64::try_from(raw)
-        .map(FencingToken)
-        .map_err(|_| Error::corrupt(format!("negative fencing token {raw} in PostgreSQL")))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -689,144 +441,14 @@ enum Repeat {
     Never,
 }
 
-/// A failed statement: the [`Error::Store`] for the caller, and whether another connection
-/// might do better.
-struct Failure {
-    error: Error,
-    /// The connection was closed or is closing; it has been taken out of the pool.
-    broken: bool,
-    /// The failure came after the statement was sent for execution.
-    executing: bool,
-}
-
-impl Failure {
-    /// Takes the connection out of the pool if it is broken (or clears its statement cache if
-    /// its prepared statements went stale), so the next call starts afresh.
-    fn new(
-        client: Object,
-        context: &'static str,
-        e: tokio_postgres::Error,
-        executing: bool,
-    ) -> Self {
-        let db = e.as_db_error();
-        let broken = match db {
-            Some(db) => matches!(
-                db.parsed_severity(),
-                Some(Severity::Fatal | Severity::Panic)
-            ),
-            None => true,
-        } || client.is_closed();
-        if let Some(code) = db.map(|db| db.code()) {
-            // A prepared statement the server no longer has, or whose result type changed
-            // under it (the table was altered): prepare afresh next time.
-            if *code == SqlState::INVALID_SQL_STATEMENT_NAME
-                || *code == SqlState::FEATURE_NOT_SUPPORTED
-            {
-                client.statement_cache.clear();
-            }
-        }
-        if broken {
-            // Closed, I/O, protocol, or the server ended the session: never hand it out again.
-            drop(Object::take(client));
-        }
-        Failure {
-            error: pg_error(context, e),
-            broken,
-            executing,
-        }
-    }
-}
-
-fn pg_error(context: &'static str, e: tokio_postgres::Error) -> Error {
-    Error::store(BACKEND, PgError { context, inner: e })
-}
-
-/// A tokio-postgres error with context, displaying the server's message too (tokio-postgres
-/// shows only "db error" and keeps the message in its source).
-#[derive(Debug)]
-struct PgError {
-    context: &'static str,
-    inner: tokio_postgres::Error,
-}
-
-impl fmt::Display for PgError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.context, self.inner)?;
-        if let Some(source) = std::error::Error::source(&self.inner) {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for PgError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.inner)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_identifiers() {
-        for ok in [
-            "idem_records",
-            "_x",
-            "A1",
-            "app.idem_records",
-            "Order",
-            "user",
-        ] {
-            assert!(Names::new(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "1abc",
-            "idem-records",
-            "a.b.c",
-            ".t",
-            "s.",
-            "t; DROP TABLE x",
-            "\"t\"",
-            "t'",
-            "tä",
-            &"x".repeat(52),
-        ] {
-            assert!(
-                matches!(
-                    Names::new(bad),
-                    Err(Error::Store {
-                        backend: "postgres",
-                        ..
-                    })
-                ),
-                "{bad}"
-            );
-        }
-        assert!(Names::new(&"x".repeat(51)).is_ok());
-    }
-
-    #[test]
-    fn names_are_quoted_and_derived() {
-        let n = Names::new("app.Idem").unwrap();
-        assert_eq!(n.table, "\"app\".\"Idem\"");
-        assert_eq!(n.sequence, "\"app\".\"Idem_token_seq\"");
-        assert_eq!(n.sequence_literal, "'\"app\".\"Idem_token_seq\"'");
-        assert_eq!(n.index, "\"Idem_expires_idx\"");
-    }
 
     #[test]
     fn durations_become_capped_micros() {
         assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
         assert_eq!(micros(Duration::from_nanos(1999)), 1);
         assert_eq!(micros(Duration::MAX), MAX_MICROS);
-    }
-
-    #[test]
-    fn tokens_from_the_database_are_checked() {
-        assert_eq!(token(7).unwrap(), FencingToken(7));
-        assert!(matches!(token(-1), Err(Error::Corrupt { .. })));
     }
 }

@@ -184,20 +184,6 @@ impl MemoryStore {
         let (key, slot) = entry.pair_mut();
         Ok(f(key, slot))
     }
-
-    fn release_now(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        let now = Instant::now();
-        let removed = self.inner.records.remove_if(key, |_, slot| {
-            slot.token == token.0
-                && matches!(slot.state, SlotState::InFlight { .. })
-                && slot.exists(now)
-        });
-        if removed.is_none() {
-            return Err(Error::LeaseLost);
-        }
-        self.notify_change();
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -282,7 +268,17 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        self.release_now(key, token)
+        let now = Instant::now();
+        let removed = self.inner.records.remove_if(key, |_, slot| {
+            slot.token == token.0
+                && matches!(slot.state, SlotState::InFlight { .. })
+                && slot.exists(now)
+        });
+        if removed.is_none() {
+            return Err(Error::LeaseLost);
+        }
+        self.notify_change();
+        Ok(())
     }
 
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
@@ -345,15 +341,6 @@ impl Store for MemoryStore {
             }
         }
         Ok(removed)
-    }
-
-    fn detached(&self) -> Option<Arc<dyn Store>> {
-        Some(Arc::new(self.clone()))
-    }
-
-    fn release_in_background(&self, key: StorageKey, token: FencingToken) {
-        // Nothing to await in memory: release synchronously. A lost lease needs no release.
-        let _ = self.release_now(&key, token);
     }
 
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {

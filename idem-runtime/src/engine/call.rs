@@ -1,0 +1,271 @@
+//! The public builder: one idempotent call, and the two ways to run its body.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::{IntoKey, Operation, StorageKey};
+use crate::metrics::{bump, COUNTERS};
+use crate::record::Expected;
+use crate::store::{default_store, IntoStore, Store};
+
+use super::background::{Abandoned, Background};
+use super::claim::{claim, replay, Claimed};
+use super::finish::Holding;
+use super::policy::{
+    ErrorPolicy, IdempotentResult, OnConflict, OnUnknown, DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_TTL, MIN_LEASE,
+};
+
+/// One idempotent call: where to look (store, key), what must match (fingerprint), and for how
+/// long (ttl, lease). Build it, then [`run`](Call::run) the body.
+///
+/// A call owns everything it needs (its store is an `Arc`), so the work that must outlive its
+/// caller (renewing the lease, storing a result after the caller left) can go on without it.
+pub struct Call {
+    pub(crate) store: Option<Arc<dyn Store>>,
+    // `Result`s so that the macro's forms (`crate::__private`) can carry a key or fingerprint
+    // that failed to derive; `run` returns the error without running anything.
+    pub(crate) key: Result<StorageKey>,
+    pub(crate) fingerprint: Result<Option<Fingerprint>>,
+    pub(crate) operation: Option<Operation>,
+    ttl: Duration,
+    lease: Duration,
+    on_conflict: OnConflict,
+    max_record_bytes: usize,
+    on_unknown: OnUnknown,
+    recovery: Option<Duration>,
+    schema: u32,
+}
+
+impl Call {
+    /// A call under `key` (usually from [`StorageKey::derive`]). Defaults: no fingerprint, 24h
+    /// ttl, 30s lease, reject conflicts, at-most-once for unknown outcomes, the process-wide
+    /// store.
+    pub fn new(key: StorageKey) -> Self {
+        Call::with_key(Ok(key))
+    }
+
+    pub(crate) fn with_key(key: Result<StorageKey>) -> Self {
+        Call {
+            store: None,
+            key,
+            fingerprint: Ok(None),
+            operation: None,
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
+            on_conflict: OnConflict::Reject,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            on_unknown: OnUnknown::Refuse,
+            recovery: None,
+            schema: 0,
+        }
+    }
+
+    /// The call of `operation` under `key` in `scope` (what `#[idempotent(key = ...)]` expands
+    /// to): the storage key is [`StorageKey::derive_for`], and the record carries the
+    /// operation's name. Fails as [`StorageKey::derive_for`] does.
+    pub fn for_operation(
+        operation: Operation,
+        scope: &(impl IntoKey + ?Sized),
+        key: &(impl IntoKey + ?Sized),
+    ) -> Result<Self> {
+        let mut call = Call::new(StorageKey::derive_for(&operation, scope, key)?);
+        call.operation = Some(operation);
+        Ok(call)
+    }
+
+    /// A call keyed by content: the key is the fingerprint itself, so equal arguments share one
+    /// record (the macro's default when no `key = ...` is given).
+    pub fn by_content(scope: &(impl IntoKey + ?Sized), fingerprint: Fingerprint) -> Result<Self> {
+        Ok(Call::new(StorageKey::derive(scope, &fingerprint.to_hex())?)
+            .fingerprint(Some(fingerprint)))
+    }
+
+    /// Uses `store` instead of the process-wide one: a store by value, an `Arc` of one, or a
+    /// reference to a store that is cheap to clone (every built-in store is).
+    pub fn store(mut self, store: impl IntoStore) -> Self {
+        self.store = Some(store.into_store());
+        self
+    }
+
+    /// What must match when the key is reused; `None` turns the check off.
+    pub fn fingerprint(mut self, fingerprint: Option<Fingerprint>) -> Self {
+        self.fingerprint = Ok(fingerprint);
+        self
+    }
+
+    /// How long a completed result is kept and replayed.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a claim is held before another caller may take it over; renewed every quarter
+    /// of it, on a task of its own, while the body runs. At least [`MIN_LEASE`]; a shorter one
+    /// is [`Error::Config`] and nothing runs.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// What to do when the key is in flight elsewhere.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.on_conflict = on_conflict;
+        self
+    }
+
+    /// The largest encoded result that is stored; larger ones fail with [`Error::TooLarge`]
+    /// (and, the body having run, count as an unknown outcome: see [`OnUnknown`]).
+    pub fn max_record_bytes(mut self, limit: usize) -> Self {
+        self.max_record_bytes = limit;
+        self
+    }
+
+    /// What becomes of the key when the body's outcome is unknown. Default
+    /// [`OnUnknown::Refuse`] (at most once).
+    pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
+        self.on_unknown = on_unknown;
+        self
+    }
+
+    /// The schema version of the result (`version = N`): stored with it, and compared on
+    /// replay. Bump it when the result type changes in a way old records must not be decoded
+    /// into; records of another version are then [`Error::TypeMismatch`] (never decoded) until
+    /// their ttl runs out. Default 0.
+    pub fn version(mut self, version: u32) -> Self {
+        self.schema = version;
+        self
+    }
+
+    /// How long a record of an unknown outcome refuses calls ([`OnUnknown::Refuse`]) before
+    /// the key may run again. Default: the ttl.
+    pub fn recovery(mut self, window: Duration) -> Self {
+        self.recovery = Some(window);
+        self
+    }
+
+    /// Runs `body` at most once per key: replays a stored result, or claims the key, runs the
+    /// body, and stores its result (and `Err`s the `errors` policy keeps).
+    ///
+    /// The body runs inside this future: if the caller drops it (a timeout, a client that went
+    /// away), the body stops at its next `.await`, and its outcome is unknown (see
+    /// [`OnUnknown`]). Bodies that own their data can use [`run_detached`](Call::run_detached)
+    /// instead, which finishes them.
+    pub async fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+    {
+        match self.begin::<R>(&errors).await {
+            Begun::Answer(answer) => answer,
+            Begun::Claimed(holding) => holding.finish(errors, body, None).await,
+        }
+    }
+
+    /// Like [`run`](Call::run), but once the key is claimed, the body and the storing of its
+    /// result run on a task of their own: if the caller stops waiting, the body still runs to
+    /// its end and its result is stored, so a retry gets it replayed (or [`Error::InFlight`] /
+    /// waits while it runs) instead of an unknown outcome. The claim itself, and so a replay,
+    /// happens in the caller. A panic in the body is re-raised in the caller.
+    pub async fn run_detached<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    where
+        R: IdempotentResult + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+    {
+        // Claim (or replay) in the caller; only a body that is to run moves to a task of its
+        // own. A caller that leaves while the claim is on its way may leave the claim in flight
+        // until its lease ends; the body has not started then, so nothing runs twice.
+        let holding = match self.begin::<R>(&errors).await {
+            Begun::Answer(answer) => return answer,
+            Begun::Claimed(holding) => holding,
+        };
+        // Renewal first: spawning the body's task next moves the renewal task out of this
+        // worker's next-task slot into its queue, where another worker can run it even if the
+        // body blocks this thread.
+        let begun = holding.start();
+        let task = tokio::spawn(holding.finish(errors, body, Some(begun)));
+        let abandoned = Abandoned::new();
+        let joined = task.await;
+        abandoned.disarm();
+        match joined {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => R::from_result(Err(Error::OutcomeUnknown {
+                reason: "the runtime shut down while the body ran".into(),
+            }
+            .into())),
+        }
+    }
+
+    /// Checks the call, then claims its key: the answer (a replay, a refusal, an error), or the
+    /// claim under which the body is to run.
+    async fn begin<R: IdempotentResult>(self, errors: &ErrorPolicy<R::Err>) -> Begun<R> {
+        let fail = |e: Error| Begun::Answer(R::from_result(Err(e.into())));
+        let (key, fingerprint) = match (self.key, self.fingerprint) {
+            (Ok(key), Ok(fingerprint)) => (key, fingerprint),
+            (Err(e), _) | (_, Err(e)) => return fail(e),
+        };
+        if self.lease < MIN_LEASE {
+            return fail(Error::config(format!(
+                "a lease of {:?} is shorter than the minimum of {MIN_LEASE:?}: it would expire before the claim could be renewed, and concurrent callers would all run the body",
+                self.lease
+            )));
+        }
+        let store = self.store.unwrap_or_else(default_store);
+        if let Some(op) = &self.operation {
+            if !op.is_stable() && store.durable() {
+                return fail(Error::config(format!(
+                    "`{}` has no stable name, and its store ({}) keeps records across deploys: a name taken from the function's path changes when the function moves or is renamed, and live keys would run the body again. Add `name = \"...\"` to its #[idempotent(...)], e.g. `name = \"billing.charge\"`, and keep it when the function moves",
+                    op.name(),
+                    store.backend()
+                )));
+            }
+        }
+        let expect = Expected {
+            operation: self.operation.map(|op| op.name()),
+            schema: self.schema,
+        };
+        let claimed = claim(
+            &*store,
+            &key,
+            fingerprint.as_ref(),
+            self.lease,
+            self.on_conflict,
+        )
+        .await;
+        let (token, takeover) = match claimed {
+            Ok(Claimed::Token(token, takeover)) => (token, takeover),
+            Ok(Claimed::Replay(bytes)) => {
+                bump(&COUNTERS.hits);
+                tracing::debug!(target: "idem", key = %key, "replay");
+                return Begun::Answer(R::from_result(replay::<R::Ok, R::Err>(
+                    &bytes, errors, &expect,
+                )));
+            }
+            Err(e) => return fail(e),
+        };
+        Begun::Claimed(Box::new(Holding {
+            background: Background::new(store, key, token),
+            fingerprint,
+            takeover,
+            expect,
+            ttl: self.ttl,
+            lease: self.lease,
+            max_record_bytes: self.max_record_bytes,
+            on_unknown: self.on_unknown,
+            recovery: self.recovery.unwrap_or(self.ttl),
+            renewal: Default::default(),
+        }))
+    }
+}
+
+/// What [`Call::begin`] found.
+enum Begun<R> {
+    /// The call's answer: a replay, a refusal or an error. Nothing runs.
+    Answer(R),
+    /// The key is claimed: run the body under it.
+    Claimed(Box<Holding>),
+}

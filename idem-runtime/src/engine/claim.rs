@@ -1,0 +1,116 @@
+//! Claiming a key: the claim itself (waiting for a holder if the call says so), and the replay
+//! of a stored result.
+
+use std::any::type_name;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::metrics::{bump, COUNTERS};
+use crate::record::{Expected, Outcome, Record};
+use crate::store::{Claim, FencingToken, Store};
+
+use super::policy::{ErrorPolicy, OnConflict};
+
+/// What a claim found.
+pub(super) enum Claimed {
+    /// The token, and whether the claim took over an expired lease.
+    Token(FencingToken, bool),
+    /// A stored result.
+    Replay(bytes::Bytes),
+}
+
+/// Claims `key`: a token to run the body under, or the stored result to replay. An in-flight
+/// key fails at once ([`OnConflict::Reject`]) or is waited for ([`OnConflict::Wait`]), through
+/// the store's change notification.
+pub(super) async fn claim(
+    store: &dyn Store,
+    key: &StorageKey,
+    fingerprint: Option<&Fingerprint>,
+    lease: Duration,
+    on_conflict: OnConflict,
+) -> Result<Claimed> {
+    let deadline = match on_conflict {
+        OnConflict::Reject => None,
+        OnConflict::Wait(d) => Some((Instant::now() + d, d)),
+    };
+    let mut pause = Duration::from_millis(2);
+    let mut counted_conflict = false;
+    loop {
+        match store.claim(key, fingerprint, lease).await {
+            Err(e) => {
+                bump(&COUNTERS.store_errors);
+                tracing::warn!(target: "idem", key = %key, error = %e, "claim failed");
+                return Err(e);
+            }
+            Ok(Claim::Acquired { token, takeover }) => {
+                if takeover {
+                    bump(&COUNTERS.takeovers);
+                    tracing::info!(target: "idem", key = %key, token = token.0, "took over an expired lease");
+                }
+                return Ok(Claimed::Token(token, takeover));
+            }
+            Ok(Claim::Completed(bytes)) => return Ok(Claimed::Replay(bytes)),
+            Ok(Claim::KeyReuse) => {
+                bump(&COUNTERS.key_reuses);
+                tracing::warn!(target: "idem", key = %key, "key reused with a different fingerprint");
+                return Err(Error::KeyReuse);
+            }
+            Ok(Claim::InFlight) => {
+                if !counted_conflict {
+                    counted_conflict = true;
+                    bump(&COUNTERS.conflicts);
+                    tracing::debug!(target: "idem", key = %key, ?on_conflict, "in flight elsewhere");
+                }
+                let Some((deadline, limit)) = deadline else {
+                    return Err(Error::InFlight);
+                };
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::WaitTimeout(limit));
+                }
+                store.wait_for_change(key, pause.min(deadline - now)).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// The stored result in `bytes`, decoded as the caller's `Ok` or kept `Err`, or the error that
+/// says why it cannot be (an unknown outcome, another operation or version, a damaged record).
+pub(super) fn replay<T: DeserializeOwned, E: From<Error>>(
+    bytes: &[u8],
+    errors: &ErrorPolicy<E>,
+    expected: &Expected<'_>,
+) -> Result<T, E> {
+    let record = Record::decode(bytes)?;
+    match record.outcome {
+        Outcome::Unknown => Err(Error::OutcomeUnknown {
+            reason: record.reason(),
+        }
+        .into()),
+        Outcome::Ok => Ok(
+            record.decode_payload(expected, type_name::<T>(), |payload| {
+                serde_json::from_slice(payload)
+            })?,
+        ),
+        Outcome::Err => {
+            let ty = type_name::<E>();
+            let Some((_, decode)) = errors.codec else {
+                // An error was kept by a build that cached errors; this one cannot decode errors.
+                return Err(record
+                    .mismatch(
+                        expected,
+                        ty,
+                        Some("a kept error, and this function does not keep errors".into()),
+                    )
+                    .into());
+            };
+            Err(record.decode_payload(expected, ty, decode)?)
+        }
+    }
+}

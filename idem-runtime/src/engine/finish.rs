@@ -1,0 +1,409 @@
+//! Running the body under a claim, and what follows it: storing the result, releasing the
+//! claim, or recording an unknown outcome, in the caller or (when the caller is gone) in the
+//! background.
+
+use std::any::type_name;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Mutex;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::context::CallContext;
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::metrics::{bump, COUNTERS};
+use crate::record::{Expected, Outcome, Record};
+use crate::store::{FencingToken, RecordState, Store, StoredRecord};
+
+use super::background::{Background, Renewal};
+use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
+
+/// A claimed key and everything needed to run the body under it, store its outcome, and do the
+/// work that outlives the caller. Owned (`'static`), so that it can move to a task of its own.
+pub(super) struct Holding {
+    pub(super) background: Background,
+    pub(super) fingerprint: Option<Fingerprint>,
+    pub(super) takeover: bool,
+    pub(super) expect: Expected<'static>,
+    pub(super) ttl: Duration,
+    pub(super) lease: Duration,
+    pub(super) max_record_bytes: usize,
+    pub(super) on_unknown: OnUnknown,
+    /// How long a record of an unknown outcome refuses calls.
+    pub(super) recovery: Duration,
+    /// The lease's renewal once the body has ended, kept until the outcome is stored.
+    pub(super) renewal: Mutex<Option<Renewal>>,
+}
+
+/// How storing an outcome ended.
+enum Stored {
+    Landed,
+    Lost,
+    /// Not stored yet (the store kept failing); a background task goes on trying.
+    Pending(Error),
+}
+
+impl Holding {
+    fn key(&self) -> &StorageKey {
+        &self.background.key
+    }
+
+    fn token(&self) -> FencingToken {
+        self.background.token
+    }
+
+    /// The body's context, and the lease's renewal on a task of its own.
+    pub(super) fn start(&self) -> (CallContext, Renewal) {
+        let context = CallContext::new(self.key().clone(), self.token(), self.takeover);
+        let renewal = self.background.renew(self.lease, context.clone());
+        (context, renewal)
+    }
+
+    /// Runs the body under the claim, then stores its outcome (or releases, or records an
+    /// unknown outcome). `begun`: the context and renewal if the caller started them already
+    /// (a detached call starts them before spawning the body's task, so the renewal task is
+    /// queued where another worker can take it, with no yield); else they start here.
+    pub(super) async fn finish<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+        begun: Option<(CallContext, Renewal)>,
+    ) -> R
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+    {
+        // No value of `R::Ok` or `R::Err` is held across an `.await` (only `R`), so that the
+        // future is `Send` whenever `R` and the body are, as `run_detached` needs.
+        let fail = |e: Error| R::from_result(Err(e.into()));
+        let (key, token) = (self.key(), self.token());
+        bump(&COUNTERS.misses);
+        tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
+        let mut guard = StartedGuard {
+            holding: &self,
+            armed: true,
+            body_started: false,
+        };
+        let (context, renewal) = match begun {
+            Some(begun) => begun,
+            None => {
+                let begun = self.start();
+                // Let the renewal task run once (and arm its timer) before the body, which may
+                // block this thread.
+                tokio::task::yield_now().await;
+                begun
+            }
+        };
+        // From here on the body may have done its side effect.
+        guard.body_started = true;
+        let output = catch_unwind(context.scope(body)).await;
+        // Renewal goes on until the outcome is stored (or the claim released): a store that is
+        // down when the body ends must not let the lease lapse unnoticed.
+        *self.renewal.lock().unwrap_or_else(|p| p.into_inner()) = Some(renewal);
+        let output = match output {
+            Ok(output) => output,
+            Err(panic) => {
+                // Record the unknown outcome before the panic goes on, so that a retry that
+                // follows it finds the record rather than the claim.
+                guard.armed = false;
+                self.unknown("the body panicked").await;
+                std::panic::resume_unwind(panic)
+            }
+        };
+
+        // Decide what to keep while the value is at hand, then hold it as `R` again (in a
+        // block, so that no `Result<R::Ok, R::Err>` lives across an `.await`).
+        let (output, kept, unknown_err) = {
+            let result = output.into_result();
+            let kept = match &result {
+                Ok(v) => Some((Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>())),
+                Err(e) => match (errors.keep, errors.codec) {
+                    (Some(keep), Some((encode, _))) if keep(e) => {
+                        Some((Outcome::Err, encode(e), type_name::<R::Err>()))
+                    }
+                    _ => None,
+                },
+            };
+            let unknown_err =
+                matches!((&result, errors.unknown), (Err(e), Some(unknown)) if unknown(e));
+            (R::from_result(result), kept, unknown_err)
+        };
+        guard.armed = false;
+        let Some((outcome, payload, type_name)) = kept else {
+            if unknown_err {
+                self.unknown("the response could not be kept").await
+            } else {
+                self.release().await
+            }
+            return output;
+        };
+        let payload = match payload {
+            Ok(p) => p,
+            Err(e) => {
+                self.unknown(&format!("the result could not be encoded as JSON: {e}"))
+                    .await;
+                return fail(Error::Encode(e));
+            }
+        };
+        let record = Record {
+            fingerprint: self.fingerprint,
+            type_name,
+            operation: self.expect.operation.unwrap_or(""),
+            schema: self.expect.schema,
+            ..Record::now(outcome, token.0, self.ttl, &payload)
+        }
+        .encode_checked(self.max_record_bytes);
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                self.unknown(&format!("the result was not stored: {e}"))
+                    .await;
+                return fail(e);
+            }
+        };
+        match self.store(record, self.ttl).await {
+            Stored::Landed => {
+                tracing::debug!(target: "idem", key = %key, token = token.0, ?outcome, "completed");
+                output
+            }
+            Stored::Lost => {
+                bump(&COUNTERS.leases_lost);
+                tracing::warn!(target: "idem", key = %key, token = token.0,
+                    "lease lost before completion: the newer holder's result stands");
+                fail(Error::LeaseLost)
+            }
+            Stored::Pending(e) => {
+                // The store stayed unreachable for a whole lease after the body ran. The body's
+                // effect is real, so the caller gets its result; storing goes on in the
+                // background and lands as long as nobody took the key over.
+                bump(&COUNTERS.results_unstored);
+                tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
+                    "could not store the result yet; returning it, and storing it in the background");
+                output
+            }
+        }
+    }
+
+    /// Stores `record`, retrying store errors for up to a lease while the caller waits, then in
+    /// the background (see [`complete`]).
+    async fn store(&self, record: Vec<u8>, ttl: Duration) -> Stored {
+        let until = Instant::now() + self.lease;
+        // If this call is dropped while storing (a client went away), storing finishes in the
+        // background: the body ran, and its result must not be lost.
+        let mut finish = FinishGuard {
+            holding: self,
+            record: &record,
+            ttl,
+            armed: true,
+        };
+        let bg = &self.background;
+        let stored = complete(&*bg.store, &bg.key, bg.token, &record, ttl, until, false).await;
+        finish.armed = false;
+        drop(finish);
+        match stored {
+            Ok(()) => {
+                drop(self.take_renewal());
+                Stored::Landed
+            }
+            Err(Error::LeaseLost) => {
+                drop(self.take_renewal());
+                Stored::Lost
+            }
+            Err(e) => {
+                bg.complete("a result", record, ttl, true, self.take_renewal());
+                Stored::Pending(e)
+            }
+        }
+    }
+
+    /// The lease's renewal, if it is still running.
+    fn take_renewal(&self) -> Option<Renewal> {
+        self.renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Releases the claim: nothing happened that a retry must not repeat.
+    async fn release(&self) {
+        drop(self.take_renewal());
+        bump(&COUNTERS.releases);
+        let (key, token) = (self.key(), self.token());
+        match self.background.store.release(key, token).await {
+            Ok(()) => tracing::debug!(target: "idem", key = %key, token = token.0, "released"),
+            Err(e) => {
+                if !matches!(e, Error::LeaseLost) {
+                    bump(&COUNTERS.store_errors);
+                }
+                tracing::warn!(target: "idem", key = %key, error = %e, "release failed; the lease will expire");
+            }
+        }
+    }
+
+    /// The body started and its outcome is unknown: record it ([`OnUnknown::Refuse`]) or
+    /// release the claim ([`OnUnknown::Rerun`]).
+    async fn unknown(&self, reason: &str) {
+        bump(&COUNTERS.unknown_outcomes);
+        let (key, token) = (self.key(), self.token());
+        match self.on_unknown {
+            OnUnknown::Rerun => {
+                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                    "outcome unknown; released (at least once)");
+                self.release().await
+            }
+            OnUnknown::Refuse => {
+                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                    "outcome unknown; recorded, calls with this key are refused (at most once)");
+                let record = Record::unknown(token.0, reason, self.recovery).encode();
+                if let Stored::Pending(e) = self.store(record, self.recovery).await {
+                    tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
+                        "could not record the unknown outcome yet; still trying in the background");
+                }
+            }
+        }
+    }
+
+    /// [`release`](Self::release) from a destructor.
+    fn release_in_background(&self, reason: &'static str) {
+        drop(self.take_renewal());
+        bump(&COUNTERS.releases);
+        tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "releasing");
+        self.background.release();
+    }
+
+    /// [`unknown`](Self::unknown) from a destructor.
+    fn unknown_in_background(&self, reason: &'static str) {
+        bump(&COUNTERS.unknown_outcomes);
+        let (key, token) = (self.key(), self.token());
+        match self.on_unknown {
+            OnUnknown::Rerun => {
+                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                    "outcome unknown (at least once)");
+                self.release_in_background(reason);
+            }
+            OnUnknown::Refuse => {
+                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                    "outcome unknown; recording it (at most once)");
+                let record = Record::unknown(token.0, reason, self.recovery).encode();
+                let renewal = self.take_renewal();
+                self.background.complete(
+                    "an unknown outcome",
+                    record,
+                    self.recovery,
+                    false,
+                    renewal,
+                );
+            }
+        }
+    }
+}
+
+/// Records an unknown outcome (or releases, per [`OnUnknown`]) when the body panics or the
+/// call's future is dropped while the body runs.
+struct StartedGuard<'a> {
+    holding: &'a Holding,
+    armed: bool,
+    /// Whether the body may have been polled: before that, a dropped call only releases.
+    body_started: bool,
+}
+
+impl Drop for StartedGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if !self.body_started {
+            self.holding
+                .release_in_background("the call was dropped before its body started");
+        } else if std::thread::panicking() {
+            self.holding.unknown_in_background("the body panicked");
+        } else {
+            self.holding
+                .unknown_in_background("the call was abandoned while its body ran");
+        }
+    }
+}
+
+/// Finishes storing a result in the background when the call is dropped while storing it.
+struct FinishGuard<'a> {
+    holding: &'a Holding,
+    record: &'a [u8],
+    ttl: Duration,
+    armed: bool,
+}
+
+impl Drop for FinishGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        tracing::debug!(target: "idem", key = %self.holding.key(), token = self.holding.token().0,
+            "call dropped while storing its result; finishing in the background");
+        // The dropped attempt may have been applied: `attempted = true`.
+        self.holding.background.complete(
+            "a dropped call's result",
+            self.record.to_vec(),
+            self.ttl,
+            true,
+            None,
+        );
+    }
+}
+
+/// Polls `body`, catching a panic (so that its unknown outcome is recorded before it goes on).
+async fn catch_unwind<F: Future>(body: F) -> std::thread::Result<F::Output> {
+    let mut body = pin!(body);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
+}
+
+/// Stores a result. The body has run, so a result left unstored would let a later call run it
+/// again once the lease runs out: a store error (a dropped connection, a restarting server) is
+/// retried with backoff until `until`. Retrying is safe: a stale token changes nothing
+/// (fencing), and a retry that finds the key already completed under this call's own token
+/// means an earlier attempt was stored but its reply was lost.
+pub(super) async fn complete(
+    store: &dyn Store,
+    key: &StorageKey,
+    token: FencingToken,
+    record: &[u8],
+    ttl: Duration,
+    until: Instant,
+    mut attempted: bool,
+) -> Result<()> {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let error = match store.complete(key, token, record, ttl).await {
+            Ok(()) => return Ok(()),
+            Err(Error::LeaseLost) if attempted => match store.get(key).await {
+                Ok(Some(StoredRecord {
+                    state: RecordState::Completed { token: t, .. },
+                    ..
+                })) if t == token => return Ok(()),
+                Ok(_) => return Err(Error::LeaseLost),
+                Err(e) => e,
+            },
+            Err(e @ Error::LeaseLost) => return Err(e),
+            Err(e) => e,
+        };
+        attempted = true;
+        if Instant::now() + pause >= until {
+            return Err(error);
+        }
+        bump(&COUNTERS.store_errors);
+        tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
+            "could not store the result; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,38 @@
+//! The engine: claim a key, run the body at most once, store its outcome, replay it.
+//!
+//! - [`call`](Call): the public builder and the two ways to run a body;
+//! - `policy`: defaults, limits and the policies a call is given ([`OnConflict`],
+//!   [`OnUnknown`], [`ErrorPolicy`]);
+//! - `claim`: claiming a key (waiting for a holder) and replaying a stored result;
+//! - `finish`: running the body under the claim and storing, releasing or recording what
+//!   became of it;
+//! - `background`: the one place work that outlives the caller is spawned (renewal, storing
+//!   after the caller left, releasing from a destructor).
+//!
+//! Everything here is plain Rust, usable (and tested) without the macro:
+//!
+//! ```
+//! # use idem_runtime as idempotency;
+//! use idempotency::{Call, ErrorPolicy, StorageKey, MemoryStore, Error};
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let store = MemoryStore::new();
+//! let out: Result<u32, Error> = Call::new(StorageKey::derive("docs", "k1").unwrap())
+//!     .store(&store)
+//!     .run(ErrorPolicy::never(), async { Ok(42) })
+//!     .await;
+//! assert_eq!(out.unwrap(), 42);
+//! # }
+//! ```
+
+mod background;
+mod call;
+mod claim;
+mod finish;
+mod policy;
+
+pub(crate) use background::Abandoned;
+pub use call::Call;
+pub use policy::{
+    default_wait, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable,
+    DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TTL, MIN_LEASE,
+};

@@ -1,0 +1,6 @@
+-- $1 key, $2 token, $3 record, $4 ttl in microseconds. Only while the claim holds the key: in
+-- flight under the token, its lease perhaps ended, but not abandoned (nobody took over).
+UPDATE {table} SET state = 'completed', record = $3::bytea,
+    expires_at = clock_timestamp() + $4::bigint * interval '1 microsecond'
+WHERE key = $1::text AND token = $2::bigint AND state = 'in_flight'
+    AND expires_at > now() - interval '{retention_us} microseconds'

@@ -1,0 +1,94 @@
+//! Decoding the rows the statements return: a value idem did not write is [`Error::Corrupt`],
+//! an unexpected result shape [`Error::Store`], never a panic.
+
+use bytes::Bytes;
+use tokio_postgres::Row;
+
+use super::failure::pg_error;
+use super::BACKEND;
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::store::{Claim, FencingToken, RecordState, StoredRecord};
+
+/// What the claim statement reports: its one row (`outcome`, `token`, `record`, `takeover`).
+pub(super) fn claim(row: &Row) -> Result<Claim> {
+    let outcome: &str = column(row, 0)?;
+    let token = token(column(row, 1)?)?;
+    Ok(match outcome {
+        "acquired" => Claim::Acquired {
+            token,
+            takeover: column(row, 3)?,
+        },
+        "completed" => {
+            let record: Option<Vec<u8>> = column(row, 2)?;
+            let record = record.ok_or_else(|| {
+                Error::corrupt("completed PostgreSQL record without record bytes")
+            })?;
+            Claim::Completed(Bytes::from(record))
+        }
+        "in_flight" => Claim::InFlight,
+        "key_reuse" => Claim::KeyReuse,
+        other => {
+            return Err(Error::store(
+                BACKEND,
+                format!("claim returned an unknown outcome `{other}`"),
+            ))
+        }
+    })
+}
+
+/// The record the get statement found: its row (`token`, `fingerprint`, `state`, `record`).
+pub(super) fn record(row: &Row) -> Result<StoredRecord> {
+    let token = token(column(row, 0)?)?;
+    let fingerprint: Option<Vec<u8>> = column(row, 1)?;
+    let fingerprint = match fingerprint {
+        None => None,
+        Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|b: Vec<u8>| {
+            Error::corrupt(format!(
+                "PostgreSQL fingerprint of {} bytes, expected 32",
+                b.len()
+            ))
+        })?)),
+    };
+    let state = match column::<&str>(row, 2)? {
+        "in_flight" => RecordState::InFlight { token },
+        "completed" => {
+            let record: Option<Vec<u8>> = column(row, 3)?;
+            let record = record.ok_or_else(|| {
+                Error::corrupt("completed PostgreSQL record without record bytes")
+            })?;
+            RecordState::Completed {
+                token,
+                record: Bytes::from(record),
+            }
+        }
+        other => {
+            return Err(Error::corrupt(format!(
+                "unknown PostgreSQL record state `{other}`"
+            )))
+        }
+    };
+    Ok(StoredRecord { fingerprint, state })
+}
+
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
+    row.try_get(idx)
+        .map_err(|e| pg_error("unexpected result column", e))
+}
+
+fn token(raw: i64) -> Result<FencingToken> {
+    u64::try_from(raw)
+        .map(FencingToken)
+        .map_err(|_| Error::corrupt(format!("negative fencing token {raw} in PostgreSQL")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_from_the_database_are_checked() {
+        assert_eq!(token(7).unwrap(), FencingToken(7));
+        assert!(matches!(token(-1), Err(Error::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,219 @@
+//! The statements of one table: the `.sql` files of this folder, with the table's names filled
+//! into their placeholders.
+//!
+//! The files name the table, its sequence and its index `{table}`, `{sequence}` and `{index}`,
+//! and write [`ABANDONED_CLAIM_RETENTION`] in microseconds as `{retention_us}`; [`fill`] puts in
+//! the quoted names of [`Names`] and the number, once per store.
+
+use crate::error::{Error, Result};
+use crate::store::ABANDONED_CLAIM_RETENTION;
+
+const SEQUENCE_SUFFIX: &str = "_token_seq";
+const INDEX_SUFFIX: &str = "_expires_idx";
+/// PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1).
+const MAX_IDENTIFIER: usize = 63;
+
+/// The table, its sequence and its index, created if missing.
+const SCHEMA: &str = include_str!("schema.sql");
+/// Run before [`SCHEMA`] in one simple query (an implicit transaction, so the lock is held to
+/// the end), so processes starting together do not race.
+const CREATE_LOCK: &str = include_str!("create_lock.sql");
+/// The claim: one statement that reads, draws a token only if it acquires, and writes.
+const CLAIM: &str = include_str!("claim.sql");
+/// Stores a result, guarded by the claim's token.
+const COMPLETE: &str = include_str!("complete.sql");
+/// Deletes a claim, guarded by its token.
+const RELEASE: &str = include_str!("release.sql");
+/// Gives a claim a new lease, guarded by its token.
+const RENEW: &str = include_str!("renew.sql");
+/// The record of a key, unless it is gone (past its ttl, or abandoned).
+const GET: &str = include_str!("get.sql");
+/// Deletes one batch of completed rows past their ttl and abandoned claims.
+const PURGE: &str = include_str!("purge.sql");
+
+/// The statements of one table, formatted once.
+pub(super) struct Sql {
+    pub(super) table: String,
+    pub(super) schema: String,
+    /// `schema` behind an advisory lock, so processes starting together do not race.
+    pub(super) create: String,
+    pub(super) claim: String,
+    pub(super) complete: String,
+    pub(super) release: String,
+    pub(super) renew: String,
+    pub(super) get: String,
+    pub(super) purge: String,
+}
+
+impl Sql {
+    pub(super) fn new(table: &str) -> Result<Self> {
+        let names = Names::new(table)?;
+        let schema = fill(SCHEMA, &names);
+        Ok(Sql {
+            table: table.to_owned(),
+            create: fill(CREATE_LOCK, &names) + &schema,
+            schema,
+            claim: fill(CLAIM, &names),
+            complete: fill(COMPLETE, &names),
+            release: fill(RELEASE, &names),
+            renew: fill(RENEW, &names),
+            get: fill(GET, &names),
+            purge: fill(PURGE, &names),
+        })
+    }
+}
+
+/// `template` with its placeholders filled in: `{table}`, `{sequence}` and `{index}` by the
+/// quoted names, `{retention_us}` by [`ABANDONED_CLAIM_RETENTION`] in microseconds.
+fn fill(template: &str, names: &Names) -> String {
+    template
+        .replace("{table}", &names.table)
+        .replace("{sequence}", &names.sequence)
+        .replace("{index}", &names.index)
+        .replace(
+            "{retention_us}",
+            &ABANDONED_CLAIM_RETENTION.as_micros().to_string(),
+        )
+}
+
+/// The quoted names of a table and its sequence and index.
+struct Names {
+    table: String,
+    sequence: String,
+    index: String,
+}
+
+impl Names {
+    fn new(table: &str) -> Result<Self> {
+        let invalid = |why: &str| {
+            Error::config(format!(
+                "invalid PostgreSQL table name `{table}`: {why}; expected `name` or `schema.name` made of ASCII letters, digits and `_`"
+            ))
+        };
+        let (schema, name) = match table.split_once('.') {
+            Some((schema, name)) => (Some(schema), name),
+            None => (None, table),
+        };
+        for part in schema.into_iter().chain([name]) {
+            let mut chars = part.chars();
+            match chars.next() {
+                None => return Err(invalid("empty identifier")),
+                Some(c) if !(c.is_ascii_alphabetic() || c == '_') => {
+                    return Err(invalid("identifiers start with a letter or `_`"))
+                }
+                _ => {}
+            }
+            if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(invalid("only ASCII letters, digits and `_` are allowed"));
+            }
+        }
+        if schema.is_some_and(|s| s.len() > MAX_IDENTIFIER) {
+            return Err(invalid("the schema name is longer than 63 bytes"));
+        }
+        let longest_suffix = SEQUENCE_SUFFIX.len().max(INDEX_SUFFIX.len());
+        if name.len() + longest_suffix > MAX_IDENTIFIER {
+            return Err(invalid(&format!(
+                "the table name is longer than {} bytes (its index name must fit in 63)",
+                MAX_IDENTIFIER - longest_suffix
+            )));
+        }
+        // Validated above: no quotes inside, so plain double quotes are a correct quoting (also
+        // inside the single quotes of `nextval('{sequence}')`), and they keep the case as given
+        // and allow reserved words. No braces either, so a filled-in name holds no placeholder.
+        let qualify = |n: &str| match schema {
+            Some(s) => format!("\"{s}\".\"{n}\""),
+            None => format!("\"{n}\""),
+        };
+        Ok(Names {
+            table: qualify(name),
+            sequence: qualify(&format!("{name}{SEQUENCE_SUFFIX}")),
+            index: format!("\"{name}{INDEX_SUFFIX}\""),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_identifiers() {
+        for ok in [
+            "idem_records",
+            "_x",
+            "A1",
+            "app.idem_records",
+            "Order",
+            "user",
+        ] {
+            assert!(Names::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "idem-records",
+            "a.b.c",
+            ".t",
+            "s.",
+            "t; DROP TABLE x",
+            "\"t\"",
+            "t'",
+            "tä",
+            &"x".repeat(52),
+        ] {
+            assert!(
+                matches!(
+                    Names::new(bad),
+                    Err(Error::Store {
+                        backend: "postgres",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(Names::new(&"x".repeat(51)).is_ok());
+    }
+
+    #[test]
+    fn names_are_quoted_and_derived() {
+        let n = Names::new("app.Idem").unwrap();
+        assert_eq!(n.table, "\"app\".\"Idem\"");
+        assert_eq!(n.sequence, "\"app\".\"Idem_token_seq\"");
+        assert_eq!(n.index, "\"Idem_expires_idx\"");
+    }
+
+    #[test]
+    fn every_placeholder_is_filled() {
+        let sql = Sql::new("app.Idem").unwrap();
+        for statement in [
+            &sql.schema,
+            &sql.create,
+            &sql.claim,
+            &sql.complete,
+            &sql.release,
+            &sql.renew,
+            &sql.get,
+            &sql.purge,
+        ] {
+            assert!(!statement.contains(['{', '}']), "{statement}");
+        }
+        assert!(sql.claim.contains("nextval('\"app\".\"Idem_token_seq\"')"));
+        assert!(sql.create.starts_with(
+            "SELECT pg_advisory_xact_lock(hashtext('idem_runtime.create_table:\"app\".\"Idem\"'));\nCREATE TABLE"
+        ));
+        let retention = format!(
+            "now() - interval '{} microseconds'",
+            ABANDONED_CLAIM_RETENTION.as_micros()
+        );
+        for guarded in [
+            &sql.complete,
+            &sql.release,
+            &sql.renew,
+            &sql.get,
+            &sql.purge,
+        ] {
+            assert!(guarded.contains(&retention), "{guarded}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+-- Deletes completed rows past their ttl and abandoned in-flight rows: one range scan of the
+-- expiry index up to now; of the in-flight rows in it, only abandoned ones go. ?1 now
+-- (unix ms), ?2 the lease end an abandoned claim is at or before (unix ms).
+DELETE FROM idem_records
+WHERE expires_at <= ?1 AND (state = 1 OR expires_at <= ?2)
