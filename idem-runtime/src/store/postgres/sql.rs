@@ -162,13 +162,7 @@ mod tests {
             &"x".repeat(52),
         ] {
             assert!(
-                matches!(
-                    Names::new(bad),
-                    Err(Error::Store {
-                        backend: "postgres",
-                        ..
-                    })
-                ),
+                matches!(Names::new(bad), Err(Error::Config { .. })),
                 "{bad}"
             );
         }
