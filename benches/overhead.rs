@@ -1,17 +1,15 @@
 //! Criterion benches of what `#[idempotent]` costs on the in-memory store, next to a plain
-//! call, the `cached` crate and a moka lookup (the same workload as `examples/bench_report`).
+//! call, the `cached` crate and a moka lookup (the same workload as `examples/bench_report`:
+//! `idem_support::workload`).
 //!
 //! ```text
 //! cargo bench --bench overhead
 //! ```
 
-#[path = "support/workload.rs"]
-mod workload;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use workload::*;
+use idem_support::workload::*;
 
 fn hits(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

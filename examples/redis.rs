@@ -127,7 +127,7 @@ async fn main() {
     let record_key = store.record_key(&key);
     let ttl_ms: i64 = redis::cmd("PTTL")
         .arg(&record_key)
-        .query_async(&mut store.connection_manager())
+        .query_async(&mut store.connection())
         .await
         .unwrap_or(-2);
     match store.get(&key).await {

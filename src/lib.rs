@@ -110,7 +110,7 @@ pub use idem_runtime::SqliteStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     pub use idem_runtime::store::postgres::{
-        deadpool_postgres, tokio_postgres, DEFAULT_POOL_SIZE, DEFAULT_TABLE,
+        deadpool_postgres, tokio_postgres, PostgresOptions, DEFAULT_POOL_SIZE, DEFAULT_TABLE,
     };
 }
 
@@ -118,7 +118,9 @@ pub mod postgres {
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
-    pub use idem_runtime::store::redis::{redis, DEFAULT_PREFIX, FENCE_GRACE, RESPONSE_TIMEOUT};
+    pub use idem_runtime::store::redis::{
+        redis, RedisConnection, RedisOptions, DEFAULT_PREFIX, FENCE_GRACE, RESPONSE_TIMEOUT,
+    };
 }
 
 /// Items the `#[idempotent]` expansion names. Not public API: may change in any release.

@@ -1,16 +1,14 @@
 //! The attribute's arguments and the single-caller behaviour: replay, key reuse, errors, ttl,
 //! invalid keys, canonical fingerprints.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
+use idem_support::AppError;
 use idempotency::{idempotent, Error, MemoryStore, Store};
 use serde::{Deserialize, Serialize};
-use support::AppError;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct ChargeRequest {

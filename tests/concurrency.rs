@@ -1,16 +1,14 @@
 //! Exactly once under concurrency; a panicking or dropped call (an unknown outcome, or a detached
 //! body that finishes by itself); lease takeover, renewal and fencing.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idem_support::AppError;
 use idempotency::Operation;
 use idempotency::{idempotent, Error, MemoryStore, StorageKey, Store};
-use support::AppError;
 
 /// Counts body runs per key.
 #[derive(Default)]

@@ -8,12 +8,10 @@
 //! schemas of runs older than ten minutes.
 #![cfg(feature = "postgres")]
 
-mod conformance;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_runtime::record::{Outcome, Record};
+use idem_support::postgres::{admin, url};
 use idempotency::postgres::tokio_postgres;
 use idempotency::{
     Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, PostgresStore, RecordState,
@@ -22,49 +20,32 @@ use idempotency::{
 
 const LONG: Duration = Duration::from_secs(60);
 
-use conformance::postgres::{admin, url};
-
 /// A new table in this run's schema.
 async fn fresh_table() -> Option<String> {
-    conformance::postgres::fresh_table("t").await
+    idem_support::postgres::fresh_table("t").await
 }
 
 async fn fresh_postgres() -> Option<PostgresStore> {
-    let table = fresh_table().await?;
-    Some(
-        PostgresStore::connect_with_table(&url(), &table)
-            .await
-            .expect("connect to PostgreSQL"),
-    )
+    idem_support::postgres::store("t").await
 }
 
 async fn fresh_store() -> Option<Arc<dyn Store>> {
-    Some(Arc::new(fresh_postgres().await?))
+    idem_support::postgres::fresh("t").await
 }
 
-conformance::suite!(fresh_store, native_expiry = false);
+idem_testkit::conformance!(fresh_store, native_expiry = false);
 
 fn key(label: &str) -> StorageKey {
-    conformance::unique(label)
+    idem_support::unique(label)
 }
 
 fn fp(n: u8) -> Fingerprint {
     Fingerprint([n; 32])
 }
 
+/// A record replaying `7u32`.
 fn record(token: u64) -> Vec<u8> {
-    Record {
-        outcome: Outcome::Ok,
-        fingerprint: Some(fp(1)),
-        token,
-        completed_at_ms: 0,
-        ttl_ms: 60_000,
-        type_name: "u32",
-        operation: "",
-        schema: 0,
-        payload: b"7",
-    }
-    .encode()
+    idem_testkit::record_bytes(token, "7", "u32")
 }
 
 async fn acquire(

@@ -6,12 +6,12 @@
 //! Each test uses its own random key prefix, so tests run in parallel on one server.
 #![cfg(feature = "redis")]
 
-mod conformance;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::record::{Outcome, Record};
+use idem_support::redis::url;
+use idem_support::unique;
 use idempotency::redis::redis;
 use idempotency::ABANDONED_CLAIM_RETENTION;
 use idempotency::{
@@ -20,57 +20,21 @@ use idempotency::{
 };
 use redis::aio::MultiplexedConnection;
 
-fn url() -> String {
-    std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
 /// A plain connection for looking at what the store wrote, or `None` (skipped) without Redis.
 async fn raw() -> Option<MultiplexedConnection> {
-    let client = match redis::Client::open(url()) {
-        Ok(c) => c,
-        Err(e) => {
-            conformance::unavailable("Redis", e);
-            return None;
-        }
-    };
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    {
-        Ok(Ok(con)) => Some(con),
-        Ok(Err(e)) => {
-            conformance::unavailable("Redis", e);
-            None
-        }
-        Err(_) => {
-            conformance::unavailable("Redis", "connecting timed out");
-            None
-        }
-    }
+    idem_support::redis::probe().await
 }
 
 /// A store under a prefix no other test uses.
 async fn redis_store() -> Option<RedisStore> {
-    // Probe with one plain connection first: it fails at once, where the store's connection
-    // manager would retry for a few seconds.
-    raw().await?;
-    let prefix = format!("idem-test-{:016x}", rand::random::<u64>());
-    match RedisStore::connect_with_prefix(&url(), &prefix).await {
-        Ok(store) => Some(store),
-        Err(e) => {
-            conformance::unavailable("Redis", e);
-            None
-        }
-    }
+    idem_support::redis::store("idem-test").await
 }
 
 async fn fresh_store() -> Option<Arc<dyn Store>> {
     Some(Arc::new(redis_store().await?))
 }
 
-conformance::suite!(fresh_store, native_expiry = true);
+idem_testkit::conformance!(fresh_store, native_expiry = true);
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -99,7 +63,7 @@ async fn layout_is_one_hash_tag_with_server_side_expiry() {
     let (Some(store), Some(mut con)) = (redis_store().await, raw().await) else {
         return;
     };
-    let key = conformance::unique("layout");
+    let key = unique("layout");
     let record_key = store.record_key(&key);
     assert_eq!(
         record_key,
@@ -191,7 +155,7 @@ async fn layout_is_one_hash_tag_with_server_side_expiry() {
         assert_eq!(tag, Some(key.as_str()), "{k}");
     }
     // No fingerprint: no `fp` field.
-    let key = conformance::unique("layout-nofp");
+    let key = unique("layout-nofp");
     store.claim(&key, None, LONG).await.unwrap();
     let has_fp: bool = redis::cmd("HEXISTS")
         .arg(store.record_key(&key))
@@ -207,7 +171,7 @@ async fn tokens_increase_across_deleted_records_and_clock_steps() {
     let (Some(store), Some(mut con)) = (redis_store().await, raw().await) else {
         return;
     };
-    let key = conformance::unique("fence-deleted");
+    let key = unique("fence-deleted");
     let record_key = store.record_key(&key);
     let (first, _) = acquire(&store, &key, LONG).await;
     let _: () = redis::cmd("DEL")
@@ -243,7 +207,7 @@ async fn takeover_is_reported_only_when_a_lease_ran_out() {
         return;
     };
     let short = Duration::from_millis(200);
-    let key = conformance::unique("takeover-flag");
+    let key = unique("takeover-flag");
     acquire(&store, &key, short).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (t, takeover) = acquire(&store, &key, LONG).await;
@@ -314,7 +278,7 @@ async fn claims_written_without_lease_until_still_work() {
     let t = FencingToken(token);
 
     // Live by its PX: in flight, key reuse for another fingerprint; its holder completes.
-    let key = conformance::unique("legacy-complete");
+    let key = unique("legacy-complete");
     write_legacy_claim(&mut con, &store, &key, token, 60_000).await;
     assert_eq!(
         store.claim(&key, Some(&fp(1)), LONG).await.unwrap(),
@@ -335,13 +299,13 @@ async fn claims_written_without_lease_until_still_work() {
     );
 
     // Its holder releases.
-    let key = conformance::unique("legacy-release");
+    let key = unique("legacy-release");
     write_legacy_claim(&mut con, &store, &key, token, 60_000).await;
     store.release(&key, t).await.unwrap();
     assert_eq!(store.get(&key).await.unwrap(), None);
 
     // A renew gives it a lease_until and the in-flight expiry; then it expires like any claim.
-    let key = conformance::unique("legacy-renew");
+    let key = unique("legacy-renew");
     write_legacy_claim(&mut con, &store, &key, token, 60_000).await;
     store
         .renew(&key, t, Duration::from_millis(300))
@@ -368,7 +332,7 @@ async fn claims_written_without_lease_until_still_work() {
     assert!(takeover && newer > t, "{newer:?} after {t:?}");
 
     // Left alone, Redis removes it at the end of its PX, and the key is taken over.
-    let key = conformance::unique("legacy-expired");
+    let key = unique("legacy-expired");
     write_legacy_claim(&mut con, &store, &key, token, 300).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (newer, takeover) = acquire(&store, &key, LONG).await;
@@ -410,7 +374,7 @@ async fn hashes_idem_did_not_write_are_errors_not_panics_or_reruns() {
         ),
     ];
     for (fields, expected) in cases {
-        let key = conformance::unique("bad-hash");
+        let key = unique("bad-hash");
         let mut cmd = redis::cmd("HSET");
         cmd.arg(store.record_key(&key));
         for (k, v) in fields {
@@ -436,7 +400,7 @@ async fn hashes_idem_did_not_write_are_errors_not_panics_or_reruns() {
         assert!(expected(&out), "claim {fields:?}: {out:?}");
     }
     // A key of another type is the server's WRONGTYPE error.
-    let key = conformance::unique("wrong-type");
+    let key = unique("wrong-type");
     let _: () = redis::cmd("SET")
         .arg(store.record_key(&key))
         .arg("x")
@@ -464,7 +428,7 @@ async fn prefixes_isolate_and_are_checked() {
     let (Some(a), Some(b)) = (redis_store().await, redis_store().await) else {
         return;
     };
-    let key = conformance::unique("prefix");
+    let key = unique("prefix");
     let (t, _) = acquire(&a, &key, LONG).await;
     a.complete(&key, t, b"a", LONG).await.unwrap();
     assert_eq!(b.get(&key).await.unwrap(), None);
@@ -490,7 +454,7 @@ async fn connect_by_url_gives_a_redis_store() {
     }
     let store = idempotency::connect(&url()).await.unwrap();
     assert_eq!(store.backend(), "redis");
-    let key = conformance::unique("by-url");
+    let key = unique("by-url");
     let out: u32 = Call::new(key.clone())
         .store(&store)
         .run(ErrorPolicy::never(), async { Ok::<_, Error>(5) })
@@ -534,7 +498,7 @@ async fn recovers_after_its_connection_is_killed() {
     let (Some(store), Some(mut admin)) = (redis_store().await, raw().await) else {
         return;
     };
-    let key = conformance::unique("reconnect");
+    let key = unique("reconnect");
     let replayed = |store: RedisStore, key: StorageKey| async move {
         Call::new(key)
             .store(&store)
@@ -545,7 +509,7 @@ async fn recovers_after_its_connection_is_killed() {
     };
     let first = replayed(store.clone(), key.clone()).await.unwrap();
 
-    let mut con = store.connection_manager();
+    let mut con = store.connection();
     let id: i64 = redis::cmd("CLIENT")
         .arg("ID")
         .query_async(&mut con)
@@ -583,101 +547,12 @@ async fn recovers_after_its_connection_is_killed() {
     assert_ne!(new_id, id, "a new connection");
 }
 
-/// A `redis-server` of this test's own on a free loopback port, killed on drop. The shared
-/// server is never restarted: other tests use it.
-struct PrivateServer {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateServer {
-    fn start() -> std::io::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("idem-redis-{port}-{:x}", rand::random::<u32>()));
-        std::fs::create_dir_all(&dir)?;
-        let mut server = PrivateServer {
-            port,
-            dir,
-            child: None,
-        };
-        server.spawn()?;
-        Ok(server)
-    }
-
-    fn spawn(&mut self) -> std::io::Result<()> {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Waits until the server accepts connections.
-    async fn ready(&self) -> bool {
-        let client = redis::Client::open(self.url()).unwrap();
-        for _ in 0..100 {
-            if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut con)
-                    .await
-                    .is_ok()
-                {
-                    return true;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    }
-}
-
-impl Drop for PrivateServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_closed_while_redis_is_down_and_recovers_after_a_restart() {
-    let mut server = match PrivateServer::start() {
-        Ok(s) => s,
-        Err(e) => {
-            conformance::unavailable("redis-server (to start a private Redis)", e);
-            return;
-        }
-    };
-    if !server.ready().await {
-        conformance::unavailable("a private redis-server", "it did not start within 5 s");
+    // The shared server is never restarted: other tests use it.
+    let Some(mut server) = idem_support::PrivateRedis::started().await else {
         return;
-    }
+    };
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let runs = std::sync::atomic::AtomicUsize::new(0);
     let call = |key: StorageKey| {
@@ -688,11 +563,11 @@ async fn fails_closed_while_redis_is_down_and_recovers_after_a_restart() {
                 Ok::<u32, Error>(1)
             })
     };
-    call(conformance::unique("before")).await.unwrap();
+    call(unique("before")).await.unwrap();
 
-    server.kill();
+    server.stop(false);
     for _ in 0..3 {
-        let out = call(conformance::unique("down")).await;
+        let out = call(unique("down")).await;
         assert!(
             matches!(
                 out,
@@ -712,11 +587,11 @@ async fn fails_closed_while_redis_is_down_and_recovers_after_a_restart() {
 
     server.spawn().unwrap();
     assert!(
-        server.ready().await,
+        server.admin().await.is_some(),
         "the private redis-server did not come back"
     );
     // The first call after the server is back succeeds: its refused connection was retried on
     // the connection the manager opened meanwhile.
-    call(conformance::unique("after")).await.unwrap();
+    call(unique("after")).await.unwrap();
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

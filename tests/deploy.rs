@@ -25,10 +25,6 @@
 //! ```
 #![cfg(all(feature = "sqlite", feature = "redis", feature = "postgres"))]
 
-// Only the fixtures are used here (`unavailable`, `redis_url`, `postgres`), not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,7 +38,7 @@ struct Ledger(PathBuf);
 
 impl Ledger {
     fn ran(&self, order: u64, build: &str) {
-        conformance::append_line(&self.0, &format!("{order} {build}\n"));
+        idem_support::append_line(&self.0, &format!("{order} {build}\n"));
     }
 }
 
@@ -380,7 +376,7 @@ fn rolling_deploy_on_sqlite() {
 
 #[test]
 fn rolling_deploy_on_redis() {
-    let url = conformance::redis_url();
+    let url = idem_support::redis_url();
     if reachable(&url) {
         deploy("redis", &url);
     }
@@ -388,7 +384,7 @@ fn rolling_deploy_on_redis() {
 
 #[test]
 fn rolling_deploy_on_postgres() {
-    let url = conformance::postgres::url();
+    let url = idem_support::postgres::url();
     if reachable(&url) {
         deploy("postgres", &url);
     }
@@ -401,7 +397,7 @@ fn reachable(url: &str) -> bool {
     match runtime.block_on(idempotency::connect(url)) {
         Ok(_) => true,
         Err(e) => {
-            let _ = conformance::unavailable(url, e);
+            idem_support::unavailable(url, e);
             false
         }
     }

@@ -30,16 +30,13 @@
 //! ```
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
-// Only `conformance::unavailable` is used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use idem_testkit::{Hooks, Intercept};
 use idempotency::Operation;
 use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
 
@@ -427,76 +424,49 @@ enum Fail {
 }
 
 /// A memory store whose next `complete`s fail as scripted, then work.
-struct Flaky {
-    inner: idempotency::MemoryStore,
-    script: Mutex<std::collections::VecDeque<Fail>>,
+type Flaky = Intercept<idempotency::MemoryStore, Script>;
+
+/// The hooks of [`Flaky`]: the script, and how many `complete`s were tried.
+struct Script {
+    fails: Mutex<std::collections::VecDeque<Fail>>,
     completes: AtomicU64,
 }
 
-impl Flaky {
-    fn new(script: impl IntoIterator<Item = Fail>) -> Self {
-        Flaky {
-            inner: idempotency::MemoryStore::new(),
-            script: Mutex::new(script.into_iter().collect()),
-            completes: AtomicU64::new(0),
-        }
-    }
+fn flaky(script: impl IntoIterator<Item = Fail>) -> Flaky {
+    let script = Script {
+        fails: Mutex::new(script.into_iter().collect()),
+        completes: AtomicU64::new(0),
+    };
+    Intercept::with_hooks(idempotency::MemoryStore::new(), script)
 }
 
 #[async_trait::async_trait]
-impl Store for Flaky {
-    fn backend(&self) -> &'static str {
+impl Hooks for Script {
+    fn backend(&self, _: &dyn Store) -> &'static str {
         "flaky"
-    }
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fingerprint: Option<&idempotency::Fingerprint>,
-        lease: Duration,
-    ) -> idempotency::Result<idempotency::Claim> {
-        self.inner.claim(key, fingerprint, lease).await
     }
     async fn complete(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         token: idempotency::FencingToken,
         record: &[u8],
         ttl: Duration,
     ) -> idempotency::Result<()> {
         self.completes.fetch_add(1, SeqCst);
-        let fail = self.script.lock().unwrap().pop_front();
+        let fail = self.fails.lock().unwrap().pop_front();
         match fail {
-            None => self.inner.complete(key, token, record, ttl).await,
+            None => inner.complete(key, token, record, ttl).await,
             Some(Fail::Before) => Err(Error::store("flaky", "connection refused")),
             Some(Fail::After) => {
-                self.inner.complete(key, token, record, ttl).await?;
+                inner.complete(key, token, record, ttl).await?;
                 Err(Error::store("flaky", "connection reset before the reply"))
             }
         }
     }
-    async fn release(
-        &self,
-        key: &StorageKey,
-        token: idempotency::FencingToken,
-    ) -> idempotency::Result<()> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: idempotency::FencingToken,
-        lease: Duration,
-    ) -> idempotency::Result<()> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(
-        &self,
-        key: &StorageKey,
-    ) -> idempotency::Result<Option<idempotency::StoredRecord>> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self) -> idempotency::Result<u64> {
-        self.inner.purge_expired().await
+    async fn wait_for_change(&self, _: &dyn Store, _: &StorageKey, max: Duration) {
+        // As a store that is told of no changes: waiters poll.
+        tokio::time::sleep(max).await
     }
 }
 
@@ -527,7 +497,7 @@ async fn twice(store: &Arc<Flaky>, lease: Duration) -> (String, String, u32, Opt
 /// the call's own token, and the next call replays it.
 #[tokio::test]
 async fn a_complete_whose_reply_was_lost_is_not_run_again() {
-    let store = Arc::new(Flaky::new([Fail::After]));
+    let store = Arc::new(flaky([Fail::After]));
     let (first, second, runs, state) = twice(&store, Duration::from_secs(30)).await;
     assert!(
         matches!(state, Some(RecordState::Completed { .. })),
@@ -539,7 +509,7 @@ async fn a_complete_whose_reply_was_lost_is_not_run_again() {
 /// A `complete` that failed before reaching the store is retried while the lease lasts.
 #[tokio::test]
 async fn a_complete_that_failed_is_retried_while_the_lease_lasts() {
-    let store = Arc::new(Flaky::new([
+    let store = Arc::new(flaky([
         Fail::Before,
         Fail::Before,
         Fail::After,
@@ -551,14 +521,14 @@ async fn a_complete_that_failed_is_retried_while_the_lease_lasts() {
         "{state:?}"
     );
     assert_eq!((runs, second), (1, first));
-    assert_eq!(store.completes.load(SeqCst), 5);
+    assert_eq!(store.hooks().completes.load(SeqCst), 5);
 }
 
 /// A store down for longer than the lease: the caller gets the body's result unstored (the
 /// body ran) once the lease is nearly over, and the claim stays in flight until it expires.
 #[tokio::test]
 async fn a_store_down_past_the_lease_returns_the_result_unstored() {
-    let store = Arc::new(Flaky::new([Fail::Before; 1_000]));
+    let store = Arc::new(flaky([Fail::Before; 1_000]));
     let lease = Duration::from_secs(1);
     let at = Instant::now();
     let (_, second, runs, state) = twice(&store, lease).await;
@@ -581,7 +551,7 @@ mod redis_faults {
     use idempotency::redis::redis;
     use idempotency::RedisStore;
 
-    use crate::conformance::private_redis::PrivateRedis;
+    use idem_support::PrivateRedis;
 
     /// Kills every client connection but the admin's own: the store's.
     async fn kill_clients(server: &PrivateRedis) -> i64 {
@@ -599,17 +569,9 @@ mod redis_faults {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn redis_connections_killed_and_server_restarted_mid_run() {
         let _serial = SERIAL.lock().await;
-        let mut server = match PrivateRedis::start() {
-            Ok(s) => s,
-            Err(e) => {
-                conformance::unavailable("redis-server (to start a private Redis)", e);
-                return;
-            }
-        };
-        if server.admin().await.is_none() {
-            conformance::unavailable("a private redis-server", "it did not answer within 5 s");
+        let Some(mut server) = PrivateRedis::started().await else {
             return;
-        }
+        };
         let redis = RedisStore::connect(&server.url())
             .await
             .expect("connect to the private redis-server");
@@ -668,19 +630,8 @@ mod redis_faults {
 #[cfg(feature = "postgres")]
 mod postgres_faults {
     use super::*;
-    use idempotency::postgres::tokio_postgres::{self, NoTls};
+    use idem_support::postgres::{admin, create_own, url, Own};
     use idempotency::PostgresStore;
-
-    fn url() -> String {
-        std::env::var("IDEM_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-    }
-
-    async fn admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) = tokio_postgres::connect(&url(), NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
-    }
 
     /// Drops the schema of this run when dropped (best effort, on a fresh thread and runtime,
     /// since the test's runtime may be gone).
@@ -712,35 +663,17 @@ mod postgres_faults {
         let admin = match admin().await {
             Ok(c) => c,
             Err(e) => {
-                conformance::unavailable("PostgreSQL", format!("{e} ({})", url()));
+                idem_support::unavailable("PostgreSQL", format!("{e} ({})", url()));
                 return;
             }
         };
-        // Schemas of runs that died before dropping theirs, older than ten minutes.
-        let stale = admin
-            .query(
-                "SELECT nspname FROM pg_namespace WHERE nspname ~ '^idem_faults_[0-9]+_[0-9]+$'
-                 AND split_part(nspname, '_', 3)::bigint < extract(epoch FROM now())::bigint - 600",
-                &[],
-            )
-            .await
-            .expect("list stale schemas");
-        for row in stale {
-            let name: &str = row.get(0);
-            let _ = admin
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
-                .await;
-        }
-        let epoch: i64 = admin
-            .query_one("SELECT extract(epoch FROM now())::bigint", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let schema = Schema(format!("idem_faults_{epoch}_{}", std::process::id()));
-        admin
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", schema.0))
-            .await
-            .expect("create the run's schema");
+        // A schema of this run's own, after dropping those of runs that died before dropping
+        // theirs, older than ten minutes.
+        let schema = Schema(
+            create_own(&admin, Own::Schema, "idem_faults")
+                .await
+                .expect("create the run's schema"),
+        );
 
         // The store's own application_name: only its backends are terminated.
         let app = format!("idem_faults_{:016x}", rand::random::<u64>());

@@ -20,10 +20,6 @@
 //! cargo test --all-features --test hostile -- --nocapture
 //! ```
 
-// Only `conformance::unavailable` is used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +120,7 @@ impl Fixture {
 
     #[cfg(feature = "redis")]
     async fn redis_keys(&self, store: &idempotency::RedisStore) -> Vec<String> {
-        let mut con = store.connection_manager();
+        let mut con = store.connection();
         idempotency::redis::redis::cmd("KEYS")
             .arg(format!("{}:*", store.prefix()))
             .query_async(&mut con)
@@ -192,7 +188,7 @@ impl Fixture {
             }
             #[cfg(feature = "redis")]
             Raw::Redis(store) => {
-                let mut con = store.connection_manager();
+                let mut con = store.connection();
                 let _: () = idempotency::redis::redis::cmd("HSET")
                     .arg(store.record_key(key))
                     .arg("record")
@@ -235,7 +231,7 @@ impl Fixture {
             }
             #[cfg(feature = "redis")]
             Raw::Redis(store) => {
-                let mut con = store.connection_manager();
+                let mut con = store.connection();
                 let _: () = idempotency::redis::redis::cmd("HDEL")
                     .arg(store.record_key(key))
                     .arg("record")
@@ -263,7 +259,7 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         #[cfg(feature = "redis")]
         if let Raw::Redis(store) = &self.raw {
-            conformance::delete_redis_prefix(store.prefix());
+            idem_support::delete_redis_prefix(store.prefix());
         }
     }
 }
@@ -310,31 +306,7 @@ async fn fixtures() -> Vec<Fixture> {
 
 #[cfg(feature = "redis")]
 async fn redis_store() -> Option<idempotency::RedisStore> {
-    use idempotency::redis::redis;
-    let url = conformance::redis_url();
-    // Probe with a plain connection first: it fails at once when nothing listens.
-    let probe = async {
-        redis::Client::open(url.as_str())?
-            .get_multiplexed_async_connection()
-            .await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            conformance::unavailable("Redis", e);
-            return None;
-        }
-        Err(_) => {
-            conformance::unavailable("Redis", "connecting timed out");
-            return None;
-        }
-    }
-    let prefix = format!("idem-hostile-{:016x}", rand::random::<u64>());
-    Some(
-        idempotency::RedisStore::connect_with_prefix(&url, &prefix)
-            .await
-            .unwrap(),
-    )
+    idem_support::redis::store("idem-hostile").await
 }
 
 #[cfg(feature = "postgres")]
@@ -343,10 +315,10 @@ async fn postgres_store() -> Option<(
     idempotency::postgres::tokio_postgres::Client,
     String,
 )> {
-    let schema = conformance::postgres::run_schema().await?;
-    let client = conformance::postgres::admin().await.unwrap();
+    let schema = idem_support::postgres::run_schema().await?;
+    let client = idem_support::postgres::admin().await.unwrap();
     let name = format!("hostile_{:016x}", rand::random::<u64>());
-    let url = conformance::postgres::url();
+    let url = idem_support::postgres::url();
     let store = idempotency::PostgresStore::connect_with_table(&url, &format!("{schema}.{name}"))
         .await
         .unwrap();

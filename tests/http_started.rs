@@ -17,10 +17,6 @@
 //! `IDEM_REQUIRE_SERVICES=1`.
 #![cfg(feature = "http")]
 
-// Only the fixtures are used here (`unavailable`, `redis_url`, `postgres`, ...), not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -553,57 +549,22 @@ async fn sqlite_clients_that_leave_get_the_first_payment() {
     clients_that_leave_get_the_first_payment(store).await;
 }
 
-/// Deletes a Redis prefix's keys when dropped, also when the test fails.
-#[cfg(feature = "redis")]
-struct DeletePrefix(String);
-
-#[cfg(feature = "redis")]
-impl Drop for DeletePrefix {
-    fn drop(&mut self) {
-        conformance::delete_redis_prefix(&self.0);
-    }
-}
-
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_clients_that_leave_get_the_first_payment() {
-    use idempotency::redis::redis;
-    // Probe with a plain connection: it fails at once, where the store's connection manager
-    // would retry for a few seconds.
-    let probe = async {
-        redis::Client::open(conformance::redis_url())?
-            .get_multiplexed_async_connection()
-            .await
+    // Its keys are deleted when the store is dropped, also when the test fails.
+    let Some(store) = idem_support::redis::fresh("idem-test-http-started").await else {
+        return;
     };
-    match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            conformance::unavailable("Redis", e);
-            return;
-        }
-        Err(_) => {
-            conformance::unavailable("Redis", "connecting timed out");
-            return;
-        }
-    }
-    let prefix = format!("idem-test-http-started-{:016x}", rand::random::<u64>());
-    let _cleanup = DeletePrefix(prefix.clone());
-    let store = idempotency::RedisStore::connect_with_prefix(&conformance::redis_url(), &prefix)
-        .await
-        .expect("connect to Redis");
     clients_that_leave_get_the_first_payment(store).await;
 }
 
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_clients_that_leave_get_the_first_payment() {
-    let Some(table) = conformance::postgres::fresh_table("http_started").await else {
+    let Some(store) = idem_support::postgres::store("http_started").await else {
         return;
     };
-    let store =
-        idempotency::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
-            .await
-            .expect("connect to PostgreSQL");
     clients_that_leave_get_the_first_payment(store).await;
 }
 

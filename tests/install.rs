@@ -1,12 +1,10 @@
 //! `idempotency::install`: the process-wide store used without `store = ...` (its own test binary, as
 //! the default store is process-wide).
 
-mod support;
-
 use std::sync::Arc;
 
+use idem_support::AppError;
 use idempotency::{idempotent, MemoryStore, RecordState, StorageKey, Store};
-use support::AppError;
 
 #[idempotent(key = id)]
 async fn uses_the_default_store(id: u32) -> Result<u32, AppError> {

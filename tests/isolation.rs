@@ -6,125 +6,36 @@
 //! cargo test --all-features --test isolation -- --nocapture
 //! ```
 
-// Only `conformance::unavailable` is used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
+use idem_support::AppError;
 use idempotency::{idempotent, Call, Error, ErrorPolicy, MemoryStore, StorageKey, Store};
-
-#[derive(Debug)]
-enum AppError {
-    Idem(Error),
-}
-
-impl From<Error> for AppError {
-    fn from(e: Error) -> Self {
-        AppError::Idem(e)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // A fresh store of each backend.
 
+/// A store of the test's own (idem-support's, which removes its records when dropped).
 struct Fixture {
     name: &'static str,
     store: Arc<dyn Store>,
-    _dir: Option<tempfile::TempDir>,
-    /// The Redis key prefix to delete when done.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    redis_prefix: Option<String>,
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        #[cfg(feature = "redis")]
-        if let Some(prefix) = &self.redis_prefix {
-            conformance::delete_redis_prefix(prefix);
-        }
-    }
-}
-
+/// Memory and SQLite always; Redis and PostgreSQL when reachable (else skipped, or a failure
+/// under `IDEM_REQUIRE_SERVICES=1`).
 async fn fixtures() -> Vec<Fixture> {
-    #[allow(unused_mut)]
-    let mut all = vec![Fixture {
-        name: "memory",
-        store: Arc::new(MemoryStore::new()),
-        _dir: None,
-        redis_prefix: None,
-    }];
-    #[cfg(feature = "sqlite")]
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let store = idempotency::SqliteStore::open(dir.path().join("idem.sqlite"))
-            .await
-            .unwrap();
-        all.push(Fixture {
-            name: "sqlite",
-            store: Arc::new(store),
-            _dir: Some(dir),
-            redis_prefix: None,
-        });
-    }
-    #[cfg(feature = "redis")]
-    if let Some(store) = redis_store().await {
-        all.push(Fixture {
-            name: "redis",
-            redis_prefix: Some(store.prefix().to_owned()),
-            store: Arc::new(store),
-            _dir: None,
-        });
-    }
-    #[cfg(feature = "postgres")]
-    if let Some(store) = postgres_store().await {
-        all.push(Fixture {
-            name: "postgres",
-            store: Arc::new(store),
-            _dir: None,
-            redis_prefix: None,
-        });
-    }
-    all
-}
-
-#[cfg(feature = "redis")]
-async fn redis_store() -> Option<idempotency::RedisStore> {
-    use idempotency::redis::redis;
-    let url = conformance::redis_url();
-    let probe = async {
-        redis::Client::open(url.as_str())?
-            .get_multiplexed_async_connection()
-            .await
+    let mut all = Vec::new();
+    let mut add = |name, store: Option<Arc<dyn Store>>| {
+        all.extend(store.map(|store| Fixture { name, store }));
     };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            conformance::unavailable("Redis", e);
-            return None;
-        }
-        Err(_) => {
-            conformance::unavailable("Redis", "connecting timed out");
-            return None;
-        }
-    }
-    let prefix = format!("idem-isolation-{:016x}", rand::random::<u64>());
-    Some(
-        idempotency::RedisStore::connect_with_prefix(&url, &prefix)
-            .await
-            .unwrap(),
-    )
-}
-
-#[cfg(feature = "postgres")]
-async fn postgres_store() -> Option<idempotency::PostgresStore> {
-    let table = conformance::postgres::fresh_table("isolation").await?;
-    Some(
-        idempotency::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
-            .await
-            .unwrap(),
-    )
+    add("memory", idem_support::memory().await);
+    #[cfg(feature = "sqlite")]
+    add("sqlite", idem_support::sqlite().await);
+    #[cfg(feature = "redis")]
+    add("redis", idem_support::redis::fresh("idem-isolation").await);
+    #[cfg(feature = "postgres")]
+    add("postgres", idem_support::postgres::fresh("isolation").await);
+    all
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -49,15 +49,12 @@
 //! PROPTEST_CASES=2000 cargo test --all-features --test model memory_store -- --nocapture
 //! ```
 
-// Only `conformance::unavailable` is used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idem_testkit::{Hooks, Intercept};
 use idempotency::{
     Claim, Error, FencingToken, Fingerprint, RecordState, StorageKey, Store, StoredRecord,
 };
@@ -1072,19 +1069,24 @@ impl Bug {
     ];
 }
 
-/// A memory store with one [`Bug`], on the paused clock. It follows the claims made through it:
-/// per key, the token holding it in flight and the end of its lease.
-struct Broken {
-    inner: idempotency::MemoryStore,
+/// A memory store with one [`Bug`], on the paused clock.
+type Broken = Intercept<idempotency::MemoryStore, Bugged>;
+
+fn broken(bug: Bug) -> Broken {
+    Intercept::with_hooks(idempotency::MemoryStore::new(), Bugged::new(bug))
+}
+
+/// The hooks of [`Broken`]: the bug, and the claims made through it: per key, the token holding
+/// it in flight and the end of its lease.
+struct Bugged {
     bug: Bug,
     claims: Mutex<HashMap<StorageKey, (u64, Instant)>>,
     taken_over: Mutex<HashSet<(StorageKey, u64)>>,
 }
 
-impl Broken {
+impl Bugged {
     fn new(bug: Bug) -> Self {
-        Broken {
-            inner: idempotency::MemoryStore::new(),
+        Bugged {
             bug,
             claims: Mutex::default(),
             taken_over: Mutex::default(),
@@ -1112,13 +1114,14 @@ impl Broken {
 }
 
 #[async_trait::async_trait]
-impl Store for Broken {
-    fn backend(&self) -> &'static str {
+impl Hooks for Bugged {
+    fn backend(&self, _: &dyn Store) -> &'static str {
         "broken"
     }
 
     async fn claim(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
@@ -1127,7 +1130,7 @@ impl Store for Broken {
             return Ok(Claim::InFlight);
         }
         let now = Instant::now();
-        let got = self.inner.claim(key, fingerprint, lease).await?;
+        let got = inner.claim(key, fingerprint, lease).await?;
         if let Claim::Acquired { token, .. } = got {
             let old = self
                 .claims
@@ -1149,6 +1152,7 @@ impl Store for Broken {
 
     async fn complete(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         token: FencingToken,
         record: &[u8],
@@ -1158,7 +1162,7 @@ impl Store for Broken {
         match self.bug {
             Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
             Bug::LoseLateResult if late => {
-                self.inner.release(key, token).await?;
+                inner.release(key, token).await?;
                 self.forget(key);
                 return Ok(());
             }
@@ -1173,22 +1177,28 @@ impl Store for Broken {
             }
             _ => {}
         }
-        self.inner.complete(key, token, record, ttl).await?;
+        inner.complete(key, token, record, ttl).await?;
         self.forget(key);
         Ok(())
     }
 
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
+    async fn release(
+        &self,
+        inner: &dyn Store,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> idempotency::Result<()> {
         if self.bug == Bug::RefuseLateHolder && self.late(key, token) {
             return Err(Error::LeaseLost);
         }
-        self.inner.release(key, token).await?;
+        inner.release(key, token).await?;
         self.forget(key);
         Ok(())
     }
 
     async fn renew(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         token: FencingToken,
         lease: Duration,
@@ -1200,7 +1210,7 @@ impl Store for Broken {
             _ => {}
         }
         let now = Instant::now();
-        self.inner.renew(key, token, lease).await?;
+        inner.renew(key, token, lease).await?;
         self.claims
             .lock()
             .unwrap()
@@ -1208,8 +1218,12 @@ impl Store for Broken {
         Ok(())
     }
 
-    async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
-        let got = self.inner.get(key).await?;
+    async fn get(
+        &self,
+        inner: &dyn Store,
+        key: &StorageKey,
+    ) -> idempotency::Result<Option<StoredRecord>> {
+        let got = inner.get(key).await?;
         if self.bug == Bug::HideLapsedClaim {
             if let Some(RecordState::InFlight { token }) = got.as_ref().map(|r| &r.state) {
                 if self.late(key, *token) {
@@ -1220,13 +1234,13 @@ impl Store for Broken {
         Ok(got)
     }
 
-    async fn purge_expired(&self) -> idempotency::Result<u64> {
-        let mut removed = self.inner.purge_expired().await?;
+    async fn purge_expired(&self, inner: &dyn Store) -> idempotency::Result<u64> {
+        let mut removed = inner.purge_expired().await?;
         if self.bug == Bug::PurgeLapsedClaim {
             let keys: Vec<StorageKey> = self.claims.lock().unwrap().keys().cloned().collect();
             for key in keys {
                 if let Some(token) = self.lapsed(&key) {
-                    if self.inner.release(&key, FencingToken(token)).await.is_ok() {
+                    if inner.release(&key, FencingToken(token)).await.is_ok() {
                         self.forget(&key);
                         removed += 1;
                     }
@@ -1262,7 +1276,7 @@ fn the_model_catches_broken_stores() {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let store = Broken::new(bug);
+                let store = broken(bug);
                 run_case(&b, &store, &ops, &totals).await
             })
         });
@@ -1314,7 +1328,7 @@ fn redis_store_follows_the_model() {
     use idempotency::redis::redis;
     use idempotency::RedisStore;
 
-    let url = conformance::redis_url();
+    let url = idem_support::redis::url();
     let b = Backend {
         name: "redis",
         paused: false,
@@ -1324,24 +1338,13 @@ fn redis_store_follows_the_model() {
         max_ops: 12,
     };
     let setup = async {
-        let client = match redis::Client::open(url.as_str()) {
-            Ok(c) => c,
-            Err(e) => {
-                conformance::unavailable("Redis", e);
-                return None;
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager()).await {
-            Ok(Ok(con)) => Some(con),
-            Ok(Err(e)) => {
-                conformance::unavailable("Redis", e);
-                None
-            }
-            Err(_) => {
-                conformance::unavailable("Redis", "connecting timed out");
-                None
-            }
-        }
+        // A plain connection first: it fails at once when nothing listens.
+        idem_support::redis::probe().await?;
+        let client = redis::Client::open(url.as_str()).expect("a valid URL");
+        let manager = client.get_connection_manager().await;
+        manager
+            .map_err(|e| idem_support::unavailable("Redis", e))
+            .ok()
     };
     let run = format!("idem-model-{:016x}", rand::random::<u64>());
     check_real_time(b, setup, |con| {
@@ -1354,26 +1357,15 @@ fn redis_store_follows_the_model() {
         }
     });
     // The fences would otherwise stay an hour.
-    if let Ok(mut con) = redis::Client::open(url).and_then(|c| c.get_connection()) {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{run}-*"))
-            .query(&mut con)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut con);
-        }
-    }
+    idem_support::redis::delete_matching(&format!("{run}-*"));
 }
 
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_store_follows_the_model() {
-    use idempotency::postgres::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-    use idempotency::postgres::tokio_postgres::{self, NoTls};
+    use idem_support::postgres;
     use idempotency::PostgresStore;
 
-    let url = std::env::var("IDEM_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let b = Backend {
         name: "postgres",
         paused: false,
@@ -1383,37 +1375,12 @@ fn postgres_store_follows_the_model() {
         max_ops: 12,
     };
     let setup = async {
-        let (client, connection) = match tokio_postgres::connect(&url, NoTls).await {
-            Ok(c) => c,
-            Err(e) => {
-                conformance::unavailable("PostgreSQL", format!("{e} ({url})"));
-                return None;
-            }
-        };
-        tokio::spawn(connection);
-        // A schema of this run, named like the conformance suite's so that later runs drop it.
-        let epoch: i64 = client
-            .query_one("SELECT extract(epoch FROM now())::bigint", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let schema = format!("idem_test_{epoch}_{}", std::process::id());
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-            .await
-            .unwrap();
-        let config: tokio_postgres::Config = url.parse().unwrap();
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager).max_size(4).build().unwrap();
-        Some((pool, schema, client))
+        // A table per case in the run's schema, on one pool.
+        let schema = postgres::run_schema().await?;
+        let pool = postgres::pool(&postgres::url().parse().expect("a valid URL"), 4);
+        Some((pool, schema))
     };
-    check_real_time(b, setup, |(pool, schema, _)| {
+    check_real_time(b, setup, |(pool, schema)| {
         let table = format!("{schema}.model_{:016x}", rand::random::<u64>());
         let store = PostgresStore::from_pool(pool.clone(), &table).unwrap();
         async move {

@@ -1,12 +1,10 @@
 //! Counters and `tracing` events (one test in its own binary: the counters are process-wide).
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idem_support::AppError;
 use idempotency::{idempotent, metrics, MemoryStore, StorageKey, Store};
-use support::AppError;
 use tracing_subscriber::layer::SubscriberExt;
 
 /// Collects the `message` of every event with target `idem`.

@@ -11,22 +11,15 @@
 //! repeated and the smallest count must be exact.
 #![cfg(feature = "postgres")]
 
-#[allow(unused_imports)] // only `unavailable` is used here
-mod conformance;
-
 use std::time::Duration;
 
-use idempotency::postgres::deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use idempotency::postgres::tokio_postgres::{self, NoTls};
+use idem_support::postgres::{self, Own};
+use idempotency::postgres::deadpool_postgres::Pool;
+use idempotency::postgres::tokio_postgres;
 use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey};
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const CALLS: u64 = 100;
 const ROUNDS: usize = 4;
-
-fn url() -> String {
-    std::env::var("IDEM_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
-}
 
 /// Counters read through the store's own connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,33 +42,23 @@ struct Counting {
 impl Counting {
     /// Flushes the connection's pending statistics (this statement included), then reads the
     /// counters (a statement that stays pending until the next flush). Two transactions.
-    async fn read(&self) -> Counters {
-        let client = self.pool.get().await.unwrap();
-        client
-            .simple_query("SELECT pg_stat_force_next_flush()")
-            .await
-            .unwrap();
-        // Prepared once (a prepare is a transaction of its own), then one transaction per read.
-        let statement = client
-            .prepare_cached(
-                "SELECT d.xact_commit, t.n_tup_ins, t.n_tup_upd, t.n_tup_del,
-                        (SELECT last_value FROM idem_records_token_seq)
-                 FROM pg_stat_database d, pg_stat_user_tables t
-                 WHERE d.datname = $1 AND t.relid = 'idem_records'::regclass",
-            )
-            .await
-            .unwrap();
-        let row = client
-            .query_one(&statement, &[&self.database])
-            .await
-            .unwrap();
-        Counters {
+    async fn read(&self) -> Result<Counters, String> {
+        let row = postgres::flushed_row(
+            &self.pool,
+            "SELECT d.xact_commit, t.n_tup_ins, t.n_tup_upd, t.n_tup_del,
+                    (SELECT last_value FROM idem_records_token_seq)
+             FROM pg_stat_database d, pg_stat_user_tables t
+             WHERE d.datname = $1 AND t.relid = 'idem_records'::regclass",
+            &[&self.database],
+        )
+        .await?;
+        Ok(Counters {
             xact_commit: row.get(0),
             inserted: row.get(1),
             updated: row.get(2),
             deleted: row.get(3),
             last_token: row.get(4),
-        }
+        })
     }
 
     /// Runs `calls` between two readings, `ROUNDS` times, and returns the differences of the
@@ -84,23 +67,23 @@ impl Counting {
         &self,
         mut calls: impl FnMut() -> F,
     ) -> Counters {
-        let mut best: Option<Counters> = None;
-        for _ in 0..ROUNDS {
-            let before = self.read().await;
-            calls().await;
-            let after = self.read().await;
-            let delta = Counters {
-                xact_commit: after.xact_commit - before.xact_commit - 2,
-                inserted: after.inserted - before.inserted,
-                updated: after.updated - before.updated,
-                deleted: after.deleted - before.deleted,
-                last_token: after.last_token - before.last_token,
-            };
-            if best.is_none_or(|b| delta.xact_commit < b.xact_commit) {
-                best = Some(delta);
+        let delta = |before: &Counters, after: &Counters| Counters {
+            xact_commit: after.xact_commit - before.xact_commit - 2,
+            inserted: after.inserted - before.inserted,
+            updated: after.updated - before.updated,
+            deleted: after.deleted - before.deleted,
+            last_token: after.last_token - before.last_token,
+        };
+        let calls = |_| {
+            let round = calls();
+            async move {
+                round.await;
+                Ok::<_, String>(())
             }
-        }
-        best.unwrap()
+        };
+        postgres::fewest(ROUNDS, || self.read(), calls, delta, |c| c.xact_commit)
+            .await
+            .unwrap()
     }
 }
 
@@ -121,13 +104,10 @@ async fn call(store: &PostgresStore, key: StorageKey) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_statement_per_hit_two_per_miss() {
-    let admin = match tokio_postgres::connect(&url(), NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
-            client
-        }
+    let admin = match postgres::admin().await {
+        Ok(client) => client,
         Err(e) => {
-            conformance::unavailable("PostgreSQL", format!("{e} ({})", url()));
+            idem_support::unavailable("PostgreSQL", format!("{e} ({})", postgres::url()));
             return;
         }
     };
@@ -141,43 +121,14 @@ async fn one_statement_per_hit_two_per_miss() {
         "pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}"
     );
 
-    // A database of this run's own; drop those older runs left behind (ten minutes by the
-    // server's clock, which named them).
-    let stale = admin
-        .query(
-            "SELECT datname FROM pg_database WHERE datname ~ '^idem_stmt_[0-9]+_[0-9]+$'
-             AND split_part(datname, '_', 3)::bigint < extract(epoch FROM now())::bigint - 600",
-            &[],
-        )
+    // A database of this run's own (those older runs left behind are dropped), and a pool of
+    // one connection to it, shared by the store and the readings.
+    let database = postgres::create_own(&admin, Own::Database, "idem_stmt")
         .await
         .unwrap();
-    for row in stale {
-        let name: &str = row.get(0);
-        let _ = admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await;
-    }
-    let epoch: i64 = admin
-        .query_one("SELECT extract(epoch FROM now())::bigint", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let database = format!("idem_stmt_{epoch}_{}", std::process::id());
-    admin
-        .batch_execute(&format!("CREATE DATABASE \"{database}\""))
-        .await
-        .unwrap();
-
-    let mut config: tokio_postgres::Config = url().parse().unwrap();
+    let mut config: tokio_postgres::Config = postgres::url().parse().unwrap();
     config.dbname(&database);
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    let pool = Pool::builder(manager).max_size(1).build().unwrap();
+    let pool = postgres::pool(&config, 1);
     let store = PostgresStore::from_pool(pool.clone(), "idem_records").unwrap();
     store.create_table().await.unwrap();
     let counting = Counting {
@@ -190,7 +141,7 @@ async fn one_statement_per_hit_two_per_miss() {
         call(&store, key("warm", i)).await;
         call(&store, key("warm", i)).await;
     }
-    counting.read().await;
+    counting.read().await.unwrap();
 
     let store = &store;
     let mut round = 0;
@@ -243,10 +194,5 @@ async fn one_statement_per_hit_two_per_miss() {
     assert_eq!(hits.last_token, 0, "a hit draws no token: {hits:?}");
 
     drop(counting);
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-        ))
-        .await
-        .unwrap();
+    postgres::drop_database(&admin, &database).await.unwrap();
 }

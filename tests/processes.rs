@@ -16,10 +16,6 @@
 //! a random scope, so runs never share records in a shared server.
 #![cfg(all(feature = "sqlite", unix))]
 
-// Only `conformance::unavailable` is used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -102,7 +98,7 @@ async fn hammered(
     key: String,
 ) -> Result<String, Error> {
     let value = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
-    conformance::append_line(&ledger, &format!("run {key} {value}\n"));
+    idem_support::append_line(&ledger, &format!("run {key} {value}\n"));
     // Hold the claim a moment, so that other callers find it in flight.
     tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 4 + 1)).await;
     Ok(value)
@@ -153,14 +149,14 @@ async fn held(
 ) -> Result<String, Error> {
     let pid = std::process::id();
     let value = format!("{pid}-{:016x}", rand::random::<u64>());
-    conformance::append_line(ledger, &format!("start {key} {pid}\n"));
+    idem_support::append_line(ledger, &format!("start {key} {pid}\n"));
     report("started", pid);
     match hold {
         Hold::Brief => {}
         Hold::Forever => tokio::time::sleep(Duration::from_secs(60)).await,
         Hold::Until(path) => until_exists(&path).await,
     }
-    conformance::append_line(ledger, &format!("done {key} {pid} {value}\n"));
+    idem_support::append_line(ledger, &format!("done {key} {pid} {value}\n"));
     Ok(value)
 }
 
@@ -406,7 +402,7 @@ impl World {
         }) {
             Ok(store) => store,
             Err(e) => {
-                conformance::unavailable(backend, e);
+                idem_support::unavailable(backend, e);
                 return None;
             }
         };

@@ -39,10 +39,6 @@
 //! ```
 #![cfg(all(feature = "http", any(feature = "redis", feature = "sqlite")))]
 
-// Only `conformance::unavailable` is used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -323,7 +319,7 @@ mod restartable_sqlite {
 /// The store under test and how to restart it.
 enum Backend {
     #[cfg(feature = "redis")]
-    Redis(crate::conformance::private_redis::PrivateRedis),
+    Redis(idem_support::PrivateRedis),
     #[cfg(feature = "sqlite")]
     /// The store, and the directory of its file (removed on drop).
     Sqlite(
@@ -353,7 +349,7 @@ impl Backend {
         {
             if let Some(why) = no_redis {
                 if choice == "redis" {
-                    conformance::unavailable("redis-server (for the soak test's store)", why);
+                    idem_support::unavailable("redis-server (for the soak test's store)", why);
                     return None;
                 }
                 println!("soak: {why}; using SQLite instead");
@@ -366,7 +362,7 @@ impl Backend {
         }
         #[cfg(not(feature = "sqlite"))]
         {
-            conformance::unavailable(
+            idem_support::unavailable(
                 "redis-server (for the soak test's store)",
                 no_redis.unwrap_or_else(|| {
                     "IDEM_SOAK_STORE=sqlite without the `sqlite` feature".to_owned()
@@ -379,7 +375,7 @@ impl Backend {
     /// A private `redis-server` and a `RedisStore` on it, or why not.
     #[cfg(feature = "redis")]
     async fn open_redis() -> Result<(Backend, Arc<dyn Store>), String> {
-        let server = crate::conformance::private_redis::PrivateRedis::start()
+        let server = idem_support::PrivateRedis::start()
             .map_err(|e| format!("cannot start redis-server: {e}"))?;
         if server.admin().await.is_none() {
             return Err("the private redis-server did not answer within 5 s".to_owned());

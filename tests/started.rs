@@ -20,121 +20,41 @@
 //! cargo test --all-features --test started
 //! ```
 
-mod support;
-
-// Only the fixtures (`unavailable`, `redis_url`, `postgres`, `delete_redis_prefix`) are used.
-#[allow(unused_imports)]
-mod conformance;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use idem_support::AppError;
+use idem_testkit::{Hooks, Intercept};
 use idempotency::Operation;
-use idempotency::{
-    idempotent, Claim, Error, FencingToken, Fingerprint, MemoryStore, StorageKey, Store,
-    StoredRecord,
-};
-use support::AppError;
+use idempotency::{idempotent, Claim, Error, FencingToken, StorageKey, Store};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures: a fresh store of each backend, a ledger, a gate.
 
-/// A store of the test's own, and what removes its records when the test ends.
-struct Fresh {
-    store: Arc<dyn Store>,
-    _cleanup: Box<dyn Send>,
-}
-
-async fn memory() -> Option<Fresh> {
-    Some(Fresh {
-        store: Arc::new(MemoryStore::new()),
-        _cleanup: Box::new(()),
-    })
-}
-
-#[cfg(feature = "sqlite")]
-async fn sqlite() -> Option<Fresh> {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let store = idempotency::SqliteStore::open(dir.path().join("idem.sqlite"))
-        .await
-        .expect("open the SQLite store");
-    Some(Fresh {
-        store: Arc::new(store),
-        _cleanup: Box::new(dir),
-    })
-}
-
-#[cfg(feature = "redis")]
-async fn redis() -> Option<Fresh> {
-    use idempotency::redis::redis;
-    struct Prefix(String);
-    impl Drop for Prefix {
-        fn drop(&mut self) {
-            conformance::delete_redis_prefix(&self.0);
-        }
-    }
-    let url = conformance::redis_url();
-    // A plain connection fails at once, where the store's connection manager would retry.
-    let probe = async {
-        redis::Client::open(url.as_str())?
-            .get_multiplexed_async_connection()
-            .await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            conformance::unavailable("Redis", e);
-            return None;
-        }
-        Err(_) => {
-            conformance::unavailable("Redis", "connecting timed out");
-            return None;
-        }
-    }
-    let prefix = format!("idem-started-{:016x}", rand::random::<u64>());
-    let store = idempotency::RedisStore::connect_with_prefix(&url, &prefix)
-        .await
-        .expect("connect to Redis");
-    Some(Fresh {
-        store: Arc::new(store),
-        _cleanup: Box::new(Prefix(prefix)),
-    })
-}
-
-#[cfg(feature = "postgres")]
-async fn postgres() -> Option<Fresh> {
-    let table = conformance::postgres::fresh_table("started").await?;
-    let store =
-        idempotency::PostgresStore::connect_with_table(&conformance::postgres::url(), &table)
-            .await
-            .expect("connect to PostgreSQL");
-    Some(Fresh {
-        store: Arc::new(store),
-        _cleanup: Box::new(()),
-    })
-}
-
-/// Instantiates every case as a test per backend: `memory::case`, `sqlite::case`, ...
+/// Instantiates every case as a test per backend: `memory::case`, `sqlite::case`, ..., each on
+/// a store of its own (idem-support's, which removes its records when the test ends).
 macro_rules! on_every_store {
     ($($(#[$attr:meta])* $case:ident),* $(,)?) => {
-        on_every_store!(@on memory, all(); $($(#[$attr])* $case),*);
-        on_every_store!(@on sqlite, feature = "sqlite"; $($(#[$attr])* $case),*);
-        on_every_store!(@on redis, feature = "redis"; $($(#[$attr])* $case),*);
-        on_every_store!(@on postgres, feature = "postgres"; $($(#[$attr])* $case),*);
+        on_every_store!(@on memory, all(), idem_support::memory(); $($(#[$attr])* $case),*);
+        on_every_store!(@on sqlite, feature = "sqlite", idem_support::sqlite();
+            $($(#[$attr])* $case),*);
+        on_every_store!(@on redis, feature = "redis", idem_support::redis::fresh("idem-started");
+            $($(#[$attr])* $case),*);
+        on_every_store!(@on postgres, feature = "postgres",
+            idem_support::postgres::fresh("started"); $($(#[$attr])* $case),*);
     };
-    (@on $backend:ident, $cfg:meta; $($(#[$attr:meta])* $case:ident),*) => {
+    (@on $backend:ident, $cfg:meta, $fresh:expr; $($(#[$attr:meta])* $case:ident),*) => {
         #[cfg($cfg)]
         mod $backend {
             $(
                 $(#[$attr])*
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
-                    if let Some(fresh) = super::$backend().await {
-                        super::$case(fresh.store.clone()).await;
+                    if let Some(store) = $fresh.await {
+                        super::$case(store).await;
                     }
                 }
             )*
@@ -650,50 +570,18 @@ async fn a_body_that_blocks_its_thread_keeps_its_lease(store: Arc<dyn Store>) {
 // ---------------------------------------------------------------------------------------------
 // A body is told when its claim is lost; fencing tokens increase between holders.
 
-/// A store whose `renew` fails while `failing` is set, as during a network partition between
-/// the holder and the store; everything else goes through.
+/// Hooks whose `renew` fails while `failing` is set, as during a network partition between the
+/// holder and the store; everything else goes through.
 #[derive(Clone)]
-struct FlakyRenew {
-    inner: Arc<dyn Store>,
+struct FailingRenew {
     failing: Arc<AtomicBool>,
 }
 
-impl FlakyRenew {
-    fn failing(inner: &Arc<dyn Store>) -> Self {
-        FlakyRenew {
-            inner: inner.clone(),
-            failing: Arc::new(AtomicBool::new(true)),
-        }
-    }
-}
-
-#[async_trait]
-impl Store for FlakyRenew {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> idempotency::Result<Claim> {
-        self.inner.claim(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FencingToken,
-        record: &[u8],
-        ttl: Duration,
-    ) -> idempotency::Result<()> {
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
-        self.inner.release(key, token).await
-    }
+#[async_trait::async_trait]
+impl Hooks for FailingRenew {
     async fn renew(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         token: FencingToken,
         lease: Duration,
@@ -701,17 +589,16 @@ impl Store for FlakyRenew {
         if self.failing.load(SeqCst) {
             return Err(Error::store("test", "renewal cut off from the store"));
         }
-        self.inner.renew(key, token, lease).await
+        inner.renew(key, token, lease).await
     }
-    async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self) -> idempotency::Result<u64> {
-        self.inner.purge_expired().await
-    }
-    async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
-        self.inner.wait_for_change(key, max).await
-    }
+}
+
+/// `inner`, with renewals failing until told otherwise.
+type FlakyRenew = Intercept<Arc<dyn Store>, FailingRenew>;
+
+fn failing_renewals(inner: &Arc<dyn Store>) -> FlakyRenew {
+    let failing = Arc::new(AtomicBool::new(true));
+    Intercept::with_hooks(inner.clone(), FailingRenew { failing })
 }
 
 /// What the first holder of [`guarded`] saw: `(is_lost, check().is_ok())` before and after it
@@ -766,7 +653,7 @@ async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<
         "no context outside a body"
     );
     assert!(idempotency::token().is_none());
-    let flaky = FlakyRenew::failing(&store);
+    let flaky = failing_renewals(&store);
     let shared: Arc<dyn Store> = Arc::new(flaky.clone());
     let (ledger, seen): (_, Seen) = (Ledger::new(), Seen::default());
     let call = || {
@@ -785,7 +672,7 @@ async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<
     assert_eq!(ledger.starts(), 2);
     assert_eq!(ledger.effects(), 1, "the taker did the side effect");
     // The first holder's renewals reach the store again: refused, and the body is told.
-    flaky.failing.store(false, SeqCst);
+    flaky.hooks().failing.store(false, SeqCst);
     let first = first.await.unwrap();
     assert!(
         matches!(first, Err(AppError::Idem(Error::LeaseLost))),
@@ -849,17 +736,17 @@ mod fenced {
 
 #[cfg(feature = "postgres")]
 async fn a_token_guarded_table_refuses_the_stale_holders_write(store: Arc<dyn Store>) {
-    let Some(table) = conformance::postgres::fresh_table("fence").await else {
+    let Some(table) = idem_support::postgres::fresh_table("fence").await else {
         return;
     };
-    let db = Arc::new(conformance::postgres::admin().await.expect("connect"));
+    let db = Arc::new(idem_support::postgres::admin().await.expect("connect"));
     db.batch_execute(&format!(
         "CREATE TABLE {table} (id bigint PRIMARY KEY, fence bigint NOT NULL, charges int NOT NULL);
          INSERT INTO {table} VALUES (1, 0, 0)"
     ))
     .await
     .unwrap();
-    let flaky = FlakyRenew::failing(&store);
+    let flaky = failing_renewals(&store);
     let shared: Arc<dyn Store> = Arc::new(flaky);
     let (ledger, gate) = (Ledger::new(), Gate::closed());
     let call = || {

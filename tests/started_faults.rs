@@ -2,7 +2,7 @@
 //! accident, and a holder that lost its claim must not do its side effect.
 //!
 //! 1. **A slow store** (`slow_store_*`): every byte to and from Redis / PostgreSQL goes through a
-//!    proxy of this file's own ([`slow_proxy`]) that holds each chunk back, in each direction,
+//!    proxy (`idem_support::slow_proxy`) that holds each chunk back, in each direction,
 //!    for a random 0–2 s (seeded, order kept). A detached body of 12 s with a 3 s lease; a second
 //!    caller tries every 500 ms. Expected: one body start, no takeover. The lease can still run
 //!    out (a claim answered 2 s late and a first renewal sent 2 s late reach the server after the
@@ -50,12 +50,6 @@
 //! ```
 #![cfg(all(unix, feature = "redis", feature = "postgres"))]
 
-// Only the fixtures are used here, not the suite.
-#[allow(unused_imports)]
-mod conformance;
-#[path = "support/slow_proxy.rs"]
-mod slow_proxy;
-
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -71,7 +65,8 @@ use idempotency::{
     idempotent, CallContext, Error, PostgresStore, RecordState, RedisStore, StorageKey, Store,
 };
 
-use slow_proxy::SlowProxy;
+use idem_support::redis::DeletePrefix;
+use idem_support::slow_proxy::{self, SlowProxy};
 
 /// How many times each test repeats its scenario (`IDEM_STARTED_ROUNDS`).
 fn rounds() -> usize {
@@ -111,8 +106,8 @@ impl Backend {
 
     fn url(self) -> String {
         match self {
-            Backend::Redis => conformance::redis_url(),
-            Backend::Postgres => conformance::postgres::url(),
+            Backend::Redis => idem_support::redis_url(),
+            Backend::Postgres => idem_support::postgres::url(),
         }
     }
 
@@ -128,7 +123,7 @@ impl Backend {
     async fn fresh_name(self) -> Option<String> {
         match self {
             Backend::Redis => Some(random_name("idem-started")),
-            Backend::Postgres => conformance::postgres::fresh_table("started").await,
+            Backend::Postgres => idem_support::postgres::fresh_table("started").await,
         }
     }
 }
@@ -141,26 +136,15 @@ async fn connect(backend: Backend, url: &str, name: &str) -> Result<Arc<dyn Stor
     })
 }
 
-/// Deletes a test's Redis keys when the test ends, passed or not.
-struct RedisKeys(Option<String>);
-
-impl Drop for RedisKeys {
-    fn drop(&mut self) {
-        if let Some(prefix) = &self.0 {
-            conformance::delete_redis_prefix(prefix);
-        }
-    }
-}
-
 /// A store of the test's own on the backend's server, or `None` (skipped) when it is
-/// unreachable; with the guard that removes its Redis keys.
-async fn own_store(backend: Backend) -> Option<(Arc<dyn Store>, String, RedisKeys)> {
+/// unreachable; with the guard that removes its Redis keys when the test ends, passed or not.
+async fn own_store(backend: Backend) -> Option<(Arc<dyn Store>, String, Option<DeletePrefix>)> {
     let name = backend.fresh_name().await?;
-    let guard = RedisKeys((backend == Backend::Redis).then(|| name.clone()));
+    let guard = (backend == Backend::Redis).then(|| DeletePrefix(name.clone()));
     match connect(backend, &backend.url(), &name).await {
         Ok(store) => Some((store, name, guard)),
         Err(e) => {
-            conformance::unavailable(backend.name(), e);
+            idem_support::unavailable(backend.name(), e);
             None
         }
     }
@@ -537,7 +521,7 @@ struct PgLedger {
 
 impl PgLedger {
     async fn connect(table: &str) -> PgLedger {
-        let client = conformance::postgres::admin()
+        let client = idem_support::postgres::admin()
             .await
             .expect("connect to PostgreSQL for the ledger");
         PgLedger {
@@ -604,7 +588,7 @@ async fn fenced_charge(
     id: String,
     hold: Option<PathBuf>,
 ) -> Result<String, Error> {
-    conformance::append_line(&starts, &format!("start {}\n", std::process::id()));
+    idem_support::append_line(&starts, &format!("start {}\n", std::process::id()));
     let call = idempotency::current().expect("a body runs inside its call");
     report(
         "started",
@@ -907,7 +891,7 @@ async fn paused_holder(backend: Backend) {
     let Some((store, name, _keys)) = own_store(backend).await else {
         return;
     };
-    let Some(ledger_table) = conformance::postgres::fresh_table("ledger").await else {
+    let Some(ledger_table) = idem_support::postgres::fresh_table("ledger").await else {
         return;
     };
     let ledger = Arc::new(PgLedger::connect(&ledger_table).await);
@@ -1128,18 +1112,9 @@ enum Retry {
 }
 
 async fn redis_down(ends: BodyEnds, retry: Retry) {
-    use conformance::private_redis::PrivateRedis;
-    let mut server = match PrivateRedis::start() {
-        Ok(server) => server,
-        Err(e) => {
-            conformance::unavailable("redis-server", e);
-            return;
-        }
-    };
-    if server.admin().await.is_none() {
-        conformance::unavailable("redis-server", "it did not answer PING");
+    let Some(mut server) = idem_support::PrivateRedis::started().await else {
         return;
-    }
+    };
     let store: Arc<dyn Store> = Arc::new(
         RedisStore::connect_with_prefix(&server.url(), "idem-outage")
             .await

@@ -12,17 +12,22 @@
 //! live records. Every figure is a ratio against a baseline measured in the same run, or a
 //! count. Runs in well under 3 minutes on 2 cores.
 
-#[path = "../../benches/support/workload.rs"]
-mod workload;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod measure;
+#[cfg(feature = "postgres")]
+mod postgres_part;
+#[cfg(feature = "redis")]
+mod redis_part;
+mod stores;
 
 use std::future::Future;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use idem_support::workload::*;
 use idempotency::{MemoryStore, StorageKey, Store};
 use serde_json::{json, Map, Value};
-use workload::*;
 
 /// Median ns per call of `f` over `rounds` rounds of `n` calls, each call given its index.
 async fn ns_per_call<F, Fut>(rounds: usize, n: u64, mut f: F) -> f64
@@ -393,5 +398,3 @@ fn main() {
     }
     let _ = json!(null);
 }
-
-mod stores;

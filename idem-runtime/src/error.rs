@@ -45,6 +45,18 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The store refused a write because it is full (Redis at `maxmemory` under `noeviction`,
+    /// a full disk). A call that could not claim did not run its body; a result that could not
+    /// be stored is returned to its caller and stored in the background once there is room.
+    /// Make room: raise the limit, lower the ttls, or purge expired records.
+    #[error("idempotency store is full ({backend}): {source}")]
+    StoreFull {
+        /// Which backend is full.
+        backend: &'static str,
+        /// The backend's own error.
+        #[source]
+        source: BoxError,
+    },
     /// A stored record could not be decoded (truncated, altered, or of an unknown format version).
     /// The body is not re-run silently: remove the record or fix the store.
     #[error("corrupt idempotency record: {reason}")]

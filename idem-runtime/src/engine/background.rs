@@ -15,7 +15,7 @@ use crate::key::StorageKey;
 use crate::metrics::{bump, COUNTERS};
 use crate::store::{FencingToken, Store};
 
-use super::finish::complete;
+use super::finish::{complete, Patience};
 
 /// The longest a background task goes on trying to store a result.
 const MAX_BACKGROUND_STORING: Duration = Duration::from_secs(24 * 3600);
@@ -101,7 +101,17 @@ impl Background {
         self.spawn(async move {
             let _renewal = renewal;
             let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
-            match complete(&*store, &key, token, &record, ttl, until, attempted).await {
+            match complete(
+                &*store,
+                &key,
+                token,
+                &record,
+                ttl,
+                attempted,
+                Patience::Background(until),
+            )
+            .await
+            {
                 Ok(()) => tracing::info!(target: "idem", key = %key, token = token.0, what,
                     "stored in the background"),
                 Err(e) => tracing::warn!(target: "idem", key = %key, token = token.0, what,

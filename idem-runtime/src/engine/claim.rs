@@ -12,7 +12,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{bump, COUNTERS};
 use crate::record::{Expected, Outcome, Record};
-use crate::store::{Claim, FencingToken, Store};
+use crate::store::{Claim, FencingToken, Store, WAIT_SAFETY_NET};
 
 use super::policy::{ErrorPolicy, OnConflict};
 
@@ -73,7 +73,14 @@ pub(super) async fn claim(
                 if now >= deadline {
                     return Err(Error::WaitTimeout(limit));
                 }
-                store.wait_for_change(key, pause.min(deadline - now)).await;
+                // A store that announces changes wakes the waiter itself; the sleep between
+                // claims is then only the safety net. Others are polled with growing pauses.
+                let wait = if store.notifies_changes() {
+                    WAIT_SAFETY_NET
+                } else {
+                    pause
+                };
+                store.wait_for_change(key, wait.min(deadline - now)).await;
                 pause = (pause * 2).min(Duration::from_millis(100));
             }
         }

@@ -30,6 +30,7 @@ mod claim;
 mod finish;
 mod policy;
 
+#[cfg(feature = "http")]
 pub(crate) use background::Abandoned;
 pub use call::Call;
 pub use policy::{

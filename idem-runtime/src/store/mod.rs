@@ -40,6 +40,7 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod url;
 
 /// How long an in-flight record is kept after its lease ended, when nobody took it over.
 ///
@@ -55,6 +56,11 @@ pub mod sqlite;
 /// same moment), after which it counts as absent, also for its holder. Until then it is only a
 /// row (or hash) that costs storage.
 pub const ABANDONED_CLAIM_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest a waiting call sleeps between two claims on a store that
+/// [notifies changes](Store::notifies_changes): the bound on the delay a lost notification
+/// causes (and on noticing a holder's lease end, which nobody announces).
+pub const WAIT_SAFETY_NET: Duration = Duration::from_millis(500);
 
 /// A fencing token: strictly increasing across the claims of a store, so a holder whose lease
 /// was taken over can be told apart from the newer holder.
@@ -193,6 +199,14 @@ pub trait Store: Send + Sync {
     /// complete it. Stores whose server expires records itself (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64>;
 
+    /// Whether [`wait_for_change`](Store::wait_for_change) returns as soon as the record under
+    /// the key changes, from any process (Redis pub/sub, PostgreSQL `LISTEN`, an in-process
+    /// store). Waiting calls then sleep up to [`WAIT_SAFETY_NET`] between claims instead of
+    /// polling with short pauses. Default `false`.
+    fn notifies_changes(&self) -> bool {
+        false
+    }
+
     /// Waits until the record under `key` may have changed, or `max` has passed. Used by
     /// `on_conflict = "wait"` between claims. The default sleeps `max`; stores that can be told
     /// of changes return sooner.
@@ -211,6 +225,9 @@ macro_rules! forward_store {
             }
             fn durable(&self) -> bool {
                 (**self).durable()
+            }
+            fn notifies_changes(&self) -> bool {
+                (**self).notifies_changes()
             }
             async fn claim(&self, key: &StorageKey, fingerprint: Option<&Fingerprint>, lease: Duration) -> Result<Claim> {
                 (**self).claim(key, fingerprint, lease).await
@@ -317,7 +334,8 @@ pub fn default_store() -> Arc<dyn Store> {
 }
 
 /// Opens a store from a URL, for configuration by environment variable (`IDEM_STORE`):
-/// `memory`, `sqlite:PATH` (feature `sqlite`), `redis://...` (feature `redis`),
+/// `memory`, `sqlite:PATH` (feature `sqlite`), `redis://...` or
+/// `redis+cluster://host:port,host:port,...` (feature `redis`),
 /// `postgres://...` or `postgresql://...` (feature `postgres`). An unknown scheme, or one whose
 /// feature this build lacks, is [`crate::Error::Config`] (not retryable).
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
@@ -325,7 +343,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
     #[allow(unused_variables)]
     let unsupported = |feature: &str| {
         crate::Error::config(format!(
-            "store URL `{url}` needs the `{feature}` feature of idempotency, which this build lacks"
+            "store URL `{}` needs the `{feature}` feature of idempotency, which this build lacks",
+            url::redact(url)
         ))
     };
     if url == "memory" || url.is_empty() {
@@ -342,7 +361,15 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
             unsupported("sqlite")
         });
     }
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
+    if [
+        "redis://",
+        "rediss://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|scheme| url.starts_with(scheme))
+    {
         #[cfg(feature = "redis")]
         return Ok(Arc::new(redis::RedisStore::connect(url).await?));
         #[cfg(not(feature = "redis"))]
@@ -355,7 +382,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
         return Err(unsupported("postgres"));
     }
     Err(crate::Error::config(format!(
-        "unknown store URL `{url}`: expected `memory`, `sqlite:PATH`, `redis://...` or `postgres://...`"
+        "unknown store URL `{}`: expected `memory`, `sqlite:PATH`, `redis://...`, `redis+cluster://host:port,...` or `postgres://...`",
+        url::redact(url)
     )))
 }
 

@@ -343,6 +343,12 @@ impl Store for MemoryStore {
         Ok(removed)
     }
 
+    /// Every change to an in-process store is made in this process, so waiters are told of
+    /// each one.
+    fn notifies_changes(&self) -> bool {
+        true
+    }
+
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let _ = key;
         self.inner.waiters.fetch_add(1, Ordering::AcqRel);

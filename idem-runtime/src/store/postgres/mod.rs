@@ -37,18 +37,19 @@
 //!
 //! A record is live (stands in a claim's way) while `expires_at > now()`. A completed row past
 //! its ttl counts as absent. An in-flight row past its lease may be taken over by
-//! [`claim`](Store::claim), but until then it stays its holder's: `complete`, `renew` and
-//! `release` with its token still work, and [`get`](Store::get) reports it. Only once its lease
-//! ended more than [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) ago is it
-//! abandoned and counts as absent. [`purge_expired`](Store::purge_expired) removes completed rows
-//! past their ttl and abandoned in-flight rows; run it from a periodic job.
+//! [`claim`](super::Store::claim), but until then it stays its holder's: `complete`, `renew`
+//! and `release` with its token still work, and [`get`](super::Store::get) reports it. Only
+//! once its lease ended more than [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION)
+//! ago is it abandoned and counts as absent. [`purge_expired`](super::Store::purge_expired)
+//! removes completed rows past their ttl and abandoned in-flight rows; run it from a periodic
+//! job.
 //!
 //! # One statement per step
 //!
-//! Every [`Store`] method is a single prepared statement (cached per pooled connection), so a
-//! replayed call costs one statement and a first call two (claim, then complete). The claim is
-//! one `INSERT ... ON CONFLICT (key) DO UPDATE ... RETURNING` inside a statement that also
-//! reports what it found:
+//! Every [`Store`](super::Store) method is a single prepared statement (cached per pooled
+//! connection), so a replayed call costs one statement and a first call two (claim, then
+//! complete). The claim is one `INSERT ... ON CONFLICT (key) DO UPDATE ... RETURNING` inside a
+//! statement that also reports what it found:
 //!
 //! 1. `cur` reads the row under the key;
 //! 2. only if no live row is visible, `next` draws a token from the sequence (so hits consume no
@@ -76,8 +77,10 @@
 //!
 //! # Connections
 //!
-//! [`PostgresStore::connect`] builds a [deadpool](deadpool_postgres) pool without TLS; for TLS
-//! or other pool settings build your own pool and use [`PostgresStore::from_pool`]. Connections
+//! [`PostgresStore::connect`] builds a [deadpool](deadpool_postgres) pool, with TLS as the URL
+//! asks (see [TLS](#tls)); [`PostgresStore::connect_with`] takes the table, the pool's size and
+//! certificates as [`PostgresOptions`]; for other pool settings build your own pool and use
+//! [`PostgresStore::from_pool`]. Connections
 //! are recycled with [`RecyclingMethod::Fast`] (no test query, which would cost a statement per
 //! call): a connection the server closed (`pg_terminate_backend`, a restart) is dropped when it
 //! is next taken from the pool. A connection found broken during a call is removed from the
@@ -91,26 +94,65 @@
 //!
 //! The statements are prepared once per connection, so a pooler in between (PgBouncer) must
 //! run in session mode, or in transaction mode with prepared-statement support (1.21+).
+//!
+//! # TLS
+//!
+//! TLS is rustls (no OpenSSL). The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` mean
+//! what they mean to libpq (and `psql`):
+//!
+//! | `sslmode` | TLS | the server's certificate |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `allow`, `prefer` | if the server offers it | not checked |
+//! | `require` | always: a server without TLS is refused | not checked, unless a root certificate is given: then as `verify-ca` |
+//! | `verify-ca` | always | must chain to a root certificate |
+//! | `verify-full` | always | must chain to a root certificate and name the URL's host |
+//!
+//! - Root certificates: `sslrootcert=/path/ca.pem` and [`PostgresOptions::root_certificate`]
+//!   (both trusted when both are given), else `~/.postgresql/root.crt` if it exists, as with
+//!   libpq. `sslrootcert=system` trusts the system's roots and needs `verify-full`. With no root
+//!   certificate, `verify-full` trusts the system's roots (libpq fails instead) and `verify-ca`
+//!   is refused, as any public certificate would pass it.
+//! - Without `sslmode` the connection is plain text, as in earlier versions (libpq's default is
+//!   `prefer`, which checks nothing; write it to get it), unless a root certificate is given:
+//!   then `verify-full`.
+//! - `allow` is served as `prefer` (TLS first); `prefer` falls back to plain text only when the
+//!   server has no TLS, not when the handshake fails.
+//! - The host name is checked against the certificate's subjectAltNames, or, for a certificate
+//!   without any, its common name, as libpq does; an IP address in the URL must be an IP
+//!   subjectAltName.
+//! - Client certificates: `sslcert` and `sslkey` (both files), or
+//!   [`PostgresOptions::client_certificate`].
+//! - A wrong CA, a host name the certificate does not name, or a server without TLS where the
+//!   mode requires it is an [`Error::Store`] at connect, never a plain-text connection.
+//! - rustls uses the process's default crypto provider if the application installed one, else
+//!   ring.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{Claim, FencingToken, Store, StoredRecord};
+use super::FencingToken;
 use crate::error::{Error, Result};
-use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
 mod failure;
+mod notify;
+mod options;
+mod protocol;
 mod row;
 mod sql;
+mod tls;
+mod tls_params;
+mod tls_verify;
 use failure::{pg_error, Failure};
+use notify::{Listen, Notifier};
+pub use options::PostgresOptions;
 use sql::Sql;
 
 /// The deadpool-postgres version this store is built with, for [`PostgresStore::from_pool`].
@@ -127,12 +169,6 @@ pub const DEFAULT_TABLE: &str = "idem_records";
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
 const BACKEND: &str = "postgres";
-/// Rows deleted per statement by [`Store::purge_expired`], so a large purge does not hold one
-/// long transaction.
-const PURGE_BATCH: i64 = 10_000;
-/// Leases and ttls are capped at about a century (and stay exact in a float8 of microseconds).
-const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
-
 /// A store keeping records in a PostgreSQL table, claim as one `INSERT ... ON CONFLICT`.
 ///
 /// Cloning gives another handle to the same pool and table. See the [module docs](self) for the
@@ -141,6 +177,9 @@ const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 pub struct PostgresStore {
     pool: Pool,
     sql: Arc<Sql>,
+    /// Wakes waiters when a key they wait for changes (`None` on a pool the user built: its
+    /// waiters poll).
+    notifier: Option<Arc<Notifier>>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -153,11 +192,15 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects to the server at `url` (`postgres://user:password@host:port/dbname?...`, without
-    /// TLS) with a pool of [`DEFAULT_POOL_SIZE`] connections, and creates the table
-    /// [`DEFAULT_TABLE`] with its sequence and index if they are missing.
+    /// Connects to the server at `url` with a pool of [`DEFAULT_POOL_SIZE`] connections, and
+    /// creates the table [`DEFAULT_TABLE`] with its sequence and index if they are missing.
+    ///
+    /// `url` is a `postgres://user:password@host:port/dbname?...` URL or a `key=value`
+    /// connection string. Its `sslmode` (`disable`, `allow`, `prefer`, `require`, `verify-ca`,
+    /// `verify-full`), `sslrootcert`, `sslcert` and `sslkey` are read as libpq reads them (see
+    /// [TLS](self#tls)); without `sslmode` the connection is plain text.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::connect_with_table(url, DEFAULT_TABLE).await
+        Self::connect_with(url, &PostgresOptions::default()).await
     }
 
     /// Like [`connect`](Self::connect), with records in `table`: an identifier (ASCII letters,
@@ -165,21 +208,32 @@ impl PostgresStore {
     /// (`app.idem_records`). The sequence and the index are named after it (`<table>_token_seq`,
     /// `<table>_expires_idx`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self> {
-        let sql = Sql::new(table)?;
-        let mut config = tokio_postgres::Config::from_str(url)
+        Self::connect_with(url, &PostgresOptions::default().table(table)).await
+    }
+
+    /// Like [`connect`](Self::connect), with `options`: the table, the pool's size, and TLS
+    /// certificates given in code rather than as files named in the URL.
+    pub async fn connect_with(url: &str, options: &PostgresOptions) -> Result<Self> {
+        let sql = Sql::new(&options.table)?;
+        let (url, tls_params) = tls_params::split(url)?;
+        let mut config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| pg_error("invalid PostgreSQL URL", e))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let (ssl_mode, tls) = tls::connector(&tls_params, options)?;
+        config.ssl_mode(ssl_mode);
+        let pg_config = config.clone();
+        let manager_config = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls_for_listen = tls.clone();
+        let manager = match tls {
+            Some(tls) => Manager::from_config(config, tls, manager_config()),
+            None => Manager::from_config(config, NoTls, manager_config()),
+        };
         let pool = Pool::builder(manager)
-            .max_size(DEFAULT_POOL_SIZE)
+            .max_size(options.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(30)))
             .create_timeout(Some(Duration::from_secs(15)))
@@ -188,15 +242,28 @@ impl PostgresStore {
             .map_err(|e| {
                 Error::store(BACKEND, format!("could not build the connection pool: {e}"))
             })?;
+        // A first connection, whose failure (a TLS one above all) says where to and why; it
+        // goes back to the pool for the statements that follow.
+        drop(
+            pool.get()
+                .await
+                .map_err(|e| tls::connect_error(&pg_config, e))?,
+        );
+        let notifier = Notifier::new(Listen {
+            config: pg_config,
+            tls: tls_for_listen,
+            channel: sql.channel.clone(),
+        });
         let store = PostgresStore {
             pool,
             sql: Arc::new(sql),
+            notifier: Some(Arc::new(notifier)),
         };
         store.create_table().await?;
         Ok(store)
     }
 
-    /// A store over a pool you built (for TLS, other pool sizes or timeouts), with records in
+    /// A store over a pool you built (for other pool settings or timeouts), with records in
     /// `table` (named as for [`connect_with_table`](Self::connect_with_table)). Runs nothing:
     /// call [`create_table`](Self::create_table) unless a migration created the table.
     ///
@@ -206,6 +273,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             sql: Arc::new(Sql::new(table)?),
+            notifier: None,
         })
     }
 
@@ -335,92 +403,6 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
-
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim> {
-        let fingerprint: Option<&[u8]> = fingerprint.map(|f| &f.0[..]);
-        let row = self
-            // Repeating a claim that did reach the server finds that claim in flight: the
-            // answer a caller retrying after an error would get too.
-            .query_opt(
-                &self.sql.claim,
-                &[&key.as_str(), &fingerprint, &micros(lease)],
-                Repeat::Safe,
-            )
-            .await?
-            .ok_or_else(|| Error::store(BACKEND, "claim returned no row"))?;
-        row::claim(&row)
-    }
-
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FencingToken,
-        record: &[u8],
-        ttl: Duration,
-    ) -> Result<()> {
-        // Repeating a complete that did reach the server would report a lost lease for a
-        // stored result; the caller gets `Error::Store` and exec returns the result unstored.
-        self.held(
-            &self.sql.complete,
-            key,
-            token,
-            &[&record, &micros(ttl)],
-            Repeat::Never,
-        )
-        .await
-    }
-
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        self.held(&self.sql.release, key, token, &[], Repeat::Never)
-            .await
-    }
-
-    async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
-        self.held(&self.sql.renew, key, token, &[&micros(lease)], Repeat::Safe)
-            .await
-    }
-
-    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
-        let Some(row) = self
-            .query_opt(&self.sql.get, &[&key.as_str()], Repeat::Safe)
-            .await?
-        else {
-            return Ok(None);
-        };
-        row::record(&row).map(Some)
-    }
-
-    async fn purge_expired(&self) -> Result<u64> {
-        let mut removed = 0;
-        loop {
-            let n = self
-                .execute(&self.sql.purge, &[&PURGE_BATCH], Repeat::Safe)
-                .await?;
-            removed += n;
-            if n < PURGE_BATCH as u64 {
-                return Ok(removed);
-            }
-        }
-    }
-}
-
-/// A duration in whole microseconds, capped at [`MAX_MICROS`].
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros())
-        .unwrap_or(i64::MAX)
-        .min(MAX_MICROS)
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Want {
     Row,
@@ -439,16 +421,4 @@ enum Repeat {
     Safe,
     /// Only if it never reached the server.
     Never,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_become_capped_micros() {
-        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
-        assert_eq!(micros(Duration::from_nanos(1999)), 1);
-        assert_eq!(micros(Duration::MAX), MAX_MICROS);
-    }
 }

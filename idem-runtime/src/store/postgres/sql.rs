@@ -2,8 +2,9 @@
 //! into their placeholders.
 //!
 //! The files name the table, its sequence and its index `{table}`, `{sequence}` and `{index}`,
-//! and write [`ABANDONED_CLAIM_RETENTION`] in microseconds as `{retention_us}`; [`fill`] puts in
-//! the quoted names of [`Names`] and the number, once per store.
+//! the channel its changes are announced on `{channel}`, and write
+//! [`ABANDONED_CLAIM_RETENTION`] in microseconds as `{retention_us}`; [`fill`] puts in the
+//! quoted names of [`Names`] and the number, once per store.
 
 use crate::error::{Error, Result};
 use crate::store::ABANDONED_CLAIM_RETENTION;
@@ -34,6 +35,8 @@ const PURGE: &str = include_str!("purge.sql");
 /// The statements of one table, formatted once.
 pub(super) struct Sql {
     pub(super) table: String,
+    /// The `LISTEN` channel of the table's changes (a valid identifier, unquoted).
+    pub(super) channel: String,
     pub(super) schema: String,
     /// `schema` behind an advisory lock, so processes starting together do not race.
     pub(super) create: String,
@@ -51,6 +54,7 @@ impl Sql {
         let schema = fill(SCHEMA, &names);
         Ok(Sql {
             table: table.to_owned(),
+            channel: names.channel.clone(),
             create: fill(CREATE_LOCK, &names) + &schema,
             schema,
             claim: fill(CLAIM, &names),
@@ -70,6 +74,7 @@ fn fill(template: &str, names: &Names) -> String {
         .replace("{table}", &names.table)
         .replace("{sequence}", &names.sequence)
         .replace("{index}", &names.index)
+        .replace("{channel}", &names.channel)
         .replace(
             "{retention_us}",
             &ABANDONED_CLAIM_RETENTION.as_micros().to_string(),
@@ -81,6 +86,8 @@ struct Names {
     table: String,
     sequence: String,
     index: String,
+    /// `idem_` and the table's name (`.` as `__`), cut to an identifier's length.
+    channel: String,
 }
 
 impl Names {
@@ -124,10 +131,16 @@ impl Names {
             Some(s) => format!("\"{s}\".\"{n}\""),
             None => format!("\"{n}\""),
         };
+        let mut channel = match schema {
+            Some(s) => format!("idem_{s}__{name}"),
+            None => format!("idem_{name}"),
+        };
+        channel.truncate(MAX_IDENTIFIER);
         Ok(Names {
             table: qualify(name),
             sequence: qualify(&format!("{name}{SEQUENCE_SUFFIX}")),
             index: format!("\"{name}{INDEX_SUFFIX}\""),
+            channel,
         })
     }
 }

@@ -7,4 +7,8 @@ redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], 'open', '0')
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+-- Wake the key's waiters: ARGV[5] is PUBLISH, SPUBLISH (cluster) or empty.
+if ARGV[5] ~= '' then
+  redis.call(ARGV[5], KEYS[1] .. ':changed', '1')
+end
 return 1

@@ -31,7 +31,7 @@
 //! holder's `complete`, `renew` (a new `lease_until`) and `release` still work. So an in-flight
 //! record is kept `PX` = lease + [`ABANDONED_CLAIM_RETENTION`]: Redis deletes it once it has been
 //! abandoned that long. A completed record is kept `PX` = its ttl. Redis deletes expired records
-//! itself, so [`Store::purge_expired`] has nothing to do and returns 0.
+//! itself, so [`Store::purge_expired`](crate::store::Store::purge_expired) has nothing to do and returns 0.
 //!
 //! In-flight records written by idem before `lease_until` existed carry `PX` = the lease and no
 //! `lease_until`: the claim script treats them as live until Redis deletes them at the end of
@@ -57,7 +57,7 @@
 //! clock went back by more than that grace in between.
 //!
 //! The fence's `open` flag tells a takeover (the previous claim's lease ran out) from a fresh
-//! claim after a release or a ttl expiry, as the `takeover` flag of [`Claim::Acquired`] reports.
+//! claim after a release or a ttl expiry, as the `takeover` flag of [`Claim::Acquired`](crate::store::Claim::Acquired) reports.
 //!
 //! # Bad data
 //!
@@ -80,16 +80,28 @@
 //! connection is not retried, since it may have run: it is an [`Error::Store`], and the next
 //! call uses the new connection. Commands time out after [`RESPONSE_TIMEOUT`].
 //!
-//! The key layout is ready for Redis Cluster (each script touches a single slot), but
-//! [`RedisStore`] itself talks to a single server (or a proxy in front of a cluster).
+//! # Redis Cluster
+//!
+//! [`RedisStore::connect_cluster`] (or a `redis+cluster://host:port,host:port` URL) talks to a
+//! Redis Cluster through the `redis` crate's async cluster client. Each script touches one
+//! record and its fence, which share a hash tag and so a slot: it runs on that slot's master,
+//! in one round trip (a hit is one `EVALSHA`, a miss two), and redirections (`MOVED`, `ASK`)
+//! and topology changes after a failover are followed by the client. `SCRIPT LOAD` after a
+//! `NOSCRIPT` goes to every master. Replication is asynchronous: a claim acknowledged by a
+//! master that dies before its replica received it is lost with it (see RELIABILITY.md).
 //!
 //! # Running Redis for idem
 //!
 //! - Redis 5 or later (scripts that call `TIME` before writing need effect replication, the
 //!   default since Redis 5).
 //! - Redis must not evict idem's keys: an evicted in-flight record lets a second caller run the
-//!   body, an evicted result runs it again. Use `maxmemory-policy noeviction` (writes then fail
-//!   with [`Error::Store`] when memory is full, and the body does not run) or leave room.
+//!   body, an evicted result runs it again (records carry a TTL, so even the `volatile-*`
+//!   policies evict them). [`RedisStore::connect`] reads every node's `maxmemory-policy`
+//!   (`CONFIG GET`, or `INFO memory` where `CONFIG` is blocked) and refuses anything but
+//!   `noeviction` with [`Error::Config`], unless [`RedisOptions::allow_eviction`] says records
+//!   may be lost. Under `noeviction` a full Redis refuses writes: a claim then fails at once
+//!   with [`Error::StoreFull`] (the body does not run), and a result that cannot be stored is
+//!   returned to its caller at once and stored in the background once there is room.
 //! - Records live as long as the server's data: without persistence (AOF or RDB) a restart
 //!   forgets every stored result, and the next call of each key runs its body again. Fencing
 //!   tokens still increase after such a restart, as they follow the server's clock.
@@ -98,24 +110,29 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{
-    Client, IntoConnectionInfo, ProtocolVersion, RedisError, Script, ScriptInvocation, Value,
-};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
 
 /// The `redis` crate this store is built on, for building a [`ConnectionManager`] of the
 /// matching version to hand to [`RedisStore::from_manager`].
 #[doc(no_inline)]
 pub use ::redis;
 
-use super::{Claim, FencingToken, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
+use super::{FencingToken, ABANDONED_CLAIM_RETENTION};
 use crate::error::{Error, Result};
-use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
+mod connection;
+mod eviction;
+mod notify;
+mod options;
+mod protocol;
 mod reply;
-use reply::{parse_claim, parse_record};
+mod tls;
+use connection::{Connection, Endpoint};
+use notify::Notifier;
+use options::take_flag;
+pub use options::RedisOptions;
 
 /// The key prefix [`RedisStore::connect`] uses.
 pub const DEFAULT_PREFIX: &str = "idem";
@@ -126,9 +143,6 @@ pub const FENCE_GRACE: Duration = Duration::from_secs(3600);
 /// How long the store waits for Redis to answer one command before failing with
 /// [`Error::Store`].
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long one connection attempt may take.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The longest expiry given to Redis (100 years); longer leases and ttls are cut to it.
 const MAX_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
@@ -178,7 +192,14 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    con: ConnectionManager,
+    con: Connection,
+    /// Wakes waiters when a key they wait for changes (`None` on a connection the user built:
+    /// its waiters poll).
+    notifier: Option<Arc<Notifier>>,
+    /// The command the scripts publish changes with (`""`: none).
+    publish: &'static str,
+    /// `WAIT replicas timeout` after claims and completions ([`RedisOptions::wait_for_replicas`]).
+    wait_for_replicas: Option<(u32, Duration)>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
 }
@@ -196,6 +217,16 @@ fn store_error(e: impl Into<crate::error::BoxError>) -> Error {
 }
 
 fn redis_error(e: RedisError) -> Error {
+    // `OOM command not allowed when used memory > 'maxmemory'`, also from inside a script.
+    let oom = e.code() == Some("OOM")
+        || e.detail()
+            .is_some_and(|d| d.contains("OOM command not allowed"));
+    if oom {
+        return Error::StoreFull {
+            backend: BACKEND,
+            source: Box::new(e),
+        };
+    }
     store_error(e)
 }
 
@@ -220,37 +251,81 @@ fn in_flight_millis(lease_ms: u64) -> u64 {
 impl RedisStore {
     /// Connects to the Redis server at `url` (`redis://[user:password@]host[:port][/db]`, or
     /// `rediss://` for TLS where the `redis` crate was built with TLS), with the key prefix
-    /// [`DEFAULT_PREFIX`].
+    /// [`DEFAULT_PREFIX`]. A `redis+cluster://host:port,host:port,...` URL connects to a Redis
+    /// Cluster (see [`connect_cluster`](Self::connect_cluster)). `?allow_eviction=true` in the
+    /// URL is [`RedisOptions::allow_eviction`].
+    ///
+    /// Refuses ([`Error::Config`]) a server whose `maxmemory-policy` may evict idem's keys.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::connect_with_prefix(url, DEFAULT_PREFIX).await
+        Self::connect_with(url, &RedisOptions::default()).await
     }
 
-    /// Connects to the Redis server at `url`, keeping records under `prefix` (see the
+    /// [`connect`](Self::connect), keeping records under `prefix` (see the
     /// [module docs](self#data-layout)). Stores with different prefixes never share records.
-    /// The prefix must be non-empty and must not contain `{` or `}`, which would change the
-    /// keys' hash tag.
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self> {
-        check_prefix(prefix)?;
-        let mut info = url.into_connection_info().map_err(redis_error)?;
-        let chose_protocol = url.contains("protocol=");
-        let with_protocol = |info: redis::ConnectionInfo, protocol| {
-            let settings = info.redis_settings().clone().set_protocol(protocol);
-            info.set_redis_settings(settings)
+        Self::connect_with(url, &RedisOptions::default().prefix(prefix)).await
+    }
+
+    /// [`connect`](Self::connect) with `options`.
+    pub async fn connect_with(url: &str, options: &RedisOptions) -> Result<Self> {
+        let (url, allow_eviction) = take_flag(url, "allow_eviction");
+        let options = &RedisOptions {
+            allow_eviction: options.allow_eviction || allow_eviction,
+            ..options.clone()
         };
-        if !chose_protocol {
-            info = with_protocol(info, ProtocolVersion::RESP3);
+        if let Some(nodes) = connection::cluster_nodes(&url) {
+            return Self::connect_cluster_with(&nodes, options).await;
         }
-        let con = match manager(info.clone()).await {
-            Ok(con) => con,
-            // A server that answers but refuses RESP3 (`HELLO`, before Redis 6): use RESP2.
-            Err(e) if !chose_protocol && !e.is_io_error() => {
-                manager(with_protocol(info, ProtocolVersion::RESP2))
-                    .await
-                    .map_err(redis_error)?
+        check_prefix(&options.prefix)?;
+        let (con, endpoint) = connection::single(&url, options, RESPONSE_TIMEOUT).await?;
+        Self::checked(con, Some(endpoint), options).await
+    }
+
+    /// Connects to a Redis Cluster through any of its `nodes` (`redis://host:port` URLs; the
+    /// client discovers the rest), with the key prefix [`DEFAULT_PREFIX`]. Every record and its
+    /// fence share one hash slot, so each script runs on one node, in one round trip;
+    /// redirections (`MOVED`, `ASK`) and failovers are followed by the `redis` crate's cluster
+    /// client. `idempotency::connect("redis+cluster://h1:p1,h2:p2,...")` does the same.
+    pub async fn connect_cluster(nodes: &[impl AsRef<str>]) -> Result<Self> {
+        Self::connect_cluster_with(nodes, &RedisOptions::default()).await
+    }
+
+    /// [`connect_cluster`](Self::connect_cluster) with `options`.
+    pub async fn connect_cluster_with(
+        nodes: &[impl AsRef<str>],
+        options: &RedisOptions,
+    ) -> Result<Self> {
+        check_prefix(&options.prefix)?;
+        if nodes.is_empty() {
+            return Err(Error::config(
+                "a Redis Cluster needs at least one node URL to connect through",
+            ));
+        }
+        let nodes: Vec<String> = nodes.iter().map(|n| n.as_ref().to_owned()).collect();
+        let (con, endpoint) = connection::cluster(&nodes, options, RESPONSE_TIMEOUT).await?;
+        Self::checked(con, Some(endpoint), options).await
+    }
+
+    /// The store on `con`, once every node's `maxmemory-policy` is known not to evict (unless
+    /// the options allow it).
+    async fn checked(
+        con: Connection,
+        endpoint: Option<Endpoint>,
+        options: &RedisOptions,
+    ) -> Result<Self> {
+        if !options.allow_eviction {
+            let policies = connection::eviction_policies(&con)
+                .await
+                .map_err(redis_error)?;
+            if let Some((node, policy)) = policies.iter().find(|(_, p)| p != "noeviction") {
+                return Err(Error::config(format!(
+                    "Redis ({node}) has maxmemory-policy `{policy}`, which may evict idem's records (they carry a TTL, so even the volatile-* policies evict them), and an evicted record lets a second caller run the body. Set `maxmemory-policy noeviction` (`CONFIG SET maxmemory-policy noeviction`, redis.conf, or your provider's parameter group), or accept lost records explicitly with RedisOptions::allow_eviction(true) or `?allow_eviction=true` in the URL"
+                )));
             }
-            Err(e) => return Err(redis_error(e)),
-        };
-        Self::from_manager(con, prefix)
+        }
+        let mut store = Self::with_connection(con, endpoint, &options.prefix);
+        store.wait_for_replicas = options.wait_for_replicas;
+        Ok(store)
     }
 
     /// A store on a connection you configured yourself (timeouts, retries, TLS), keeping records
@@ -258,8 +333,15 @@ impl RedisStore {
     /// connection at once instead of on the next failed command.
     pub fn from_manager(con: ConnectionManager, prefix: &str) -> Result<Self> {
         check_prefix(prefix)?;
-        Ok(RedisStore {
+        Ok(Self::with_connection(Connection::Single(con), None, prefix))
+    }
+
+    fn with_connection(con: Connection, endpoint: Option<Endpoint>, prefix: &str) -> Self {
+        RedisStore {
             con,
+            publish: notify::publish_command(endpoint.as_ref()),
+            notifier: endpoint.map(|e| Arc::new(Notifier::new(e))),
+            wait_for_replicas: None,
             prefix: prefix.into(),
             scripts: Arc::new(Scripts {
                 claim: Script::new(CLAIM),
@@ -267,7 +349,12 @@ impl RedisStore {
                 release: Script::new(RELEASE),
                 renew: Script::new(RENEW),
             }),
-        })
+        }
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.con, Connection::Cluster(_))
     }
 
     /// The key prefix of this store's records.
@@ -276,9 +363,10 @@ impl RedisStore {
     }
 
     /// The store's connection, for sending other commands on it (it is multiplexed: cloning is
-    /// cheap and shares the one connection).
-    pub fn connection_manager(&self) -> ConnectionManager {
-        self.con.clone()
+    /// cheap and shares the one connection; on a cluster, each command goes to the node of its
+    /// first key).
+    pub fn connection(&self) -> RedisConnection {
+        RedisConnection(self.con.clone())
     }
 
     /// The Redis key of the record hash of `key`: `{prefix}:{<hex>}`. For inspection and
@@ -297,6 +385,21 @@ impl RedisStore {
             reply => reply,
         }
         .map_err(redis_error)
+    }
+
+    /// Whether the last write on `key`'s master reached the replicas the options ask for
+    /// (always, without [`RedisOptions::wait_for_replicas`]): `Err` says how many did.
+    async fn replicated(&self, key: &StorageKey) -> Result<(), String> {
+        let Some((replicas, timeout)) = self.wait_for_replicas else {
+            return Ok(());
+        };
+        match connection::wait_replicas(&self.con, &self.record_key(key), replicas, timeout).await {
+            Ok(acked) if acked >= u64::from(replicas) => Ok(()),
+            Ok(acked) => Err(format!(
+                "{acked} of {replicas} replicas acknowledged the write within {timeout:?}"
+            )),
+            Err(e) => Err(format!("WAIT failed: {e}")),
+        }
     }
 
     fn keys(&self, key: &StorageKey) -> (String, String) {
@@ -339,106 +442,27 @@ fn check_prefix(prefix: &str) -> Result<()> {
     Ok(())
 }
 
-async fn manager(info: redis::ConnectionInfo) -> Result<ConnectionManager, RedisError> {
-    // One connection attempt per (re)connect, no backoff: the redis crate's backoff starts at a
-    // second and would hold every call during an outage for seconds before it fails. Instead a
-    // refused connection fails the call at once, and the store's single retry on refusal (see
-    // `RedisStore::eval`) picks up a server that has come back.
-    let config = ConnectionManagerConfig::new()
-        .set_number_of_retries(0)
-        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    Client::open(info)?
-        .get_connection_manager_with_config(config)
-        .await
-}
+/// A [`RedisStore`]'s connection to its server or cluster: send commands with
+/// `redis::cmd(..).query_async(&mut con)` as on any `redis` async connection.
+#[derive(Clone)]
+pub struct RedisConnection(Connection);
 
-#[async_trait]
-impl Store for RedisStore {
-    fn backend(&self) -> &'static str {
-        BACKEND
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.0.req_packed_command(cmd)
     }
 
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim> {
-        let (record, fence) = self.keys(key);
-        let lease = millis(lease);
-        let record_ms = in_flight_millis(lease);
-        let fp: &[u8] = fingerprint.map_or(&[], |f| &f.0);
-        let mut invocation = self.scripts.claim.key(record);
-        invocation
-            .key(fence)
-            .arg(fp)
-            .arg(lease)
-            .arg(record_ms)
-            .arg(fence_millis(record_ms));
-        parse_claim(self.eval(&invocation).await?)
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
     }
 
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FencingToken,
-        record: &[u8],
-        ttl: Duration,
-    ) -> Result<()> {
-        let ttl = millis(ttl);
-        let (ttl_arg, fence_arg) = (ttl.to_string(), fence_millis(ttl).to_string());
-        self.held(
-            &self.scripts.complete,
-            key,
-            token,
-            &[record, ttl_arg.as_bytes(), fence_arg.as_bytes()],
-        )
-        .await
-    }
-
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        self.held(&self.scripts.release, key, token, &[]).await
-    }
-
-    async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
-        let lease = millis(lease);
-        let record_ms = in_flight_millis(lease);
-        let (lease_arg, record_arg, fence_arg) = (
-            lease.to_string(),
-            record_ms.to_string(),
-            fence_millis(record_ms).to_string(),
-        );
-        self.held(
-            &self.scripts.renew,
-            key,
-            token,
-            &[
-                lease_arg.as_bytes(),
-                record_arg.as_bytes(),
-                fence_arg.as_bytes(),
-            ],
-        )
-        .await
-    }
-
-    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(self.record_key(key));
-        let mut con = self.con.clone();
-        // Retried once on a refused connection, as in `eval`.
-        let reply = match cmd.query_async::<Value>(&mut con).await {
-            Err(e) if e.is_connection_refusal() => cmd.query_async(&mut con).await,
-            reply => reply,
-        };
-        parse_record(reply.map_err(redis_error)?)
-    }
-
-    /// Returns 0: Redis expires records itself (`PEXPIRE`: completed ones at the end of their
-    /// ttl, in-flight ones [`ABANDONED_CLAIM_RETENTION`] after their lease), so nothing is left
-    /// to purge.
-    async fn purge_expired(&self) -> Result<u64> {
-        Ok(0)
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
     }
 }
 

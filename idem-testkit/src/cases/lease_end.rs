@@ -3,21 +3,11 @@
 //! `ABANDONED_CLAIM_RETENTION`), so a result is never lost while nobody else took over.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use idempotency::{Claim, Error, FencingToken, RecordState, Store};
+use idem_runtime::{Claim, FencingToken, RecordState, Store};
 
-use super::{acquire, fp, record, unique, LONG};
-
-/// A lease short enough to run out during [`PAST_LEASE`].
-const SHORT: Duration = Duration::from_millis(300);
-
-/// A sleep that outlasts [`SHORT`] with room to spare for slow machines and clock steps.
-const PAST_LEASE: Duration = Duration::from_millis(700);
-
-fn is_lease_lost<T: std::fmt::Debug>(result: &Result<T, Error>) -> bool {
-    matches!(result, Err(Error::LeaseLost))
-}
+use super::{acquire, completed, fp, is_lease_lost, record, LONG, PAST_LEASE, SHORT};
+use crate::unique;
 
 /// (a) A holder that overran its lease, with nobody taking over, still stores its result, and
 /// the next claim with the same fingerprint replays it.
@@ -160,12 +150,7 @@ pub async fn purge_keeps_a_claim_whose_lease_just_ended(
     store: Arc<dyn Store>,
     native_expiry: bool,
 ) {
-    let done = unique("late-purge-done");
-    let d = FencingToken(acquire(&*store, &done, LONG).await);
-    store
-        .complete(&done, d, &record(d.0, "1", "u32"), SHORT)
-        .await
-        .unwrap();
+    let done = completed(&*store, "late-purge-done", SHORT).await;
     let key = unique("late-purge");
     let t = FencingToken(acquire(&*store, &key, SHORT).await);
     tokio::time::sleep(PAST_LEASE).await;

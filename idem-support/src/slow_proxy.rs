@@ -10,8 +10,7 @@
 //!
 //! The maximum can be changed while connections are open ([`SlowProxy::set_max_delay`]): a test
 //! connects and warms up its store through a fast proxy, then makes it slow. Dropping the proxy
-//! stops listening and cuts every connection. Included with `#[path]` by the tests that use it.
-#![allow(dead_code)]
+//! stops listening and cuts every connection.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};

@@ -1,0 +1,442 @@
+//! `RedbStore`: an example third-party store for `idempotency`, on the [`redb`] embedded
+//! database, written against the [`Store`] trait alone and held to `idem-testkit`'s conformance
+//! suite (`tests/conformance.rs`).
+//!
+//! It shows what a store must do, and nothing more: each method of the protocol is one redb
+//! transaction (writes serialized by redb's single writer, reads from a consistent snapshot);
+//! fencing tokens come from a counter in the same file, so they strictly increase across keys,
+//! restarts and deleted records; expiry is measured on the system clock. The store spawns
+//! nothing and holds no runtime handle: the engine of `idempotency` owns renewal and background
+//! work. redb's calls block, so each runs in [`tokio::task::spawn_blocking`].
+//!
+//! ```no_run
+//! # async fn demo() -> idem_runtime::Result<()> {
+//! let store = idem_store_redb::RedbStore::open("idem.redb").await?;
+//! idem_runtime::install(&store);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! Two tables: `idem_records` maps a storage key (64 hex digits) to `(token, expires_at,
+//! fingerprint, record)`: `expires_at` in Unix milliseconds is the lease's end while the record
+//! is in flight (`record` is `None`), the ttl's end once completed. `idem_meta` holds the last
+//! token handed out.
+//!
+//! An in-flight record whose lease ended stays its holder's (who may still complete, renew or
+//! release it) until a claim takes it over, or until it has been abandoned for
+//! [`ABANDONED_CLAIM_RETENTION`]; [`Store::purge_expired`] then removes it, with the completed
+//! records past their ttl. Purge scans every record; a second table indexed by expiry would make
+//! it proportional to what expired, as the SQLite store's index does.
+#![warn(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use idem_runtime::{
+    Claim, Error, FencingToken, Fingerprint, RecordState, Result, StorageKey, Store, StoredRecord,
+    ABANDONED_CLAIM_RETENTION,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::Notify;
+
+const BACKEND: &str = "redb";
+
+/// `(token, expires_at in Unix ms, fingerprint, record)`; `record` is `None` while in flight.
+type RowValue = (u64, i64, Option<&'static [u8]>, Option<&'static [u8]>);
+
+/// One row per storage key.
+const RECORDS: TableDefinition<&str, RowValue> = TableDefinition::new("idem_records");
+/// The last fencing token handed out, under [`LAST_TOKEN`].
+const META: TableDefinition<&str, u64> = TableDefinition::new("idem_meta");
+const LAST_TOKEN: &str = "last_token";
+
+/// A store in one redb file: embedded and durable (every commit is fsynced).
+///
+/// Cloning gives another handle to the same database. One process opens a file at a time
+/// (redb locks it).
+#[derive(Clone, Debug)]
+pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Database,
+    /// Wakes this store's `wait_for_change` callers on complete and release.
+    changed: Notify,
+    path: PathBuf,
+}
+
+impl RedbStore {
+    /// Opens the store in the redb file at `path`, creating the file and its tables if
+    /// missing. Fails with [`Error::Store`] if the file cannot be opened or is not a redb
+    /// database, or another process has it open.
+    pub async fn open(path: impl AsRef<Path>) -> Result<RedbStore> {
+        let path = path.as_ref().to_path_buf();
+        let file = path.clone();
+        let db = blocking(move || {
+            let db = Database::create(&file)?;
+            let txn = db.begin_write()?;
+            txn.open_table(RECORDS)?;
+            txn.open_table(META)?;
+            txn.commit()?;
+            Ok(db)
+        })
+        .await?;
+        Ok(RedbStore {
+            inner: Arc::new(Inner {
+                db,
+                changed: Notify::new(),
+                path,
+            }),
+        })
+    }
+
+    /// The path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the database in a blocking thread. Once started, it runs to its end even if
+    /// the caller is cancelled, so no transaction is cut short.
+    async fn with_db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Step<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        blocking(move || f(&inner.db)).await
+    }
+}
+
+/// Runs `f` in a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Step<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(|Failed(e)| e),
+        Err(e) => Err(Error::store(BACKEND, e)),
+    }
+}
+
+/// What a step inside a transaction fails with: redb's error, or the protocol's answer.
+struct Failed(Error);
+
+type Step<T> = std::result::Result<T, Failed>;
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed(e)
+    }
+}
+
+macro_rules! from_redb {
+    ($($e:ty),*) => {$(
+        impl From<$e> for Failed {
+            fn from(e: $e) -> Self {
+                Failed(Error::store(BACKEND, redb::Error::from(e)))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Runs `f` in a write transaction and commits it, or aborts it if `f` fails.
+fn write<T>(db: &Database, f: impl FnOnce(&WriteTransaction) -> Step<T>) -> Step<T> {
+    let txn = db.begin_write()?;
+    match f(&txn) {
+        Ok(value) => {
+            txn.commit()?;
+            Ok(value)
+        }
+        Err(e) => {
+            txn.abort()?;
+            Err(e)
+        }
+    }
+}
+
+/// `d` in milliseconds, saturating: a ttl of `Duration::MAX` means "forever".
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The system wall clock in milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    ms(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default())
+}
+
+/// An in-flight record whose lease ended at or before this is abandoned at `now`.
+fn abandoned_before(now: i64) -> i64 {
+    now.saturating_sub(ms(ABANDONED_CLAIM_RETENTION))
+}
+
+/// A row of `idem_records`, decoded and checked.
+struct Row {
+    token: u64,
+    expires_at: i64,
+    fingerprint: Option<Fingerprint>,
+    /// `None` while in flight; the encoded record once completed.
+    record: Option<Vec<u8>>,
+}
+
+impl Row {
+    /// Reads the row of `key`. A row this store did not write is [`Error::Corrupt`].
+    fn read(table: &impl ReadableTable<&'static str, RowValue>, key: &str) -> Step<Option<Row>> {
+        let Some(guard) = table.get(key)? else {
+            return Ok(None);
+        };
+        let (token, expires_at, fingerprint, record) = guard.value();
+        let fingerprint = match fingerprint {
+            None => None,
+            Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|_| {
+                Error::corrupt(format!("redb row: fingerprint of {} bytes", bytes.len()))
+            })?)),
+        };
+        if token == 0 {
+            return Err(Error::corrupt("redb row: fencing token 0").into());
+        }
+        Ok(Some(Row {
+            token,
+            expires_at,
+            fingerprint,
+            record: record.map(<[u8]>::to_vec),
+        }))
+    }
+
+    /// The value to store.
+    fn value(&self) -> (u64, i64, Option<&[u8]>, Option<&[u8]>) {
+        let fingerprint = self.fingerprint.as_ref().map(|f| &f.0[..]);
+        (
+            self.token,
+            self.expires_at,
+            fingerprint,
+            self.record.as_deref(),
+        )
+    }
+
+    /// Whether the row stands in a claim's way: completed within its ttl, or in flight within
+    /// its lease.
+    fn is_live(&self, now: i64) -> bool {
+        self.expires_at > now
+    }
+
+    /// Whether the row still exists: completed within its ttl, or in flight and not abandoned.
+    fn exists(&self, now: i64) -> bool {
+        match self.record {
+            Some(_) => self.expires_at > now,
+            None => self.expires_at > abandoned_before(now),
+        }
+    }
+
+    /// What a claim finds on this live row (the rule shared by every store).
+    fn live_claim(self, fingerprint: Option<&Fingerprint>) -> Claim {
+        let record = self.record.map(Bytes::from);
+        Claim::on_live_record(self.fingerprint.as_ref(), fingerprint, record)
+    }
+}
+
+/// The row of `key` if `token` holds it (in flight, not abandoned; its lease may have ended),
+/// else [`Error::LeaseLost`]: it was taken over, completed, released or purged.
+fn held(
+    table: &impl ReadableTable<&'static str, RowValue>,
+    key: &str,
+    token: FencingToken,
+    now: i64,
+) -> Step<Row> {
+    match Row::read(table, key)? {
+        Some(row) if row.record.is_none() && row.token == token.0 && row.exists(now) => Ok(row),
+        _ => Err(Error::LeaseLost.into()),
+    }
+}
+
+/// Replaces the row `token` holds under `key` with `change(row, now)`, in one write
+/// transaction; [`Error::LeaseLost`] and no change if `token` does not hold it.
+fn update_held(
+    db: &Database,
+    key: &str,
+    token: FencingToken,
+    change: impl FnOnce(Row, i64) -> Row,
+) -> Step<()> {
+    write(db, |txn| {
+        let mut records = txn.open_table(RECORDS)?;
+        let now = now_ms();
+        let row = change(held(&records, key, token, now)?, now);
+        records.insert(key, row.value())?;
+        Ok(())
+    })
+}
+
+/// The next fencing token, taken inside the claim's transaction.
+fn next_token(txn: &WriteTransaction) -> Step<u64> {
+    let mut meta = txn.open_table(META)?;
+    let last = meta.get(LAST_TOKEN)?.map_or(0, |guard| guard.value());
+    let next = last
+        .checked_add(1)
+        .ok_or_else(|| Error::corrupt("redb idem_meta: no fencing token left"))?;
+    meta.insert(LAST_TOKEN, next)?;
+    Ok(next)
+}
+
+fn claim_blocking(
+    db: &Database,
+    key: &str,
+    fingerprint: Option<Fingerprint>,
+    lease: Duration,
+) -> Step<Claim> {
+    // A replay or a conflict (the common answers to a retry) needs only a read of a snapshot,
+    // which does not wait for the writer.
+    let snapshot = db.begin_read()?;
+    if let Some(row) = Row::read(&snapshot.open_table(RECORDS)?, key)? {
+        if row.is_live(now_ms()) {
+            return Ok(row.live_claim(fingerprint.as_ref()));
+        }
+    }
+    drop(snapshot);
+    // Absent or expired: decide again and write in one write transaction, which no other
+    // claim can interleave with.
+    write(db, |txn| {
+        let mut records = txn.open_table(RECORDS)?;
+        let now = now_ms();
+        let takeover = match Row::read(&records, key)? {
+            Some(row) if row.is_live(now) => return Ok(row.live_claim(fingerprint.as_ref())),
+            Some(row) => row.record.is_none(),
+            None => false,
+        };
+        let row = Row {
+            token: next_token(txn)?,
+            expires_at: now.saturating_add(ms(lease)),
+            fingerprint,
+            record: None,
+        };
+        records.insert(key, row.value())?;
+        Ok(Claim::Acquired {
+            token: FencingToken(row.token),
+            takeover,
+        })
+    })
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    /// Records are in a file: they outlive the process.
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim> {
+        let (key, fingerprint) = (key.clone(), fingerprint.copied());
+        self.with_db(move |db| claim_blocking(db, key.as_str(), fingerprint, lease))
+            .await
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        let (key, record) = (key.clone(), record.to_vec());
+        self.with_db(move |db| {
+            update_held(db, key.as_str(), token, |held, now| Row {
+                expires_at: now.saturating_add(ms(ttl)),
+                record: Some(record),
+                ..held
+            })
+        })
+        .await?;
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
+        let key = key.clone();
+        self.with_db(move |db| {
+            write(db, |txn| {
+                let mut records = txn.open_table(RECORDS)?;
+                held(&records, key.as_str(), token, now_ms())?;
+                records.remove(key.as_str())?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
+        let key = key.clone();
+        self.with_db(move |db| {
+            update_held(db, key.as_str(), token, |held, now| Row {
+                expires_at: now.saturating_add(ms(lease)),
+                ..held
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
+        let key = key.clone();
+        self.with_db(move |db| {
+            let snapshot = db.begin_read()?;
+            let row = Row::read(&snapshot.open_table(RECORDS)?, key.as_str())?;
+            Ok(row.filter(|row| row.exists(now_ms())).map(|row| {
+                let token = FencingToken(row.token);
+                StoredRecord {
+                    fingerprint: row.fingerprint,
+                    state: match row.record {
+                        None => RecordState::InFlight { token },
+                        Some(record) => RecordState::Completed {
+                            token,
+                            record: record.into(),
+                        },
+                    },
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn purge_expired(&self) -> Result<u64> {
+        self.with_db(|db| {
+            write(db, |txn| {
+                let mut records = txn.open_table(RECORDS)?;
+                let now = now_ms();
+                let mut removed = 0;
+                records.retain(|_, (_, expires_at, _, record)| {
+                    let completed = record.is_some();
+                    let gone =
+                        expires_at <= now && (completed || expires_at <= abandoned_before(now));
+                    removed += u64::from(gone);
+                    !gone
+                })?;
+                Ok(removed)
+            })
+        })
+        .await
+    }
+
+    async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
+        let _ = key;
+        let _ = tokio::time::timeout(max, self.inner.changed.notified()).await;
+    }
+}

@@ -1,0 +1,153 @@
+//! The store protocol on PostgreSQL: each step one prepared statement (see the
+//! [module docs](super#one-statement-per-step)).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{row, PostgresStore, Repeat, BACKEND};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{Claim, FencingToken, RecordState, Store, StoredRecord};
+
+/// Rows deleted per statement by [`Store::purge_expired`], so a large purge does not hold one
+/// long transaction.
+const PURGE_BATCH: i64 = 10_000;
+/// Leases and ttls are capped at about a century (and stay exact in a float8 of microseconds).
+const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim> {
+        let fingerprint: Option<&[u8]> = fingerprint.map(|f| &f.0[..]);
+        let row = self
+            // Repeating a claim that did reach the server finds that claim in flight: the
+            // answer a caller retrying after an error would get too.
+            .query_opt(
+                &self.sql.claim,
+                &[&key.as_str(), &fingerprint, &micros(lease)],
+                Repeat::Safe,
+            )
+            .await?
+            .ok_or_else(|| Error::store(BACKEND, "claim returned no row"))?;
+        row::claim(&row)
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        // Repeating a complete that did reach the server would report a lost lease for a
+        // stored result; the caller gets `Error::Store` and exec returns the result unstored.
+        self.held(
+            &self.sql.complete,
+            key,
+            token,
+            &[&record, &micros(ttl)],
+            Repeat::Never,
+        )
+        .await
+    }
+
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
+        self.held(&self.sql.release, key, token, &[], Repeat::Never)
+            .await
+    }
+
+    async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
+        self.held(&self.sql.renew, key, token, &[&micros(lease)], Repeat::Safe)
+            .await
+    }
+
+    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
+        let Some(row) = self
+            .query_opt(&self.sql.get, &[&key.as_str()], Repeat::Safe)
+            .await?
+        else {
+            return Ok(None);
+        };
+        row::record(&row).map(Some)
+    }
+
+    async fn purge_expired(&self) -> Result<u64> {
+        let mut removed = 0;
+        loop {
+            let n = self
+                .execute(&self.sql.purge, &[&PURGE_BATCH], Repeat::Safe)
+                .await?;
+            removed += n;
+            if n < PURGE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+
+    fn notifies_changes(&self) -> bool {
+        self.notifier.is_some()
+    }
+
+    /// Waits for a notification about `key` on the table's channel (`complete` and `release`
+    /// send one). A waiter that arrived before the listener was up looks at the record once
+    /// more (one `get`), so a change made just before cannot be missed. Without a listener (a
+    /// pool the user built, or one that cannot listen), it sleeps `max`.
+    async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
+        let Some(notifier) = &self.notifier else {
+            return tokio::time::sleep(max).await;
+        };
+        let waiter = notifier.register(key.as_str());
+        let woken = waiter.notify.clone();
+        let mut woken = std::pin::pin!(woken.notified());
+        woken.as_mut().enable();
+        let waiting = async {
+            if !notifier.listening().await {
+                return tokio::time::sleep(max).await;
+            }
+            if !waiter.was_listening {
+                let in_flight = matches!(
+                    self.get(key).await,
+                    Ok(Some(StoredRecord {
+                        state: RecordState::InFlight { .. },
+                        ..
+                    }))
+                );
+                if !in_flight {
+                    return;
+                }
+            }
+            woken.await
+        };
+        let _ = tokio::time::timeout(max, waiting).await;
+    }
+}
+
+/// A duration in whole microseconds, capped at [`MAX_MICROS`].
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros())
+        .unwrap_or(i64::MAX)
+        .min(MAX_MICROS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_become_capped_micros() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::from_nanos(1999)), 1);
+        assert_eq!(micros(Duration::MAX), MAX_MICROS);
+    }
+}

@@ -1,0 +1,215 @@
+//! The settings of a [`RedisStore`](super::RedisStore) beyond its URL.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::DEFAULT_PREFIX;
+use crate::store::url::percent_decode;
+
+/// Settings of a [`RedisStore`](super::RedisStore) beyond its URL.
+#[derive(Clone)]
+pub struct RedisOptions {
+    pub(super) prefix: String,
+    pub(super) allow_eviction: bool,
+    /// PEM certificates to trust instead of the system's, for `rediss://` URLs.
+    pub(super) root_certificate: Option<Vec<u8>>,
+    /// A PEM certificate chain and its PEM private key, for `rediss://` URLs.
+    pub(super) client_certificate: Option<(Vec<u8>, Vec<u8>)>,
+    /// `WAIT replicas timeout` after each claim and completion.
+    pub(super) wait_for_replicas: Option<(u32, Duration)>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: DEFAULT_PREFIX.into(),
+            allow_eviction: false,
+            root_certificate: None,
+            client_certificate: None,
+            wait_for_replicas: None,
+        }
+    }
+}
+
+impl fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the private key.
+        f.debug_struct("RedisOptions")
+            .field("prefix", &self.prefix)
+            .field("allow_eviction", &self.allow_eviction)
+            .field("root_certificate", &self.root_certificate.is_some())
+            .field("client_certificate", &self.client_certificate.is_some())
+            .field("wait_for_replicas", &self.wait_for_replicas)
+            .finish()
+    }
+}
+
+impl RedisOptions {
+    /// The defaults: prefix [`DEFAULT_PREFIX`], eviction refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keep records under `prefix` (see the [module docs](super#data-layout)); stores with
+    /// different prefixes never share records. It must be non-empty and free of `{` and `}`,
+    /// which would change the keys' hash tag.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// After each claim and each completion, wait (`WAIT replicas timeout`) until `replicas`
+    /// replicas of the key's master have acknowledged the write, or `timeout` has passed. A
+    /// claim that fewer replicas acknowledged is released and fails with [`Error::Store`]
+    /// (the body does not run: a failover could lose the claim and let a second caller run
+    /// it); a completion that fewer acknowledged is kept and logged (the caller has its
+    /// result). Costs one round trip per claim and per completion.
+    ///
+    /// `WAIT` does not make replication synchronous: a replica that acknowledged may still not
+    /// be the one promoted, and a write acknowledged by none is still applied on the master.
+    /// It narrows the window in which a failover loses a claim; see RELIABILITY.md for what
+    /// it measured.
+    ///
+    /// [`Error::Store`]: crate::Error::Store
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_for_replicas = Some((replicas, timeout));
+        self
+    }
+
+    /// Accept a Redis whose `maxmemory-policy` may evict keys (anything but `noeviction`). By
+    /// default such a server is refused at connect: an evicted in-flight record lets a second
+    /// caller run the body, an evicted result runs it again. Allow it only where records may
+    /// be lost (a cache-like use), or where memory can never fill.
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+
+    /// Trust the certificate authorities in `pem` (one or more PEM certificates) for a
+    /// `rediss://` server, instead of the system's roots: for a server whose certificate a
+    /// private CA signed. The server's certificate must still chain to one of them and name
+    /// the host of the URL. Combined with a `?ca=/path/ca.pem` of the URL, both are trusted.
+    /// Not used for a plain `redis://` URL (the URL decides whether the store uses TLS).
+    pub fn root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
+    /// Present `cert` (a PEM certificate chain) and `key` (its PEM private key: PKCS#8, PKCS#1
+    /// or SEC1) to a `rediss://` server that authenticates clients by certificate
+    /// (`tls-auth-clients yes`). The URL's `?cert=/path&key=/path` do the same from files; give
+    /// one or the other.
+    pub fn client_certificate(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.client_certificate = Some((cert.into(), key.into()));
+        self
+    }
+}
+
+/// `url` without the query parameter `name`, and its last value (percent-decoded), if any.
+pub(super) fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut value = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some((k, v)) if k == name => {
+                value = Some(percent_decode(v));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if rest.iter().all(|p| p.is_empty()) {
+        (base.to_owned(), value)
+    } else {
+        (format!("{base}?{}", rest.join("&")), value)
+    }
+}
+
+/// `url` without the query parameter `name`, and whether it was `true` (or `1`).
+pub(super) fn take_flag(url: &str, name: &str) -> (String, bool) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), false);
+    };
+    let mut set = false;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some((k, v)) if k == name => {
+                set = matches!(v, "true" | "1" | "yes");
+                false
+            }
+            _ if *pair == name => {
+                set = true;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_owned(), set)
+    } else {
+        (format!("{base}?{}", rest.join("&")), set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_taken_out_of_the_url() {
+        assert_eq!(
+            take_flag("redis://a:1", "allow_eviction"),
+            ("redis://a:1".into(), false)
+        );
+        assert_eq!(
+            take_flag("redis://a:1/?allow_eviction=true", "allow_eviction"),
+            ("redis://a:1/".into(), true)
+        );
+        assert_eq!(
+            take_flag(
+                "redis://a/?protocol=resp2&allow_eviction=1",
+                "allow_eviction"
+            ),
+            ("redis://a/?protocol=resp2".into(), true)
+        );
+        assert_eq!(
+            take_flag("redis://a/?allow_eviction=false&db=2", "allow_eviction"),
+            ("redis://a/?db=2".into(), false)
+        );
+    }
+
+    #[test]
+    fn parameters_are_taken_out_of_the_url() {
+        assert_eq!(
+            take_param("rediss://a:1", "ca"),
+            ("rediss://a:1".into(), None)
+        );
+        assert_eq!(
+            take_param("rediss://a:1/?ca=%2Ftmp%2Fca.pem", "ca"),
+            ("rediss://a:1/".into(), Some("/tmp/ca.pem".into()))
+        );
+        assert_eq!(
+            take_param("rediss://a/?protocol=resp2&ca=/x.pem&db=1", "ca"),
+            (
+                "rediss://a/?protocol=resp2&db=1".into(),
+                Some("/x.pem".into())
+            )
+        );
+        assert_eq!(
+            take_param("rediss://a/?cat=1", "ca"),
+            ("rediss://a/?cat=1".into(), None)
+        );
+    }
+
+    #[test]
+    fn debug_shows_no_key() {
+        let options = RedisOptions::new().client_certificate("CERT", "SECRET-KEY");
+        let text = format!("{options:?}");
+        assert!(!text.contains("SECRET-KEY"), "{text}");
+        assert!(text.contains("client_certificate: true"), "{text}");
+    }
+}

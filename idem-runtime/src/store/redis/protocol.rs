@@ -1,0 +1,168 @@
+//! The store protocol on Redis: each step one script (or one `HGETALL`), one round trip.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Value;
+
+use super::reply::{parse_claim, parse_record};
+use super::{fence_millis, in_flight_millis, millis, notify, redis_error, RedisStore, BACKEND};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
+use crate::store::{Claim, FencingToken, Store, StoredRecord};
+
+#[async_trait]
+impl Store for RedisStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim> {
+        let (record, fence) = self.keys(key);
+        let lease = millis(lease);
+        let record_ms = in_flight_millis(lease);
+        let fp: &[u8] = fingerprint.map_or(&[], |f| &f.0);
+        let mut invocation = self.scripts.claim.key(record);
+        invocation
+            .key(fence)
+            .arg(fp)
+            .arg(lease)
+            .arg(record_ms)
+            .arg(fence_millis(record_ms));
+        let claim = parse_claim(self.eval(&invocation).await?)?;
+        if let Claim::Acquired { token, .. } = claim {
+            if let Err(why) = self.replicated(key).await {
+                // A failover now could lose the claim and let a second caller run the body:
+                // give the claim back, and run nothing.
+                let _ = self.release(key, token).await;
+                return Err(Error::store(
+                    BACKEND,
+                    format!("the claim was not replicated as asked ({why}); nothing ran"),
+                ));
+            }
+        }
+        Ok(claim)
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        let ttl = millis(ttl);
+        let (ttl_arg, fence_arg) = (ttl.to_string(), fence_millis(ttl).to_string());
+        self.held(
+            &self.scripts.complete,
+            key,
+            token,
+            &[
+                record,
+                ttl_arg.as_bytes(),
+                fence_arg.as_bytes(),
+                self.publish.as_bytes(),
+            ],
+        )
+        .await?;
+        if let Err(why) = self.replicated(key).await {
+            tracing::warn!(target: "idem", key = %key, token = token.0, why,
+                "result stored on the master but not replicated as asked; a failover now may lose it");
+        }
+        Ok(())
+    }
+
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
+        self.held(
+            &self.scripts.release,
+            key,
+            token,
+            &[self.publish.as_bytes()],
+        )
+        .await
+    }
+
+    async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
+        let lease = millis(lease);
+        let record_ms = in_flight_millis(lease);
+        let (lease_arg, record_arg, fence_arg) = (
+            lease.to_string(),
+            record_ms.to_string(),
+            fence_millis(record_ms).to_string(),
+        );
+        self.held(
+            &self.scripts.renew,
+            key,
+            token,
+            &[
+                lease_arg.as_bytes(),
+                record_arg.as_bytes(),
+                fence_arg.as_bytes(),
+            ],
+        )
+        .await
+    }
+
+    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.record_key(key));
+        let mut con = self.con.clone();
+        // Retried once on a refused connection, as in `eval`.
+        let reply = match cmd.query_async::<Value>(&mut con).await {
+            Err(e) if e.is_connection_refusal() => cmd.query_async(&mut con).await,
+            reply => reply,
+        };
+        parse_record(reply.map_err(redis_error)?)
+    }
+
+    /// Returns 0: Redis expires records itself (`PEXPIRE`: completed ones at the end of their
+    /// ttl, in-flight ones [`ABANDONED_CLAIM_RETENTION`](crate::store::ABANDONED_CLAIM_RETENTION) after their lease), so nothing is left
+    /// to purge.
+    async fn purge_expired(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn notifies_changes(&self) -> bool {
+        self.notifier.is_some()
+    }
+
+    /// Waits for the key's channel (see the `notify` module): the `complete` and `release`
+    /// scripts publish on it. A waiter whose subscription was not yet confirmed when it came
+    /// looks at the record once more (one `HGET`), so a change published just before cannot be
+    /// missed; one that came later needs no look. Without a subscriber (a connection the user
+    /// built, or one that cannot subscribe), it sleeps `max`.
+    async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
+        let Some(notifier) = &self.notifier else {
+            return tokio::time::sleep(max).await;
+        };
+        let record = self.record_key(key);
+        let waiter = notifier.register(notify::channel(&record));
+        let woken = waiter.notify.clone();
+        let mut woken = std::pin::pin!(woken.notified());
+        woken.as_mut().enable();
+        let waiting = async {
+            if !waiter.subscribed().await {
+                return tokio::time::sleep(max).await;
+            }
+            if !waiter.was_subscribed {
+                let mut con = self.connection();
+                let state: redis::RedisResult<Option<String>> = redis::cmd("HGET")
+                    .arg(&record)
+                    .arg("state")
+                    .query_async(&mut con)
+                    .await;
+                if !matches!(state.as_ref().map(Option::as_deref), Ok(Some("in_flight"))) {
+                    return;
+                }
+            }
+            woken.await
+        };
+        let _ = tokio::time::timeout(max, waiting).await;
+    }
+}
