@@ -15,7 +15,7 @@ use crate::key::StorageKey;
 use crate::metrics::{bump, COUNTERS};
 use crate::store::{FencingToken, Store};
 
-use super::finish::{complete, Patience};
+use super::storing::{complete, Patience};
 
 /// The longest a background task goes on trying to store a result.
 const MAX_BACKGROUND_STORING: Duration = Duration::from_secs(24 * 3600);

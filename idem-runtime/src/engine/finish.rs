@@ -12,14 +12,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::context::CallContext;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{bump, COUNTERS};
 use crate::record::{Expected, Outcome, Record};
-use crate::store::{FencingToken, RecordState, Store, StoredRecord};
+use crate::store::FencingToken;
 
 use super::background::{Background, Renewal};
+use super::storing::{complete, Patience};
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
 
 /// A claimed key and everything needed to run the body under it, store its outcome, and do the
@@ -374,68 +375,4 @@ async fn catch_unwind<F: Future>(body: F) -> std::thread::Result<F::Output> {
         }
     })
     .await
-}
-
-/// Who is storing a result, and until when to keep trying.
-#[derive(Clone, Copy)]
-pub(super) enum Patience {
-    /// The caller waits for it (up to a lease).
-    Caller(Instant),
-    /// A task of its own, after the caller left.
-    Background(Instant),
-}
-
-/// The longest pause between attempts to store a result.
-const MAX_PAUSE: Duration = Duration::from_secs(1);
-
-/// Stores a result. The body has run, so a result left unstored would let a later call run it
-/// again once the lease runs out: a store error (a dropped connection, a restarting server) is
-/// retried with backoff until `until`. Retrying is safe: a stale token changes nothing
-/// (fencing), and a retry that finds the key already completed under this call's own token
-/// means an earlier attempt was stored but its reply was lost. A full store
-/// ([`Error::StoreFull`]) ends the attempts of a caller at once (`background`: keep trying).
-pub(super) async fn complete(
-    store: &dyn Store,
-    key: &StorageKey,
-    token: FencingToken,
-    record: &[u8],
-    ttl: Duration,
-    mut attempted: bool,
-    patience: Patience,
-) -> Result<()> {
-    let (Patience::Caller(until) | Patience::Background(until)) = patience;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        let error = match store.complete(key, token, record, ttl).await {
-            Ok(()) => return Ok(()),
-            Err(Error::LeaseLost) if attempted => match store.get(key).await {
-                Ok(Some(StoredRecord {
-                    state: RecordState::Completed { token: t, .. },
-                    ..
-                })) if t == token => return Ok(()),
-                Ok(_) => return Err(Error::LeaseLost),
-                Err(e) => e,
-            },
-            Err(e @ Error::LeaseLost) => return Err(e),
-            // A full store stays full for longer than a caller should wait: a caller gets its
-            // result back at once; the background keeps trying, at the longest pause.
-            Err(e @ Error::StoreFull { .. }) => {
-                if let Patience::Caller(_) = patience {
-                    return Err(e);
-                }
-                pause = MAX_PAUSE;
-                e
-            }
-            Err(e) => e,
-        };
-        attempted = true;
-        if Instant::now() + pause >= until {
-            return Err(error);
-        }
-        bump(&COUNTERS.store_errors);
-        tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
-            "could not store the result; retrying");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(MAX_PAUSE);
-    }
 }

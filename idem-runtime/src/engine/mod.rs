@@ -6,6 +6,8 @@
 //! - `claim`: claiming a key (waiting for a holder) and replaying a stored result;
 //! - `finish`: running the body under the claim and storing, releasing or recording what
 //!   became of it;
+//! - `storing`: the one rule for writing an outcome whose body has run (retries, a full store),
+//!   used in the caller and in the background;
 //! - `background`: the one place work that outlives the caller is spawned (renewal, storing
 //!   after the caller left, releasing from a destructor).
 //!
@@ -29,6 +31,7 @@ mod call;
 mod claim;
 mod finish;
 mod policy;
+mod storing;
 
 #[cfg(feature = "http")]
 pub(crate) use background::Abandoned;

@@ -1,0 +1,75 @@
+//! Storing an outcome: the one rule for retrying a write whose body has run, used by the
+//! caller and by the background alike.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::key::StorageKey;
+use crate::metrics::{bump, COUNTERS};
+use crate::store::{FencingToken, RecordState, Store, StoredRecord};
+
+/// Who is storing a result, and until when to keep trying.
+#[derive(Clone, Copy)]
+pub(super) enum Patience {
+    /// The caller waits for it (up to a lease).
+    Caller(Instant),
+    /// A task of its own, after the caller left.
+    Background(Instant),
+}
+
+/// The longest pause between attempts to store a result.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Stores a result. The body has run, so a result left unstored would let a later call run it
+/// again once the lease runs out: a store error (a dropped connection, a restarting server) is
+/// retried with backoff until `until`. Retrying is safe: a stale token changes nothing
+/// (fencing), and a retry that finds the key already completed under this call's own token
+/// means an earlier attempt was stored but its reply was lost. A full store
+/// ([`Error::StoreFull`]) ends the attempts of a caller at once (`background`: keep trying).
+pub(super) async fn complete(
+    store: &dyn Store,
+    key: &StorageKey,
+    token: FencingToken,
+    record: &[u8],
+    ttl: Duration,
+    mut attempted: bool,
+    patience: Patience,
+) -> Result<()> {
+    let (Patience::Caller(until) | Patience::Background(until)) = patience;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let error = match store.complete(key, token, record, ttl).await {
+            Ok(()) => return Ok(()),
+            Err(Error::LeaseLost) if attempted => match store.get(key).await {
+                Ok(Some(StoredRecord {
+                    state: RecordState::Completed { token: t, .. },
+                    ..
+                })) if t == token => return Ok(()),
+                Ok(_) => return Err(Error::LeaseLost),
+                Err(e) => e,
+            },
+            Err(e @ Error::LeaseLost) => return Err(e),
+            // A full store stays full for longer than a caller should wait: a caller gets its
+            // result back at once; the background keeps trying, at the longest pause.
+            Err(e @ Error::StoreFull { .. }) => {
+                if let Patience::Caller(_) = patience {
+                    return Err(e);
+                }
+                pause = MAX_PAUSE;
+                e
+            }
+            Err(e) => e,
+        };
+        attempted = true;
+        if Instant::now() + pause >= until {
+            return Err(error);
+        }
+        bump(&COUNTERS.store_errors);
+        tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
+            "could not store the result; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
