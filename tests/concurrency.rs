@@ -112,7 +112,12 @@ static PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
 /// (on a task of its own).
 #[idempotent(key = "boom", store = store.clone(), skip(store), lease = "60s", on_conflict = "wait", wait = "10s")]
 async fn panics_first(store: Arc<MemoryStore>) -> Result<u32, AppError> {
-    if PANIC_RUNS.fetch_add(1, SeqCst) == 0 {
+    panic_on_first_run(&PANIC_RUNS)
+}
+
+/// The body of the `panics_first*` functions: counts its run in `runs`, panics in the first.
+fn panic_on_first_run(runs: &AtomicUsize) -> Result<u32, AppError> {
+    if runs.fetch_add(1, SeqCst) == 0 {
         panic!("the first run panics");
     }
     Ok(7)
@@ -139,10 +144,7 @@ static RERUN_PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
 
 #[idempotent(key = "boom", store = store.clone(), skip(store), lease = "60s", on_unknown = "rerun", on_conflict = "wait", wait = "10s")]
 async fn panics_first_rerun(store: Arc<MemoryStore>) -> Result<u32, AppError> {
-    if RERUN_PANIC_RUNS.fetch_add(1, SeqCst) == 0 {
-        panic!("the first run panics");
-    }
-    Ok(7)
+    panic_on_first_run(&RERUN_PANIC_RUNS)
 }
 
 #[tokio::test]

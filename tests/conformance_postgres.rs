@@ -64,6 +64,12 @@ async fn acquire(
     }
 }
 
+/// Claims `key` (fingerprint 1) and completes it with [`record`] of its token.
+async fn acquire_and_complete(store: &dyn Store, key: &StorageKey) {
+    let t = acquire(store, key, 1, LONG).await;
+    store.complete(key, t, &record(t.0), LONG).await.unwrap();
+}
+
 /// Runs `sql` on the store's own table through a separate connection (`{t}` = the table).
 async fn sql(store: &PostgresStore, sql: &str) -> Vec<tokio_postgres::Row> {
     let (schema, table) = store.table().split_once('.').unwrap();
@@ -164,8 +170,7 @@ async fn hits_draw_no_tokens() {
         return;
     };
     let k = key("hits");
-    let t = acquire(&store, &k, 1, LONG).await;
-    store.complete(&k, t, &record(t.0), LONG).await.unwrap();
+    acquire_and_complete(&store, &k).await;
     let before = seq_and_xmin(&store).await;
     for _ in 0..20 {
         assert!(matches!(
@@ -312,8 +317,7 @@ async fn altered_rows_are_errors_not_panics() {
         return;
     };
     let k = key("altered");
-    let t = acquire(&store, &k, 1, LONG).await;
-    store.complete(&k, t, &record(t.0), LONG).await.unwrap();
+    acquire_and_complete(&store, &k).await;
 
     sql(&store, "UPDATE {t} SET record = NULL").await;
     assert!(matches!(
@@ -540,8 +544,7 @@ async fn recovers_when_the_server_comes_back() {
         };
         assert!(matches!(got, Claim::Completed(_)), "round {round}: {got:?}");
         let k = key(&format!("after{round}"));
-        let t = acquire(&store, &k, 1, LONG).await;
-        store.complete(&k, t, &record(t.0), LONG).await.unwrap();
+        acquire_and_complete(&store, &k).await;
     }
 }
 

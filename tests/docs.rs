@@ -1,6 +1,7 @@
 //! The argument tables of the README and of the crate docs list exactly the attribute's
-//! arguments, in the order of the attribute's own docs (`idem-macros/src/lib.rs`, which a unit
-//! test of `idem-macros` checks against the parser's table): three tables, one list.
+//! arguments, in the order of the attribute's own docs (`idem-macros/src/lib.rs`), which is the
+//! order of the parser's table as its "expected one of" error lists it (the error
+//! `tests/ui/unknown-argument.stderr` holds, and `tests/ui.rs` checks): three tables, one list.
 
 /// The argument names in the first column of the markdown table under `header`, each line
 /// stripped of `prefix` (`//! ` for crate docs).
@@ -36,10 +37,24 @@ fn arguments(text: &str, prefix: &str) -> Vec<String> {
     names
 }
 
+/// The argument names the parser knows, in its table's order: the list of its "expected one of"
+/// error.
+fn parser_arguments() -> Vec<String> {
+    let error = include_str!("ui/unknown-argument.stderr");
+    let list = error
+        .lines()
+        .find_map(|l| l.split_once("expected one of ").map(|(_, list)| list))
+        .expect("an \"expected one of\" list");
+    list.split(", ")
+        .map(|name| name.trim_matches('`').to_string())
+        .collect()
+}
+
 #[test]
 fn readme_and_crate_docs_list_every_argument() {
     let attribute = arguments(include_str!("../idem-macros/src/lib.rs"), "/// ");
     assert!(attribute.len() >= 17, "{attribute:?}");
+    assert_eq!(attribute, parser_arguments(), "idem-macros/src/lib.rs");
     assert_eq!(
         arguments(include_str!("../README.md"), ""),
         attribute,

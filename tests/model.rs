@@ -874,9 +874,7 @@ async fn run_case(
     }
     let mut t = totals.lock().unwrap();
     t.cases += 1;
-    for (k, v) in h.stats.ops {
-        *t.ops.entry(k).or_default() += v;
-    }
+    add_counts(&mut t.ops, h.stats.ops);
     t.acquired += h.stats.acquired;
     t.takeovers += h.stats.takeovers;
     t.takeovers_of_other_fp += h.stats.takeovers_of_other_fp;
@@ -884,12 +882,8 @@ async fn run_case(
     t.late_replays_checked += h.stats.late_replays_checked;
     t.stale_refused += h.stats.stale_refused;
     t.taken_over_refused += h.stats.taken_over_refused;
-    for (k, v) in h.stats.accepted {
-        *t.accepted.entry(k).or_default() += v;
-    }
-    for (k, v) in h.stats.accepted_late {
-        *t.accepted_late.entry(k).or_default() += v;
-    }
+    add_counts(&mut t.accepted, h.stats.accepted);
+    add_counts(&mut t.accepted_late, h.stats.accepted_late);
     t.lapsed_gets += h.stats.lapsed_gets;
     t.lapsed_purges += h.stats.lapsed_purges;
     t.key_reuses += h.stats.key_reuses;
@@ -899,6 +893,13 @@ async fn run_case(
     t.races_with_one_winner += h.stats.races_with_one_winner;
     t.shapes.insert(hasher.finish());
     Ok(())
+}
+
+/// Adds the counts of `from` to those of `into`, name by name.
+fn add_counts(into: &mut BTreeMap<&'static str, u64>, from: BTreeMap<&'static str, u64>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
 }
 
 fn report(name: &str, t: &Stats) {

@@ -11,7 +11,8 @@
 //!
 //! Each test is written once over a store URL and instantiated for SQLite (a fresh file) and,
 //! with their features, for Redis (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`) and
-//! PostgreSQL (`IDEM_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`), which
+//! PostgreSQL (`IDEM_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`), and a
+//! Redis Cluster (`IDEM_REDIS_CLUSTER_URL`, the nodes `.ci/redis-cluster` starts), which
 //! are skipped with a message when unreachable unless `IDEM_REQUIRE_SERVICES=1`. Every run uses
 //! a random scope, so runs never share records in a shared server.
 #![cfg(all(feature = "sqlite", unix))]
@@ -20,11 +21,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use idem_support::process;
 use idempotency::Operation;
 use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
 use rand::seq::SliceRandom;
@@ -237,42 +239,15 @@ impl Worker {
 
     /// Waits for the next report of `kind` (reports of other kinds are kept for [`finish`]).
     fn wait_for(&mut self, kind: &str, deadline: Instant) -> String {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((k, payload)) => {
-                    self.seen.push((k.clone(), payload.clone()));
-                    if k == kind {
-                        return payload;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.fail(format_args!("no `{kind}` report in time"))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.fail(format_args!("ended without a `{kind}` report"))
-                }
-            }
-        }
+        process::next_report(&self.lines, &mut self.seen, kind, deadline)
+            .unwrap_or_else(|what| self.fail(&what))
     }
 
     /// Waits for the process to exit successfully, and returns all it reported.
     fn finish(mut self, deadline: Instant) -> Finished {
-        let status = loop {
-            match self.child.try_wait().expect("try_wait") {
-                Some(status) => break status,
-                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-                None => self.fail("still running at the deadline"),
-            }
-        };
+        let status = process::exit_by(&mut self.child, &self.lines, &mut self.seen, deadline)
+            .unwrap_or_else(|| self.fail("still running at the deadline"));
         self.reaped = true;
-        // The pipes close with the process; the reader threads end.
-        while let Ok(report) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(report);
-        }
         if !status.success() {
             self.fail(format_args!("exited with {status}"));
         }
@@ -290,43 +265,13 @@ impl Worker {
 
     /// Sends `signal` to the process.
     fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) with the pid of our own unreaped child and a valid signal number.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({}, {signal}): {}",
-            self.pid(),
-            std::io::Error::last_os_error()
-        );
+        process::signal(self.pid(), signal);
     }
 
     /// Waits until the process is stopped (after SIGSTOP), without reaping it.
     fn wait_stopped(&mut self, deadline: Instant) {
-        loop {
-            // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid(2); WNOWAIT leaves
-            // the child's state to be collected later by `Child::wait`.
-            let (rc, code, pid) = unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                let rc = libc::waitid(
-                    libc::P_PID,
-                    self.pid() as libc::id_t,
-                    &mut info,
-                    libc::WSTOPPED | libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-                );
-                (rc, info.si_code, info.si_pid())
-            };
-            assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
-            if pid == self.pid() {
-                if code != libc::CLD_STOPPED {
-                    self.fail(format_args!("ended (si_code {code}) instead of stopping"));
-                }
-                return;
-            }
-            if Instant::now() >= deadline {
-                self.fail("not stopped in time");
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if let Err(what) = process::wait_stopped(self.pid(), deadline) {
+            self.fail(&what);
         }
     }
 
@@ -764,5 +709,13 @@ over_store!(
     super::url_from(
         "IDEM_POSTGRES_URL",
         "postgres://postgres@127.0.0.1:5432/test"
+    )
+);
+#[cfg(feature = "redis")]
+over_store!(
+    redis_cluster,
+    super::url_from(
+        "IDEM_REDIS_CLUSTER_URL",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
     )
 );

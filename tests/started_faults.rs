@@ -55,11 +55,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use idem_support::process;
 use idempotency::postgres::tokio_postgres;
 use idempotency::{
     idempotent, CallContext, Error, PostgresStore, RecordState, RedisStore, StorageKey, Store,
@@ -749,39 +750,15 @@ impl Worker {
 
     /// Waits for the next report of `kind`.
     fn wait_for(&mut self, kind: &str, deadline: Instant) -> String {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((k, payload)) => {
-                    self.seen.push((k.clone(), payload.clone()));
-                    if k == kind {
-                        return payload;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => self.fail(&format!("no `{kind}` report in time")),
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.fail(&format!("ended without a `{kind}` report"))
-                }
-            }
-        }
+        process::next_report(&self.lines, &mut self.seen, kind, deadline)
+            .unwrap_or_else(|what| self.fail(&what))
     }
 
     /// Waits for the process to exit successfully; returns every report.
     fn finish(mut self, deadline: Instant) -> Vec<(String, String)> {
-        let status = loop {
-            match self.child.try_wait().expect("try_wait") {
-                Some(status) => break status,
-                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-                None => self.fail("still running at the deadline"),
-            }
-        };
+        let status = process::exit_by(&mut self.child, &self.lines, &mut self.seen, deadline)
+            .unwrap_or_else(|| self.fail("still running at the deadline"));
         self.reaped = true;
-        while let Ok(report) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(report);
-        }
         if !status.success() {
             self.fail(&format!("exited with {status}"));
         }
@@ -789,37 +766,13 @@ impl Worker {
     }
 
     fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) with the pid of our own unreaped child and a valid signal number.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+        process::signal(self.pid(), signal);
     }
 
     /// Waits until the process is stopped (after SIGSTOP), without reaping it.
     fn wait_stopped(&mut self, deadline: Instant) {
-        loop {
-            // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid(2); WNOWAIT leaves
-            // the child's state to be collected later.
-            let (rc, code, pid) = unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                let rc = libc::waitid(
-                    libc::P_PID,
-                    self.pid() as libc::id_t,
-                    &mut info,
-                    libc::WSTOPPED | libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-                );
-                (rc, info.si_code, info.si_pid())
-            };
-            assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
-            if pid == self.pid() {
-                if code != libc::CLD_STOPPED {
-                    self.fail(&format!("ended (si_code {code}) instead of stopping"));
-                }
-                return;
-            }
-            if Instant::now() >= deadline {
-                self.fail("not stopped in time");
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if let Err(what) = process::wait_stopped(self.pid(), deadline) {
+            self.fail(&what);
         }
     }
 
@@ -1203,13 +1156,29 @@ async fn redis_down(ends: BodyEnds, retry: Retry) {
                 Err(e) => panic!("{tag} the retry: {e:?}"),
             }
         };
-        println!(
-            "{tag} first caller Ok({value}), retry Ok({again}), charges {}",
-            ledger.charges.load(SeqCst)
+        assert_replayed(
+            &tag,
+            format_args!("first caller Ok({value}), retry Ok({again})"),
+            &value,
+            &again,
+            &ledger.charges,
         );
-        assert_eq!(again, value, "{tag} the retry replays, not a new payment");
-        assert_eq!(ledger.charges.load(SeqCst), 1, "{tag} one charge");
     }
+}
+
+/// Prints what a scenario saw (`seen`) and the charges, then checks that the retry replayed the
+/// first caller's result (`again == value`) and that the body charged once in all.
+fn assert_replayed<T: PartialEq + std::fmt::Debug>(
+    tag: &str,
+    seen: std::fmt::Arguments<'_>,
+    value: &T,
+    again: &T,
+    charges: &AtomicUsize,
+) {
+    let charges = charges.load(SeqCst);
+    println!("{tag} {seen}; charges {charges}");
+    assert_eq!(again, value, "{tag} the retry replays, not a new payment");
+    assert_eq!(charges, 1, "{tag} one charge");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1317,12 +1286,13 @@ async fn blocked_thread(backend: Backend) {
             .expect("the first call's task")
             .expect("the first caller gets Ok");
         let again = call().await.expect("a retry replays");
-        println!(
-            "{tag} {tries} tries during the block got InFlight ({past_lease} past the lease); first Ok({value}), retry Ok({again}); charges {}",
-            ledger.charges.load(SeqCst)
+        assert_replayed(
+            &tag,
+            format_args!("{tries} tries during the block got InFlight ({past_lease} past the lease); first Ok({value}), retry Ok({again})"),
+            &value,
+            &again,
+            &ledger.charges,
         );
-        assert_eq!(again, value, "{tag}");
-        assert_eq!(ledger.charges.load(SeqCst), 1, "{tag} one charge");
     }
 }
 

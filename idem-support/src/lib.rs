@@ -1,7 +1,7 @@
 //! Fixtures shared by the tests, benches and `examples/bench_report` of `idempotency` (not
 //! published): the rule for unreachable services, probes and fresh stores of each backend, a
 //! private `redis-server`, PostgreSQL schemas and databases of a run's own, Redis `MONITOR`
-//! and PostgreSQL statement counting, a slow TCP proxy, and the bench workload.
+//! and PostgreSQL statement counting, a slow TCP proxy, worker processes, and the bench workload.
 //!
 //! The backends' parts follow the features of the same names (`sqlite`, `redis`, `postgres`),
 //! which the facade's features of those names turn on for its tests.
@@ -19,6 +19,8 @@ pub mod monitor;
 pub mod postgres;
 #[cfg(all(feature = "redis", unix))]
 mod private_redis;
+#[cfg(unix)]
+pub mod process;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod slow_proxy;

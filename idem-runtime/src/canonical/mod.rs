@@ -282,35 +282,28 @@ impl<'a, W: Write> Object<'a, W> {
     }
 }
 
-impl<W: Write> ser::SerializeStruct for Object<'_, W> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Error> {
-        self.member(std::borrow::Cow::Borrowed(key), value)
-    }
-    fn end(self) -> Result<(), Error> {
-        self.finish()
-    }
+/// A struct and a struct variant are both written as an object of their fields (`finish` also
+/// closes a variant's wrapping object): one impl serves both traits.
+macro_rules! struct_fields_as_members {
+    ($($serialize:ident),+) => {$(
+        impl<W: Write> ser::$serialize for Object<'_, W> {
+            type Ok = ();
+            type Error = Error;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), Error> {
+                self.member(std::borrow::Cow::Borrowed(key), value)
+            }
+            fn end(self) -> Result<(), Error> {
+                self.finish()
+            }
+        }
+    )+};
 }
 
-impl<W: Write> ser::SerializeStructVariant for Object<'_, W> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Error> {
-        self.member(std::borrow::Cow::Borrowed(key), value)
-    }
-    fn end(self) -> Result<(), Error> {
-        self.finish()
-    }
-}
+struct_fields_as_members!(SerializeStruct, SerializeStructVariant);
 
 impl<W: Write> ser::SerializeMap for Object<'_, W> {
     type Ok = ();
