@@ -28,10 +28,12 @@
 //! The cluster is `IDEM_REDIS_CLUSTER_URL` (default
 //! `redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002`, as `.ci/redis-cluster`
 //! starts it); its nodes must be on loopback, with pid files this user can read. Unreachable,
-//! the tests print why and pass, unless `IDEM_REQUIRE_SERVICES=1`. `IDEM_FAILOVERS` (default
-//! 1) sets the failovers per mode and setting, `IDEM_FAILOVER_BASELINE_SECS` (default 5) the
-//! length of the baseline. The cluster is left healthy (every node up, `cluster_state:ok`, every
-//! replica in sync) even when a test fails.
+//! the tests print why and pass, unless `IDEM_REQUIRE_SERVICES=1`. The number of failovers per
+//! mode and setting is `IDEM_FAILOVERS` (default 1), the length of the baseline
+//! `IDEM_FAILOVER_BASELINE_SECS` (default 5); `IDEM_FAILOVER_TRACE=1` also writes every store
+//! operation to the ledger and shows them in the printed examples of keys whose body ran twice.
+//! The cluster is left healthy (every node up, `cluster_state:ok`, every replica in sync) even
+//! when a test fails.
 #![cfg(all(feature = "redis", unix))]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -47,7 +49,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idempotency::redis::{redis, RedisOptions, DEFAULT_PREFIX};
-use idempotency::{Call, Error, ErrorPolicy, RedisStore, StorageKey, Store};
+use idempotency::{
+    Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, RecordState, RedisStore,
+    StorageKey, Store, StoredRecord,
+};
 
 /// The environment variable that makes the `worker` test a worker, with its index.
 const ROLE: &str = "IDEM_FAILOVER_WORKER";
@@ -73,7 +78,8 @@ const WARMUP: Duration = Duration::from_millis(1500);
 const SETTLE: Duration = Duration::from_millis(1500);
 /// The bounds of each step of a failover.
 const PROMOTION_BOUND: Duration = Duration::from_secs(20);
-const REJOIN_BOUND: Duration = Duration::from_secs(60);
+/// A rejoining node needs a full resync: 5 s of `repl-diskless-sync-delay`, then the data.
+const REJOIN_BOUND: Duration = Duration::from_secs(120);
 const SLOTS: u16 = 16384;
 
 /// The tests share one cluster and fault it: one at a time.
@@ -103,8 +109,9 @@ impl Setting {
         }
     }
 
-    fn options(self) -> RedisOptions {
-        let options = RedisOptions::new().prefix(DEFAULT_PREFIX);
+    /// The store's options; every run has a prefix of its own, removed at its end.
+    fn options(self, prefix: &str) -> RedisOptions {
+        let options = RedisOptions::new().prefix(prefix);
         match self {
             Setting::Default => options,
             Setting::Wait => options.wait_for_replicas(1, Duration::from_millis(100)),
@@ -196,6 +203,11 @@ fn report(kind: &str, payload: impl std::fmt::Display) {
     println!("\n{MARK}{kind} {payload}");
 }
 
+/// The key prefix of a run's records.
+fn run_prefix(run: &str) -> String {
+    format!("idem-failover-{run}")
+}
+
 fn now_us() -> u64 {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -227,8 +239,8 @@ impl Ledger {
 
 struct Worker {
     index: usize,
-    store: RedisStore,
-    ledger: Ledger,
+    store: Arc<dyn Store>,
+    ledger: Arc<Ledger>,
     run: String,
     stopping: AtomicBool,
 }
@@ -239,13 +251,23 @@ async fn worker_main(index: usize) {
     let go = PathBuf::from(var("IDEM_FAILOVER_GO"));
     let stop = PathBuf::from(var("IDEM_FAILOVER_STOP"));
     let end_us: u64 = var("IDEM_FAILOVER_END_US").parse().expect("an end time");
-    let store = RedisStore::connect_with(&url, &setting.options())
+    let prefix = run_prefix(&var("IDEM_FAILOVER_RUN"));
+    let store = RedisStore::connect_with(&url, &setting.options(&prefix))
         .await
         .unwrap_or_else(|e| panic!("worker {index} cannot connect to `{url}`: {e}"));
+    let ledger = Arc::new(Ledger::open(Path::new(&var("IDEM_FAILOVER_LEDGER"))));
+    let store: Arc<dyn Store> = if std::env::var("IDEM_FAILOVER_TRACE").is_ok_and(|v| v == "1") {
+        Arc::new(Traced {
+            inner: store,
+            ledger: ledger.clone(),
+        })
+    } else {
+        Arc::new(store)
+    };
     let worker = Arc::new(Worker {
         index,
         store,
-        ledger: Ledger::open(Path::new(&var("IDEM_FAILOVER_LEDGER"))),
+        ledger,
         run: var("IDEM_FAILOVER_RUN"),
         stopping: AtomicBool::new(false),
     });
@@ -326,6 +348,129 @@ async fn call_once(worker: &Worker, key: &str) {
     worker
         .ledger
         .line(&format!("o {key} {w} {kind} {value} {begin} {end}\n"));
+}
+
+/// With `IDEM_FAILOVER_TRACE=1`, the workers' store: a `RedisStore` that also writes each
+/// store operation to the ledger (`x <storage key> <operation> <result> <begin> <end>`), for
+/// the examples the parent prints. Off by default: the figures are measured without it.
+struct Traced {
+    inner: RedisStore,
+    ledger: Arc<Ledger>,
+}
+
+impl Traced {
+    fn log<T>(
+        &self,
+        key: &StorageKey,
+        op: &str,
+        begin: u64,
+        out: &Result<T, Error>,
+        ok: impl Fn(&T) -> String,
+    ) {
+        let result = match out {
+            Ok(value) => ok(value),
+            Err(e) => classify(e),
+        };
+        self.ledger.line(&format!(
+            "x {} {op} {result} {begin} {}\n",
+            key.as_str(),
+            now_us()
+        ));
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Traced {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn durable(&self) -> bool {
+        self.inner.durable()
+    }
+
+    fn notifies_changes(&self) -> bool {
+        self.inner.notifies_changes()
+    }
+
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        let begin = now_us();
+        let out = self.inner.claim(key, fingerprint, lease).await;
+        self.log(key, "claim", begin, &out, |claim| match claim {
+            Claim::Acquired { token, takeover } => format!("acquired:{}:{takeover}", token.0),
+            Claim::Completed(_) => "completed".to_owned(),
+            other => format!("{other:?}"),
+        });
+        out
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let begin = now_us();
+        let out = self.inner.complete(key, token, record, ttl).await;
+        self.log(key, &format!("complete:{}", token.0), begin, &out, |()| {
+            "ok".to_owned()
+        });
+        out
+    }
+
+    async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<(), Error> {
+        let begin = now_us();
+        let out = self.inner.release(key, token).await;
+        self.log(key, &format!("release:{}", token.0), begin, &out, |()| {
+            "ok".to_owned()
+        });
+        out
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), Error> {
+        let begin = now_us();
+        let out = self.inner.renew(key, token, lease).await;
+        self.log(key, &format!("renew:{}", token.0), begin, &out, |()| {
+            "ok".to_owned()
+        });
+        out
+    }
+
+    async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>, Error> {
+        let begin = now_us();
+        let out = self.inner.get(key).await;
+        self.log(key, "get", begin, &out, |record| match record {
+            None => "none".to_owned(),
+            Some(StoredRecord {
+                state: RecordState::InFlight { token },
+                ..
+            }) => format!("in_flight:{}", token.0),
+            Some(StoredRecord {
+                state: RecordState::Completed { token, .. },
+                ..
+            }) => format!("completed:{}", token.0),
+        });
+        out
+    }
+
+    async fn purge_expired(&self) -> Result<u64, Error> {
+        self.inner.purge_expired().await
+    }
+
+    async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
+        self.inner.wait_for_change(key, max).await
+    }
 }
 
 /// What a fence body returns: always `Err`, so that the claim is released and the next call
@@ -572,7 +717,8 @@ fn alive(pid: libc::pid_t) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses.
         Ok(stat) => !matches!(
-            stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()),
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
             Some(Some('Z' | 'X'))
         ),
         Err(_) => false,
@@ -599,15 +745,21 @@ struct Cluster {
     masters: usize,
 }
 
-/// Sends one command to one node (never to a paused one: it would not answer).
-fn query<T: redis::FromRedisValue>(addr: &str, args: &[&str]) -> Result<T, String> {
+/// A connection to one node (never to a paused one: it would not answer).
+fn connect(addr: &str) -> Result<redis::Connection, String> {
     let client = redis::Client::open(format!("redis://{addr}")).map_err(|e| e.to_string())?;
-    let mut con = client
+    let con = client
         .get_connection_with_timeout(Duration::from_secs(1))
         .map_err(|e| format!("{addr}: {e}"))?;
-    con.set_read_timeout(Some(Duration::from_secs(2)))
-        .and_then(|()| con.set_write_timeout(Some(Duration::from_secs(2))))
+    con.set_read_timeout(Some(Duration::from_secs(5)))
+        .and_then(|()| con.set_write_timeout(Some(Duration::from_secs(5))))
         .map_err(|e| format!("{addr}: {e}"))?;
+    Ok(con)
+}
+
+/// Sends one command to one node.
+fn query<T: redis::FromRedisValue>(addr: &str, args: &[&str]) -> Result<T, String> {
+    let mut con = connect(addr)?;
     let mut cmd = redis::cmd(args[0]);
     for arg in &args[1..] {
         cmd.arg(*arg);
@@ -740,7 +892,11 @@ impl Cluster {
     /// The node list as seen by the first node that answers, other than `except`.
     fn view(&self, except: Option<&str>) -> Result<(String, Vec<NodeLine>), String> {
         let mut last = String::from("no node to ask");
-        for node in self.nodes.iter().filter(|n| Some(n.addr.as_str()) != except) {
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| Some(n.addr.as_str()) != except)
+        {
             match query::<String>(&node.addr, &["CLUSTER", "NODES"]) {
                 Ok(text) => return Ok((node.addr.clone(), parse_nodes(&text))),
                 Err(e) => last = e,
@@ -845,6 +1001,44 @@ impl Cluster {
         }
     }
 
+    /// Removes the keys under `prefix` from every master (and so from their replicas); returns
+    /// how many.
+    fn remove_keys(&self, prefix: &str) -> Result<u64, String> {
+        let (_, lines) = self.view(None)?;
+        let mut removed = 0;
+        for master in lines
+            .iter()
+            .filter(|l| l.is_master() && !l.slots.is_empty())
+        {
+            let mut con = connect(&master.addr)?;
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}:*"))
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query(&mut con)
+                    .map_err(|e| format!("{} SCAN: {e}", master.addr))?;
+                // One key per UNLINK: the keys of a node are in many slots.
+                let mut unlink = redis::pipe();
+                for key in &keys {
+                    unlink.cmd("UNLINK").arg(key).ignore();
+                }
+                unlink
+                    .query::<()>(&mut con)
+                    .map_err(|e| format!("{} UNLINK: {e}", master.addr))?;
+                removed += keys.len() as u64;
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// SIGKILLs the node and waits until it is gone.
     fn kill(&self, node: &Node) -> Result<(), String> {
         let pid = node.pid()?;
@@ -852,7 +1046,10 @@ impl Cluster {
         let start = Instant::now();
         while alive(pid) {
             if start.elapsed() > Duration::from_secs(5) {
-                return Err(format!("{} (pid {pid}) still alive after SIGKILL", node.addr));
+                return Err(format!(
+                    "{} (pid {pid}) still alive after SIGKILL",
+                    node.addr
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -905,6 +1102,23 @@ impl Restore<'_> {
             }
         }
         self.cluster.wait_healthy(REJOIN_BOUND).map(drop)
+    }
+}
+
+/// Removes a run's records from the cluster at its end, also when the test fails.
+struct RemoveKeys<'a> {
+    cluster: &'a Cluster,
+    prefix: String,
+}
+
+impl Drop for RemoveKeys<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.cluster.remove_keys(&self.prefix) {
+            eprintln!(
+                "WARNING: could not remove the keys under `{}`: {e}",
+                self.prefix
+            );
+        }
     }
 }
 
@@ -1008,7 +1222,10 @@ impl Process {
         if !status.success() {
             return Err(format!("worker {} exited with {status}", self.index));
         }
-        calls.trim().parse().map_err(|e| format!("`done {calls}`: {e}"))
+        calls
+            .trim()
+            .parse()
+            .map_err(|e| format!("`done {calls}`: {e}"))
     }
 }
 
@@ -1030,8 +1247,10 @@ struct Fault {
     promotion: Duration,
     rejoined: Duration,
     /// From the fault to the end of the first successful call on the failed shard that began
-    /// after the fault (from the ledger).
+    /// after the fault (from the ledger): any result (a replay needs only a read), and a new
+    /// body run (a claim, a write, and with `wait` its replication).
     recovered: Option<Duration>,
+    recovered_write: Option<Duration>,
     /// Fence keys of the failed shard with a body started before the fault and one whose call
     /// began after it.
     bridged: usize,
@@ -1084,6 +1303,7 @@ fn failover(
         promotion,
         rejoined,
         recovered: None,
+        recovered_write: None,
         bridged: 0,
     })
 }
@@ -1091,7 +1311,10 @@ fn failover(
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("${name} is not a number")))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("${name} is not a number"))
+        })
         .unwrap_or(default)
 }
 
@@ -1104,11 +1327,12 @@ fn run(cluster: &Cluster, mode: Mode, setting: Setting, failovers: u64) -> Row {
     let ledger = dir.path().join("ledger");
     let (go, stop) = (dir.path().join("go"), dir.path().join("stop"));
     // A backstop for the workers: every step below is bounded well within it.
-    let bound = Duration::from_secs(120 + 100 * failovers);
+    let bound = Duration::from_secs(120 + 160 * failovers);
+    let run_id = format!("{:016x}", rand::random::<u64>());
     let vars = [
         ("IDEM_FAILOVER_URL", cluster.url.clone()),
         ("IDEM_FAILOVER_SETTING", setting.name().to_owned()),
-        ("IDEM_FAILOVER_RUN", format!("{:016x}", rand::random::<u64>())),
+        ("IDEM_FAILOVER_RUN", run_id.clone()),
         ("IDEM_FAILOVER_LEDGER", ledger.display().to_string()),
         ("IDEM_FAILOVER_GO", go.display().to_string()),
         ("IDEM_FAILOVER_STOP", stop.display().to_string()),
@@ -1118,14 +1342,17 @@ fn run(cluster: &Cluster, mode: Mode, setting: Setting, failovers: u64) -> Row {
         ),
     ];
     let mut problems = Vec::new();
+    // Dropped in reverse order: the workers end, the cluster heals, the records go.
+    let _remove_keys = RemoveKeys {
+        cluster,
+        prefix: run_prefix(&run_id),
+    };
     let mut restore = Restore {
         cluster,
         stopped: None,
         killed: None,
     };
-    let mut workers: Vec<Process> = (0..PROCESSES)
-        .map(|i| Process::spawn(i, &vars))
-        .collect();
+    let mut workers: Vec<Process> = (0..PROCESSES).map(|i| Process::spawn(i, &vars)).collect();
     for w in &mut workers {
         if let Err(e) = w.wait_for("ready", Duration::from_secs(30)) {
             panic!("{e}");
@@ -1178,7 +1405,7 @@ fn run(cluster: &Cluster, mode: Mode, setting: Setting, failovers: u64) -> Row {
     };
     for (i, f) in row.faults.iter().enumerate() {
         println!(
-            "{} {} failover {}: master {} (slots {:?}) → {} promoted after {} ms; first successful call on its slots {}; rejoined, cluster healthy after {} ms; {} fence keys bridged it",
+            "{} {} failover {}: master {} (slots {:?}) → {} promoted after {} ms; on its slots the first result after {}, the first new body after {}; rejoined, cluster healthy after {} ms; {} fence keys bridged it",
             mode.name(),
             setting.name(),
             i + 1,
@@ -1187,9 +1414,18 @@ fn run(cluster: &Cluster, mode: Mode, setting: Setting, failovers: u64) -> Row {
             f.promoted,
             f.promotion.as_millis(),
             f.recovered
-                .map_or("none".to_owned(), |d| format!("after {} ms", d.as_millis())),
+                .map_or("none".to_owned(), |d| format!("{} ms", d.as_millis())),
+            f.recovered_write
+                .map_or("none".to_owned(), |d| format!("{} ms", d.as_millis())),
             f.rejoined.as_millis(),
             f.bridged,
+        );
+    }
+    for example in &row.analysis.examples {
+        println!(
+            "{} {} body ran twice: {example}",
+            mode.name(),
+            setting.name()
         );
     }
     row
@@ -1213,6 +1449,8 @@ struct KeyLog {
     /// The ledger index of the first outcome that returned a result (ran or replayed).
     first_result: Option<usize>,
     values: Vec<String>,
+    /// The ledger indexes of the key's lines.
+    lines: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -1234,6 +1472,8 @@ struct Analysis {
     /// Pairs of overlapping calls whose bodies started in the ledger in the other order than
     /// their tokens (allowed: neither call could see the other).
     overlapping_inversions: u64,
+    /// The ledger lines of a few keys whose body ran twice, times relative to the fault.
+    examples: Vec<String>,
     problems: Vec<String>,
 }
 
@@ -1241,12 +1481,24 @@ fn analyse(path: &Path, faults: &mut [Fault]) -> Analysis {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut keys: HashMap<&str, KeyLog> = HashMap::new();
     let mut open: HashMap<(&str, &str), (usize, u64)> = HashMap::new();
-    let mut results: Vec<(&str, u64, u64)> = Vec::new();
+    // Calls that returned a result: key, begin, end, whether the body ran in that call.
+    let mut results: Vec<(&str, u64, u64, bool)> = Vec::new();
     let mut a = Analysis::default();
     let number = |s: &str| -> u64 { s.parse().expect("a number in the ledger") };
-    for (idx, line) in text.lines().enumerate() {
+    let lines: Vec<&str> = text.lines().collect();
+    // The lines of the traced store (`IDEM_FAILOVER_TRACE=1`) by storage key.
+    let mut traced: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (idx, &line) in lines.iter().enumerate() {
         let f: Vec<&str> = line.split(' ').collect();
         let fence = f.get(1).is_some_and(|k| k.contains(":fence:"));
+        match f[..] {
+            ["x", hex, ..] => {
+                traced.entry(hex).or_default().push(idx);
+                continue;
+            }
+            [_, key, ..] => keys.entry(key).or_default().lines.push(idx),
+            _ => {}
+        }
         match f[..] {
             ["b", key, worker, us] => {
                 if open.insert((key, worker), (idx, number(us))).is_some() {
@@ -1286,7 +1538,7 @@ fn analyse(path: &Path, faults: &mut [Fault]) -> Analysis {
                     let log = keys.entry(key).or_default();
                     log.first_result.get_or_insert(idx);
                     log.values.push(value.to_owned());
-                    results.push((key, number(begin), number(end)));
+                    results.push((key, number(begin), number(end), kind == "ran"));
                 }
             }
             _ => a.problems.push(format!("unexpected ledger line `{line}`")),
@@ -1321,8 +1573,9 @@ fn analyse(path: &Path, faults: &mut [Fault]) -> Analysis {
         for value in &log.values {
             let token = value.split_once('/').and_then(|(_, t)| t.parse().ok());
             if !token.is_some_and(|t| tokens.contains(&t)) {
-                a.problems
-                    .push(format!("{key}: a call got `{value}`, which no body of it made"));
+                a.problems.push(format!(
+                    "{key}: a call got `{value}`, which no body of it made"
+                ));
             }
         }
     }
@@ -1330,15 +1583,26 @@ fn analyse(path: &Path, faults: &mut [Fault]) -> Analysis {
     let slots: Vec<u16> = if faults.is_empty() {
         Vec::new()
     } else {
-        results.iter().map(|&(key, _, _)| slot_of(key)).collect()
+        results.iter().map(|&(key, ..)| slot_of(key)).collect()
     };
     for fault in faults.iter_mut() {
-        fault.recovered = results
+        let after: Vec<(u64, bool)> = results
             .iter()
             .zip(&slots)
-            .filter(|&(&(_, begin, _), &slot)| begin >= fault.at_us && fault.covers(slot))
-            .map(|(&(_, _, end), _)| Duration::from_micros(end - fault.at_us))
-            .min();
+            .filter(|&(&(_, begin, _, _), &slot)| begin >= fault.at_us && fault.covers(slot))
+            .map(|(&(_, _, end, ran), _)| (end - fault.at_us, ran))
+            .collect();
+        fault.recovered = after
+            .iter()
+            .map(|&(us, _)| us)
+            .min()
+            .map(Duration::from_micros);
+        fault.recovered_write = after
+            .iter()
+            .filter(|&&(_, ran)| ran)
+            .map(|&(us, _)| us)
+            .min()
+            .map(Duration::from_micros);
         for (key, log) in keys.iter().filter(|(k, _)| k.contains(":fence:")) {
             if !fault.covers(slot_of(key)) {
                 continue;
@@ -1360,6 +1624,49 @@ fn analyse(path: &Path, faults: &mut [Fault]) -> Analysis {
                 }
             }
         }
+    }
+    let mut twice: Vec<(&str, &KeyLog)> = keys
+        .iter()
+        .filter(|(k, log)| !k.contains(":fence:") && log.starts.len() > 1)
+        .map(|(k, log)| (*k, log))
+        .collect();
+    twice.sort_by_key(|(_, log)| log.starts[0].idx);
+    for (key, log) in twice.iter().take(3) {
+        let first = log.starts[0].at_us;
+        let Some(fault) = faults
+            .iter()
+            .rev()
+            .find(|f| f.at_us <= first)
+            .or(faults.first())
+        else {
+            break;
+        };
+        let mut example = format!(
+            "key {key} (times in ms from the fault of {}):",
+            fault.victim
+        );
+        let hex = StorageKey::derive(SCOPE, key).expect("a valid key");
+        let mut shown = log.lines.clone();
+        shown.extend(traced.get(hex.as_str()).into_iter().flatten());
+        shown.sort_unstable();
+        for idx in shown {
+            // The times: the last field of `b` and `s` lines, the last two of `o` lines.
+            let words: Vec<&str> = lines[idx].split(' ').collect();
+            let times = if matches!(words[0], "o" | "x") { 2 } else { 1 };
+            let words: Vec<String> = words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| match w.parse::<i64>() {
+                    _ if i == 1 && words[0] == "x" => "(store)".to_owned(),
+                    Ok(us) if i + times >= words.len() => {
+                        format!("{:+.1}", (us - fault.at_us as i64) as f64 / 1000.0)
+                    }
+                    _ => (*w).to_owned(),
+                })
+                .collect();
+            let _ = write!(example, "\n    {}", words.join(" "));
+        }
+        a.examples.push(example);
     }
     a
 }
@@ -1433,7 +1740,7 @@ fn counts(map: &BTreeMap<String, u64>, leave_out: &[&str]) -> String {
 }
 
 impl Row {
-    const HEADER: &'static str = "| fault | setting | failovers | calls | calls/s | keys called twice | keys whose body ran twice | per 10k calls | results lost | errors returned | promotion ms (min / median / max) | first success on the failed shard ms | rejoined ms | fence bodies, token pairs checked, failovers bridged |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    const HEADER: &'static str = "| fault | setting | failovers | calls | calls/s | keys called twice | keys whose body ran twice | per 10k calls | per failover | results lost | errors returned | promotion ms (min / median / max) | first result on the failed shard ms | first new body there ms | rejoined ms | fence bodies, token pairs checked, failovers bridged |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
     fn line(&self) -> String {
         let a = &self.analysis;
@@ -1447,22 +1754,29 @@ impl Row {
             )
         };
         let per_10k = a.extra_bodies as f64 * 10_000.0 / (a.calls.max(1)) as f64;
+        let per_failover = if self.faults.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", a.extra_bodies as f64 / self.faults.len() as f64)
+        };
         let bridged = self.faults.iter().filter(|f| f.bridged > 0).count();
         format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {} ({} extra bodies) | {:.2} | {} | {} | {} | {} | {} | {}, {}, {}/{} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} ({} extra bodies) | {:.2} | {} | {} | {} | {} | {} | {} | {} | {}, {}, {}/{} |",
             self.mode.name(),
             self.setting.name(),
             self.faults.len(),
             a.calls,
-            (a.calls + a.fence_calls) as f64 / self.secs,
+            a.calls as f64 / self.secs,
             a.keys_called_twice,
             a.keys_run_twice,
             a.extra_bodies,
             per_10k,
+            per_failover,
             a.lost,
             counts(&a.outcomes, &["ran", "replay"]),
             ms(|f| Some(f.promotion)),
             ms(|f| f.recovered),
+            ms(|f| f.recovered_write),
             ms(|f| Some(f.rejoined)),
             a.fence_bodies,
             a.token_pairs,
@@ -1507,7 +1821,10 @@ impl Row {
             );
         }
         if self.mode == Mode::None {
-            assert_eq!(a.extra_bodies, 0, "{which}: bodies ran twice without a fault");
+            assert_eq!(
+                a.extra_bodies, 0,
+                "{which}: bodies ran twice without a fault"
+            );
         }
         // With faults, duplicates are measured and reported, not ruled out: a failover loses the
         // writes its replica had not received (see RELIABILITY.md).

@@ -3,14 +3,20 @@
 //! ```text
 //! cargo run --release --example bench_report --features redis,postgres         # a table
 //! cargo run --release --example bench_report --features redis,postgres -- --json
+//! cargo run --release --example bench_report --features redis,postgres -- wakeup  # section 5
 //! ```
 //!
 //! Sections: (1) the in-memory hit and miss paths against a plain call, the `cached` crate and
 //! a moka lookup; (2) contention; (3) Redis and PostgreSQL round trips and statements per call,
 //! counted from the servers' own statistics, and calls per second against a raw client issuing
 //! the same commands; (4) memory per record at 1M records and purge time against expired and
-//! live records. Every figure is a ratio against a baseline measured in the same run, or a
-//! count. Runs in well under 3 minutes on 2 cores.
+//! live records; (5) waking waiters in another process, with the stores' notification and
+//! with polling as before it, wake-up latency and commands per waiter. Every figure is a ratio
+//! against a baseline measured in the same run, a latency measured against the other side in
+//! the same run, or a count. Runs in well under 3 minutes on 2 cores.
+//!
+//! Arguments naming sections (`memory`, `contention`, `stores`, `scale`, `wakeup`) run only
+//! those; without any, all run.
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod measure;
@@ -19,6 +25,12 @@ mod postgres_part;
 #[cfg(feature = "redis")]
 mod redis_part;
 mod stores;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wakeup;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wakeup_count;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wakeup_report;
 
 use std::future::Future;
 use std::hint::black_box;
@@ -372,10 +384,25 @@ fn profile(what: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    if args.get(1).map(String::as_str) == Some(wakeup::WAITER_FLAG) {
+        return wakeup::waiter_main(&args[2..]);
+    }
     if let Some(i) = args.iter().position(|a| a == "--profile") {
         return profile(args.get(i + 1).map_or("hit", |s| s.as_str()));
     }
     let json_out = args.iter().any(|a| a == "--json");
+    const SECTIONS: [&str; 5] = ["memory", "contention", "stores", "scale", "wakeup"];
+    let named: Vec<&str> = args[1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if let Some(unknown) = named.iter().find(|a| !SECTIONS.contains(a)) {
+        eprintln!("bench_report: unknown section {unknown}; sections: {SECTIONS:?}");
+        std::process::exit(2);
+    }
+    let runs = |section: &str| named.is_empty() || named.contains(&section);
     let mut r = Report {
         fields: Map::new(),
         lines: vec!["# idem bench_report".into()],
@@ -384,10 +411,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(section_memory(&mut r));
-    section_contention(&mut r);
-    rt.block_on(stores::section_stores(&mut r));
-    rt.block_on(section_scale(&mut r));
+    if runs("memory") {
+        rt.block_on(section_memory(&mut r));
+    }
+    if runs("contention") {
+        section_contention(&mut r);
+    }
+    if runs("stores") {
+        rt.block_on(stores::section_stores(&mut r));
+    }
+    if runs("scale") {
+        rt.block_on(section_scale(&mut r));
+    }
+    if runs("wakeup") {
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        rt.block_on(wakeup_report::section(&mut r));
+        #[cfg(not(any(feature = "redis", feature = "postgres")))]
+        {
+            r.section("5. waking waiters");
+            r.row("not built", "run with --features redis,postgres".into());
+        }
+    }
     if json_out {
         println!(
             "{}",

@@ -153,7 +153,12 @@ async fn measure(r: &mut Report, admin: &Client, bench: &Config, table: &str) ->
                 .unwrap_or("")
                 .to_owned()
         };
-        if !claim.contains("ON CONFLICT") || !first_statement_line(complete).starts_with("UPDATE") {
+        // `complete` is an `UPDATE`, or (notifying waiters) a `WITH` around one.
+        let complete_starts = first_statement_line(complete);
+        if !claim.contains("ON CONFLICT")
+            || !(complete_starts.starts_with("UPDATE")
+                || complete_starts.starts_with("WITH") && complete.contains("UPDATE"))
+        {
             return Err(format!(
                 "unexpected prepared statements: {claim:?}, {complete:?}"
             ));

@@ -20,8 +20,8 @@ use crate::record::{Expected, Outcome, Record};
 use crate::store::FencingToken;
 
 use super::background::{Background, Renewal};
-use super::storing::{complete, Patience};
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
+use super::storing::{complete, Patience};
 
 /// A claimed key and everything needed to run the body under it, store its outcome, and do the
 /// work that outlives the caller. Owned (`'static`), so that it can move to a task of its own.
