@@ -1022,13 +1022,15 @@ impl Cluster {
                     .query(&mut con)
                     .map_err(|e| format!("{} SCAN: {e}", master.addr))?;
                 // One key per UNLINK: the keys of a node are in many slots.
-                let mut unlink = redis::pipe();
-                for key in &keys {
-                    unlink.cmd("UNLINK").arg(key).ignore();
+                if !keys.is_empty() {
+                    let mut unlink = redis::pipe();
+                    for key in &keys {
+                        unlink.cmd("UNLINK").arg(key).ignore();
+                    }
+                    unlink
+                        .query::<()>(&mut con)
+                        .map_err(|e| format!("{} UNLINK: {e}", master.addr))?;
                 }
-                unlink
-                    .query::<()>(&mut con)
-                    .map_err(|e| format!("{} UNLINK: {e}", master.addr))?;
                 removed += keys.len() as u64;
                 cursor = next;
                 if cursor == 0 {
