@@ -128,7 +128,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => println!("   A: {e}"),
     }
     match store.complete(&key, a, b"", Duration::from_secs(60)).await {
-        Err(idempotency::Error::LeaseLost) => {
+        Err(idempotency::Error::LeaseLost { .. }) => {
             println!("   A cannot store a result either: LeaseLost")
         }
         other => println!("   A's complete: {other:?}"),

@@ -119,7 +119,10 @@ async fn same_key_different_arguments_is_key_reuse_and_does_not_run() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err.idem(), Some(Error::KeyReuse)), "{err:?}");
+    assert!(
+        matches!(err.idem(), Some(Error::KeyReuse { .. })),
+        "{err:?}"
+    );
     assert_eq!(p.runs.load(SeqCst), 1);
 }
 
@@ -253,7 +256,7 @@ async fn equal_hashmaps_have_equal_fingerprints() {
     b.insert("item0".into(), 1);
     assert!(matches!(
         by_map(&store, b).await.unwrap_err().idem(),
-        Some(Error::KeyReuse)
+        Some(Error::KeyReuse { .. })
     ));
 }
 
@@ -350,7 +353,7 @@ async fn every_argument_together() {
     let err = every_argument(store.clone(), "t1", 1, 11, "x".into())
         .await
         .unwrap_err();
-    assert!(matches!(err.idem(), Some(Error::KeyReuse)));
+    assert!(matches!(err.idem(), Some(Error::KeyReuse { .. })));
 }
 
 #[idempotent(key = "no-fp", store = store, fingerprint = false)]
@@ -449,7 +452,7 @@ async fn async_trait_methods() {
     assert_eq!(dynamic.charge(1, 10).await.unwrap(), a);
     assert!(matches!(
         dynamic.charge(1, 11).await.unwrap_err().idem(),
-        Some(Error::KeyReuse)
+        Some(Error::KeyReuse { .. })
     ));
     assert!(matches!(
         dynamic.charge(2, 0).await,
@@ -491,7 +494,7 @@ async fn max_record_bytes_refuses_a_larger_result_which_is_then_an_unknown_outco
     assert_eq!(store.len(), 2, "the small result and the unknown outcome");
     let again = limited(&store, "big", 1_000).await.unwrap_err();
     assert!(
-        matches!(again.idem(), Some(Error::OutcomeUnknown { reason }) if reason.contains("not stored")),
+        matches!(again.idem(), Some(Error::OutcomeUnknown { reason, .. }) if reason.contains("not stored")),
         "{again:?}"
     );
     assert_eq!(LIMITED_RUNS.load(SeqCst), 2, "small once, big once");

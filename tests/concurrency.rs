@@ -91,7 +91,7 @@ async fn thousand_rejecting_callers_get_in_flight_or_the_replay_never_a_second_r
         for (_, outcome) in outcomes.iter().filter(|(k, _)| *k == key) {
             match outcome {
                 Ok(v) => assert_eq!(*v, stored),
-                Err(AppError::Idem(Error::InFlight)) => in_flight += 1,
+                Err(AppError::Idem(Error::InFlight { .. })) => in_flight += 1,
                 Err(other) => panic!("unexpected {other:?}"),
             }
         }
@@ -133,7 +133,7 @@ async fn a_panicking_body_is_an_unknown_outcome_and_is_not_run_again() {
     for _ in 0..3 {
         let err = panics_first(store.clone()).await.unwrap_err();
         assert!(
-            matches!(err.idem(), Some(Error::OutcomeUnknown { reason }) if reason.contains("panicked")),
+            matches!(err.idem(), Some(Error::OutcomeUnknown { reason, .. }) if reason.contains("panicked")),
             "{err:?}"
         );
     }
@@ -197,7 +197,10 @@ async fn a_dropped_detached_call_keeps_its_claim_and_its_body_finishes() {
     let err = slow_once(store.clone(), ledger.clone(), 400)
         .await
         .unwrap_err();
-    assert!(matches!(err.idem(), Some(Error::InFlight)), "{err:?}");
+    assert!(
+        matches!(err.idem(), Some(Error::InFlight { .. })),
+        "{err:?}"
+    );
     // A waiting retry gets the abandoned call's result (1), not a run of its own (2).
     assert_eq!(
         slow_once_waiting(store.clone(), ledger.clone(), 400)
@@ -248,7 +251,7 @@ async fn a_dropped_in_place_call_is_an_unknown_outcome() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err.idem(), Some(Error::OutcomeUnknown { reason }) if reason.contains("abandoned")),
+        matches!(err.idem(), Some(Error::OutcomeUnknown { reason, .. }) if reason.contains("abandoned")),
         "{err:?}"
     );
     assert_eq!(ledger.runs(0), 1);
@@ -274,7 +277,7 @@ async fn a_dropped_in_place_call_under_on_unknown_rerun_releases_the_claim_at_on
                 ran = true;
                 break;
             }
-            Err(AppError::Idem(Error::InFlight)) => {
+            Err(AppError::Idem(Error::InFlight { .. })) => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
             other => panic!("{other:?}"),
@@ -309,7 +312,7 @@ async fn an_expired_claim_is_taken_over() {
     };
     assert!(matches!(
         after_crash(store.clone()).await.unwrap_err().idem(),
-        Some(Error::InFlight)
+        Some(Error::InFlight { .. })
     ));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(after_crash(store.clone()).await.unwrap(), "recovered");
@@ -318,11 +321,11 @@ async fn an_expired_claim_is_taken_over() {
         store
             .complete(&key, stale, b"late", Duration::from_secs(60))
             .await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     assert!(matches!(
         store.release(&key, stale).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     assert_eq!(after_crash(store.clone()).await.unwrap(), "recovered");
 }
@@ -342,7 +345,10 @@ async fn a_long_body_keeps_its_lease_renewed() {
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(90)).await;
         let err = long(store.clone(), ledger.clone()).await.unwrap_err();
-        assert!(matches!(err.idem(), Some(Error::InFlight)), "{err:?}");
+        assert!(
+            matches!(err.idem(), Some(Error::InFlight { .. })),
+            "{err:?}"
+        );
     }
     assert_eq!(first.await.unwrap().unwrap(), 1);
     assert_eq!(ledger.runs(0), 1);
@@ -374,7 +380,10 @@ fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     let newer = std::thread::spawn(move || rt().block_on(fenced(s, "w".into(), 0)));
     assert_eq!(newer.join().unwrap().unwrap(), "w");
     let err = stalled.join().unwrap().unwrap_err();
-    assert!(matches!(err.idem(), Some(Error::LeaseLost)), "{err:?}");
+    assert!(
+        matches!(err.idem(), Some(Error::LeaseLost { .. })),
+        "{err:?}"
+    );
     let key = StorageKey::derive_for(
         &Operation::named("concurrency.fenced"),
         "concurrency",

@@ -293,7 +293,7 @@ async fn claims_are_kept_until_abandoned() {
         store.renew(&gone, t_gone, LONG).await,
         store.release(&gone, t_gone).await,
     ] {
-        assert!(matches!(result, Err(Error::LeaseLost)), "{result:?}");
+        assert!(matches!(result, Err(Error::LeaseLost { .. })), "{result:?}");
     }
     assert_eq!(
         store.get(&kept).await.unwrap().unwrap().state,
@@ -357,7 +357,7 @@ async fn altered_rows_are_errors_not_panics() {
     ));
     assert!(matches!(
         store.complete(&k, FencingToken(u64::MAX), b"x", LONG).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
 }
 

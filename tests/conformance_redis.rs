@@ -183,7 +183,7 @@ async fn tokens_increase_across_deleted_records_and_clock_steps() {
     assert!(second > first, "{second:?} after {first:?}");
     assert!(matches!(
         store.complete(&key, first, b"old", LONG).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
 
     // A token handed out "in the future" (as if the server's clock had since stepped back):
@@ -339,7 +339,7 @@ async fn claims_written_without_lease_until_still_work() {
     assert!(takeover && newer > t, "{newer:?} after {t:?}");
     assert!(matches!(
         store.complete(&key, t, b"old", LONG).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
 }
 
@@ -354,7 +354,7 @@ async fn hashes_idem_did_not_write_are_errors_not_panics_or_reruns() {
     // whose state and record it can read replays (and the bytes then fail to decode) or is in
     // flight. Never a run, never a panic.
     let corrupt: Expect = |out| matches!(out, Err(Error::Corrupt { .. }));
-    let in_flight: Expect = |out| matches!(out, Err(Error::InFlight));
+    let in_flight: Expect = |out| matches!(out, Err(Error::InFlight { .. }));
     let cases: [(Fields, Expect); 5] = [
         (&[("junk", b"1")], corrupt),
         (&[("state", b"done"), ("token", b"1")], corrupt),

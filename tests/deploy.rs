@@ -183,7 +183,7 @@ async fn call(build: &str, store: &Arc<dyn Store>, ledger: &Arc<Ledger>, order: 
     match out {
         Ok(id) => format!("ok {id}"),
         Err(Error::TypeMismatch { .. }) => "mismatch".into(),
-        Err(Error::InFlight) => "inflight".into(),
+        Err(Error::InFlight { .. }) => "inflight".into(),
         Err(e) => format!("error {e}"),
     }
 }

@@ -131,7 +131,7 @@ impl Tally {
             Err(Error::Store { backend: b, .. }) if *b == backend => {
                 self.store_errors.fetch_add(1, SeqCst);
             }
-            Err(Error::InFlight) => {
+            Err(Error::InFlight { .. }) => {
                 self.in_flight.fetch_add(1, SeqCst);
             }
             Err(e) => self
@@ -298,7 +298,9 @@ impl Run {
                 loop {
                     match self.call(key).await {
                         Ok(_) => return,
-                        Err(Error::InFlight | Error::Store { .. }) if Instant::now() < deadline => {
+                        Err(Error::InFlight { .. } | Error::Store { .. })
+                            if Instant::now() < deadline =>
+                        {
                             if !counted {
                                 counted = true;
                                 waited.fetch_add(1, SeqCst);

@@ -724,7 +724,7 @@ async fn corrupt_and_truncated_records_are_errors_and_nothing_runs() {
                     })
                     .await;
                 match out {
-                    Err(Error::Corrupt { reason }) => assert!(!reason.is_empty()),
+                    Err(Error::Corrupt { reason, .. }) => assert!(!reason.is_empty()),
                     // Valid JSON of another shape is a result that does not fit this build.
                     Err(Error::TypeMismatch { .. }) if label.starts_with("payload o") => {}
                     other => panic!("{}: {label}: {other:?}", f.name),
@@ -915,7 +915,7 @@ async fn results_over_the_limit_are_too_large_and_not_stored() {
             .unwrap_err()
             .idem();
         assert!(
-            matches!(retry, Error::OutcomeUnknown { ref reason } if reason.contains("not stored")),
+            matches!(retry, Error::OutcomeUnknown { ref reason, .. } if reason.contains("not stored")),
             "{}: {retry:?}",
             f.name
         );
@@ -1033,7 +1033,7 @@ fn replay_of_arbitrary_record_bytes_never_panics_nor_runs() {
                 .await;
             let i = match &out {
                 Ok(_) => 0,
-                Err(Error::Corrupt { reason }) => {
+                Err(Error::Corrupt { reason, .. }) => {
                     prop_assert_ne!(reason.as_str(), "the body ran");
                     1
                 }

@@ -117,7 +117,7 @@ async fn the_same_key_in_two_scopes_never_shares_a_record() {
         // ... while in its own scope it is.
         let reuse = scoped(f.store.clone(), runs.clone(), "alice", &key, "x".into()).await;
         assert!(
-            matches!(reuse, Err(AppError::Idem(Error::KeyReuse))),
+            matches!(reuse, Err(AppError::Idem(Error::KeyReuse { .. }))),
             "{}: {reuse:?}",
             f.name
         );
@@ -299,7 +299,7 @@ async fn in_flight_in_one_scope_is_free_in_another() {
                 .run(ErrorPolicy::never(), async { Ok("a2".to_owned()) })
                 .await;
         assert!(
-            matches!(same_scope, Err(Error::InFlight)),
+            matches!(same_scope, Err(Error::InFlight { .. })),
             "{}: {same_scope:?}",
             f.name
         );

@@ -562,7 +562,7 @@ impl<'a> Harness<'a> {
                 }
                 Ok((true, late))
             }
-            Err(Error::LeaseLost) => {
+            Err(Error::LeaseLost { .. }) => {
                 prop_assert!(
                     !holder,
                     "{} by the holder {} of key {} refused (lease {:?}, nobody took over): {:?}",
@@ -1161,7 +1161,7 @@ impl Hooks for Bugged {
     ) -> idempotency::Result<()> {
         let late = self.late(key, token);
         match self.bug {
-            Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
+            Bug::RefuseLateHolder if late => return Err(Error::lease_lost(key)),
             Bug::LoseLateResult if late => {
                 inner.release(key, token).await?;
                 self.forget(key);
@@ -1190,7 +1190,7 @@ impl Hooks for Bugged {
         token: FencingToken,
     ) -> idempotency::Result<()> {
         if self.bug == Bug::RefuseLateHolder && self.late(key, token) {
-            return Err(Error::LeaseLost);
+            return Err(Error::lease_lost(key));
         }
         inner.release(key, token).await?;
         self.forget(key);
@@ -1206,7 +1206,7 @@ impl Hooks for Bugged {
     ) -> idempotency::Result<()> {
         let late = self.late(key, token);
         match self.bug {
-            Bug::RefuseLateHolder if late => return Err(Error::LeaseLost),
+            Bug::RefuseLateHolder if late => return Err(Error::lease_lost(key)),
             Bug::LateRenewIgnored if late => return Ok(()),
             _ => {}
         }

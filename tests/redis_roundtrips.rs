@@ -38,7 +38,7 @@ async fn a_hit_is_one_round_trip_and_a_miss_two() {
     let failing = unique("warm-up-err");
     let _ = call(&failing)
         .run(ErrorPolicy::never(), async {
-            Err::<u32, _>(Error::InFlight)
+            Err::<u32, _>(Error::InFlight { key: None })
         })
         .await;
 

@@ -164,7 +164,7 @@ impl Gate {
 }
 
 fn is_in_flight<T>(r: &Result<T, AppError>) -> bool {
-    matches!(r, Err(AppError::Idem(Error::InFlight)))
+    matches!(r, Err(AppError::Idem(Error::InFlight { .. })))
 }
 
 fn is_unknown<T>(r: &Result<T, AppError>) -> bool {
@@ -341,7 +341,7 @@ async fn an_abandoned_in_place_body_is_an_unknown_outcome_and_is_not_run_again(
     assert!(is_unknown(&waited), "{waited:?}");
     let retry = account.charge("order-2").await;
     match &retry {
-        Err(AppError::Idem(Error::OutcomeUnknown { reason })) => {
+        Err(AppError::Idem(Error::OutcomeUnknown { reason, .. })) => {
             assert!(reason.contains("abandoned"), "{reason}")
         }
         other => panic!("expected OutcomeUnknown, got {other:?}"),
@@ -461,7 +461,7 @@ async fn a_panic_after_the_side_effect_is_not_run_again(store: Arc<dyn Store>) {
     for _ in 0..3 {
         let retry = call().await;
         match &retry {
-            Err(AppError::Idem(Error::OutcomeUnknown { reason })) => {
+            Err(AppError::Idem(Error::OutcomeUnknown { reason, .. })) => {
                 assert!(reason.contains("panicked"), "{reason}")
             }
             other => panic!("expected OutcomeUnknown, got {other:?}"),
@@ -675,7 +675,7 @@ async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<
     flaky.hooks().failing.store(false, SeqCst);
     let first = first.await.unwrap();
     assert!(
-        matches!(first, Err(AppError::Idem(Error::LeaseLost))),
+        matches!(first, Err(AppError::Idem(Error::LeaseLost { .. }))),
         "{first:?}"
     );
     assert_eq!(
@@ -772,7 +772,7 @@ async fn a_token_guarded_table_refuses_the_stale_holders_write(store: Arc<dyn St
     gate.open();
     let first = first.await.unwrap();
     assert!(
-        matches!(first, Err(AppError::Idem(Error::LeaseLost))),
+        matches!(first, Err(AppError::Idem(Error::LeaseLost { .. }))),
         "{first:?}"
     );
     let holders = ledger.holders();
@@ -841,7 +841,7 @@ async fn hundred_waiters_of_a_dead_holder_get_the_takers_result(store: Arc<dyn S
     }
     let timeouts = outcomes
         .iter()
-        .filter(|o| matches!(o, Err(AppError::Idem(Error::WaitTimeout(_)))))
+        .filter(|o| matches!(o, Err(AppError::Idem(Error::WaitTimeout { .. }))))
         .count();
     assert_eq!(timeouts, 0, "no waiter timed out");
     assert_eq!(ledger.starts(), 1, "one charge");

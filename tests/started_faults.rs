@@ -390,7 +390,7 @@ async fn slow_round(
     let b_value = loop {
         match call(b_store).await {
             Ok(value) => break value,
-            Err(Error::InFlight) => in_flight += 1,
+            Err(Error::InFlight { .. }) => in_flight += 1,
             Err(e) => panic!(
                 "{tag} the second caller got {e:?} after {in_flight} InFlight\n{}",
                 ledger.timeline()
@@ -443,7 +443,7 @@ async fn slow_round(
         );
     } else {
         assert!(
-            matches!(a_out, Err(Error::LeaseLost)),
+            matches!(a_out, Err(Error::LeaseLost { .. })),
             "{tag} A was taken over: {a_out:?}"
         );
     }
@@ -1150,7 +1150,7 @@ async fn redis_down(ends: BodyEnds, retry: Retry) {
         let again = loop {
             match call().await {
                 Ok(v) => break v,
-                Err(Error::InFlight | Error::Store { .. }) if Instant::now() < deadline => {
+                Err(Error::InFlight { .. } | Error::Store { .. }) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 Err(e) => panic!("{tag} the retry: {e:?}"),
@@ -1261,7 +1261,7 @@ async fn blocked_thread(backend: Backend) {
         while blocked_at.elapsed() + Duration::from_millis(500) < BLOCK {
             let out = call().await;
             assert!(
-                matches!(out, Err(Error::InFlight)),
+                matches!(out, Err(Error::InFlight { .. })),
                 "{tag} a second caller during the block (at {} ms) gets InFlight: {out:?}; charges {}",
                 blocked_at.elapsed().as_millis(),
                 ledger.charges.load(SeqCst)

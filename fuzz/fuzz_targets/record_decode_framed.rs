@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
             let again = record.encode();
             assert_eq!(Record::decode(&again).expect("re-encoded record"), record);
         }
-        Err(Error::Corrupt { reason }) => assert!(!reason.is_empty()),
+        Err(Error::Corrupt { reason, .. }) => assert!(!reason.is_empty()),
         Err(other) => panic!("decode gave another error than Corrupt: {other:?}"),
     }
 });

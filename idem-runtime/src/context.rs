@@ -98,7 +98,7 @@ impl CallContext {
     /// side effect.
     pub fn check(&self) -> Result<()> {
         if self.is_lost() {
-            Err(Error::LeaseLost)
+            Err(Error::lease_lost(&self.key))
         } else {
             Ok(())
         }

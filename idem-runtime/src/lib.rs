@@ -39,8 +39,8 @@ pub use store::redis::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::SqliteStore;
 pub use store::{
-    default_store, install, Claim, FencingToken, IntoStore, RecordState, Store, StoredRecord,
-    ABANDONED_CLAIM_RETENTION,
+    default_store, install, Claim, FencingToken, Forgotten, IntoStore, RecordState, RecordSummary,
+    ScanPage, Store, StoredRecord, ABANDONED_CLAIM_RETENTION,
 };
 
 /// Items the `#[idempotent]` expansion names, with the forms only the macro needs (they carry

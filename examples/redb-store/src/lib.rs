@@ -255,7 +255,10 @@ fn held(
 ) -> Step<Row> {
     match Row::read(table, key)? {
         Some(row) if row.record.is_none() && row.token == token.0 && row.exists(now) => Ok(row),
-        _ => Err(Error::LeaseLost.into()),
+        _ => Err(Error::LeaseLost {
+            key: StorageKey::from_hex(key),
+        }
+        .into()),
     }
 }
 

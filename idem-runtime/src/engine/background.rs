@@ -67,7 +67,7 @@ impl Background {
                         Ok(Ok(())) => {
                             tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed")
                         }
-                        Ok(Err(Error::LeaseLost)) => {
+                        Ok(Err(Error::LeaseLost { .. })) => {
                             tracing::warn!(target: "idem", key = %key, token = token.0,
                                 "lease lost while the body runs: another caller took the key over");
                             context.mark_lost();

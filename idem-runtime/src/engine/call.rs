@@ -185,6 +185,7 @@ impl Call {
         // Renewal first: spawning the body's task next moves the renewal task out of this
         // worker's next-task slot into its queue, where another worker can run it even if the
         // body blocks this thread.
+        let key = holding.background.key.clone();
         let begun = holding.start();
         let task = tokio::spawn(holding.finish(errors, body, Some(begun)));
         let abandoned = Abandoned::new();
@@ -195,6 +196,7 @@ impl Call {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => R::from_result(Err(Error::OutcomeUnknown {
                 reason: "the runtime shut down while the body ran".into(),
+                key: Some(key),
             }
             .into())),
         }
@@ -242,7 +244,7 @@ impl Call {
                 bump(&COUNTERS.hits);
                 tracing::debug!(target: "idem", key = %key, "replay");
                 return Begun::Answer(R::from_result(replay::<R::Ok, R::Err>(
-                    &bytes, errors, &expect,
+                    &key, &bytes, errors, &expect,
                 )));
             }
             Err(e) => return fail(e),

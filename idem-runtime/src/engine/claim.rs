@@ -58,7 +58,9 @@ pub(super) async fn claim(
             Ok(Claim::KeyReuse) => {
                 bump(&COUNTERS.key_reuses);
                 tracing::warn!(target: "idem", key = %key, "key reused with a different fingerprint");
-                return Err(Error::KeyReuse);
+                return Err(Error::KeyReuse {
+                    key: Some(key.clone()),
+                });
             }
             Ok(Claim::InFlight) => {
                 if !counted_conflict {
@@ -67,11 +69,16 @@ pub(super) async fn claim(
                     tracing::debug!(target: "idem", key = %key, ?on_conflict, "in flight elsewhere");
                 }
                 let Some((deadline, limit)) = deadline else {
-                    return Err(Error::InFlight);
+                    return Err(Error::InFlight {
+                        key: Some(key.clone()),
+                    });
                 };
                 let now = Instant::now();
                 if now >= deadline {
-                    return Err(Error::WaitTimeout(limit));
+                    return Err(Error::WaitTimeout {
+                        waited: limit,
+                        key: Some(key.clone()),
+                    });
                 }
                 // A store that announces changes wakes the waiter itself; the sleep between
                 // claims is then only the safety net. Others are polled with growing pauses.
@@ -90,21 +97,23 @@ pub(super) async fn claim(
 /// The stored result in `bytes`, decoded as the caller's `Ok` or kept `Err`, or the error that
 /// says why it cannot be (an unknown outcome, another operation or version, a damaged record).
 pub(super) fn replay<T: DeserializeOwned, E: From<Error>>(
+    key: &StorageKey,
     bytes: &[u8],
     errors: &ErrorPolicy<E>,
     expected: &Expected<'_>,
 ) -> Result<T, E> {
-    let record = Record::decode(bytes)?;
+    let record = Record::decode(bytes).map_err(|e| e.with_key(key))?;
     match record.outcome {
         Outcome::Unknown => Err(Error::OutcomeUnknown {
             reason: record.reason(),
+            key: Some(key.clone()),
         }
         .into()),
-        Outcome::Ok => Ok(
-            record.decode_payload(expected, type_name::<T>(), |payload| {
+        Outcome::Ok => Ok(record
+            .decode_payload(expected, type_name::<T>(), |payload| {
                 serde_json::from_slice(payload)
-            })?,
-        ),
+            })
+            .map_err(|e| e.with_key(key))?),
         Outcome::Err => {
             let ty = type_name::<E>();
             let Some((_, decode)) = errors.codec else {
@@ -115,9 +124,12 @@ pub(super) fn replay<T: DeserializeOwned, E: From<Error>>(
                         ty,
                         Some("a kept error, and this function does not keep errors".into()),
                     )
+                    .with_key(key)
                     .into());
             };
-            Err(record.decode_payload(expected, ty, decode)?)
+            Err(record
+                .decode_payload(expected, ty, decode)
+                .map_err(|e| e.with_key(key))?)
         }
     }
 }

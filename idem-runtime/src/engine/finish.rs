@@ -175,7 +175,7 @@ impl Holding {
                 bump(&COUNTERS.leases_lost);
                 tracing::warn!(target: "idem", key = %key, token = token.0,
                     "lease lost before completion: the newer holder's result stands");
-                fail(Error::LeaseLost)
+                fail(Error::lease_lost(key))
             }
             Stored::Pending(e) => {
                 // The store stayed unreachable for a whole lease after the body ran. The body's
@@ -219,7 +219,7 @@ impl Holding {
                 drop(self.take_renewal());
                 Stored::Landed
             }
-            Err(Error::LeaseLost) => {
+            Err(Error::LeaseLost { .. }) => {
                 drop(self.take_renewal());
                 Stored::Lost
             }
@@ -246,7 +246,7 @@ impl Holding {
         match self.background.store.release(key, token).await {
             Ok(()) => tracing::debug!(target: "idem", key = %key, token = token.0, "released"),
             Err(e) => {
-                if !matches!(e, Error::LeaseLost) {
+                if !matches!(e, Error::LeaseLost { .. }) {
                     bump(&COUNTERS.store_errors);
                 }
                 tracing::warn!(target: "idem", key = %key, error = %e, "release failed; the lease will expire");

@@ -42,15 +42,15 @@ pub(super) async fn complete(
     loop {
         let error = match store.complete(key, token, record, ttl).await {
             Ok(()) => return Ok(()),
-            Err(Error::LeaseLost) if attempted => match store.get(key).await {
+            Err(Error::LeaseLost { .. }) if attempted => match store.get(key).await {
                 Ok(Some(StoredRecord {
                     state: RecordState::Completed { token: t, .. },
                     ..
                 })) if t == token => return Ok(()),
-                Ok(_) => return Err(Error::LeaseLost),
+                Ok(_) => return Err(Error::lease_lost(key)),
                 Err(e) => e,
             },
-            Err(e @ Error::LeaseLost) => return Err(e),
+            Err(e @ Error::LeaseLost { .. }) => return Err(e),
             // A full store stays full for longer than a caller should wait: a caller gets its
             // result back at once; the background keeps trying, at the longest pause.
             Err(e @ Error::StoreFull { .. }) => {

@@ -129,15 +129,15 @@ impl Problem {
     /// The refusal for an error of the runtime, with a detail that says what to do.
     pub(crate) fn from_error(error: &Error) -> (Problem, String) {
         match error {
-            Error::InFlight | Error::WaitTimeout(_) => (
+            Error::InFlight { .. } | Error::WaitTimeout { .. } => (
                 Problem::InProgress,
                 "Another request with this Idempotency-Key is being processed. Retry after it completes to receive its response.".into(),
             ),
-            Error::LeaseLost => (
+            Error::LeaseLost { .. } => (
                 Problem::ClaimLost,
                 "This request ran longer than its lease and another request with the same Idempotency-Key took over. Retry to receive the response of that request.".into(),
             ),
-            Error::KeyReuse => (
+            Error::KeyReuse { .. } => (
                 Problem::KeyReused,
                 "This Idempotency-Key was already used for a request with a different method, path or body. Use a new key for a new request.".into(),
             ),

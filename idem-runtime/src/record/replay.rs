@@ -56,6 +56,10 @@ impl Record<'_> {
             Some(op) => format!("version {} of `{op}`, as `{ty}`", expected.schema),
             None => format!("version {}, as `{ty}`", expected.schema),
         };
-        Error::TypeMismatch { expected, found }
+        Error::TypeMismatch {
+            expected,
+            found,
+            key: None,
+        }
     }
 }

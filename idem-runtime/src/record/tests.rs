@@ -151,7 +151,7 @@ mod proptests {
     fn decodes_or_is_corrupt(bytes: &[u8]) -> std::result::Result<bool, TestCaseError> {
         match Record::decode(bytes) {
             Ok(_) => Ok(true),
-            Err(Error::Corrupt { reason }) => {
+            Err(Error::Corrupt { reason, .. }) => {
                 prop_assert!(!reason.is_empty());
                 Ok(false)
             }

@@ -17,7 +17,7 @@
 //! [`ABANDONED_CLAIM_RETENTION`] ago, and only then deleted without a takeover.
 //!
 //! A store is the atomic protocol only: `claim`, `complete`, `release`, `renew`, `get`,
-//! `purge_expired`, and a change notification for waiters (`wait_for_change`). Runtimes,
+//! `purge_expired`, an operator's `forget` and `scan`, and a change notification for waiters (`wait_for_change`). Runtimes,
 //! spawning, retries and policy belong to the engine, which holds the store as an
 //! `Arc<dyn Store>` (see [`IntoStore`]). Every backend passes the same conformance suite, which
 //! the `idem-testkit` crate publishes for other people's stores. Stores treat the record bytes
@@ -29,10 +29,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
+mod inspect;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -41,6 +42,8 @@ pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod url;
+
+pub use inspect::{Forgotten, RecordSummary, ScanPage};
 
 /// How long an in-flight record is kept after its lease ended, when nobody took it over.
 ///
@@ -199,6 +202,41 @@ pub trait Store: Send + Sync {
     /// complete it. Stores whose server expires records itself (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64>;
 
+    /// Removes the record under `key`, so the next claim runs the body again, and wakes the
+    /// key's waiters.
+    ///
+    /// A completed record (a stored result, or an unknown outcome) is removed. An in-flight
+    /// record (its lease live, or ended and not taken over) is refused with
+    /// [`Error::InFlight`] unless `force` is set; a forced removal fences its holder off: the
+    /// holder's `complete`, `renew` and `release` fail with [`Error::LeaseLost`] from then on,
+    /// also after another caller claimed the key again (tokens are never handed out twice).
+    /// No record: [`Forgotten::Absent`].
+    ///
+    /// The default refuses with [`Error::Config`]: a store written before this method existed
+    /// cannot forget. Every built-in store implements it.
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        let _ = (key, force);
+        Err(Error::config(format!(
+            "the {} store cannot forget records (it does not implement Store::forget)",
+            self.backend()
+        )))
+    }
+
+    /// Lists up to about `limit` records from `cursor` (`None` for the first page): the
+    /// records [`get`](Store::get) would return (completed within their ttl, in flight
+    /// including claims whose lease ended), in no particular order. A record changed during a
+    /// listing may be reported twice or not at all; one that exists throughout is reported.
+    ///
+    /// For operators (`idem in-flight`, `idem stats`), not for calls: it reads the whole store.
+    /// The default refuses with [`Error::Config`]; every built-in store implements it.
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        let _ = (cursor, limit);
+        Err(Error::config(format!(
+            "the {} store cannot list its records (it does not implement Store::scan)",
+            self.backend()
+        )))
+    }
+
     /// Whether [`wait_for_change`](Store::wait_for_change) returns as soon as the record under
     /// the key changes, from any process (Redis pub/sub, PostgreSQL `LISTEN`, an in-process
     /// store). Waiting calls then sleep up to [`WAIT_SAFETY_NET`] between claims instead of
@@ -246,6 +284,12 @@ macro_rules! forward_store {
             }
             async fn purge_expired(&self) -> Result<u64> {
                 (**self).purge_expired().await
+            }
+            async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+                (**self).forget(key, force).await
+            }
+            async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+                (**self).scan(cursor, limit).await
             }
             async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
                 (**self).wait_for_change(key, max).await

@@ -82,7 +82,7 @@ pub async fn key_reuse_is_refused(store: Arc<dyn Store>, _: bool) {
             unreachable!("key reuse must not run")
         })
         .await;
-    assert!(matches!(other, Err(Error::KeyReuse)), "{other:?}");
+    assert!(matches!(other, Err(Error::KeyReuse { .. })), "{other:?}");
     // In flight with another fingerprint is reuse too.
     let key = unique("reuse-in-flight");
     acquire(&*store, &key, LONG).await;
@@ -179,7 +179,7 @@ async fn unknown_outcome_is_recorded_or_released(
         match out {
             Err(Error::OutcomeUnknown { .. }) => break,
             // The unknown outcome is recorded in the background, right after the panic or drop.
-            Err(Error::InFlight) if tokio::time::Instant::now() < deadline => {
+            Err(Error::InFlight { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(10)).await
             }
             other => panic!("expected OutcomeUnknown for a started body, got {other:?}"),
@@ -303,7 +303,9 @@ pub async fn wrong_type_is_type_mismatch(store: Arc<dyn Store>, _: bool) {
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;
     match out {
-        Err(Error::TypeMismatch { expected, found }) => {
+        Err(Error::TypeMismatch {
+            expected, found, ..
+        }) => {
             assert!(expected.contains("u64"), "{expected}");
             assert!(found.contains("String"), "{found}");
         }
@@ -328,12 +330,22 @@ pub async fn wait_gets_the_first_result(store: Arc<dyn Store>, _: bool) {
     let rejected: Result<u64, Error> = call(&store, &key)
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;
-    assert!(matches!(rejected, Err(Error::InFlight)));
+    // Errors about a record name its storage key, in the value and in the message.
+    let storage_key = key.clone();
+    let rejected = rejected.unwrap_err();
+    assert!(matches!(rejected, Error::InFlight { .. }), "{rejected:?}");
+    assert_eq!(rejected.storage_key(), Some(&storage_key));
+    assert!(
+        rejected.to_string().contains(storage_key.as_str()),
+        "{rejected}"
+    );
     let short: Result<u64, Error> = call(&store, &key)
         .on_conflict(OnConflict::Wait(Duration::from_millis(20)))
         .run(ErrorPolicy::never(), async { unreachable!() })
         .await;
-    assert!(matches!(short, Err(Error::WaitTimeout(_))), "{short:?}");
+    let short = short.unwrap_err();
+    assert!(matches!(short, Error::WaitTimeout { .. }), "{short:?}");
+    assert_eq!(short.storage_key(), Some(&storage_key));
     let waited: Result<u64, Error> = call(&store, &key)
         .on_conflict(OnConflict::Wait(Duration::from_secs(10)))
         .run(ErrorPolicy::never(), async { unreachable!() })

@@ -70,5 +70,5 @@ async fn completed(store: &dyn Store, label: &str, ttl: Duration) -> StorageKey 
 }
 
 fn is_lease_lost<T: std::fmt::Debug>(result: &idem_runtime::Result<T>) -> bool {
-    matches!(result, Err(idem_runtime::Error::LeaseLost))
+    matches!(result, Err(idem_runtime::Error::LeaseLost { .. }))
 }

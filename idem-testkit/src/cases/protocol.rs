@@ -34,17 +34,17 @@ pub async fn stale_tokens_are_fenced(store: Arc<dyn Store>, _: bool) {
     let fresh = FencingToken(acquire(&*store, &key, LONG).await);
     assert!(matches!(
         store.renew(&key, stale, LONG).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     assert!(matches!(
         store
             .complete(&key, stale, &record(stale.0, "1", "u32"), LONG)
             .await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     assert!(matches!(
         store.release(&key, stale).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     assert_eq!(
         store.get(&key).await.unwrap().unwrap().state,
@@ -58,7 +58,7 @@ pub async fn stale_tokens_are_fenced(store: Arc<dyn Store>, _: bool) {
         store
             .complete(&key, stale, &record(stale.0, "1", "u32"), LONG)
             .await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     let got = store.get(&key).await.unwrap().unwrap();
     let RecordState::Completed {
@@ -77,11 +77,11 @@ pub async fn stale_tokens_are_fenced(store: Arc<dyn Store>, _: bool) {
     // Completed records cannot be renewed or released either.
     assert!(matches!(
         store.renew(&key, fresh, LONG).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     assert!(matches!(
         store.release(&key, fresh).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
 }
 

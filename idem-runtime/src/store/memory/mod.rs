@@ -173,13 +173,13 @@ impl MemoryStore {
     ) -> Result<T> {
         let now = Instant::now();
         let Some(mut entry) = self.inner.records.get_mut(key) else {
-            return Err(Error::LeaseLost);
+            return Err(Error::lease_lost(key));
         };
         let held = entry.token == token.0
             && matches!(entry.state, SlotState::InFlight { .. })
             && entry.exists(now);
         if !held {
-            return Err(Error::LeaseLost);
+            return Err(Error::lease_lost(key));
         }
         let (key, slot) = entry.pair_mut();
         Ok(f(key, slot))
@@ -275,7 +275,7 @@ impl Store for MemoryStore {
                 && slot.exists(now)
         });
         if removed.is_none() {
-            return Err(Error::LeaseLost);
+            return Err(Error::lease_lost(key));
         }
         self.notify_change();
         Ok(())
@@ -402,15 +402,15 @@ mod tests {
         assert_eq!(store.get(&gone).await.unwrap(), None);
         assert!(matches!(
             store.complete(&gone, t_gone, b"too late", LONG).await,
-            Err(Error::LeaseLost)
+            Err(Error::LeaseLost { .. })
         ));
         assert!(matches!(
             store.renew(&gone, t_gone, lease).await,
-            Err(Error::LeaseLost)
+            Err(Error::LeaseLost { .. })
         ));
         assert!(matches!(
             store.release(&gone, t_gone).await,
-            Err(Error::LeaseLost)
+            Err(Error::LeaseLost { .. })
         ));
         assert_eq!(store.purge_expired().await.unwrap(), 1, "only `gone`");
         assert_eq!(store.len(), 2);

@@ -391,13 +391,13 @@ impl PostgresStore {
     ) -> Result<()> {
         // A token beyond i64 was never issued by the sequence, so it cannot hold the key.
         let Ok(token) = i64::try_from(token.0) else {
-            return Err(Error::LeaseLost);
+            return Err(Error::lease_lost(key));
         };
-        let key = key.as_str();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&key, &token];
+        let hex = key.as_str();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&hex, &token];
         params.extend_from_slice(extra);
         match self.execute(sql, &params, again).await? {
-            0 => Err(Error::LeaseLost),
+            0 => Err(Error::lease_lost(key)),
             _ => Ok(()),
         }
     }

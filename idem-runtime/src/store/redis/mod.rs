@@ -425,7 +425,7 @@ impl RedisStore {
         }
         match self.eval(&invocation).await? {
             Value::Int(1) => Ok(()),
-            Value::Int(0) => Err(Error::LeaseLost),
+            Value::Int(0) => Err(Error::lease_lost(key)),
             other => Err(store_error(format!(
                 "unexpected reply from a store script: {other:?}"
             ))),

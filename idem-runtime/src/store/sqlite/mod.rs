@@ -279,8 +279,8 @@ fn abandoned_before(now: i64) -> i64 {
 
 /// A token as stored. A token too large for SQLite was never handed out by this store, so it
 /// holds nothing: [`Error::LeaseLost`].
-fn sql_token(token: FencingToken) -> Result<i64> {
-    i64::try_from(token.0).map_err(|_| Error::LeaseLost)
+fn sql_token(key: &StorageKey, token: FencingToken) -> Result<i64> {
+    i64::try_from(token.0).map_err(|_| Error::lease_lost(key))
 }
 
 fn claim_blocking(
@@ -338,13 +338,18 @@ fn claim_blocking(
 /// Runs one statement guarded by `key`, `token` and an in-flight row that is not abandoned (its
 /// lease may have ended); no matching row means the claim was lost (taken over, completed,
 /// released or purged).
-fn guarded(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<()> {
+fn guarded(
+    conn: &Connection,
+    key: &StorageKey,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<()> {
     let changed = conn
         .prepare_cached(sql)
         .and_then(|mut stmt| stmt.execute(params))
         .map_err(sql_err)?;
     if changed == 0 {
-        Err(Error::LeaseLost)
+        Err(Error::lease_lost(key))
     } else {
         Ok(())
     }
@@ -375,12 +380,13 @@ impl Store for SqliteStore {
         record: &[u8],
         ttl: Duration,
     ) -> Result<()> {
-        let token = sql_token(token)?;
+        let token = sql_token(key, token)?;
         let (key, record) = (key.clone(), record.to_vec());
         self.with_conn(move |conn| {
             let now = now_ms();
             guarded(
                 conn,
+                &key,
                 COMPLETE,
                 params![
                     record,
@@ -397,11 +403,12 @@ impl Store for SqliteStore {
     }
 
     async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        let token = sql_token(token)?;
+        let token = sql_token(key, token)?;
         let key = key.clone();
         self.with_conn(move |conn| {
             guarded(
                 conn,
+                &key,
                 RELEASE,
                 params![key.as_str(), token, abandoned_before(now_ms())],
             )
@@ -412,12 +419,13 @@ impl Store for SqliteStore {
     }
 
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
-        let token = sql_token(token)?;
+        let token = sql_token(key, token)?;
         let key = key.clone();
         self.with_conn(move |conn| {
             let now = now_ms();
             guarded(
                 conn,
+                &key,
                 RENEW,
                 params![
                     after(now, lease),

@@ -50,7 +50,7 @@ async fn tokens_increase_across_deletion_and_reopening() {
     assert!(second > first, "{second:?} after {first:?}");
     assert!(matches!(
         store.complete(&k, first, b"stale", LONG).await,
-        Err(Error::LeaseLost)
+        Err(Error::LeaseLost { .. })
     ));
     store.complete(&k, second, b"r", LONG).await.unwrap();
     drop(store);
@@ -144,7 +144,7 @@ async fn claims_are_kept_until_abandoned() {
         store.renew(&gone, t_gone, LONG).await,
         store.release(&gone, t_gone).await,
     ] {
-        assert!(matches!(result, Err(Error::LeaseLost)), "{result:?}");
+        assert!(matches!(result, Err(Error::LeaseLost { .. })), "{result:?}");
     }
     assert_eq!(
         store.get(&kept).await.unwrap().unwrap().state,
