@@ -202,6 +202,15 @@ pub trait Store: Send + Sync {
     /// complete it. Stores whose server expires records itself (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64>;
 
+    /// Removes at most about `limit` expired records (as [`purge_expired`](Store::purge_expired)
+    /// defines them) and returns how many it removed: one bounded step of a background purger,
+    /// short enough not to hold locks or a connection for long. Fewer than `limit` means none
+    /// are left for now. The default removes them all at once with `purge_expired`.
+    async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+        let _ = limit;
+        self.purge_expired().await
+    }
+
     /// Removes the record under `key`, so the next claim runs the body again, and wakes the
     /// key's waiters.
     ///
@@ -284,6 +293,9 @@ macro_rules! forward_store {
             }
             async fn purge_expired(&self) -> Result<u64> {
                 (**self).purge_expired().await
+            }
+            async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+                (**self).purge_expired_up_to(limit).await
             }
             async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
                 (**self).forget(key, force).await
