@@ -12,8 +12,13 @@
 //!   (with the matching cargo feature);
 //! - `RUST_LOG`: log filter (default `info,idem=debug`).
 //!
+//! Built with the `metrics` feature too (`--features http,metrics`), it serves idem's counters
+//! and histograms at `GET /metrics` in the Prometheus text format
+//! (`metrics-exporter-prometheus`; the names are listed in `idempotency::metrics`).
+//!
 //! ```text
-//! curl -i -X POST localhost:3000/payments -H 'Idempotency-Key: order-1' \
+//! curl -i -X POST localhost:3000/payments -H 'Authorization: Bearer alice' \
+//!      -H 'Idempotency-Key: order-1' \
 //!      -H 'Content-Type: application/json' -d '{"amount": 500, "currency": "usd"}'
 //! ```
 
@@ -94,6 +99,31 @@ async fn get_payment(
         .ok_or(StatusCode::NOT_FOUND)
 }
 
+/// `GET /metrics`: what idem (and anything else using the `metrics` crate) recorded, in the
+/// Prometheus text format, from a recorder installed for this process.
+#[cfg(feature = "metrics")]
+fn metrics_route() -> Result<Router, Box<dyn std::error::Error>> {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    let handle = PrometheusBuilder::new().install_recorder()?;
+    // A recorder installed after idem first counted something would miss the descriptions.
+    idempotency::metrics::describe();
+    Ok(Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -120,24 +150,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         payments: Mutex::new(HashMap::new()),
         processor_delay: Duration::from_millis(delay_ms),
     });
-    let idempotency = IdempotencyLayer::new(store)
-        // Replay the new payment's URL too, not only its content type and body.
-        .replay_headers([header::LOCATION])
-        // One namespace per API key: two clients that pick the same key never see each other's
-        // payments. (A real service would use the principal its authentication layer found.)
-        .scope(|req| {
-            req.headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("anonymous")
-                .to_owned()
-        })
-        .ttl(Duration::from_secs(24 * 3600));
+    // One namespace per client, here its `Authorization` header: two clients that pick the same
+    // key never see each other's payments. A request without the header, or with one that is
+    // not visible ASCII, is refused with 401 and never charged: it is not put in a scope shared
+    // with other unknown clients. (A real service would use the principal its authentication
+    // layer found, added with `.layer(auth)` after this layer so that it runs first.)
+    let idempotency = IdempotencyLayer::per_client(store, |req| {
+        let credentials = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        (!credentials.is_empty()).then(|| credentials.to_owned())
+    })
+    // Replay the new payment's URL too, not only its content type and body.
+    .replay_headers([header::LOCATION])
+    // One client may keep at most 10 000 payments (or 64 MiB of them) in the store at a time.
+    .limit_per_scope(10_000, 64 << 20)
+    .ttl(Duration::from_secs(24 * 3600));
     let app = Router::new()
         .route("/payments", post(create_payment))
         .route("/payments/{id}", get(get_payment))
         .with_state(state)
         .layer(idempotency);
+    #[cfg(feature = "metrics")]
+    let app = app.merge(metrics_route()?);
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(

@@ -4,6 +4,11 @@
 //! sometimes twice at the same moment. The handler below applies each event once and answers
 //! every delivery of it with the same acknowledgement.
 //!
+//! It also tells a redelivery from a first delivery without changing the handler's signature:
+//! `idempotency::observe(handle(event))` says how the call was served (`Served::Ran` or
+//! `Served::Replayed`), and the `on_replay` hook marks every replayed acknowledgement with
+//! `replayed: true` (the stored one stays as the first delivery produced it).
+//!
 //! ```text
 //! cargo run --example webhook
 //! ```
@@ -12,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use idempotency::idempotent;
+use idempotency::{idempotent, observe, ReplayInfo, Served};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +32,19 @@ struct WebhookEvent {
 struct Ack {
     event_id: String,
     balance_after: i64,
+    /// `true` on an acknowledgement replayed to a redelivery (set by [`mark_replayed`], never
+    /// stored).
+    #[serde(default)]
+    replayed: bool,
+}
+
+/// The replay hook: runs on every replayed acknowledgement (never on a first delivery), on the
+/// value the caller gets; the stored record is not changed.
+fn mark_replayed(ack: Ack, _: &ReplayInfo) -> Ack {
+    Ack {
+        replayed: true,
+        ..ack
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +57,9 @@ enum WebhookError {
 static BALANCES: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
 
 /// Applies one event. Concurrent duplicates wait for the first delivery's result
-/// (`on_conflict = "wait"`), so every delivery gets a 200 with the same body.
-#[idempotent(name = "webhooks.handle", key = &event.id, ttl = "72h", on_conflict = "wait", wait = "10s")]
+/// (`on_conflict = "wait"`), so every delivery gets a 200 with the same body (marked
+/// `replayed` when it is not the first).
+#[idempotent(name = "webhooks.handle", key = &event.id, ttl = "72h", on_conflict = "wait", wait = "10s", on_replay = mark_replayed)]
 async fn handle(event: WebhookEvent) -> Result<Ack, WebhookError> {
     tokio::time::sleep(Duration::from_millis(100)).await; // e.g. a database write
     let mut balances = BALANCES.lock().unwrap();
@@ -56,7 +75,23 @@ async fn handle(event: WebhookEvent) -> Result<Ack, WebhookError> {
     Ok(Ack {
         event_id: event.id,
         balance_after: *balance,
+        replayed: false,
     })
+}
+
+/// What the web framework would call: applies the event and logs a duplicate delivery.
+async fn deliver(event: WebhookEvent) -> Result<Ack, WebhookError> {
+    let id = event.id.clone();
+    let (ack, served) = observe(handle(event)).await;
+    match &served {
+        Some(Served::Replayed(info)) => println!(
+            "  duplicate delivery of {id}: answered with the result stored by token {}",
+            info.token().0
+        ),
+        Some(Served::Ran { .. }) => println!("  first delivery of {id}: applied"),
+        _ => {}
+    }
+    ack
 }
 
 #[tokio::main]
@@ -75,25 +110,25 @@ async fn main() {
     };
 
     // Delivery, a simultaneous duplicate, and a late redelivery of the same event.
-    let (a, b) = tokio::join!(handle(paid.clone()), handle(paid.clone()));
+    let (a, b) = tokio::join!(deliver(paid.clone()), deliver(paid.clone()));
     println!("evt_1 delivery              -> {a:?}");
     println!("evt_1 concurrent duplicate  -> {b:?}");
     println!(
         "evt_1 redelivered later     -> {:?}",
-        handle(paid.clone()).await
+        deliver(paid.clone()).await
     );
     println!(
         "evt_2 delivery              -> {:?}",
-        handle(refund.clone()).await
+        deliver(refund.clone()).await
     );
-    println!("evt_2 redelivered           -> {:?}", handle(refund).await);
+    println!("evt_2 redelivered           -> {:?}", deliver(refund).await);
 
     // A forged delivery reusing a known id with another payload is refused.
     let forged = WebhookEvent {
         amount_cents: 1_000_000,
         ..paid
     };
-    println!("evt_1 with another payload  -> {:?}", handle(forged).await);
+    println!("evt_1 with another payload  -> {:?}", deliver(forged).await);
 
     let balance = BALANCES
         .lock()

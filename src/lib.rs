@@ -37,6 +37,7 @@
 //! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
 //! | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a call whose key is in flight elsewhere: fail with [`Error::InFlight`], or wait for that result (by default `default_wait`: 2 × lease + 1 s) | `reject` |
 //! | `cache_errors = true` / `cache_errors = path::to::predicate` | also keep `Err` results (all, or those the `fn(&E) -> bool` accepts) | errors are not kept |
+//! | `on_replay = path::to::hook` | a `fn(T, &`[`ReplayInfo`]`) -> T` applied to every replayed `Ok` value before the caller gets it (never to a fresh one); the stored record is not changed. [`observe`] tells a caller whether its call was replayed ([`Served`]) | replayed values as stored |
 //! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` (an unknown outcome) | 8 MiB |
 //! | `on_unknown = "refuse"` / `"rerun"` | a started body whose outcome is unknown (panic, abandoned, result not storable): refuse the key with [`Error::OutcomeUnknown`] until the recovery window passes (at most once), or release it (at least once); see [`OnUnknown`] | `refuse` |
 //! | `recovery = "1h"` | how long a key with an unknown outcome is refused | the ttl |
@@ -80,7 +81,10 @@
 //! | `PostgresStore` | `postgres` | many processes, when the data already lives in PostgreSQL |
 //!
 //! Other features: `http` (`http::IdempotencyLayer`, a tower layer for
-//! `Idempotency-Key`), `uuid` (`Uuid` keys), `full` (all of them). [`install`] sets the store of
+//! `Idempotency-Key`), `axum` (`Error` is an axum response, so a handler can use `?`),
+//! `metrics` (counters and histograms through the `metrics` crate: see [`mod@metrics`]),
+//! `client` (`client`: retry with the same key from reqwest or a tower client), `uuid` (`Uuid`
+//! keys), `full` (all of them). [`install`] sets the store of
 //! functions without `store = ...`; [`connect`] opens one from a URL (`memory`, `sqlite:PATH`,
 //! `redis://...`, `postgres://...`).
 
@@ -96,6 +100,11 @@ pub use idem_runtime::{
     Result, Storable, StorageKey, Store, StoredRecord, ABANDONED_CLAIM_RETENTION, MIN_LEASE,
 };
 
+/// The client side of `Idempotency-Key`: a `reqwest-middleware` middleware and a tower layer
+/// that attach one key per operation, keep it across every retry, and wait out 409 Conflict.
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub use idem_client as client;
 #[cfg(feature = "http")]
 pub use idem_runtime::http;
 #[cfg(feature = "postgres")]
@@ -104,6 +113,8 @@ pub use idem_runtime::PostgresStore;
 pub use idem_runtime::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use idem_runtime::SqliteStore;
+pub use idem_runtime::{observe, OnReplay, ReplayInfo, Served};
+pub use idem_runtime::{store::memory::MemoryStoreBuilder, Purger, PurgerHandle, PurgerStats};
 
 /// The PostgreSQL backend's defaults and client crates, for [`PostgresStore`].
 #[cfg(feature = "postgres")]

@@ -212,20 +212,19 @@ fn router(app: &App) -> Router<()> {
         .with_state(app.clone())
 }
 
-/// The layer most tests use: a fresh memory store, `Location` replayed, scoped by `x-principal`.
+/// The layer most tests use: a fresh memory store, `Location` replayed, scoped by the
+/// `x-principal` header (the test client sends `x-principal: tester` unless told otherwise); a
+/// request without one, or with one that is not visible ASCII, is refused.
 fn layer() -> IdempotencyLayer {
     layer_with(MemoryStore::new())
 }
 
 fn layer_with(store: impl Store + 'static) -> IdempotencyLayer {
-    IdempotencyLayer::new(store)
-        .replay_headers(["location"])
-        .scope(|req| {
-            req.headers
-                .get("x-principal")
-                .map(|v| v.to_str().unwrap_or("invalid").to_owned())
-                .unwrap_or_else(|| "anonymous".to_owned())
-        })
+    IdempotencyLayer::per_client(store, |req| {
+        let principal = req.headers.get("x-principal")?.to_str().ok()?;
+        Some(principal.to_owned())
+    })
+    .replay_headers(["location"])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,10 +293,25 @@ impl Reply {
 }
 
 impl Server {
+    /// A request from the principal `tester`.
     fn request(&self, method: Method, path: &str) -> http::request::Builder {
-        Request::builder()
+        self.request_as(Some(b"tester"), method, path)
+    }
+
+    /// A request from `principal` (its `x-principal` header, any bytes), or from no one.
+    fn request_as(
+        &self,
+        principal: Option<&[u8]>,
+        method: Method,
+        path: &str,
+    ) -> http::request::Builder {
+        let request = Request::builder()
             .method(method)
-            .uri(format!("http://{}{}", self.addr, path))
+            .uri(format!("http://{}{}", self.addr, path));
+        match principal {
+            Some(who) => request.header("x-principal", http::HeaderValue::from_bytes(who).unwrap()),
+            None => request,
+        }
     }
 
     async fn send(&self, request: http::request::Builder, body: impl Into<Bytes>) -> Reply {
@@ -459,6 +473,7 @@ async fn the_same_key_in_flight_is_409_with_retry_after() {
         async move {
             let request = s
                 .request(Method::POST, "/payments")
+                .header(CONTENT_TYPE, "application/json") // as `post` sends it: same request
                 .header("idempotency-key", "slow")
                 .header("x-wait-for-gate", "1");
             s.send(request, PAYMENT).await
@@ -531,6 +546,7 @@ async fn fifty_concurrent_duplicates_run_the_handler_once() {
             tokio::spawn(async move {
                 let request = s
                     .request(Method::POST, "/payments")
+                    .header(CONTENT_TYPE, "application/json") // as `post` sends it: same request
                     .header("idempotency-key", "dup")
                     .header("x-delay-ms", "100");
                 start.wait().await;
@@ -568,9 +584,8 @@ async fn scopes_keep_principals_apart() {
     let s = serve(layer()).await;
     let as_ = |who: &'static str, body: &'static str| {
         let request = s
-            .request(Method::POST, "/payments")
-            .header("idempotency-key", "same-key")
-            .header("x-principal", who);
+            .request_as(Some(who.as_bytes()), Method::POST, "/payments")
+            .header("idempotency-key", "same-key");
         s.send(request, body)
     };
     let alice = as_("alice", PAYMENT).await;
@@ -588,6 +603,240 @@ async fn scopes_keep_principals_apart() {
 
     assert_eq!(as_("alice", PAYMENT).await.body, alice.body);
     assert_eq!(as_("bob", PAYMENT).await.body, bob.body);
+    assert_eq!(s.app.runs(), 3);
+}
+
+#[tokio::test]
+async fn two_principals_with_the_same_key_and_body_each_get_their_own_response() {
+    let s = serve(layer()).await;
+    let post_as = |who: &'static str| {
+        let request = s
+            .request_as(Some(who.as_bytes()), Method::POST, "/payments")
+            .header(CONTENT_TYPE, "application/json")
+            .header("idempotency-key", "order-1");
+        s.send(request, PAYMENT)
+    };
+    let alice = post_as("alice").await;
+    assert_eq!(s.app.runs(), 1);
+    let bob = post_as("bob").await;
+    assert_eq!(s.app.runs(), 2, "bob's request ran the handler: once each");
+    assert_eq!(
+        (alice.status, bob.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert!(!bob.replayed(), "bob does not get alice's response");
+    assert_ne!(alice.json()["id"], bob.json()["id"]);
+    assert_eq!(bob.json()["run"], 2);
+    // Each retry replays its own principal's response, and nothing runs again.
+    for _ in 0..2 {
+        let (alice_again, bob_again) = (post_as("alice").await, post_as("bob").await);
+        assert!(alice_again.replayed() && bob_again.replayed());
+        assert_eq!(alice_again.body, alice.body);
+        assert_eq!(bob_again.body, bob.body);
+    }
+    assert_eq!(s.app.runs(), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_cannot_be_identified_is_refused_and_the_handler_does_not_run() {
+    let s = serve(layer()).await;
+    // A stored response another client could otherwise reach.
+    let owner = s.post("/payments", Some("order-1"), PAYMENT).await;
+    assert_eq!(owner.status, StatusCode::CREATED);
+    // No principal, an empty one, and two that are not visible ASCII (which would have
+    // merged into one fallback scope): each is refused, none gets the stored response.
+    let unknown: [Option<&[u8]>; 4] = [None, Some(b""), Some(b"caf\xc3\xa9"), Some(b"\xffbob")];
+    for who in unknown {
+        let request = s
+            .request_as(who, Method::POST, "/payments")
+            .header(CONTENT_TYPE, "application/json")
+            .header("idempotency-key", "order-1");
+        let reply = s.send(request, PAYMENT).await;
+        let doc = reply.problem(401);
+        assert!(
+            doc["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("#client-unidentified"),
+            "{doc}"
+        );
+        assert!(!reply.body.windows(4).any(|w| w == b"pay_"), "{doc}");
+    }
+    assert_eq!(s.app.runs(), 1, "only the identified client's request ran");
+    // Requests the layer does not apply to need no principal.
+    let listing = s
+        .send(s.request_as(None, Method::GET, "/payments"), "")
+        .await;
+    assert_eq!(listing.status, StatusCode::OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fingerprints of JSON bodies: the canonical form.
+
+/// `POST /payments` with `key`, `content_type` and `body`.
+async fn post_typed(s: &Server, key: &str, content_type: &str, body: &'static str) -> Reply {
+    let request = s
+        .request(Method::POST, "/payments")
+        .header(CONTENT_TYPE, content_type)
+        .header("idempotency-key", key);
+    s.send(request, body).await
+}
+
+#[tokio::test]
+async fn json_that_differs_in_key_order_or_whitespace_is_the_same_request() {
+    let s = serve(layer()).await;
+    let first = post_typed(
+        &s,
+        "j",
+        "application/json",
+        r#"{"amount":500,"currency":"usd","meta":{"a":1,"b":[1,2]}}"#,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    for (content_type, body) in [
+        ("application/json", r#"{"currency":"usd","meta":{"b":[1,2],"a":1},"amount":500}"#),
+        ("application/json; charset=utf-8", "{\n  \"amount\": 500,\n  \"currency\": \"usd\",\n  \"meta\": { \"a\": 1, \"b\": [ 1, 2 ] }\n}\n"),
+        ("application/merge-patch+json", r#"{"meta":{"a":1,"b":[1,2]},"currency":"\u0075sd","amount":500}"#),
+    ] {
+        let retry = post_typed(&s, "j", content_type, body).await;
+        assert_eq!(retry.status, StatusCode::CREATED, "{body}: {retry:?}");
+        assert!(retry.replayed(), "{body}");
+        assert_eq!(retry.body, first.body);
+    }
+    assert_eq!(s.app.runs(), 1);
+
+    // Different JSON: 422, whatever its layout.
+    for body in [
+        r#"{"currency":"usd","meta":{"b":[2,1],"a":1},"amount":500}"#,
+        r#"{"amount":500.0,"currency":"usd","meta":{"a":1,"b":[1,2]}}"#,
+        r#"{"amount":500,"currency":"usd","meta":{"a":1,"b":[1,2]},"extra":null}"#,
+    ] {
+        post_typed(&s, "j", "application/json", body)
+            .await
+            .problem(422);
+    }
+    assert_eq!(s.app.runs(), 1);
+}
+
+#[tokio::test]
+async fn other_bodies_stay_byte_exact() {
+    let s = serve(layer()).await;
+    let first = post_typed(&s, "t", "text/plain", r#"{"a":1,"b":2}"#).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    // The same JSON text, reordered, but not sent as JSON: another request.
+    post_typed(&s, "t", "text/plain", r#"{"b":2,"a":1}"#)
+        .await
+        .problem(422);
+    post_typed(&s, "t", "text/plain", r#"{"a": 1, "b": 2}"#)
+        .await
+        .problem(422);
+    assert!(post_typed(&s, "t", "text/plain", r#"{"a":1,"b":2}"#)
+        .await
+        .replayed());
+    // Invalid JSON under a JSON type counts by its bytes.
+    let broken = post_typed(&s, "broken", "application/json", r#"{"a":1,"b":}"#).await;
+    assert_eq!(broken.status, StatusCode::CREATED);
+    post_typed(&s, "broken", "application/json", r#"{"b":, "a":1}"#)
+        .await
+        .problem(422);
+    post_typed(&s, "broken", "application/json", r#"{"a":1,"b": }"#)
+        .await
+        .problem(422);
+    assert!(
+        post_typed(&s, "broken", "application/json", r#"{"a":1,"b":}"#)
+            .await
+            .replayed()
+    );
+    assert_eq!(s.app.runs(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits per scope.
+
+/// `POST path` with `key` as `who`.
+async fn post_as(s: &Server, who: &str, path: &str, key: &str) -> Reply {
+    let request = s
+        .request_as(Some(who.as_bytes()), Method::POST, path)
+        .header(CONTENT_TYPE, "application/json")
+        .header("idempotency-key", key);
+    s.send(request, PAYMENT).await
+}
+
+#[tokio::test]
+async fn a_scope_at_its_record_limit_is_refused_new_keys_and_keeps_its_replays() {
+    let ttl = Duration::from_secs(2);
+    let s = serve(layer().limit_per_scope(2, u64::MAX).ttl(ttl)).await;
+    let k1 = post_as(&s, "alice", "/payments", "k1").await;
+    let k2 = post_as(&s, "alice", "/payments", "k2").await;
+    assert_eq!(
+        (k1.status, k2.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_eq!(s.app.runs(), 2);
+
+    let refused = post_as(&s, "alice", "/payments", "k3").await;
+    let doc = refused.problem(429);
+    assert!(
+        doc["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#too-many-kept-responses"),
+        "{doc}"
+    );
+    let retry_after: u64 = refused.headers[RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=ttl.as_secs()).contains(&retry_after), "{retry_after}");
+    assert_eq!(s.app.runs(), 2, "the handler did not run");
+    // Its existing keys are still replayed; other scopes are not affected.
+    let again = post_as(&s, "alice", "/payments", "k1").await;
+    assert!(again.replayed());
+    assert_eq!(again.body, k1.body);
+    assert_eq!(
+        post_as(&s, "bob", "/payments", "k3").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(s.app.runs(), 3);
+    // The refusal kept nothing and released the key: once alice's responses expired, k3 runs.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let later = post_as(&s, "alice", "/payments", "k3").await;
+    assert_eq!(later.status, StatusCode::CREATED);
+    assert!(!later.replayed());
+    assert_eq!(s.app.runs(), 4);
+}
+
+#[tokio::test]
+async fn a_scope_at_its_byte_limit_is_refused_new_keys() {
+    let s = serve(layer().limit_per_scope(1000, 1000)).await;
+    // 600 bytes each: under the limit after the first, at or over it after the second.
+    for key in ["b1", "b2"] {
+        assert_eq!(
+            post_as(&s, "alice", "/bytes/600", key).await.status,
+            StatusCode::OK
+        );
+    }
+    post_as(&s, "alice", "/bytes/600", "b3").await.problem(429);
+    post_as(&s, "alice", "/payments", "small")
+        .await
+        .problem(429);
+    assert!(post_as(&s, "alice", "/bytes/600", "b2").await.replayed());
+    assert_eq!(s.app.runs(), 2);
+    // Responses that are not kept do not count.
+    let s = serve(layer().limit_per_scope(1, 1)).await;
+    for key in ["a", "b", "c"] {
+        let reply = post_as(&s, "alice", "/status/429", key).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "the handler's own 429"
+        );
+        assert!(reply
+            .headers
+            .get(CONTENT_TYPE)
+            .is_none_or(|v| v != "application/problem+json"));
+    }
     assert_eq!(s.app.runs(), 3);
 }
 
@@ -790,7 +1039,7 @@ async fn a_client_that_disconnects_does_not_stop_the_handler() {
     socket
         .write_all(
             format!(
-                "POST /payments HTTP/1.1\r\nhost: {}\r\nidempotency-key: gone\r\nx-wait-for-gate: 1\r\n\
+                "POST /payments HTTP/1.1\r\nhost: {}\r\nidempotency-key: gone\r\nx-principal: tester\r\nx-wait-for-gate: 1\r\n\
                  content-type: application/json\r\ncontent-length: {}\r\n\r\n{PAYMENT}",
                 s.addr,
                 PAYMENT.len()
@@ -845,6 +1094,7 @@ async fn the_lease_is_renewed_while_the_handler_runs() {
         async move {
             let request = s
                 .request(Method::POST, "/payments")
+                .header(CONTENT_TYPE, "application/json") // as `post` sends it: same request
                 .header("idempotency-key", "long")
                 .header("x-delay-ms", "1800");
             s.send(request, PAYMENT).await
@@ -945,7 +1195,9 @@ async fn works_on_a_plain_tower_service_served_by_hyper() {
                 Ok::<_, hyper::Error>(response)
             }
         });
-        let service = tower::Layer::layer(&IdempotencyLayer::new(store.clone()), handler);
+        // One client, two servers: a shared scope, named as such.
+        let layer = IdempotencyLayer::shared(store.clone(), "jobs-of-the-one-client");
+        let service = tower::Layer::layer(&layer, handler);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         addrs.push(listener.local_addr().unwrap());
         tokio::spawn(async move {

@@ -294,8 +294,11 @@ fn router(p: &Processor, layer: IdempotencyLayer) -> Router<()> {
         .layer(middleware::from_fn_with_state(p.clone(), probe))
 }
 
+/// The layer's scope: these tests have one client, so every request shares one scope.
+const SCOPE: &str = "one-test-client";
+
 fn layer() -> IdempotencyLayer {
-    IdempotencyLayer::new(MemoryStore::new())
+    IdempotencyLayer::shared(MemoryStore::new(), SCOPE)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -499,7 +502,7 @@ impl Server {
 /// The retry gets 409 while the first handler runs (it waits for the test's gate after its
 /// 300 ms, so that the 409 is certain), then the first handler's payment replayed.
 async fn clients_that_leave_get_the_first_payment(store: impl Store + 'static) {
-    let s = serve(IdempotencyLayer::new(store)).await;
+    let s = serve(IdempotencyLayer::shared(store, SCOPE)).await;
     for leave_after in [10, 100, 250] {
         let key = format!("leaves-after-{leave_after}ms-{:08x}", rand::random::<u32>());
         let sent = Instant::now();
@@ -693,6 +696,7 @@ impl Server {
     /// was complete (`Ok`), or `Err` with what failed.
     async fn post_failing_midway(&self, key: &str) -> Result<(StatusCode, Bytes), String> {
         let request = http::Request::post(format!("http://{}/fails-midway", self.addr))
+            .header(CONTENT_TYPE, "application/json") // as `post` sends it: the same request
             .header("idempotency-key", key)
             .body(Full::new(Bytes::from_static(PAYMENT.as_bytes())))
             .unwrap();

@@ -367,15 +367,11 @@ mod http_layer {
             started: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
         };
-        let layer = IdempotencyLayer::new(store)
-            .replay_headers(["x-echo-secret"])
-            .scope(|req| {
-                req.headers
-                    .get("x-principal")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("anonymous")
-                    .to_owned()
-            });
+        let layer = IdempotencyLayer::per_client(store, |req| {
+            let principal = req.headers.get("x-principal")?.to_str().ok()?;
+            Some(principal.to_owned())
+        })
+        .replay_headers(["x-echo-secret"]);
         let router = Router::new()
             .route("/payments", post(create))
             .with_state(state.clone())

@@ -190,17 +190,13 @@ async fn serve(
         payments: Mutex::default(),
         ledger: Mutex::default(),
     });
-    let idempotency = IdempotencyLayer::new(store)
-        .replay_headers([header::LOCATION])
-        .scope(|req| {
-            req.headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("anonymous")
-                .to_owned()
-        })
-        .ttl(Duration::from_secs(3600))
-        .lease(lease);
+    let idempotency = IdempotencyLayer::per_client(store, |req| {
+        let credentials = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        Some(credentials.to_owned())
+    })
+    .replay_headers([header::LOCATION])
+    .ttl(Duration::from_secs(3600))
+    .lease(lease);
     let app = Router::new()
         .route("/payments", post(create_payment))
         .route("/payments/{id}", get(get_payment))

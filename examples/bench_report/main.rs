@@ -301,7 +301,7 @@ async fn fill(store: &MemoryStore, from: u64, n: u64, ttl: Duration) {
 async fn section_scale(r: &mut Report) {
     r.section("4. scale: memory store");
     const RECORDS: u64 = 1_000_000;
-    let store = MemoryStore::new();
+    let store = idem_support::workload::unbounded_memory_store();
     let before = rss_bytes();
     let start = Instant::now();
     fill(&store, 0, RECORDS, Duration::from_secs(3600)).await;
@@ -326,14 +326,15 @@ async fn section_scale(r: &mut Report) {
     // Purge: time against expired and live records.
     let mut rows = Vec::new();
     for (expired, live) in [(10_000u64, 0u64), (10_000, 200_000), (100_000, 200_000)] {
-        let store = MemoryStore::new();
+        let store = idem_support::workload::unbounded_memory_store();
         fill(&store, 0, live, Duration::from_secs(3600)).await;
         fill(&store, live, expired, Duration::from_millis(1)).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
         let start = Instant::now();
-        let purged = store.purge_expired().await.unwrap();
+        store.purge_expired().await.unwrap();
         let secs = start.elapsed().as_secs_f64();
-        assert_eq!(purged, expired);
+        // New claims sweep a few expired records each, so the purge finds what they left.
+        assert_eq!(store.len() as u64, live);
         rows.push((expired, live, secs));
     }
     let base = rows[0].2;

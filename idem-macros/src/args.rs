@@ -72,6 +72,8 @@ pub struct Args {
     pub on_conflict: Option<Arg<Conflict>>,
     pub wait: Option<Arg<DurationArg>>,
     pub cache_errors: Option<Arg<Option<CacheErrors>>>,
+    /// `on_replay = path::to::hook`: a `fn(T, &ReplayInfo) -> T` applied to replayed values.
+    pub on_replay: Option<Arg<Path>>,
     /// `max_record_bytes = N` (a literal, checked) or an expression giving a `usize`.
     pub max_record_bytes: Option<Arg<Expr>>,
     pub on_unknown: Option<Arg<Unknown>>,
@@ -156,6 +158,7 @@ pub const ARGUMENTS: &[(&str, ParseArg)] = &[
     ("on_conflict", parse_on_conflict),
     ("wait", parse_wait),
     ("cache_errors", parse_cache_errors),
+    ("on_replay", parse_on_replay),
     ("max_record_bytes", parse_max_record_bytes),
     ("on_unknown", parse_on_unknown),
     ("recovery", parse_recovery),
@@ -302,6 +305,22 @@ fn parse_cache_errors(args: &mut Args, name: Name, input: ParseStream) -> syn::R
         Some(CacheErrors::When(path))
     };
     set(&mut args.cache_errors, name, value)
+}
+
+fn parse_on_replay(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {
+    input.parse::<Token![=]>()?;
+    let expected = "expected `on_replay = path::to::hook`: the path of a function `fn(T, &idempotency::ReplayInfo) -> T` that adjusts a replayed value (`T` is the `Ok` type of the function)";
+    // A path and nothing else: a closure or a call would be evaluated per call, and a literal
+    // names nothing.
+    let expr: Expr = input
+        .parse()
+        .map_err(|e| syn::Error::new(e.span(), expected))?;
+    match expr {
+        Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => {
+            set(&mut args.on_replay, name, p.path)
+        }
+        other => Err(syn::Error::new(other.span(), expected)),
+    }
 }
 
 fn parse_max_record_bytes(args: &mut Args, name: Name, input: ParseStream) -> syn::Result<()> {

@@ -181,6 +181,19 @@ fn expand(mut args: Args, plan: Plan) -> TokenStream {
         settings.extend(quote_spanned!(e.span()=> .store(__idem_store)));
         quote_spanned!(e.span()=> let __idem_store = #e;)
     });
+    // Last: `on_replay` turns the call into one that can only be run.
+    if let Some(hook) = &args.on_replay {
+        let path = &hook.value;
+        let span = path.span();
+        let krate = krate(span);
+        // Checked against the return type at the path, so a hook of another type is reported
+        // there (under `#[async_trait]` only inference knows the type: checked by `run`).
+        let hook = match &ret {
+            Some(ret) => quote_spanned!(span=> #krate::__private::on_replay::<#ret>(#path)),
+            None => quote!(#path),
+        };
+        settings.extend(quote_spanned!(span=> .on_replay(#hook)));
+    }
 
     let policy = match args
         .cache_errors

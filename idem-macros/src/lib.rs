@@ -42,6 +42,7 @@ use proc_macro::TokenStream;
 /// | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | the non-skipped parameters |
 /// | `on_conflict = "reject"` / `"wait"`, `wait = "5s"` | a key in flight elsewhere: fail with `Error::InFlight`, or wait for its result | `reject`; waiting defaults to 2 × lease + 1 s |
 /// | `cache_errors = true` / `= path::to::predicate` | also keep `Err` results | errors release the key |
+/// | `on_replay = path::to::hook` | a `fn(T, &ReplayInfo) -> T` applied to replayed `Ok` values (not to fresh ones); the stored record is unchanged | replayed values as stored |
 /// | `max_record_bytes = N` | the largest stored result | 8 MiB |
 /// | `on_unknown = "refuse"` / `"rerun"` | a started body with an unknown outcome (panic, abandoned, result not storable): refuse the key (at most once) or release it (at least once) | `refuse` |
 /// | `recovery = "1h"` | how long an unknown outcome refuses the key | the ttl |

@@ -20,16 +20,20 @@ pub mod key;
 pub mod metrics;
 #[doc(hidden)]
 pub mod record;
+pub mod replay;
 pub mod store;
 
 pub use context::CallContext;
+pub use engine::OnReplay;
 pub use engine::{
     Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable, MIN_LEASE,
 };
+pub use engine::{Purger, PurgerHandle, PurgerStats};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};
 pub use key::{IntoKey, Operation, StorageKey};
 pub use metrics::{metrics, Metrics};
+pub use replay::{observe, ReplayInfo, Served};
 pub use store::connect;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
@@ -85,6 +89,14 @@ pub mod __private {
                 call
             }
         }
+    }
+
+    /// `on_replay = path`: the hook as a function pointer of the function's return type `R`,
+    /// so that a hook of another type is one error, at the path.
+    pub fn on_replay<R: crate::engine::IdempotentResult>(
+        hook: fn(R::Ok, &crate::replay::ReplayInfo) -> R::Ok,
+    ) -> fn(R::Ok, &crate::replay::ReplayInfo) -> R::Ok {
+        hook
     }
 
     /// A fingerprint made by adding values to a builder (the parameters).

@@ -86,10 +86,20 @@ pub async fn plain(req: ChargeRequest) -> Result<Receipt, BenchError> {
     Ok(compute(&req))
 }
 
-/// The in-memory store of [`with_idem`] and [`with_idem_unfingerprinted`].
+/// The in-memory store of [`with_idem`] and [`with_idem_unfingerprinted`]: without the default
+/// capacity limits, since a benchmark makes millions of misses whose records live for a day.
 pub fn memory_store() -> &'static Arc<MemoryStore> {
     static STORE: OnceLock<Arc<MemoryStore>> = OnceLock::new();
-    STORE.get_or_init(|| Arc::new(MemoryStore::new()))
+    STORE.get_or_init(|| Arc::new(unbounded_memory_store()))
+}
+
+/// A memory store without capacity limits (for benchmarks that fill it on purpose).
+pub fn unbounded_memory_store() -> MemoryStore {
+    MemoryStore::builder()
+        .max_records(usize::MAX)
+        .max_bytes(usize::MAX)
+        .build()
+        .expect("limits that hold a record")
 }
 
 /// `#[idempotent]` with the default fingerprint (canonical JSON of the request).

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::context::CallContext;
 use crate::error::Error;
 use crate::key::StorageKey;
-use crate::metrics::{bump, COUNTERS};
+use crate::metrics::{count, timed, Event, Labels, StoreOp};
 use crate::store::{FencingToken, Store};
 
 use super::storing::{complete, Patience};
@@ -26,16 +26,24 @@ pub(super) struct Background {
     pub(super) store: Arc<dyn Store>,
     pub(super) key: StorageKey,
     pub(super) token: FencingToken,
+    /// The call's labels, for its metrics.
+    pub(super) labels: Labels,
 }
 
 impl Background {
     /// Captures the current runtime (calls run on Tokio).
-    pub(super) fn new(store: Arc<dyn Store>, key: StorageKey, token: FencingToken) -> Self {
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        key: StorageKey,
+        token: FencingToken,
+        labels: Labels,
+    ) -> Self {
         Background {
             runtime: Handle::current(),
             store,
             key,
             token,
+            labels,
         }
     }
 
@@ -47,7 +55,12 @@ impl Background {
 
     /// Starts renewing the lease; see [`Renewal`].
     pub(super) fn renew(&self, lease: Duration, context: CallContext) -> Renewal {
-        let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
+        let (store, key, token, labels) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.labels,
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         self.spawn(async move {
             let period = lease / 4;
@@ -61,7 +74,9 @@ impl Background {
                     _ = &mut stopped => return,
                     _ = tick.tick(), if renewals.len() < 3 => {
                         let (store, key) = (store.clone(), key.clone());
-                        renewals.spawn(async move { store.renew(&key, token, lease).await });
+                        renewals.spawn(async move {
+                            timed(StoreOp::Renew, labels, store.renew(&key, token, lease)).await
+                        });
                     }
                     Some(done) = renewals.join_next() => match done {
                         Ok(Ok(())) => {
@@ -74,7 +89,7 @@ impl Background {
                             return;
                         }
                         Ok(Err(e)) => {
-                            bump(&COUNTERS.store_errors);
+                            count(Event::StoreError, labels);
                             tracing::warn!(target: "idem", key = %key, error = %e, "lease renewal failed; will retry");
                         }
                         Err(_) => {}
@@ -97,7 +112,12 @@ impl Background {
         attempted: bool,
         renewal: Option<Renewal>,
     ) {
-        let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
+        let (store, key, token, labels) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.labels,
+        );
         self.spawn(async move {
             let _renewal = renewal;
             let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
@@ -109,6 +129,7 @@ impl Background {
                 ttl,
                 attempted,
                 Patience::Background(until),
+                labels,
             )
             .await
             {
@@ -122,9 +143,14 @@ impl Background {
 
     /// Releases the claim without being awaited (from a destructor).
     pub(super) fn release(&self) {
-        let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
+        let (store, key, token, labels) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.labels,
+        );
         self.spawn(async move {
-            if let Err(e) = store.release(&key, token).await {
+            if let Err(e) = timed(StoreOp::Release, labels, store.release(&key, token)).await {
                 tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
                     "background release failed; the lease will expire");
             }
@@ -145,12 +171,23 @@ pub(super) struct Renewal {
 /// Counts a detached call whose caller stopped waiting: its body goes on by itself.
 pub(crate) struct Abandoned {
     armed: bool,
+    labels: Labels,
 }
 
 impl Abandoned {
-    /// Armed until [`disarm`](Self::disarm)ed: dropping it armed counts an abandoned call.
+    /// Armed until [`disarm`](Self::disarm)ed: dropping it armed counts an abandoned call
+    /// (without labels: where neither its operation nor its store is at hand).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn new() -> Self {
-        Abandoned { armed: true }
+        Abandoned::for_call(Labels::UNKNOWN)
+    }
+
+    /// [`new`](Self::new), for a call with these labels.
+    pub(crate) fn for_call(labels: Labels) -> Self {
+        Abandoned {
+            armed: true,
+            labels,
+        }
     }
 
     /// The caller got its answer.
@@ -162,7 +199,7 @@ impl Abandoned {
 impl Drop for Abandoned {
     fn drop(&mut self) {
         if self.armed {
-            bump(&COUNTERS.finished_detached);
+            count(Event::FinishedDetached, self.labels);
             tracing::debug!(target: "idem",
                 "caller stopped waiting; the body runs on and its result will be stored");
         }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IntoKey, Operation, StorageKey};
-use crate::metrics::{bump, COUNTERS};
+use crate::metrics::{count, Event, Labels};
 use crate::record::Expected;
+use crate::replay::{ReplayInfo, Served};
 use crate::store::{default_store, IntoStore, Store};
 
 use super::background::{Abandoned, Background};
@@ -159,10 +160,7 @@ impl Call {
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
-        match self.begin::<R>(&errors).await {
-            Begun::Answer(answer) => answer,
-            Begun::Claimed(holding) => holding.finish(errors, body, None).await,
-        }
+        self.run_with(errors, body, unchanged::<R::Ok>).await
     }
 
     /// Like [`run`](Call::run), but once the key is claimed, the body and the storing of its
@@ -175,22 +173,84 @@ impl Call {
         R: IdempotentResult + Send + 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
+        self.run_detached_with(errors, body, unchanged::<R::Ok>)
+            .await
+    }
+
+    /// Adjusts replayed values: `hook` gets each value this call replays (never a fresh one,
+    /// never a kept `Err`) with what is known of the replay, and returns what the caller gets,
+    /// e.g. the value with a `replayed: true` field set. The stored record is not changed: every
+    /// replay passes the stored value through the hook once. Like Powertools' `response_hook`;
+    /// `#[idempotent(on_replay = path::to::hook)]` expands to it.
+    ///
+    /// Give it last: the [`OnReplay`] it returns only runs the call. See also
+    /// [`observe`](crate::observe), which tells the caller whether its call was replayed.
+    pub fn on_replay<T, F>(self, hook: F) -> OnReplay<F>
+    where
+        F: FnOnce(T, &ReplayInfo) -> T,
+    {
+        OnReplay { call: self, hook }
+    }
+
+    /// [`run`](Call::run), with `hook` applied to a replayed value.
+    async fn run_with<R, Fut, H>(self, errors: ErrorPolicy<R::Err>, body: Fut, hook: H) -> R
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+        H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
+        match self.begin::<R, H>(&errors, hook).await {
+            Begun::Answer(answer, served) => {
+                crate::replay::record(|| served);
+                answer
+            }
+            Begun::Claimed(holding) => {
+                let ran = holding.served();
+                let out = holding.finish(errors, body, None).await;
+                if let Some(ran) = ran {
+                    crate::replay::record(|| ran);
+                }
+                out
+            }
+        }
+    }
+
+    /// [`run_detached`](Call::run_detached), with `hook` applied to a replayed value.
+    async fn run_detached_with<R, Fut, H>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+        hook: H,
+    ) -> R
+    where
+        R: IdempotentResult + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
         // Claim (or replay) in the caller; only a body that is to run moves to a task of its
         // own. A caller that leaves while the claim is on its way may leave the claim in flight
         // until its lease ends; the body has not started then, so nothing runs twice.
-        let holding = match self.begin::<R>(&errors).await {
-            Begun::Answer(answer) => return answer,
+        let holding = match self.begin::<R, H>(&errors, hook).await {
+            Begun::Answer(answer, served) => {
+                crate::replay::record(|| served);
+                return answer;
+            }
             Begun::Claimed(holding) => holding,
         };
         // Renewal first: spawning the body's task next moves the renewal task out of this
         // worker's next-task slot into its queue, where another worker can run it even if the
         // body blocks this thread.
         let key = holding.background.key.clone();
+        let labels = holding.background.labels;
+        let ran = holding.served();
         let begun = holding.start();
         let task = tokio::spawn(holding.finish(errors, body, Some(begun)));
-        let abandoned = Abandoned::new();
+        let abandoned = Abandoned::for_call(labels);
         let joined = task.await;
         abandoned.disarm();
+        if let Some(ran) = ran {
+            crate::replay::record(|| ran);
+        }
         match joined {
             Ok(result) => result,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -204,8 +264,12 @@ impl Call {
 
     /// Checks the call, then claims its key: the answer (a replay, a refusal, an error), or the
     /// claim under which the body is to run.
-    async fn begin<R: IdempotentResult>(self, errors: &ErrorPolicy<R::Err>) -> Begun<R> {
-        let fail = |e: Error| Begun::Answer(R::from_result(Err(e.into())));
+    async fn begin<R, H>(self, errors: &ErrorPolicy<R::Err>, hook: H) -> Begun<R>
+    where
+        R: IdempotentResult,
+        H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
+        let fail = |e: Error| Begun::Answer(R::from_result(Err(e.into())), Served::Refused);
         let (key, fingerprint) = match (self.key, self.fingerprint) {
             (Ok(key), Ok(fingerprint)) => (key, fingerprint),
             (Err(e), _) | (_, Err(e)) => return fail(e),
@@ -226,8 +290,10 @@ impl Call {
                 )));
             }
         }
+        let operation = self.operation.map(|op| op.name());
+        let labels = Labels::new(operation, store.backend());
         let expect = Expected {
-            operation: self.operation.map(|op| op.name()),
+            operation,
             schema: self.schema,
         };
         let claimed = claim(
@@ -236,21 +302,29 @@ impl Call {
             fingerprint.as_ref(),
             self.lease,
             self.on_conflict,
+            labels,
         )
         .await;
         let (token, takeover) = match claimed {
             Ok(Claimed::Token(token, takeover)) => (token, takeover),
             Ok(Claimed::Replay(bytes)) => {
-                bump(&COUNTERS.hits);
+                count(Event::Hit, labels);
                 tracing::debug!(target: "idem", key = %key, "replay");
-                return Begun::Answer(R::from_result(replay::<R::Ok, R::Err>(
-                    &key, &bytes, errors, &expect,
-                )));
+                return match replay::<R::Ok, R::Err>(&key, &bytes, errors, &expect) {
+                    Ok((Ok(value), info)) => {
+                        let value = hook(value, &info);
+                        Begun::Answer(R::from_result(Ok(value)), Served::Replayed(info))
+                    }
+                    Ok((Err(kept), info)) => {
+                        Begun::Answer(R::from_result(Err(kept)), Served::Replayed(info))
+                    }
+                    Err(e) => Begun::Answer(R::from_result(Err(e)), Served::Refused),
+                };
             }
             Err(e) => return fail(e),
         };
         Begun::Claimed(Box::new(Holding {
-            background: Background::new(store, key, token),
+            background: Background::new(store, key, token, labels),
             fingerprint,
             takeover,
             expect,
@@ -264,10 +338,45 @@ impl Call {
     }
 }
 
+/// The hook of a call without one: the replayed value as it was stored.
+fn unchanged<T>(value: T, _: &ReplayInfo) -> T {
+    value
+}
+
+/// A [`Call`] with a hook that adjusts replayed values: see [`Call::on_replay`].
+pub struct OnReplay<F> {
+    call: Call,
+    hook: F,
+}
+
+impl<F> OnReplay<F> {
+    /// [`Call::run`], with the hook applied to a replayed value.
+    pub async fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+        F: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
+        self.call.run_with(errors, body, self.hook).await
+    }
+
+    /// [`Call::run_detached`], with the hook applied to a replayed value (in the caller, where
+    /// replays happen).
+    pub async fn run_detached<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    where
+        R: IdempotentResult + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        F: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
+        self.call.run_detached_with(errors, body, self.hook).await
+    }
+}
+
 /// What [`Call::begin`] found.
 enum Begun<R> {
-    /// The call's answer: a replay, a refusal or an error. Nothing runs.
-    Answer(R),
+    /// The call's answer: a replay, a refusal or an error, and how it was served. Nothing
+    /// runs.
+    Answer(R, Served),
     /// The key is claimed: run the body under it.
     Claimed(Box<Holding>),
 }

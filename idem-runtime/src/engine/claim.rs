@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::metrics::{bump, COUNTERS};
+use crate::metrics::{count, timed, Event, Labels, Stopwatch, StoreOp};
 use crate::record::{Expected, Outcome, Record};
+use crate::replay::ReplayInfo;
 use crate::store::{Claim, FencingToken, Store, WAIT_SAFETY_NET};
 
 use super::policy::{ErrorPolicy, OnConflict};
@@ -26,13 +27,14 @@ pub(super) enum Claimed {
 
 /// Claims `key`: a token to run the body under, or the stored result to replay. An in-flight
 /// key fails at once ([`OnConflict::Reject`]) or is waited for ([`OnConflict::Wait`]), through
-/// the store's change notification.
+/// the store's change notification. `labels`: the call's, for its metrics.
 pub(super) async fn claim(
     store: &dyn Store,
     key: &StorageKey,
     fingerprint: Option<&Fingerprint>,
     lease: Duration,
     on_conflict: OnConflict,
+    labels: Labels,
 ) -> Result<Claimed> {
     let deadline = match on_conflict {
         OnConflict::Reject => None,
@@ -40,23 +42,25 @@ pub(super) async fn claim(
     };
     let mut pause = Duration::from_millis(2);
     let mut counted_conflict = false;
+    // Times the wait for a holder, however the claim ends (or is dropped), once it began.
+    let mut waiting: Option<Waiting> = None;
     loop {
-        match store.claim(key, fingerprint, lease).await {
+        match timed(StoreOp::Claim, labels, store.claim(key, fingerprint, lease)).await {
             Err(e) => {
-                bump(&COUNTERS.store_errors);
+                count(Event::StoreError, labels);
                 tracing::warn!(target: "idem", key = %key, error = %e, "claim failed");
                 return Err(e);
             }
             Ok(Claim::Acquired { token, takeover }) => {
                 if takeover {
-                    bump(&COUNTERS.takeovers);
+                    count(Event::Takeover, labels);
                     tracing::info!(target: "idem", key = %key, token = token.0, "took over an expired lease");
                 }
                 return Ok(Claimed::Token(token, takeover));
             }
             Ok(Claim::Completed(bytes)) => return Ok(Claimed::Replay(bytes)),
             Ok(Claim::KeyReuse) => {
-                bump(&COUNTERS.key_reuses);
+                count(Event::KeyReuse, labels);
                 tracing::warn!(target: "idem", key = %key, "key reused with a different fingerprint");
                 return Err(Error::KeyReuse {
                     key: Some(key.clone()),
@@ -65,7 +69,7 @@ pub(super) async fn claim(
             Ok(Claim::InFlight) => {
                 if !counted_conflict {
                     counted_conflict = true;
-                    bump(&COUNTERS.conflicts);
+                    count(Event::Conflict, labels);
                     tracing::debug!(target: "idem", key = %key, ?on_conflict, "in flight elsewhere");
                 }
                 let Some((deadline, limit)) = deadline else {
@@ -73,6 +77,7 @@ pub(super) async fn claim(
                         key: Some(key.clone()),
                     });
                 };
+                waiting.get_or_insert_with(|| Waiting(Stopwatch::start(), labels));
                 let now = Instant::now();
                 if now >= deadline {
                     return Err(Error::WaitTimeout {
@@ -94,26 +99,49 @@ pub(super) async fn claim(
     }
 }
 
-/// The stored result in `bytes`, decoded as the caller's `Ok` or kept `Err`, or the error that
-/// says why it cannot be (an unknown outcome, another operation or version, a damaged record).
+/// Records how long a call waited for a holder when dropped: when the claim ends, however it
+/// ends.
+struct Waiting(Stopwatch, Labels);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.wait_ended(self.1);
+    }
+}
+
+/// The stored result in `bytes`, decoded as the caller's `Ok` or kept `Err` with what is known
+/// of it, or the error that says why it cannot be replayed (an unknown outcome, another
+/// operation or version, a damaged record).
+#[allow(clippy::type_complexity)]
 pub(super) fn replay<T: DeserializeOwned, E: From<Error>>(
     key: &StorageKey,
     bytes: &[u8],
     errors: &ErrorPolicy<E>,
     expected: &Expected<'_>,
-) -> Result<T, E> {
+) -> Result<(Result<T, E>, ReplayInfo), E> {
     let record = Record::decode(bytes).map_err(|e| e.with_key(key))?;
+    let info = |kept_error| {
+        ReplayInfo::new(
+            key.clone(),
+            record.token,
+            record.completed_at_ms,
+            kept_error,
+        )
+    };
     match record.outcome {
         Outcome::Unknown => Err(Error::OutcomeUnknown {
             reason: record.reason(),
             key: Some(key.clone()),
         }
         .into()),
-        Outcome::Ok => Ok(record
-            .decode_payload(expected, type_name::<T>(), |payload| {
-                serde_json::from_slice(payload)
-            })
-            .map_err(|e| e.with_key(key))?),
+        Outcome::Ok => {
+            let value = record
+                .decode_payload(expected, type_name::<T>(), |payload| {
+                    serde_json::from_slice(payload)
+                })
+                .map_err(|e| e.with_key(key))?;
+            Ok((Ok(value), info(false)))
+        }
         Outcome::Err => {
             let ty = type_name::<E>();
             let Some((_, decode)) = errors.codec else {
@@ -127,9 +155,10 @@ pub(super) fn replay<T: DeserializeOwned, E: From<Error>>(
                     .with_key(key)
                     .into());
             };
-            Err(record
+            let kept = record
                 .decode_payload(expected, ty, decode)
-                .map_err(|e| e.with_key(key))?)
+                .map_err(|e| e.with_key(key))?;
+            Ok((Err(kept), info(true)))
         }
     }
 }

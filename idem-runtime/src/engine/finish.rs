@@ -15,8 +15,9 @@ use crate::context::CallContext;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::metrics::{bump, COUNTERS};
+use crate::metrics::{count, timed, Event, Stopwatch, StoreOp};
 use crate::record::{Expected, Outcome, Record};
+use crate::replay::{self, Served};
 use crate::store::FencingToken;
 
 use super::background::{Background, Renewal};
@@ -57,6 +58,16 @@ impl Holding {
         self.background.token
     }
 
+    /// How the call is served, for an [`observe`](crate::observe) that listens (`None` if none
+    /// does, so that nothing is cloned for nobody).
+    pub(super) fn served(&self) -> Option<Served> {
+        replay::observing().then(|| Served::Ran {
+            key: self.key().clone(),
+            token: self.token(),
+            takeover: self.takeover,
+        })
+    }
+
     /// The body's context, and the lease's renewal on a task of its own.
     pub(super) fn start(&self) -> (CallContext, Renewal) {
         let context = CallContext::new(self.key().clone(), self.token(), self.takeover);
@@ -82,7 +93,8 @@ impl Holding {
         // future is `Send` whenever `R` and the body are, as `run_detached` needs.
         let fail = |e: Error| R::from_result(Err(e.into()));
         let (key, token) = (self.key(), self.token());
-        bump(&COUNTERS.misses);
+        let labels = self.background.labels;
+        count(Event::Miss, labels);
         tracing::debug!(target: "idem", key = %key, token = token.0, "claimed");
         let mut guard = StartedGuard {
             holding: &self,
@@ -101,7 +113,9 @@ impl Holding {
         };
         // From here on the body may have done its side effect.
         guard.body_started = true;
+        let ran = Stopwatch::start();
         let output = catch_unwind(context.scope(body)).await;
+        ran.body_ended(labels);
         // Renewal goes on until the outcome is stored (or the claim released): a store that is
         // down when the body ends must not let the lease lapse unnoticed.
         *self.renewal.lock().unwrap_or_else(|p| p.into_inner()) = Some(renewal);
@@ -172,7 +186,7 @@ impl Holding {
                 output
             }
             Stored::Lost => {
-                bump(&COUNTERS.leases_lost);
+                count(Event::LeaseLost, labels);
                 tracing::warn!(target: "idem", key = %key, token = token.0,
                     "lease lost before completion: the newer holder's result stands");
                 fail(Error::lease_lost(key))
@@ -181,7 +195,7 @@ impl Holding {
                 // The store stayed unreachable for a whole lease after the body ran. The body's
                 // effect is real, so the caller gets its result; storing goes on in the
                 // background and lands as long as nobody took the key over.
-                bump(&COUNTERS.results_unstored);
+                count(Event::ResultUnstored, labels);
                 tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
                     "could not store the result yet; returning it, and storing it in the background");
                 output
@@ -210,6 +224,7 @@ impl Holding {
             ttl,
             false,
             Patience::Caller(until),
+            bg.labels,
         )
         .await;
         finish.armed = false;
@@ -241,13 +256,20 @@ impl Holding {
     /// Releases the claim: nothing happened that a retry must not repeat.
     async fn release(&self) {
         drop(self.take_renewal());
-        bump(&COUNTERS.releases);
+        let labels = self.background.labels;
+        count(Event::Release, labels);
         let (key, token) = (self.key(), self.token());
-        match self.background.store.release(key, token).await {
+        match timed(
+            StoreOp::Release,
+            labels,
+            self.background.store.release(key, token),
+        )
+        .await
+        {
             Ok(()) => tracing::debug!(target: "idem", key = %key, token = token.0, "released"),
             Err(e) => {
                 if !matches!(e, Error::LeaseLost { .. }) {
-                    bump(&COUNTERS.store_errors);
+                    count(Event::StoreError, labels);
                 }
                 tracing::warn!(target: "idem", key = %key, error = %e, "release failed; the lease will expire");
             }
@@ -257,7 +279,7 @@ impl Holding {
     /// The body started and its outcome is unknown: record it ([`OnUnknown::Refuse`]) or
     /// release the claim ([`OnUnknown::Rerun`]).
     async fn unknown(&self, reason: &str) {
-        bump(&COUNTERS.unknown_outcomes);
+        count(Event::UnknownOutcome, self.background.labels);
         let (key, token) = (self.key(), self.token());
         match self.on_unknown {
             OnUnknown::Rerun => {
@@ -280,14 +302,14 @@ impl Holding {
     /// [`release`](Self::release) from a destructor.
     fn release_in_background(&self, reason: &'static str) {
         drop(self.take_renewal());
-        bump(&COUNTERS.releases);
+        count(Event::Release, self.background.labels);
         tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "releasing");
         self.background.release();
     }
 
     /// [`unknown`](Self::unknown) from a destructor.
     fn unknown_in_background(&self, reason: &'static str) {
-        bump(&COUNTERS.unknown_outcomes);
+        count(Event::UnknownOutcome, self.background.labels);
         let (key, token) = (self.key(), self.token());
         match self.on_unknown {
             OnUnknown::Rerun => {

@@ -31,12 +31,17 @@ mod call;
 mod claim;
 mod finish;
 mod policy;
+mod purger;
 mod storing;
 
 #[cfg(feature = "http")]
 pub(crate) use background::Abandoned;
-pub use call::Call;
+pub use call::{Call, OnReplay};
 pub use policy::{
     default_wait, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable,
     DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TTL, MIN_LEASE,
+};
+pub use purger::{
+    jittered, Purger, PurgerHandle, PurgerStats, DEFAULT_PURGE_BATCH, DEFAULT_PURGE_INTERVAL,
+    DEFAULT_PURGE_JITTER,
 };

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::key::StorageKey;
-use crate::metrics::{bump, COUNTERS};
+use crate::metrics::{count, timed, Event, Labels, StoreOp};
 use crate::store::{FencingToken, RecordState, Store, StoredRecord};
 
 /// Who is storing a result, and until when to keep trying.
@@ -28,6 +28,8 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// (fencing), and a retry that finds the key already completed under this call's own token
 /// means an earlier attempt was stored but its reply was lost. A full store
 /// ([`Error::StoreFull`]) ends the attempts of a caller at once (`background`: keep trying).
+/// `labels`: the call's, for its metrics.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn complete(
     store: &dyn Store,
     key: &StorageKey,
@@ -36,20 +38,28 @@ pub(super) async fn complete(
     ttl: Duration,
     mut attempted: bool,
     patience: Patience,
+    labels: Labels,
 ) -> Result<()> {
     let (Patience::Caller(until) | Patience::Background(until)) = patience;
     let mut pause = Duration::from_millis(10);
     loop {
-        let error = match store.complete(key, token, record, ttl).await {
+        let stored = timed(
+            StoreOp::Complete,
+            labels,
+            store.complete(key, token, record, ttl),
+        );
+        let error = match stored.await {
             Ok(()) => return Ok(()),
-            Err(Error::LeaseLost { .. }) if attempted => match store.get(key).await {
-                Ok(Some(StoredRecord {
-                    state: RecordState::Completed { token: t, .. },
-                    ..
-                })) if t == token => return Ok(()),
-                Ok(_) => return Err(Error::lease_lost(key)),
-                Err(e) => e,
-            },
+            Err(Error::LeaseLost { .. }) if attempted => {
+                match timed(StoreOp::Get, labels, store.get(key)).await {
+                    Ok(Some(StoredRecord {
+                        state: RecordState::Completed { token: t, .. },
+                        ..
+                    })) if t == token => return Ok(()),
+                    Ok(_) => return Err(Error::lease_lost(key)),
+                    Err(e) => e,
+                }
+            }
             Err(e @ Error::LeaseLost { .. }) => return Err(e),
             // A full store stays full for longer than a caller should wait: a caller gets its
             // result back at once; the background keeps trying, at the longest pause.
@@ -66,7 +76,7 @@ pub(super) async fn complete(
         if Instant::now() + pause >= until {
             return Err(error);
         }
-        bump(&COUNTERS.store_errors);
+        count(Event::StoreError, labels);
         tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
             "could not store the result; retrying");
         tokio::time::sleep(pause).await;

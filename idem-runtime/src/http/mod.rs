@@ -18,7 +18,8 @@
 //! use tower::{service_fn, Layer, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let layer = IdempotencyLayer::new(MemoryStore::new());
+//! // One scope for every client, on purpose: this example has a single client.
+//! let layer = IdempotencyLayer::shared(MemoryStore::new(), "example");
 //! let charge = layer.layer(service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
 //!     let id = format!("pay_{}", std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
 //!     let res = Response::builder().status(StatusCode::CREATED).body(Full::new(Bytes::from(id)));
@@ -46,12 +47,14 @@
 //! |---|---|
 //! | method not in [`methods`](IdempotencyLayer::methods) (default POST, PATCH) | passed through untouched |
 //! | no `Idempotency-Key` | 400, or passed through with [`require_key(false)`](IdempotencyLayer::require_key) |
+//! | [`per_client`](IdempotencyLayer::per_client) and the principal function finds no client | 401, the handler does not run |
 //! | key empty, longer than 255 bytes, or the header given twice | 400 |
 //! | body over [`max_body_bytes`](IdempotencyLayer::max_body_bytes) (default 1 MiB) | 413, the handler does not run |
 //! | first request with a key | runs the handler (to its end, even if the client goes away); its response is kept if its status is kept (default: all but 5xx, 408 and 429) and its body is within the limit |
 //! | same key, same request, completed | the kept response, with `Idempotent-Replayed: true` |
 //! | same key while the first request runs | 409 with `Retry-After: 1` |
-//! | same key, different method, path, query or body | 422 |
+//! | same key, different method, path, query or body (JSON bodies compared by their [canonical form](#json-bodies)) | 422 |
+//! | new key, and the scope holds its [limit](IdempotencyLayer::limit_per_scope) of kept responses | 429 with `Retry-After`, the handler does not run |
 //! | the store fails | 503 with `Retry-After: 1`; the handler does not run (fail closed) |
 //!
 //! The key may be sent bare (`Idempotency-Key: order-42`, as Stripe does) or as the draft's
@@ -86,27 +89,131 @@
 //! |---|---|---|
 //! | 400 | <span id="key-missing">`#key-missing`</span> | the key is required and missing |
 //! | 400 | <span id="key-invalid">`#key-invalid`</span> | the key is empty, too long, or given twice |
+//! | 401 | <span id="client-unidentified">`#client-unidentified`</span> | [`per_client`](IdempotencyLayer::per_client) could not tell which client sent the request |
 //! | 400 | <span id="body-unreadable">`#body-unreadable`</span> | the request body could not be read |
 //! | 409 | <span id="request-in-progress">`#request-in-progress`</span> | a request with this key is being processed |
 //! | 409 | <span id="claim-lost">`#claim-lost`</span> | this request ran past its lease and another request with the key took over; retry to get that one's response |
 //! | 413 | <span id="body-too-large">`#body-too-large`</span> | the request body is over the limit |
 //! | 422 | <span id="key-reused">`#key-reused`</span> | the key was used for a different request |
+//! | 429 | <span id="too-many-kept-responses">`#too-many-kept-responses`</span> | a new key, and the client's scope holds its [limit](IdempotencyLayer::limit_per_scope) of kept responses; `Retry-After` says when one expires |
 //! | 500 | <span id="record-unreadable">`#record-unreadable`</span> | the stored response could not be decoded |
 //! | 500 | <span id="outcome-unknown">`#outcome-unknown`</span> | an earlier request with this key started but its outcome is unknown (see above) |
+//! | 500 | <span id="idempotency-failed">`#idempotency-failed`</span> | a configuration mistake (a lease below [`MIN_LEASE`](crate::engine::MIN_LEASE)) or a value that cannot be encoded |
 //! | 503 | <span id="store-unavailable">`#store-unavailable`</span> | the idempotency store failed |
 //!
-//! # Scopes
+//! # Scopes: per client, or shared on purpose
 //!
-//! Records are stored under `StorageKey::derive(scope, key)`. The scope defaults to the constant
-//! `"http"`; give [`scope`](IdempotencyLayer::scope) a function of the request (the
-//! authenticated principal, an API key, a tenant) so that two clients who pick the same key never
-//! see each other's responses. With axum, add the authentication layer *after* this one
-//! (`.layer(idem).layer(auth)`), so that it runs first and its request extensions are visible to
-//! the scope function. With `Router::route_layer` instead of `Router::layer`, requests that
-//! match no route get axum's 404 rather than the layer's 400 for a missing key.
+//! Records are stored under `StorageKey::derive(scope, key)`, and a layer is built with the
+//! scope of its requests; there is no default.
+//!
+//! - [`IdempotencyLayer::per_client(store, principal)`](IdempotencyLayer::per_client): the scope
+//!   is the client's principal, a function of the request (the authenticated user, an API key,
+//!   a tenant), so that two clients who pick the same key never see each other's responses
+//!   (as in the IETF draft and at Stripe). When the function returns `None` (or an empty
+//!   string) the request is refused with `401 #client-unidentified` and the handler does not
+//!   run. Never map an unknown client to a constant such as `"anonymous"`: every such client
+//!   would share that scope, and one would receive another's response.
+//! - [`IdempotencyLayer::shared(store, name)`](IdempotencyLayer::shared): one scope named
+//!   `name` for every request. **Every client sees every other client's responses for the same
+//!   key and request**: only for a service with one client, or whose responses are public.
+//!
+//! With axum, add the authentication layer *after* this one (`.layer(idem).layer(auth)`), so
+//! that it runs first (refusing unauthenticated requests with its own 401 and its
+//! `WWW-Authenticate` header) and its request extensions are visible to the principal function.
+//! With `Router::route_layer` instead of `Router::layer`, requests that match no route get
+//! axum's 404 rather than the layer's 400 for a missing key.
+//!
+//! ```
+//! # use idem_runtime as idempotency;
+//! use idempotency::{http::IdempotencyLayer, MemoryStore};
+//!
+//! // The client is its `Authorization` header: a request without one, or with one that is not
+//! // visible ASCII, is refused with 401 (it is not put in a scope shared with others).
+//! let layer = IdempotencyLayer::per_client(MemoryStore::new(), |req| {
+//!     let value = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+//!     (!value.is_empty()).then(|| value.to_owned())
+//! });
+//! ```
+//!
+//! A layer cannot be built without choosing (`new(store)` and `.scope(..)` are gone):
+//!
+//! ```compile_fail
+//! # use idem_runtime as idempotency;
+//! use idempotency::{http::IdempotencyLayer, MemoryStore};
+//! let layer = IdempotencyLayer::new(MemoryStore::new());
+//! ```
+//!
+//! # Limits per scope
+//!
+//! [`limit_per_scope(records, bytes)`](IdempotencyLayer::limit_per_scope) keeps one client
+//! from filling the store for all: a request with a new key, from a scope that already holds
+//! `records` kept responses or `bytes` of them, is refused with `429 #too-many-kept-responses`
+//! and a `Retry-After` of the seconds until its oldest response expires; the handler does not
+//! run. Retries of the keys it holds are still answered (replayed, or 409 while they run).
+//!
+//! The tally is kept **in this process**, of the responses this layer and its clones kept,
+//! each counted until its ttl runs out: the store cannot count per scope, because it sees only
+//! storage keys, which are hashes of scope and key. So with N instances behind a load balancer
+//! a scope may hold up to N times the limit, and a restart forgets the tally (the records stay
+//! in the store until their ttl). A response counts by the size of its body and replayed
+//! headers. Requests with new keys that are running count against the record limit, so that
+//! concurrent requests cannot exceed it together; the byte limit may be exceeded by their
+//! responses (each at most [`max_body_bytes`](IdempotencyLayer::max_body_bytes)).
+//!
+//! # JSON bodies
+//!
+//! The request fingerprint (what must match when a key is reused) is the method, the path and
+//! query, and the body. A body whose `Content-Type` is `application/json` or `*/*+json` (such
+//! as `application/merge-patch+json`; parameters such as `charset` ignored) counts by its
+//! canonical JSON, the form the attribute's fingerprints use: object members sorted by key, no
+//! whitespace, strings re-escaped as serde_json escapes them. A client that rebuilds its body on
+//! retry (another instance, a map with unstable order, another serializer) sends the same
+//! request. Numbers are compared as written (`1`, `1.0` and `1e0` differ: parsed as floats,
+//! distinct big integers or decimals would merge), as are members with the same key and their
+//! order. A body under a JSON content type that is not valid JSON (or nests deeper than 128)
+//! counts by its bytes, as do the bodies of every other content type: byte for byte. So the
+//! same bytes sent once as JSON and once under another type (or none) are the same request only
+//! if they are already in canonical form; a client keeps its `Content-Type` across retries.
+//!
+//! # axum handlers calling `#[idempotent]` functions
+//!
+//! With the feature `axum`, [`Error`](crate::Error) implements axum's `IntoResponse` with the
+//! mapping of the table above, so a handler can use `?` on the result of an `#[idempotent]`
+//! function whose error type is (or converts into) a type that does:
+//!
+//! | error | response |
+//! |---|---|
+//! | `InFlight`, `WaitTimeout` | 409 `#request-in-progress`, `Retry-After: 1` |
+//! | `LeaseLost` | 409 `#claim-lost`, `Retry-After: 1` |
+//! | `KeyReuse` | 422 `#key-reused` |
+//! | `InvalidKey` | 400 `#key-invalid` (the key was derived from the request) |
+//! | `Store`, `StoreFull` | 503 `#store-unavailable`, `Retry-After: 1` (no backend detail) |
+//! | `Corrupt`, `TypeMismatch` | 500 `#record-unreadable` |
+//! | `OutcomeUnknown` | 500 `#outcome-unknown` (retrying does not help: resolve the record) |
+//! | `Config`, `Encode`, `TooLarge` | 500 `#idempotency-failed` |
+//!
+//! The body is the same `application/problem+json` document, its detail naming the
+//! "idempotency key" and the "call" rather than the header. The storage key is not in it (a
+//! hash of scope and key, of use to an operator, not to the client): it is in the `tracing`
+//! event (target `idem`) logged for the error, at `error` level for a 5xx.
+//!
+//! ```ignore
+//! use axum::{extract::Path, Json};
+//! use idempotency::idempotent;
+//!
+//! #[idempotent(key = order.clone())]
+//! async fn charge(order: String) -> Result<Receipt, idempotency::Error> { /* ... */ }
+//!
+//! async fn pay(Path(order): Path<String>) -> Result<Json<Receipt>, idempotency::Error> {
+//!     Ok(Json(charge(order).await?)) // a call in flight with this key: 409 + Retry-After
+//! }
+//! ```
 
 mod body;
+mod fingerprint;
+mod limits;
 mod problem;
+mod scope;
 mod service;
 mod stored;
 
@@ -120,7 +227,9 @@ use http::{request, Method, StatusCode};
 use tower::Layer;
 
 use crate::engine::{IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
-use crate::store::{default_store, Store};
+use crate::store::Store;
+use limits::ScopeLimits;
+use scope::Scoping;
 use tokio_util::task::TaskTracker;
 
 pub use body::{RequestBody, ResponseBody};
@@ -132,8 +241,6 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The default limit on request and kept response bodies: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
-/// The scope of every record when no [`scope`](IdempotencyLayer::scope) function is given.
-pub const DEFAULT_SCOPE: &str = "http";
 
 /// Which responses are kept and replayed: a function of the status, or a range of status codes.
 ///
@@ -171,8 +278,6 @@ pub fn keep_by_default(status: StatusCode) -> bool {
         && status != StatusCode::TOO_MANY_REQUESTS
 }
 
-type ScopeFn = dyn Fn(&request::Parts) -> String + Send + Sync;
-
 #[derive(Clone)]
 struct Config {
     store: Arc<dyn Store>,
@@ -180,7 +285,8 @@ struct Config {
     require_key: bool,
     keep: Arc<dyn KeepStatus>,
     replay_headers: Vec<HeaderName>,
-    scope: Option<Arc<ScopeFn>>,
+    scope: Scoping,
+    limits: Option<Arc<ScopeLimits>>,
     max_body_bytes: usize,
     ttl: Duration,
     lease: Duration,
@@ -211,14 +317,15 @@ struct Config {
 /// let app = Router::new()
 ///     .route("/payments", post(create_payment))
 ///     .layer(
-///         IdempotencyLayer::new(store)
-///             .replay_headers(["location"])
-///             // One namespace per API key: clients never see each other's responses.
-///             .scope(|req| req.headers.get("authorization")
-///                 .and_then(|v| v.to_str().ok())
-///                 .unwrap_or("anonymous")
-///                 .to_owned())
-///             .ttl(std::time::Duration::from_secs(24 * 3600)),
+///         // One namespace per client (its `Authorization` header): clients never see each
+///         // other's responses; a request whose client is unknown is refused with 401.
+///         IdempotencyLayer::per_client(store, |req| {
+///             let value = req.headers.get("authorization")?.to_str().ok()?;
+///             (!value.is_empty()).then(|| value.to_owned())
+///         })
+///         .replay_headers(["location"])
+///         .limit_per_scope(10_000, 64 << 20)
+///         .ttl(std::time::Duration::from_secs(24 * 3600)),
 ///     );
 /// ```
 #[derive(Clone)]
@@ -234,7 +341,8 @@ impl fmt::Debug for IdempotencyLayer {
             .field("methods", &c.methods)
             .field("require_key", &c.require_key)
             .field("replay_headers", &c.replay_headers)
-            .field("scoped", &c.scope.is_some())
+            .field("scope", &c.scope)
+            .field("limit_per_scope", &c.limits.as_ref().map(|l| l.limits()))
             .field("max_body_bytes", &c.max_body_bytes)
             .field("ttl", &c.ttl)
             .field("lease", &c.lease)
@@ -247,20 +355,45 @@ impl fmt::Debug for IdempotencyLayer {
 
 impl IdempotencyLayer {
     /// A layer keeping its records in `store` (`MemoryStore`, `Arc<dyn Store>` from
-    /// [`connect`](crate::store::connect), ...). Defaults: POST and PATCH, key required, every
-    /// status but 5xx/408/429 kept, `Content-Type` and `Content-Encoding` replayed, scope
-    /// `"http"`, 1 MiB body limit, 24h ttl, 30s lease.
-    pub fn new(store: impl Store + 'static) -> Self {
-        Self::from_arc(Arc::new(store))
+    /// [`connect`](crate::store::connect) or [`default_store`](crate::store::default_store), ...),
+    /// each client's keys in a scope of their own: `principal` names the client of a request
+    /// (the authenticated user, an API key, a tenant). Two clients who send the same key never
+    /// see each other's responses.
+    ///
+    /// When `principal` returns `None` (or an empty string, or one with a NUL byte) the request
+    /// is refused with `401 #client-unidentified` and the handler does not run; return `None`
+    /// for every client you cannot tell apart, never a shared placeholder such as
+    /// `"anonymous"` (its clients would receive each other's responses). A request the layer
+    /// does not apply to (another method, or no key with [`require_key(false)`](Self::require_key))
+    /// passes through without a principal.
+    ///
+    /// Defaults: POST and PATCH, key required, every status but 5xx/408/429 kept,
+    /// `Content-Type` and `Content-Encoding` replayed, 1 MiB body limit, 24h ttl, 30s lease, no
+    /// [limit per scope](Self::limit_per_scope).
+    pub fn per_client<F>(store: impl Store + 'static, principal: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        Self::from_parts(Arc::new(store), Scoping::PerClient(Arc::new(principal)))
     }
 
-    /// A layer using the process-wide store: the one given to [`crate::install`], else an
-    /// in-memory store.
-    pub fn with_default_store() -> Self {
-        Self::from_arc(default_store())
+    /// A layer keeping its records in `store` in one scope named `name`, deliberately shared
+    /// by every client: **every client sees every other client's responses for the same key**
+    /// (and the same request). For a service with a single client, or whose responses are
+    /// public; otherwise use [`per_client`](Self::per_client). The defaults are those of
+    /// `per_client`.
+    ///
+    /// The name is part of every storage key: two layers on one store with the same name (or
+    /// one whose name is a principal of the other) share records.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is empty or contains a NUL byte.
+    pub fn shared(store: impl Store + 'static, name: impl Into<String>) -> Self {
+        Self::from_parts(Arc::new(store), Scoping::shared(name.into()))
     }
 
-    fn from_arc(store: Arc<dyn Store>) -> Self {
+    fn from_parts(store: Arc<dyn Store>, scope: Scoping) -> Self {
         IdempotencyLayer {
             config: Arc::new(Config {
                 store,
@@ -268,7 +401,8 @@ impl IdempotencyLayer {
                 require_key: true,
                 keep: Arc::new(keep_by_default),
                 replay_headers: vec![CONTENT_TYPE, CONTENT_ENCODING],
-                scope: None,
+                scope,
+                limits: None,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 ttl: DEFAULT_TTL,
                 lease: DEFAULT_LEASE,
@@ -330,12 +464,21 @@ impl IdempotencyLayer {
         })
     }
 
-    /// The namespace of a request's key, e.g. its authenticated principal: requests in different
-    /// scopes never share a record, even with equal keys. Default: the constant
-    /// [`DEFAULT_SCOPE`].
-    pub fn scope(self, scope: impl Fn(&request::Parts) -> String + Send + Sync + 'static) -> Self {
-        let scope: Arc<ScopeFn> = Arc::new(scope);
-        self.with(|c| c.scope = Some(scope))
+    /// At most `records` kept responses, and new keys only while under `bytes` of them, per
+    /// scope (per client with [`per_client`](Self::per_client)): a request with a new key from
+    /// a scope at its limit is refused with `429 #too-many-kept-responses` and a `Retry-After`
+    /// of the seconds until its oldest kept response expires, and the handler does not run;
+    /// retries of the keys it holds are still answered. Default: no limit.
+    ///
+    /// The tally is per process (see [Limits per scope](self#limits-per-scope)): the
+    /// responses this layer and its clones kept, each until its ttl runs out.
+    ///
+    /// # Panics
+    ///
+    /// If `records` or `bytes` is 0 (every request would be refused).
+    pub fn limit_per_scope(self, records: usize, bytes: u64) -> Self {
+        let limits = Arc::new(ScopeLimits::new(records, bytes));
+        self.with(|c| c.limits = Some(limits))
     }
 
     /// The largest request body accepted (larger: 413) and the largest response body kept

@@ -1,25 +1,26 @@
 //! The service the layer wraps around the inner one: the HTTP side of the claim state machine.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use tower::Service;
 
 use super::body::{to_bytes, RequestBody, ResponseBody};
-use super::problem::Problem;
+use super::fingerprint;
+use super::problem::{Problem, Subject};
 use super::stored::StoredResponse;
-use super::{Config, DEFAULT_SCOPE, IDEMPOTENCY_KEY};
+use super::{Config, IDEMPOTENCY_KEY};
 use crate::engine::{Abandoned, Call, ErrorPolicy};
 use crate::error::{BoxError, Error};
-use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
 /// The future of [`IdempotencyService`]: the inner service's response, a replay, or a refusal.
@@ -101,6 +102,9 @@ enum NotKept<B: Body, E> {
     /// A response to pass through, whose status says nothing was done (408, 429, or a status
     /// `keep_status` refuses): the claim is released.
     Response(Response<ResponseBody<B>>),
+    /// A new key from a scope at its limit: the handler did not run, the claim is released.
+    /// Retry after this long.
+    ScopeFull(Duration),
     /// A response to pass through that cannot be kept (a 5xx, a stream, a body over the limit,
     /// failed midway or with trailers): the handler's outcome is unknown, handled per the
     /// layer's [`OnUnknown`](crate::engine::OnUnknown).
@@ -140,6 +144,13 @@ where
     ResB::Error: Send,
 {
     let (parts, body) = req.into_parts();
+    let Some(scope) = config.scope.of(&parts) else {
+        tracing::debug!(target: "idem", method = %parts.method, uri = %parts.uri, "http: client not identified");
+        return Ok(refuse(
+            Problem::ClientUnidentified,
+            "This endpoint keeps the Idempotency-Keys of each client apart and could not tell which client sent this request: send the credentials it expects.",
+        ));
+    };
     let key = match idempotency_key(&parts.headers) {
         Ok(Some(key)) => key,
         Ok(None) => {
@@ -158,14 +169,10 @@ where
             ));
         }
     };
-    let scope = match &config.scope {
-        Some(scope) => Cow::Owned(scope(&parts)),
-        None => Cow::Borrowed(DEFAULT_SCOPE),
-    };
     let storage_key = match StorageKey::derive(&*scope, &key[..]) {
         Ok(k) => k,
         Err(e) => {
-            let (problem, detail) = Problem::from_error(&e);
+            let (problem, detail) = Problem::from_error(&e, Subject::Header);
             tracing::debug!(target: "idem", method = %parts.method, uri = %parts.uri, error = %e, "http: invalid Idempotency-Key");
             return Ok(refuse(problem, &detail));
         }
@@ -192,9 +199,8 @@ where
             ));
         }
     };
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fingerprint =
-        Fingerprint::of_bytes(&[parts.method.as_str().as_bytes(), target.as_bytes(), &data]);
+    let fingerprint = fingerprint::of_request(&parts, &data);
+    let scope = scope.into_owned();
     let request = Request::from_parts(parts, RequestBody::buffered(data, trailers));
 
     // The limits on bodies bound the record; the engine's own record limit must not drop a
@@ -215,7 +221,7 @@ where
     // its end and its response is stored for the retry.
     let task = config.tasks.spawn(call.run(
         errors,
-        run(inner, request, config.clone(), storage_key.clone()),
+        run(inner, request, config.clone(), storage_key.clone(), scope),
     ));
     let abandoned = Abandoned::new();
     let joined = task.await;
@@ -245,15 +251,24 @@ where
                 }
                 Err(e) => {
                     tracing::error!(target: "idem", key = %storage_key, error = %e, "http: stored response is unreadable");
-                    let (problem, detail) = Problem::from_error(&e);
+                    let (problem, detail) = Problem::from_error(&e, Subject::Header);
                     Ok(refuse(problem, &detail))
                 }
             }
         }
         Err(NotKept::Response(response) | NotKept::Unknown(response)) => Ok(response),
         Err(NotKept::Service(e)) => Err(e),
+        Err(NotKept::ScopeFull(wait)) => {
+            let detail = "The responses kept for this client reached the limit of this endpoint: a request with a new Idempotency-Key is refused until one of them expires (see Retry-After). Retries with earlier keys are still answered.";
+            let mut response = refuse(Problem::ScopeFull, detail);
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            Ok(response)
+        }
         Err(NotKept::Idem(e)) => {
-            let (problem, detail) = Problem::from_error(&e);
+            let (problem, detail) = Problem::from_error(&e, Subject::Header);
             if problem.status().is_server_error() {
                 tracing::error!(target: "idem", key = %storage_key, error = %e, "http: request refused");
             } else {
@@ -271,12 +286,25 @@ async fn run<S, B, ResB>(
     request: Request<RequestBody<B>>,
     config: Arc<Config>,
     key: StorageKey,
+    scope: String,
 ) -> Result<StoredResponse, NotKept<ResB, S::Error>>
 where
     S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
     ResB: Body,
 {
     let key = &key;
+    // Only a request with a new key gets here (replays and conflicts were answered from the
+    // claim): it needs a place in its scope before its handler runs.
+    let admitted = match &config.limits {
+        None => None,
+        Some(limits) => match limits.admit(&scope) {
+            Ok(admitted) => Some(admitted),
+            Err(wait) => {
+                tracing::debug!(target: "idem", key = %key, ?wait, "http: scope at its limit of kept responses; refused");
+                return Err(NotKept::ScopeFull(wait));
+            }
+        },
+    };
     let response = inner.call(request).await.map_err(NotKept::Service)?;
     let status = response.status().as_u16();
     if !config.keep.keep(response.status()) {
@@ -337,7 +365,11 @@ where
         }
     }
     let data = concat(frames.into_iter().filter_map(|f| f.into_data().ok()));
-    Ok(StoredResponse::capture(head, data, &config.replay_headers))
+    let stored = StoredResponse::capture(head, data, &config.replay_headers);
+    if let Some(admitted) = admitted {
+        admitted.kept(stored.size(), config.ttl);
+    }
+    Ok(stored)
 }
 
 enum ReadError<E> {

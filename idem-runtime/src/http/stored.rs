@@ -54,6 +54,17 @@ impl StoredResponse {
         }
     }
 
+    /// The size the response counts for in a scope's limit: its body and its kept headers
+    /// (names and values).
+    pub(crate) fn size(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.0.len())
+            .sum();
+        (self.body.0.len() + headers) as u64
+    }
+
     /// Whether this response was just produced (rather than decoded from a record).
     pub(crate) fn is_fresh(&self) -> bool {
         self.fresh_head.is_some()

@@ -1,12 +1,17 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use idempotency::{idempotent, MemoryStore, Store};
+use idempotency::{idempotent, MemoryStore, ReplayInfo, Store};
 
 #[async_trait]
 pub trait Payments {
     async fn charge(&self, order: u64, amount: u64) -> Result<String, idempotency::Error>;
     async fn refund(&mut self, order: u64) -> Result<u64, idempotency::Error>;
+}
+
+/// A replay hook (only inference knows the result type under `#[async_trait]`).
+fn replayed(refunds: u64, _: &ReplayInfo) -> u64 {
+    refunds + 100
 }
 
 pub struct Gateway {
@@ -21,7 +26,7 @@ impl Payments for Gateway {
         Ok(format!("{order}:{amount}"))
     }
 
-    #[idempotent(key = order, store = self.store.clone())]
+    #[idempotent(key = order, store = self.store.clone(), on_replay = replayed)]
     async fn refund(&mut self, order: u64) -> Result<u64, idempotency::Error> {
         self.refunds += 1;
         Ok(self.refunds)
@@ -34,7 +39,7 @@ fn main() {
     rt.block_on(async {
         assert_eq!(g.charge(1, 5).await.unwrap(), "1:5");
         assert_eq!(g.refund(1).await.unwrap(), 1);
-        assert_eq!(g.refund(1).await.unwrap(), 1);
+        assert_eq!(g.refund(1).await.unwrap(), 101, "replayed through the hook");
         let dynamic: &mut dyn Payments = &mut g;
         assert_eq!(dynamic.refund(2).await.unwrap(), 2);
     });

@@ -1,9 +1,12 @@
 //! `MemoryStore`: the default store, for one process, tests and examples.
+//!
+//! - `slot`: one record and when it is live, exists, and is due;
+//! - `expiry`: the index of when records are due, which removing expired ones walks;
+//! - `capacity`: the limits, their builder and the accounting that enforces them;
+//! - `scan`: listing the records a page at a time.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,26 +17,62 @@ use tokio::sync::Notify;
 // tokio's clock, so tests with a paused runtime (`start_paused`) move expiry forward instantly.
 use tokio::time::Instant;
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
+#[cfg(doc)]
+use super::ABANDONED_CLAIM_RETENTION;
+use super::{Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
-/// Shards of the expiry index: enough that concurrent claims rarely share a lock.
-const EXPIRY_SHARDS: usize = 16;
+mod capacity;
+mod expiry;
+mod scan;
+mod slot;
+
+pub use capacity::{MemoryStoreBuilder, DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, ENTRY_OVERHEAD};
+
+use capacity::{Full, Limits, Usage, ENTRY_BYTES};
+use expiry::ExpiryIndex;
+use slot::{Slot, SlotState};
+
+/// How many due records a claim removes on its way: more than one, so expired records drain
+/// faster than new ones arrive, and few enough to cost a write next to nothing.
+const SWEEP_PER_WRITE: usize = 4;
+
+/// The fewest removals after which the store checks whether its hash table should shrink.
+const SHRINK_CHECK_AFTER: usize = 4096;
 
 /// An in-process store: a concurrent hash map, claim as one map-entry operation.
 ///
 /// Cloning gives another handle to the same records. Records do not survive the process; for
 /// several processes use the SQLite, Redis or PostgreSQL store.
 ///
+/// # Bounded
+///
+/// The store holds at most [`max_records`](MemoryStoreBuilder::max_records) records taking at
+/// most [`max_bytes`](MemoryStoreBuilder::max_bytes) bytes (each record counted as its 64-byte
+/// key, its result and [`ENTRY_OVERHEAD`]); [`MemoryStore::new`] uses [`DEFAULT_MAX_RECORDS`]
+/// and [`DEFAULT_MAX_BYTES`], so the default store cannot grow until the process dies. A claim
+/// of a new key that would pass a limit first removes the expired records, then, if there is
+/// still no room, fails closed with [`Error::StoreFull`]: the body does not run. A `complete`
+/// whose result does not fit fails the same way (the engine returns the result to its caller
+/// and keeps trying to store it in the background).
+///
+/// The store never evicts a live record to make room, the way an LRU cache (`moka`, `lru`)
+/// would: a live claim or result evicted is a key whose next call runs its body again, the
+/// double execution idempotency exists to prevent. A full store refuses new work instead.
+///
+/// # Expiry
+///
 /// Expiry is checked on every read: a completed record past its ttl counts as absent at once,
 /// and an in-flight record whose lease ended may be taken over at once, but stays its holder's
 /// (to complete, renew or release, and reported by [`Store::get`]) until then, or until
-/// [`ABANDONED_CLAIM_RETENTION`] after its lease ended. [`Store::purge_expired`] removes
-/// completed records past their ttl and claims abandoned that long; its cost is proportional to
-/// the number of records it removes: an index of deadlines (a min-heap per shard) hands it
-/// exactly the records whose time has come.
+/// [`ABANDONED_CLAIM_RETENTION`] after its lease ended. Such records are removed without a
+/// purge call or a task of the store's own: an index of deadlines hands out exactly the
+/// records whose time has come, every claim of a new key removes a few of them (so they drain
+/// faster than new keys arrive), and a write that finds the store full removes all of them.
+/// [`Store::purge_expired`] removes them all at once. Once many records are gone, the hash
+/// table shrinks, giving the memory back.
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -41,15 +80,7 @@ pub struct MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore {
-            inner: Arc::new(Inner {
-                records: DashMap::with_hasher(foldhash::fast::RandomState::default()),
-                expiries: (0..EXPIRY_SHARDS).map(|_| Mutex::default()).collect(),
-                last_token: AtomicU64::new(0),
-                changed: Notify::new(),
-                waiters: AtomicUsize::new(0),
-            }),
-        }
+        MemoryStore::with_limits(Limits::default())
     }
 }
 
@@ -58,77 +89,45 @@ struct Inner {
     /// with foldhash (randomly seeded per process) rather than SipHash: keys are already
     /// uniform SHA-256 digests, and this map is on every call's path.
     records: DashMap<Arc<StorageKey>, Slot, foldhash::fast::RandomState>,
-    /// Purge deadlines of records (the ttl's end, or the lease's end plus
-    /// [`ABANDONED_CLAIM_RETENTION`]), possibly stale (a record completed, renewed or taken over
-    /// since): purge pops the due ones and removes a record only if it is really due.
-    expiries: Vec<Mutex<BinaryHeap<Reverse<Deadline>>>>,
+    /// When each record is due for removal: exactly one entry per record with a deadline.
+    expiries: ExpiryIndex,
+    limits: Limits,
+    usage: Usage,
+    /// Records removed since the hash table was last checked for shrinking.
+    removed_since_check: AtomicUsize,
     last_token: AtomicU64,
     changed: Notify,
     /// Callers inside `wait_for_change`: completions notify only when someone waits.
     waiters: AtomicUsize,
 }
 
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Deadline {
-    at: Instant,
-    key: Arc<StorageKey>,
-}
-
-struct Slot {
-    fingerprint: Option<Fingerprint>,
-    token: u64,
-    state: SlotState,
-}
-
-enum SlotState {
-    InFlight { lease_until: Instant },
-    Completed { expires_at: Instant, record: Bytes },
-}
-
-/// When an in-flight record whose lease ends at `lease_until` is abandoned and may be purged;
-/// `None` for never (a lease too long to add the retention to).
-fn abandoned_at(lease_until: Instant) -> Option<Instant> {
-    lease_until.checked_add(ABANDONED_CLAIM_RETENTION)
-}
-
-impl Slot {
-    /// What a claim reports for this live record.
-    fn live_claim(&self, fingerprint: Option<&Fingerprint>) -> Claim {
-        let completed = match &self.state {
-            SlotState::Completed { record, .. } => Some(record.clone()),
-            SlotState::InFlight { .. } => None,
-        };
-        Claim::on_live_record(self.fingerprint.as_ref(), fingerprint, completed)
-    }
-
-    /// Whether the record stands in a claim's way: a completed record within its ttl, or an
-    /// in-flight one within its lease.
-    fn is_live(&self, now: Instant) -> bool {
-        match &self.state {
-            SlotState::InFlight { lease_until } => *lease_until > now,
-            SlotState::Completed { expires_at, .. } => *expires_at > now,
-        }
-    }
-
-    /// Whether the record still exists for `get`, its holder and purge: a completed record
-    /// within its ttl, or an in-flight one not yet abandoned (its lease may have ended).
-    fn exists(&self, now: Instant) -> bool {
-        match &self.state {
-            SlotState::InFlight { lease_until } => {
-                abandoned_at(*lease_until).is_none_or(|at| at > now)
-            }
-            SlotState::Completed { expires_at, .. } => *expires_at > now,
-        }
-    }
-}
-
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store with the default limits ([`DEFAULT_MAX_RECORDS`], [`DEFAULT_MAX_BYTES`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// How many records (live or not yet purged) the store holds.
+    /// A builder for a store with limits of its own.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    fn with_limits(limits: Limits) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                records: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+                expiries: ExpiryIndex::new(),
+                limits,
+                usage: Usage::default(),
+                removed_since_check: AtomicUsize::new(0),
+                last_token: AtomicU64::new(0),
+                changed: Notify::new(),
+                waiters: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// How many records (live or not yet removed) the store holds.
     pub fn len(&self) -> usize {
         self.inner.records.len()
     }
@@ -138,29 +137,157 @@ impl MemoryStore {
         self.inner.records.is_empty()
     }
 
-    fn next_token(&self) -> u64 {
-        self.inner.last_token.fetch_add(1, Ordering::Relaxed) + 1
+    /// The bytes the store's records take, as counted against
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes): per record its key, its result and
+    /// [`ENTRY_OVERHEAD`].
+    pub fn bytes(&self) -> usize {
+        self.inner.usage.bytes()
     }
 
-    /// Indexes when the record of `key` becomes due for purge; `None` is never.
-    fn index_deadline(&self, key: &Arc<StorageKey>, at: Option<Instant>) {
-        let Some(at) = at else {
-            return;
-        };
-        let shard = key.as_str().as_bytes()[0] as usize % EXPIRY_SHARDS;
-        let mut heap = self.inner.expiries[shard]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        heap.push(Reverse(Deadline {
-            at,
-            key: key.clone(),
-        }));
+    /// The records the hash table has room for before it grows: it follows [`len`](Self::len)
+    /// down once many records are removed.
+    pub fn capacity(&self) -> usize {
+        self.inner.records.capacity()
+    }
+
+    /// The store's record limit.
+    pub fn max_records(&self) -> usize {
+        self.inner.limits.max_records
+    }
+
+    /// The store's byte limit.
+    pub fn max_bytes(&self) -> usize {
+        self.inner.limits.max_bytes
+    }
+
+    fn next_token(&self) -> u64 {
+        self.inner.last_token.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn notify_change(&self) {
         if self.inner.waiters.load(Ordering::Acquire) > 0 {
             self.inner.changed.notify_waiters();
         }
+    }
+
+    fn full(&self, full: Full) -> Error {
+        full.error(&self.inner.limits, &self.inner.usage)
+    }
+
+    /// Accounts for a record taken out of the map (its index entry is removed here too).
+    fn removed(&self, key: &StorageKey, slot: &Slot) {
+        self.inner.expiries.remove(key, slot.token, slot.due);
+        self.inner.usage.release(1, ENTRY_BYTES + slot.record_len());
+    }
+
+    /// Removes up to `limit` due records (`all`: from every shard of the index; else from the
+    /// next shard in turn) and returns how many it removed. Holds no lock of the map while it
+    /// holds one of the index.
+    fn sweep(&self, now: Instant, limit: usize, all: bool) -> u64 {
+        let due = if all {
+            self.inner.expiries.take_due(now, limit)
+        } else {
+            self.inner.expiries.take_some_due(now, limit)
+        };
+        let mut removed = 0u64;
+        for d in due {
+            // The entry was the record's own deadline when taken; a record changed since has a
+            // new one in the index, and stays.
+            let gone = self.inner.records.remove_if(&*d.key, |_, slot| {
+                slot.token == d.token && slot.due == Some(d.at) && !slot.exists(now)
+            });
+            if let Some((_, slot)) = gone {
+                self.inner.usage.release(1, ENTRY_BYTES + slot.record_len());
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            self.after_removals(removed as usize);
+        }
+        removed
+    }
+
+    /// Gives memory back once many records are gone: shrinks the hash table when it is
+    /// mostly empty. Checked only every [`SHRINK_CHECK_AFTER`] removals (or as many as the
+    /// store holds), so the check costs nothing per call.
+    fn after_removals(&self, n: usize) {
+        let removed = self
+            .inner
+            .removed_since_check
+            .fetch_add(n, Ordering::AcqRel)
+            + n;
+        let len = self.inner.records.len();
+        if removed < SHRINK_CHECK_AFTER.max(len) {
+            return;
+        }
+        self.inner.removed_since_check.store(0, Ordering::Release);
+        if self.inner.records.capacity() > 4 * len.max(SHRINK_CHECK_AFTER / 4) {
+            self.inner.records.shrink_to_fit();
+        }
+    }
+
+    /// One attempt at a claim; `Err(full)` when a new record does not fit.
+    fn try_claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+        now: Instant,
+    ) -> std::result::Result<Claim, Full> {
+        let (inner, limits) = (&self.inner, &self.inner.limits);
+        match inner.records.entry(Arc::new(key.clone())) {
+            Entry::Vacant(e) => {
+                inner.usage.reserve(limits, 1, ENTRY_BYTES)?;
+                let token = self.next_token();
+                let slot = Slot::in_flight(fingerprint, token, now + lease);
+                inner.expiries.insert(e.key(), token, slot.due);
+                e.insert(slot);
+                Ok(Claim::Acquired {
+                    token: FencingToken(token),
+                    takeover: false,
+                })
+            }
+            Entry::Occupied(mut e) => {
+                let old = e.get();
+                if old.is_live(now) {
+                    // Another caller got here between our look and the entry lock.
+                    return Ok(old.live_claim(fingerprint));
+                }
+                let takeover = old.in_flight_now();
+                inner.expiries.remove(e.key(), old.token, old.due);
+                inner.usage.release(0, old.record_len());
+                let token = self.next_token();
+                let slot = Slot::in_flight(fingerprint, token, now + lease);
+                inner.expiries.insert(e.key(), token, slot.due);
+                e.insert(slot);
+                Ok(Claim::Acquired {
+                    token: FencingToken(token),
+                    takeover,
+                })
+            }
+        }
+    }
+
+    /// One attempt at a completion: `Ok(Err(full))` when the result does not fit.
+    fn try_complete(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        record: &Bytes,
+        expires_at: Instant,
+    ) -> Result<std::result::Result<(), Full>> {
+        let inner = &self.inner;
+        self.with_held(key, token, |key, slot| {
+            inner.usage.reserve(&inner.limits, 0, record.len())?;
+            inner.expiries.remove(key, slot.token, slot.due);
+            slot.state = SlotState::Completed {
+                expires_at,
+                record: record.clone(),
+            };
+            slot.due = Some(expires_at);
+            inner.expiries.insert(key, slot.token, slot.due);
+            Ok(())
+        })
     }
 
     /// Applies `f` to the slot of `key` if it is in flight under `token`, lease expired or not
@@ -175,9 +302,7 @@ impl MemoryStore {
         let Some(mut entry) = self.inner.records.get_mut(key) else {
             return Err(Error::lease_lost(key));
         };
-        let held = entry.token == token.0
-            && matches!(entry.state, SlotState::InFlight { .. })
-            && entry.exists(now);
+        let held = entry.token == token.0 && entry.in_flight_now() && entry.exists(now);
         if !held {
             return Err(Error::lease_lost(key));
         }
@@ -210,43 +335,16 @@ impl Store for MemoryStore {
                 return Ok(slot.live_claim(fingerprint));
             }
         }
-        let fresh = |token| Slot {
-            fingerprint: fingerprint.copied(),
-            token,
-            state: SlotState::InFlight {
-                lease_until: now + lease,
-            },
-        };
-        let (claim, key) = match self.inner.records.entry(Arc::new(key.clone())) {
-            Entry::Vacant(e) => {
-                let token = self.next_token();
-                let key = e.key().clone();
-                e.insert(fresh(token));
-                let claim = Claim::Acquired {
-                    token: FencingToken(token),
-                    takeover: false,
-                };
-                (claim, key)
+        self.sweep(now, SWEEP_PER_WRITE, false);
+        match self.try_claim(key, fingerprint, lease, now) {
+            Ok(claim) => Ok(claim),
+            Err(_) => {
+                // Full: make room from the expired records, never from live ones.
+                self.sweep(now, usize::MAX, true);
+                self.try_claim(key, fingerprint, lease, now)
+                    .map_err(|full| self.full(full))
             }
-            Entry::Occupied(mut e) => {
-                let slot = e.get();
-                if slot.is_live(now) {
-                    // Another caller got here between our look and the entry lock.
-                    return Ok(slot.live_claim(fingerprint));
-                }
-                let takeover = matches!(slot.state, SlotState::InFlight { .. });
-                let token = self.next_token();
-                let key = e.key().clone();
-                e.insert(fresh(token));
-                let claim = Claim::Acquired {
-                    token: FencingToken(token),
-                    takeover,
-                };
-                (claim, key)
-            }
-        };
-        self.index_deadline(&key, abandoned_at(now + lease));
-        Ok(claim)
+        }
     }
 
     async fn complete(
@@ -256,13 +354,15 @@ impl Store for MemoryStore {
         record: &[u8],
         ttl: Duration,
     ) -> Result<()> {
+        let now = Instant::now();
         let record = Bytes::copy_from_slice(record);
-        let expires_at = Instant::now() + ttl;
-        let key = self.with_held(key, token, |key, slot| {
-            slot.state = SlotState::Completed { expires_at, record };
-            key.clone()
-        })?;
-        self.index_deadline(&key, Some(expires_at));
+        let expires_at = now + ttl;
+        if let Err(full) = self.try_complete(key, token, &record, expires_at)? {
+            self.sweep(now, usize::MAX, true);
+            if self.try_complete(key, token, &record, expires_at)?.is_err() {
+                return Err(self.full(full));
+            }
+        }
         self.notify_change();
         Ok(())
     }
@@ -270,25 +370,25 @@ impl Store for MemoryStore {
     async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
         let now = Instant::now();
         let removed = self.inner.records.remove_if(key, |_, slot| {
-            slot.token == token.0
-                && matches!(slot.state, SlotState::InFlight { .. })
-                && slot.exists(now)
+            slot.token == token.0 && slot.in_flight_now() && slot.exists(now)
         });
-        if removed.is_none() {
+        let Some((key, slot)) = removed else {
             return Err(Error::lease_lost(key));
-        }
+        };
+        self.removed(&key, &slot);
+        self.after_removals(1);
         self.notify_change();
         Ok(())
     }
 
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
         let lease_until = Instant::now() + lease;
-        let key = self.with_held(key, token, |key, slot| {
-            slot.state = SlotState::InFlight { lease_until };
-            key.clone()
-        })?;
-        self.index_deadline(&key, abandoned_at(lease_until));
-        Ok(())
+        let expiries = &self.inner.expiries;
+        self.with_held(key, token, |key, slot| {
+            expiries.remove(key, slot.token, slot.due);
+            *slot = Slot::in_flight(slot.fingerprint.as_ref(), slot.token, lease_until);
+            expiries.insert(key, slot.token, slot.due);
+        })
     }
 
     async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
@@ -298,49 +398,57 @@ impl Store for MemoryStore {
             .records
             .get(key)
             .filter(|s| s.exists(now))
-            .map(|s| StoredRecord {
-                fingerprint: s.fingerprint,
-                state: match &s.state {
-                    SlotState::InFlight { .. } => RecordState::InFlight {
-                        token: FencingToken(s.token),
-                    },
-                    SlotState::Completed { record, .. } => RecordState::Completed {
-                        token: FencingToken(s.token),
-                        record: record.clone(),
-                    },
-                },
-            }))
+            .map(|s| s.stored()))
     }
 
     async fn purge_expired(&self) -> Result<u64> {
+        Ok(self.sweep(Instant::now(), usize::MAX, true))
+    }
+
+    async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(self.sweep(Instant::now(), limit, true))
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
         let now = Instant::now();
-        let mut removed = 0u64;
-        for shard in &self.inner.expiries {
-            // Take the due deadlines out under the shard lock, remove records after releasing it.
-            let due: Vec<Arc<StorageKey>> = {
-                let mut heap = shard.lock().unwrap_or_else(|p| p.into_inner());
-                let mut due = Vec::new();
-                while heap.peek().is_some_and(|Reverse(d)| d.at <= now) {
-                    if let Some(Reverse(d)) = heap.pop() {
-                        due.push(d.key);
-                    }
-                }
-                due
-            };
-            for key in due {
-                // A stale deadline (the record was completed, renewed or taken over since) finds
-                // a record that still exists and leaves it; its newer deadline is in the index.
-                if self
-                    .inner
-                    .records
-                    .remove_if(&*key, |_, slot| !slot.exists(now))
-                    .is_some()
-                {
-                    removed += 1;
-                }
+        let mut outcome = Forgotten::Absent;
+        let mut refused = false;
+        let removed = self.inner.records.remove_if(key, |_, slot| {
+            let token = FencingToken(slot.token);
+            if !slot.exists(now) {
+                // Expired already: gone for every reader; take it out all the same.
+                return true;
             }
+            if slot.in_flight_now() {
+                refused = !force;
+                outcome = Forgotten::InFlight { token };
+                force
+            } else {
+                outcome = Forgotten::Completed { token };
+                true
+            }
+        });
+        if refused {
+            return Err(Error::InFlight {
+                key: Some(key.clone()),
+            });
         }
-        Ok(removed)
+        if let Some((key, slot)) = removed {
+            self.removed(&key, &slot);
+            self.after_removals(1);
+            self.notify_change();
+        }
+        Ok(outcome)
+    }
+
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        let after = scan::resume_after(cursor)?;
+        let mut pager = scan::Pager::new(after.as_ref(), limit, Instant::now());
+        for entry in self.inner.records.iter() {
+            pager.offer(entry.key(), entry.value());
+        }
+        Ok(pager.finish())
     }
 
     /// Every change to an in-process store is made in this process, so waiters are told of
@@ -360,6 +468,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{RecordState, ABANDONED_CLAIM_RETENTION};
 
     fn key(k: &str) -> StorageKey {
         StorageKey::derive("memory-tests", k).unwrap()
