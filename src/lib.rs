@@ -113,6 +113,7 @@ pub use idem_runtime::PostgresStore;
 pub use idem_runtime::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use idem_runtime::SqliteStore;
+pub use idem_runtime::{forget, Forgotten, RecordSummary, ScanPage};
 pub use idem_runtime::{observe, OnReplay, ReplayInfo, Served};
 pub use idem_runtime::{store::memory::MemoryStoreBuilder, Purger, PurgerHandle, PurgerStats};
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use idem_support::postgres::{admin, url};
 use idempotency::postgres::tokio_postgres;
 use idempotency::{
-    Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, PostgresStore, RecordState,
-    StorageKey, Store,
+    Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, Forgotten, PostgresStore,
+    RecordState, StorageKey, Store,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -308,6 +308,59 @@ async fn claims_are_kept_until_abandoned() {
         store.claim(&kept, Some(&fp(1)), LONG).await.unwrap(),
         Claim::Completed(_)
     ));
+}
+
+/// `purge_expired_up_to` deletes at most its limit of the rows `purge_expired` deletes per
+/// statement (completed past their ttl, abandoned claims), and nothing else; `forget` finds
+/// such rows absent already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_up_to_removes_at_most_the_limit() {
+    let Some(store) = fresh_postgres().await else {
+        return;
+    };
+    let retention = idempotency::ABANDONED_CLAIM_RETENTION.as_secs();
+    for i in 0..3 {
+        acquire_and_complete(&store, &key(&format!("done{i}"))).await;
+    }
+    let abandoned = key("abandoned");
+    acquire(&store, &abandoned, 1, LONG).await;
+    let ended = key("ended");
+    acquire(&store, &ended, 1, LONG).await;
+    let live = key("live");
+    acquire_and_complete(&store, &live).await;
+    sql(
+        &store,
+        &format!(
+            "UPDATE {{t}} SET expires_at = now() - interval '1 second' WHERE state = 'completed' AND key <> '{}'",
+            live.as_str()
+        ),
+    )
+    .await;
+    for (k, secs_ago) in [(&abandoned, retention + 1), (&ended, 1)] {
+        let q = format!(
+            "UPDATE {{t}} SET expires_at = now() - interval '{secs_ago} seconds' WHERE key = '{}'",
+            k.as_str()
+        );
+        sql(&store, &q).await;
+    }
+    assert_eq!(
+        store.forget(&abandoned, true).await.unwrap(),
+        Forgotten::Absent
+    );
+    let mut steps = Vec::new();
+    for _ in 0..3 {
+        steps.push(store.purge_expired_up_to(3).await.unwrap());
+    }
+    assert_eq!(
+        steps,
+        [3, 1, 0],
+        "3 results past their ttl and 1 abandoned claim"
+    );
+    assert!(store.get(&live).await.unwrap().is_some());
+    assert!(
+        store.get(&ended).await.unwrap().is_some(),
+        "a lease that just ended is no abandoned claim"
+    );
 }
 
 /// Rows altered by hand are errors, never panics and never silent re-runs.

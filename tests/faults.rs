@@ -490,7 +490,11 @@ async fn twice(store: &Arc<Flaky>, lease: Duration) -> (String, String, u32, Opt
     let state = store.get(&key).await.unwrap().map(|r| r.state);
     let second = match call().await {
         Ok(v) => v,
-        Err(e) => format!("{e:?}"),
+        Err(e) => format!("{e:?}")
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or("")
+            .to_owned(),
     };
     (first, second, runs.load(SeqCst) as u32, state)
 }

@@ -180,7 +180,11 @@ async fn call_worker(store: Arc<dyn Store>, scope: String, ledger: PathBuf) {
     );
     match out {
         Ok(value) => report("value", value),
-        Err(e) => report("error", format_args!("{e:?}")),
+        // The variant alone: errors about a record also print its storage key.
+        Err(e) => report(
+            "error",
+            format!("{e:?}").split([' ', '{', '(']).next().unwrap_or(""),
+        ),
     }
 }
 

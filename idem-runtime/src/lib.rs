@@ -13,6 +13,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod fingerprint;
+mod forget;
 mod hex;
 #[cfg(feature = "http")]
 pub mod http;
@@ -31,6 +32,7 @@ pub use engine::{
 pub use engine::{Purger, PurgerHandle, PurgerStats};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};
+pub use forget::forget;
 pub use key::{IntoKey, Operation, StorageKey};
 pub use metrics::{metrics, Metrics};
 pub use replay::{observe, ReplayInfo, Served};

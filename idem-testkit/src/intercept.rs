@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idem_runtime::{Claim, FencingToken, Fingerprint, Result, StorageKey, Store, StoredRecord};
+use idem_runtime::{
+    Claim, FencingToken, Fingerprint, Forgotten, Result, ScanPage, StorageKey, Store, StoredRecord,
+};
 
 /// What an [`Intercept`] does on each method of [`Store`]. Every method forwards to the inner
 /// store by default, so a fake overrides only what it fakes: a `complete` that fails, a `claim`
@@ -115,6 +117,26 @@ pub trait Hooks: Send + Sync {
     /// [`Store::purge_expired`]; by default the inner store's.
     async fn purge_expired(&self, inner: &dyn Store) -> Result<u64> {
         inner.purge_expired().await
+    }
+
+    /// [`Store::purge_expired_up_to`]; by default the inner store's.
+    async fn purge_expired_up_to(&self, inner: &dyn Store, limit: u64) -> Result<u64> {
+        inner.purge_expired_up_to(limit).await
+    }
+
+    /// [`Store::forget`]; by default the inner store's.
+    async fn forget(&self, inner: &dyn Store, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        inner.forget(key, force).await
+    }
+
+    /// [`Store::scan`]; by default the inner store's.
+    async fn scan(
+        &self,
+        inner: &dyn Store,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage> {
+        inner.scan(cursor, limit).await
     }
 
     /// [`Store::wait_for_change`]; by default the inner store's.
@@ -228,6 +250,15 @@ impl<S: Store, H: Hooks> Store for Intercept<S, H> {
     }
     async fn purge_expired(&self) -> Result<u64> {
         self.hooks.purge_expired(&self.inner).await
+    }
+    async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+        self.hooks.purge_expired_up_to(&self.inner, limit).await
+    }
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        self.hooks.forget(&self.inner, key, force).await
+    }
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        self.hooks.scan(&self.inner, cursor, limit).await
     }
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         self.hooks.wait_for_change(&self.inner, key, max).await

@@ -131,7 +131,10 @@ macro_rules! __with_cases {
             complete_after_lease_end_lands, takeover_fences_the_old_token,
             renew_after_lease_end_holds_again, get_reports_an_expired_claim_in_flight,
             purge_keeps_a_claim_whose_lease_just_ended,
-            expired_claim_with_another_fingerprint_is_taken_over}
+            expired_claim_with_another_fingerprint_is_taken_over,
+            forget_completed_runs_the_body_again, forget_in_flight_is_refused_unless_forced,
+            forced_forget_fences_the_holder_off, forget_wakes_waiters, forget_absent_is_absent,
+            forget_racing_complete_is_one_order, scan_lists_what_get_reports}
     };
 }
 
@@ -166,6 +169,6 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), crate::CASES.len());
-        assert_eq!(crate::CASES.len(), 23);
+        assert_eq!(crate::CASES.len(), 30);
     }
 }

@@ -28,8 +28,14 @@
 //! [`ABANDONED_CLAIM_RETENTION`]; [`Store::purge_expired`] then removes it, with the completed
 //! records past their ttl. Purge scans every record; a second table indexed by expiry would make
 //! it proportional to what expired, as the SQLite store's index does.
+//!
+//! For operators, [`Store::forget`] removes one row in a write transaction (the token counter
+//! never goes back, so a forgotten holder stays fenced off), and [`Store::scan`] pages through
+//! the records in key order, the cursor being the last key of a page. The rows keep no claim
+//! time, so a listing's `claimed_at` is `None`.
 #![warn(missing_docs)]
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,8 +43,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_runtime::{
-    Claim, Error, FencingToken, Fingerprint, RecordState, Result, StorageKey, Store, StoredRecord,
-    ABANDONED_CLAIM_RETENTION,
+    Claim, Error, FencingToken, Fingerprint, Forgotten, RecordState, RecordSummary, Result,
+    ScanPage, StorageKey, Store, StoredRecord, ABANDONED_CLAIM_RETENTION,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::Notify;
@@ -66,7 +72,7 @@ pub struct RedbStore {
 #[derive(Debug)]
 struct Inner {
     db: Database,
-    /// Wakes this store's `wait_for_change` callers on complete and release.
+    /// Wakes this store's `wait_for_change` callers on complete, release and forget.
     changed: Notify,
     path: PathBuf,
 }
@@ -192,10 +198,16 @@ struct Row {
 impl Row {
     /// Reads the row of `key`. A row this store did not write is [`Error::Corrupt`].
     fn read(table: &impl ReadableTable<&'static str, RowValue>, key: &str) -> Step<Option<Row>> {
-        let Some(guard) = table.get(key)? else {
-            return Ok(None);
-        };
-        let (token, expires_at, fingerprint, record) = guard.value();
+        match table.get(key)? {
+            Some(guard) => Row::decode(guard.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Decodes a stored value.
+    fn decode(
+        (token, expires_at, fingerprint, record): (u64, i64, Option<&[u8]>, Option<&[u8]>),
+    ) -> Step<Row> {
         let fingerprint = match fingerprint {
             None => None,
             Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|_| {
@@ -205,12 +217,12 @@ impl Row {
         if token == 0 {
             return Err(Error::corrupt("redb row: fencing token 0").into());
         }
-        Ok(Some(Row {
+        Ok(Row {
             token,
             expires_at,
             fingerprint,
             record: record.map(<[u8]>::to_vec),
-        }))
+        })
     }
 
     /// The value to store.
@@ -238,10 +250,42 @@ impl Row {
         }
     }
 
+    /// Whether the row has gone for good: a completed record past its ttl, or a claim
+    /// abandoned for [`ABANDONED_CLAIM_RETENTION`]. Purge removes such rows.
+    fn expired(expires_at: i64, completed: bool, now: i64) -> bool {
+        expires_at <= now && (completed || expires_at <= abandoned_before(now))
+    }
+
     /// What a claim finds on this live row (the rule shared by every store).
     fn live_claim(self, fingerprint: Option<&Fingerprint>) -> Claim {
         let record = self.record.map(Bytes::from);
         Claim::on_live_record(self.fingerprint.as_ref(), fingerprint, record)
+    }
+
+    /// The row as [`Store::get`] reports it.
+    fn stored(self) -> StoredRecord {
+        let token = FencingToken(self.token);
+        StoredRecord {
+            fingerprint: self.fingerprint,
+            state: match self.record {
+                None => RecordState::InFlight { token },
+                Some(record) => RecordState::Completed {
+                    token,
+                    record: record.into(),
+                },
+            },
+        }
+    }
+
+    /// The row of `key` as a listing reports it (the row keeps no claim time).
+    fn summary(self, key: StorageKey) -> RecordSummary {
+        let expires_at = Duration::from_millis(u64::try_from(self.expires_at).unwrap_or(0));
+        // A ttl of `Duration::MAX` is stored saturated: the end of the year 9999 stands in.
+        let latest = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+        let expires_at = UNIX_EPOCH
+            .checked_add(expires_at)
+            .map_or(latest, |at| at.min(latest));
+        RecordSummary::new(key, self.stored(), expires_at, None)
     }
 }
 
@@ -402,19 +446,7 @@ impl Store for RedbStore {
         self.with_db(move |db| {
             let snapshot = db.begin_read()?;
             let row = Row::read(&snapshot.open_table(RECORDS)?, key.as_str())?;
-            Ok(row.filter(|row| row.exists(now_ms())).map(|row| {
-                let token = FencingToken(row.token);
-                StoredRecord {
-                    fingerprint: row.fingerprint,
-                    state: match row.record {
-                        None => RecordState::InFlight { token },
-                        Some(record) => RecordState::Completed {
-                            token,
-                            record: record.into(),
-                        },
-                    },
-                }
-            }))
+            Ok(row.filter(|row| row.exists(now_ms())).map(Row::stored))
         })
         .await
     }
@@ -426,14 +458,101 @@ impl Store for RedbStore {
                 let now = now_ms();
                 let mut removed = 0;
                 records.retain(|_, (_, expires_at, _, record)| {
-                    let completed = record.is_some();
-                    let gone =
-                        expires_at <= now && (completed || expires_at <= abandoned_before(now));
+                    let gone = Row::expired(expires_at, record.is_some(), now);
                     removed += u64::from(gone);
                     !gone
                 })?;
                 Ok(removed)
             })
+        })
+        .await
+    }
+
+    /// Reads the records in key order until it has found `limit` expired ones, and removes
+    /// them, in one write transaction.
+    async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+        self.with_db(move |db| {
+            write(db, |txn| {
+                let mut records = txn.open_table(RECORDS)?;
+                let now = now_ms();
+                let mut gone = Vec::new();
+                for entry in records.iter()? {
+                    if gone.len() as u64 >= limit {
+                        break;
+                    }
+                    let (key, value) = entry?;
+                    let (_, expires_at, _, record) = value.value();
+                    if Row::expired(expires_at, record.is_some(), now) {
+                        gone.push(key.value().to_owned());
+                    }
+                }
+                for key in &gone {
+                    records.remove(key.as_str())?;
+                }
+                Ok(gone.len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        let key = key.clone();
+        let forgotten = self
+            .with_db(move |db| {
+                write(db, |txn| {
+                    let mut records = txn.open_table(RECORDS)?;
+                    let row = Row::read(&records, key.as_str())?;
+                    let Some(row) = row.filter(|row| row.exists(now_ms())) else {
+                        return Ok(Forgotten::Absent);
+                    };
+                    let token = FencingToken(row.token);
+                    let forgotten = match row.record {
+                        Some(_) => Forgotten::Completed { token },
+                        None if force => Forgotten::InFlight { token },
+                        None => return Err(Error::InFlight { key: Some(key) }.into()),
+                    };
+                    records.remove(key.as_str())?;
+                    Ok(forgotten)
+                })
+            })
+            .await?;
+        if forgotten != Forgotten::Absent {
+            self.inner.changed.notify_waiters();
+        }
+        Ok(forgotten)
+    }
+
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        let after = cursor.map(str::to_owned);
+        let limit = limit.max(1);
+        self.with_db(move |db| {
+            let snapshot = db.begin_read()?;
+            let records = snapshot.open_table(RECORDS)?;
+            let from = match &after {
+                Some(after) => Bound::Excluded(after.as_str()),
+                None => Bound::Unbounded,
+            };
+            let now = now_ms();
+            let mut page = ScanPage::default();
+            let mut read = 0;
+            for entry in records.range::<&str>((from, Bound::Unbounded))? {
+                let (key, value) = entry?;
+                let key = key.value();
+                let storage_key = StorageKey::from_hex(key).ok_or_else(|| {
+                    Error::corrupt(format!("redb row: key {key:?} is not a storage key"))
+                })?;
+                let row = Row::decode(value.value())?;
+                if row.exists(now) {
+                    page.records.push(row.summary(storage_key));
+                }
+                read += 1;
+                if read == limit {
+                    // A full page: the next one starts after its last key.
+                    page.next = Some(key.to_owned());
+                    break;
+                }
+            }
+            Ok(page)
         })
         .await
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
-use super::{FencingToken, RecordState};
+use super::{FencingToken, RecordState, StoredRecord};
 
 /// What [`Store::forget`](super::Store::forget) removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,28 @@ pub struct RecordSummary {
 }
 
 impl RecordSummary {
+    /// The summary of `record` under `key`: its state and fingerprint, and as its
+    /// [`size`](Self::size) the length of the stored result (0 in flight).
+    pub fn new(
+        key: StorageKey,
+        record: StoredRecord,
+        expires_at: SystemTime,
+        claimed_at: Option<SystemTime>,
+    ) -> Self {
+        let size = match &record.state {
+            RecordState::Completed { record, .. } => record.len() as u64,
+            RecordState::InFlight { .. } => 0,
+        };
+        RecordSummary {
+            key,
+            fingerprint: record.fingerprint,
+            state: record.state,
+            expires_at,
+            claimed_at,
+            size,
+        }
+    }
+
     /// How long until [`expires_at`](Self::expires_at) (`Ok`), or how long ago it passed
     /// (`Err`), seen from `now`.
     pub fn expires_in(&self, now: SystemTime) -> Result<Duration, Duration> {
@@ -77,4 +99,18 @@ pub struct ScanPage {
     pub records: Vec<RecordSummary>,
     /// Pass to the next [`Store::scan`](super::Store::scan); `None` once the listing is done.
     pub next: Option<String>,
+}
+
+/// The instant `ms` milliseconds after the Unix epoch, for the stores that keep times in Unix
+/// milliseconds. Times are capped at the end of the year 9999, which every platform's
+/// [`SystemTime`] holds (a ttl of `Duration::MAX` is stored as the largest number); a negative
+/// `ms`, which no store writes, is the epoch.
+#[cfg(any(feature = "sqlite", feature = "redis"))]
+pub(crate) fn from_unix_ms(ms: i64) -> SystemTime {
+    use std::time::UNIX_EPOCH;
+    let latest = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let ms = u64::try_from(ms).unwrap_or(0);
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .map_or(latest, |at| at.min(latest))
 }

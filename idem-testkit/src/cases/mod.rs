@@ -9,7 +9,8 @@
 //! The cases through [`Call`] (the engine `#[idempotent]` expands to) check what callers see;
 //! the others drive the [`Store`] methods directly and check the protocol: atomic claims,
 //! fencing tokens, expiry, purge, and the end of a lease, when a holder whose lease ran out
-//! keeps its claim until someone takes it over.
+//! keeps its claim until someone takes it over; and the operator's methods, `forget` (fenced)
+//! and `scan`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,12 @@ use idem_runtime::{Call, Claim, Fingerprint, StorageKey, Store};
 
 mod calls;
 mod lease_end;
+mod operate;
 mod protocol;
 
 pub use calls::*;
 pub use lease_end::*;
+pub use operate::*;
 pub use protocol::*;
 
 /// The fingerprint `n` (32 bytes of `n`).

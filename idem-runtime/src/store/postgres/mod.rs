@@ -66,6 +66,14 @@
 //! have ended, as long as nobody took over and the claim is not abandoned); no row means the
 //! claim was lost ([`Error::LeaseLost`]) and nothing changed.
 //!
+//! For operators, [`forget`](super::Store::forget) is one statement that locks the key's row
+//! (`SELECT ... FOR UPDATE`), deletes it if it is completed or the removal is forced, and
+//! reports what it found; the sequence never hands a token out twice, so a forgotten holder
+//! stays fenced off after a new claim. [`scan`](super::Store::scan) pages through the table in
+//! key order (`WHERE key > <cursor> ORDER BY key LIMIT n`, the cursor being the last key of the
+//! page), and [`purge_expired_up_to`](super::Store::purge_expired_up_to) is one batch of the
+//! purge. The table keeps no claim time, so a listing's `claimed_at` is `None`.
+//!
 //! # Time
 //!
 //! All times are the server's. Comparisons use `now()`, the start of the statement's own
@@ -85,12 +93,13 @@
 //! call): a connection the server closed (`pg_terminate_backend`, a restart) is dropped when it
 //! is next taken from the pool. A connection found broken during a call is removed from the
 //! pool, and the statement runs once more on another connection if that is safe: always when it
-//! had not reached the server yet, and for `claim`, `get`, `renew` and `purge_expired` in any
-//! case (a repeated claim that had reached the server finds that claim in flight, as a retrying
-//! caller would). `complete` and `release` that may have reached the server are not repeated:
-//! the call fails with [`Error::Store`] (for `complete`, exec then returns the result unstored;
-//! a repeat would report a lost lease for a stored result). While the server is down every
-//! call fails with [`Error::Store`]; the first call after it is back works.
+//! had not reached the server yet, and for `claim`, `get`, `renew`, `purge_expired` and `scan`
+//! in any case (a repeated claim that had reached the server finds that claim in flight, as a
+//! retrying caller would). `complete`, `release` and `forget` that may have reached the server
+//! are not repeated: the call fails with [`Error::Store`] (for `complete`, exec then returns the
+//! result unstored; a repeat would report a lost lease for a stored result, or a forgotten
+//! record as absent). While the server is down every call fails with [`Error::Store`]; the
+//! first call after it is back works.
 //!
 //! The statements are prepared once per connection, so a pooler in between (PgBouncer) must
 //! run in session mode, or in transaction mode with prepared-statement support (1.21+).
@@ -314,7 +323,20 @@ impl PostgresStore {
     ) -> Result<Option<Row>> {
         match self.run(sql, params, Want::Row, again).await? {
             Reply::Row(row) => Ok(row),
-            Reply::Count(_) => unreachable!("asked for a row"),
+            _ => unreachable!("asked for a row"),
+        }
+    }
+
+    /// Runs one prepared statement and returns its rows.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        again: Repeat,
+    ) -> Result<Vec<Row>> {
+        match self.run(sql, params, Want::Rows, again).await? {
+            Reply::Rows(rows) => Ok(rows),
+            _ => unreachable!("asked for rows"),
         }
     }
 
@@ -327,7 +349,7 @@ impl PostgresStore {
     ) -> Result<u64> {
         match self.run(sql, params, Want::Count, again).await? {
             Reply::Count(n) => Ok(n),
-            Reply::Row(_) => unreachable!("asked for a count"),
+            _ => unreachable!("asked for a count"),
         }
     }
 
@@ -375,6 +397,7 @@ impl PostgresStore {
         };
         let result = match want {
             Want::Row => client.query_opt(&statement, params).await.map(Reply::Row),
+            Want::Rows => client.query(&statement, params).await.map(Reply::Rows),
             Want::Count => client.execute(&statement, params).await.map(Reply::Count),
         };
         result.map_err(|e| Failure::new(client, "statement failed", e, true))
@@ -406,11 +429,13 @@ impl PostgresStore {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Want {
     Row,
+    Rows,
     Count,
 }
 
 enum Reply {
     Row(Option<Row>),
+    Rows(Vec<Row>),
     Count(u64),
 }
 

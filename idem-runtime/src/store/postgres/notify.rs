@@ -1,6 +1,6 @@
-//! Waking waiters without polling: `complete` and `release` end in `pg_notify(channel, key)`,
-//! and one connection per store, outside the pool, `LISTEN`s on the table's channel and wakes
-//! the calls waiting for that key.
+//! Waking waiters without polling: `complete`, `release` and `forget` end in
+//! `pg_notify(channel, key)`, and one connection per store, outside the pool, `LISTEN`s on the
+//! table's channel and wakes the calls waiting for that key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -9,11 +9,11 @@ use super::{row, PostgresStore, Repeat, BACKEND};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{Claim, FencingToken, RecordState, Store, StoredRecord};
+use crate::store::{Claim, FencingToken, Forgotten, RecordState, ScanPage, Store, StoredRecord};
 
 /// Rows deleted per statement by [`Store::purge_expired`], so a large purge does not hold one
 /// long transaction.
-const PURGE_BATCH: i64 = 10_000;
+const PURGE_BATCH: u64 = 10_000;
 /// Leases and ttls are capped at about a century (and stay exact in a float8 of microseconds).
 const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 
@@ -85,24 +85,52 @@ impl Store for PostgresStore {
     async fn purge_expired(&self) -> Result<u64> {
         let mut removed = 0;
         loop {
-            let n = self
-                .execute(&self.sql.purge, &[&PURGE_BATCH], Repeat::Safe)
-                .await?;
+            let n = self.purge_expired_up_to(PURGE_BATCH).await?;
             removed += n;
-            if n < PURGE_BATCH as u64 {
+            if n < PURGE_BATCH {
                 return Ok(removed);
             }
         }
+    }
+
+    async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.execute(&self.sql.purge, &[&limit], Repeat::Safe).await
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        // Repeating a forget that did reach the server would report a removed record as
+        // absent: the caller gets `Error::Store` and may look again.
+        let row = self
+            .query_opt(&self.sql.forget, &[&key.as_str(), &force], Repeat::Never)
+            .await?;
+        row::forgotten(key, row.as_ref())
+    }
+
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        let after = cursor.unwrap_or_default();
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let rows = self
+            .query(&self.sql.scan, &[&after, &limit], Repeat::Safe)
+            .await?;
+        let records = rows.iter().map(row::summary).collect::<Result<Vec<_>>>()?;
+        // A full page may be followed by more; the next one starts after its last key.
+        let full = rows.len() as i64 == limit;
+        let next = records
+            .last()
+            .filter(|_| full)
+            .map(|r| r.key.as_str().to_owned());
+        Ok(ScanPage { records, next })
     }
 
     fn notifies_changes(&self) -> bool {
         self.notifier.is_some()
     }
 
-    /// Waits for a notification about `key` on the table's channel (`complete` and `release`
-    /// send one). A waiter that arrived before the listener was up looks at the record once
-    /// more (one `get`), so a change made just before cannot be missed. Without a listener (a
-    /// pool the user built, or one that cannot listen), it sleeps `max`.
+    /// Waits for a notification about `key` on the table's channel (`complete`, `release` and
+    /// `forget` send one). A waiter that arrived before the listener was up looks at the record
+    /// once more (one `get`), so a change made just before cannot be missed. Without a listener
+    /// (a pool the user built, or one that cannot listen), it sleeps `max`.
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let Some(notifier) = &self.notifier else {
             return tokio::time::sleep(max).await;

@@ -8,7 +8,8 @@ use super::failure::pg_error;
 use super::BACKEND;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::store::{Claim, FencingToken, RecordState, StoredRecord};
+use crate::key::StorageKey;
+use crate::store::{Claim, FencingToken, Forgotten, RecordState, RecordSummary, StoredRecord};
 
 /// What the claim statement reports: its one row (`outcome`, `token`, `record`, `takeover`).
 pub(super) fn claim(row: &Row) -> Result<Claim> {
@@ -69,6 +70,40 @@ pub(super) fn record(row: &Row) -> Result<StoredRecord> {
         }
     };
     Ok(StoredRecord { fingerprint, state })
+}
+
+/// A record of a listing: a row of the scan statement (the columns of the get statement, then
+/// `key` and `expires_at`).
+pub(super) fn summary(row: &Row) -> Result<RecordSummary> {
+    let raw_key: &str = column(row, 4)?;
+    let key = StorageKey::from_hex(raw_key).ok_or_else(|| {
+        Error::corrupt(format!(
+            "PostgreSQL storage key {raw_key:?} is not 64 hex digits"
+        ))
+    })?;
+    let stored = record(row).map_err(|e| e.with_key(&key))?;
+    // The table keeps no claim time.
+    Ok(RecordSummary::new(key, stored, column(row, 5)?, None))
+}
+
+/// What the forget statement found and did: no row for no record, else its one row (`state`,
+/// `token`, `removed`); an in-flight record it did not remove is [`Error::InFlight`].
+pub(super) fn forgotten(key: &StorageKey, row: Option<&Row>) -> Result<Forgotten> {
+    let Some(row) = row else {
+        return Ok(Forgotten::Absent);
+    };
+    let token = token(column(row, 1)?)?;
+    let removed: i64 = column(row, 2)?;
+    match (column::<&str>(row, 0)?, removed) {
+        ("completed", _) => Ok(Forgotten::Completed { token }),
+        ("in_flight", 0) => Err(Error::InFlight {
+            key: Some(key.clone()),
+        }),
+        ("in_flight", _) => Ok(Forgotten::InFlight { token }),
+        (other, _) => {
+            Err(Error::corrupt(format!("unknown PostgreSQL record state `{other}`")).with_key(key))
+        }
+    }
 }
 
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {

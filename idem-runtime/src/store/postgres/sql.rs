@@ -4,7 +4,8 @@
 //! The files name the table, its sequence and its index `{table}`, `{sequence}` and `{index}`,
 //! the channel its changes are announced on `{channel}`, and write
 //! [`ABANDONED_CLAIM_RETENTION`] in microseconds as `{retention_us}`; [`fill`] puts in the
-//! quoted names of [`Names`] and the number, once per store.
+//! quoted names of [`Names`] and the number, once per store. `{exists}` stands for the
+//! condition of a row that still exists ([`EXISTS`]).
 
 use crate::error::{Error, Result};
 use crate::store::ABANDONED_CLAIM_RETENTION;
@@ -27,10 +28,17 @@ const COMPLETE: &str = include_str!("complete.sql");
 const RELEASE: &str = include_str!("release.sql");
 /// Gives a claim a new lease, guarded by its token.
 const RENEW: &str = include_str!("renew.sql");
+/// The condition of a row that still exists, put in for `{exists}`: completed within its
+/// ttl, or in flight and not abandoned (its lease may have ended).
+const EXISTS: &str = include_str!("exists.sql");
 /// The record of a key, unless it is gone (past its ttl, or abandoned).
 const GET: &str = include_str!("get.sql");
 /// Deletes one batch of completed rows past their ttl and abandoned claims.
 const PURGE: &str = include_str!("purge.sql");
+/// Removes a completed record, or an in-flight one if forced.
+const FORGET: &str = include_str!("forget.sql");
+/// A page of the listing, in key order.
+const SCAN: &str = include_str!("scan.sql");
 
 /// The statements of one table, formatted once.
 pub(super) struct Sql {
@@ -46,6 +54,8 @@ pub(super) struct Sql {
     pub(super) renew: String,
     pub(super) get: String,
     pub(super) purge: String,
+    pub(super) forget: String,
+    pub(super) scan: String,
 }
 
 impl Sql {
@@ -63,14 +73,18 @@ impl Sql {
             renew: fill(RENEW, &names),
             get: fill(GET, &names),
             purge: fill(PURGE, &names),
+            forget: fill(FORGET, &names),
+            scan: fill(SCAN, &names),
         })
     }
 }
 
-/// `template` with its placeholders filled in: `{table}`, `{sequence}` and `{index}` by the
-/// quoted names, `{retention_us}` by [`ABANDONED_CLAIM_RETENTION`] in microseconds.
+/// `template` with its placeholders filled in: `{exists}` by [`EXISTS`] (first, as it holds a
+/// placeholder itself), `{table}`, `{sequence}` and `{index}` by the quoted names,
+/// `{retention_us}` by [`ABANDONED_CLAIM_RETENTION`] in microseconds.
 fn fill(template: &str, names: &Names) -> String {
     template
+        .replace("{exists}", EXISTS)
         .replace("{table}", &names.table)
         .replace("{sequence}", &names.sequence)
         .replace("{index}", &names.index)
@@ -202,6 +216,8 @@ mod tests {
             &sql.renew,
             &sql.get,
             &sql.purge,
+            &sql.forget,
+            &sql.scan,
         ] {
             assert!(!statement.contains(['{', '}']), "{statement}");
         }
@@ -219,6 +235,8 @@ mod tests {
             &sql.renew,
             &sql.get,
             &sql.purge,
+            &sql.forget,
+            &sql.scan,
         ] {
             assert!(guarded.contains(&retention), "{guarded}");
         }

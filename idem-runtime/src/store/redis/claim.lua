@@ -39,10 +39,11 @@ if last and last >= token then
 end
 token = string.format('%.0f', token)
 local lease_until = string.format('%.0f', now_ms + tonumber(ARGV[2]))
+local claimed_at = string.format('%.0f', now_ms)
 if ARGV[1] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until, 'fp', ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until, 'claimed_at', claimed_at, 'fp', ARGV[1])
 else
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until)
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'token', token, 'lease_until', lease_until, 'claimed_at', claimed_at)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], 'last', token, 'open', '1')

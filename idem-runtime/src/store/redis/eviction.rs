@@ -56,7 +56,7 @@ pub(super) async fn eviction_policies(
 }
 
 /// The `(node, reply)` pairs of a command sent to every node of a cluster.
-fn per_node(reply: Value) -> Vec<(String, Value)> {
+pub(super) fn per_node(reply: Value) -> Vec<(String, Value)> {
     match reply {
         Value::Map(pairs) => pairs
             .into_iter()

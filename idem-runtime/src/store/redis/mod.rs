@@ -7,7 +7,7 @@
 //!
 //! | key | type | fields | expires |
 //! |---|---|---|---|
-//! | `{prefix}:{<hex>}` — the record | hash | `state` (`in_flight` or `completed`), `token` (decimal), `fp` (the raw 32 fingerprint bytes; absent = no fingerprint), `lease_until` (in flight only: the end of the lease, server time in Unix milliseconds, decimal), `record` (the encoded [`crate::record::Record`], completed only) | `PX` = the lease plus [`ABANDONED_CLAIM_RETENTION`] while in flight, `PX` = the ttl once completed |
+//! | `{prefix}:{<hex>}` — the record | hash | `state` (`in_flight` or `completed`), `token` (decimal), `fp` (the raw 32 fingerprint bytes; absent = no fingerprint), `lease_until` (in flight only: the end of the lease, server time in Unix milliseconds, decimal), `claimed_at` (when the key was claimed, server time in Unix milliseconds, decimal; for operators), `record` (the encoded [`crate::record::Record`], completed only) | `PX` = the lease plus [`ABANDONED_CLAIM_RETENTION`] while in flight, `PX` = the ttl once completed |
 //! | `{prefix}:{<hex>}:fence` — the fence | hash | `last` (the last token handed out for this key), `open` (`1` while a claim is neither completed nor released) | `PX` = the record's own expiry plus [`FENCE_GRACE`] |
 //!
 //! (`{prefix}` stands for the prefix as given, `idem` by default; the braces around `<hex>` are
@@ -19,6 +19,13 @@
 //! `SCRIPT LOAD` only when the server answers `NOSCRIPT`, e.g. after a restart), so each is one
 //! atomic step and one round trip. `get` is one `HGETALL`. A replayed call therefore costs one
 //! round trip, a first call two (claim, complete).
+//!
+//! For operators, `forget` is one script too: it deletes the record (a completed one, or one in
+//! flight if forced) and keeps the fence, so no later claim of the key gets a token it handed out
+//! before, and a forgotten holder stays fenced off. `scan` walks the keyspace with `SCAN ...
+//! MATCH <prefix>:{<64 characters>}` (record keys only, not fences), on every master of a
+//! cluster in turn, and reads each record it finds with one script (`HGETALL`, `PTTL` and
+//! `TIME` at one instant). Records written before `claimed_at` existed are listed without it.
 //!
 //! # Expiry
 //!
@@ -128,6 +135,7 @@ mod notify;
 mod options;
 mod protocol;
 mod reply;
+mod scan;
 mod tls;
 use connection::{Connection, Endpoint};
 use notify::Notifier;
@@ -169,11 +177,22 @@ const RELEASE: &str = include_str!("release.lua");
 /// is not in flight under the token (its lease may have ended: it then gets a new one).
 const RENEW: &str = include_str!("renew.lua");
 
+/// KEYS: record, fence. ARGV: force (`1` or empty), the publish command. Deletes a completed
+/// record, or an in-flight one if forced, keeping the fence. Returns `{'absent'}`,
+/// `{'refused', token}` (in flight, not forced), `{state, token}` of the record it deleted, or
+/// `{'corrupt', reason}`.
+const FORGET: &str = include_str!("forget.lua");
+
+/// KEYS: record. Returns `{HGETALL, PTTL, server time in ms}`, read at one instant.
+const INSPECT: &str = include_str!("inspect.lua");
+
 struct Scripts {
     claim: Script,
     complete: Script,
     release: Script,
     renew: Script,
+    forget: Script,
+    inspect: Script,
 }
 
 /// A store in Redis, shared by every process that connects to the same server and prefix.
@@ -348,6 +367,8 @@ impl RedisStore {
                 complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
                 renew: Script::new(RENEW),
+                forget: Script::new(FORGET),
+                inspect: Script::new(INSPECT),
             }),
         }
     }

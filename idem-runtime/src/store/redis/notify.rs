@@ -1,6 +1,7 @@
-//! Waking waiters without polling: the `complete` and `release` scripts publish on the key's
-//! channel (`{prefix}:{<hex>}:changed`, in the record's hash slot), and one subscriber
-//! connection per store (sharded pub/sub on a cluster) wakes the calls waiting for that key.
+//! Waking waiters without polling: the `complete`, `release` and `forget` scripts publish on
+//! the key's channel (`{prefix}:{<hex>}:changed`, in the record's hash slot), and one
+//! subscriber connection per store (sharded pub/sub on a cluster) wakes the calls waiting for
+//! that key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

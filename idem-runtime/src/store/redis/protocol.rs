@@ -5,12 +5,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 
-use super::reply::{parse_claim, parse_record};
-use super::{fence_millis, in_flight_millis, millis, notify, redis_error, RedisStore, BACKEND};
+use super::reply::{parse_claim, parse_forgotten, parse_record, parse_summary};
+use super::{
+    fence_millis, in_flight_millis, millis, notify, redis_error, scan, RedisStore, BACKEND,
+};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{Claim, FencingToken, Store, StoredRecord};
+use crate::store::{Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord};
 
 #[async_trait]
 impl Store for RedisStore {
@@ -128,15 +130,52 @@ impl Store for RedisStore {
         Ok(0)
     }
 
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        let (record, fence) = self.keys(key);
+        let mut invocation = self.scripts.forget.key(record);
+        invocation
+            .key(fence)
+            .arg(if force { "1" } else { "" })
+            .arg(self.publish);
+        let forgotten = parse_forgotten(key, self.eval(&invocation).await?)?;
+        if forgotten != Forgotten::Absent {
+            if let Err(why) = self.replicated(key).await {
+                tracing::warn!(target: "idem", key = %key, why,
+                    "record forgotten on the master but not replicated as asked; a failover now may bring it back");
+            }
+        }
+        Ok(forgotten)
+    }
+
+    /// `SCAN` on the server, or on each master of a cluster in turn, with `limit` as its
+    /// `COUNT`; each record found is read with one script, all at once.
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        let pattern = scan::pattern(&self.prefix);
+        let (keys, next) = scan::record_keys(&self.con, cursor, &pattern, limit).await?;
+        let reads = keys.into_iter().filter_map(|record| {
+            let key = scan::storage_key(&self.prefix, &record)?;
+            Some(async move {
+                let invocation = self.scripts.inspect.key(record);
+                parse_summary(key, self.eval(&invocation).await?)
+            })
+        });
+        let records = futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ScanPage { records, next })
+    }
+
     fn notifies_changes(&self) -> bool {
         self.notifier.is_some()
     }
 
-    /// Waits for the key's channel (see the `notify` module): the `complete` and `release`
-    /// scripts publish on it. A waiter whose subscription was not yet confirmed when it came
-    /// looks at the record once more (one `HGET`), so a change published just before cannot be
-    /// missed; one that came later needs no look. Without a subscriber (a connection the user
-    /// built, or one that cannot subscribe), it sleeps `max`.
+    /// Waits for the key's channel (see the `notify` module): the `complete`, `release` and
+    /// `forget` scripts publish on it. A waiter whose subscription was not yet confirmed when it
+    /// came looks at the record once more (one `HGET`), so a change published just before
+    /// cannot be missed; one that came later needs no look. Without a subscriber (a connection
+    /// the user built, or one that cannot subscribe), it sleeps `max`.
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let Some(notifier) = &self.notifier else {
             return tokio::time::sleep(max).await;

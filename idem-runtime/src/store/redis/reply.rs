@@ -8,7 +8,9 @@ use redis::Value;
 use super::store_error;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::store::{Claim, FencingToken, RecordState, StoredRecord};
+use crate::key::StorageKey;
+use crate::store::inspect::from_unix_ms;
+use crate::store::{Claim, FencingToken, Forgotten, RecordState, RecordSummary, StoredRecord};
 
 fn as_bytes(v: &Value) -> Option<&[u8]> {
     match v {
@@ -26,6 +28,20 @@ fn parse_token(v: &[u8]) -> Result<FencingToken> {
         .ok_or_else(|| {
             Error::corrupt(format!(
                 "Redis record has a malformed token {:?}",
+                String::from_utf8_lossy(v)
+            ))
+        })
+}
+
+/// A field holding Unix milliseconds (`lease_until`, `claimed_at`).
+fn parse_millis(name: &str, v: &[u8]) -> Result<i64> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .and_then(|ms| i64::try_from(ms).ok())
+        .ok_or_else(|| {
+            Error::corrupt(format!(
+                "Redis record has a malformed {name} {:?}",
                 String::from_utf8_lossy(v)
             ))
         })
@@ -77,6 +93,22 @@ pub(super) fn parse_claim(reply: Value) -> Result<Claim> {
 
 /// Decodes an `HGETALL` reply (an array of field, value pairs over RESP2, a map over RESP3).
 pub(super) fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
+    Ok(parse_hash(reply)?.map(|hash| hash.record))
+}
+
+/// A record hash, decoded and checked.
+struct Hash {
+    record: StoredRecord,
+    /// The end of the lease (Unix ms, server time), in flight only; none in records written
+    /// before it existed.
+    lease_until: Option<i64>,
+    /// When the key was claimed (Unix ms, server time); none in records written before it
+    /// existed.
+    claimed_at: Option<i64>,
+}
+
+/// Decodes an `HGETALL` reply: `None` for no hash.
+fn parse_hash(reply: Value) -> Result<Option<Hash>> {
     let pairs: Vec<(Value, Value)> = match reply {
         Value::Map(pairs) => pairs,
         Value::Array(flat) => {
@@ -97,8 +129,8 @@ pub(super) fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
     if pairs.is_empty() {
         return Ok(None);
     }
-    let (mut state, mut token, mut fingerprint, mut record, mut lease_until) =
-        (None, None, None, None, None);
+    let (mut state, mut token, mut fingerprint, mut record, mut lease_until, mut claimed_at) =
+        (None, None, None, None, None, None);
     for (k, v) in &pairs {
         let (Some(k), Some(v)) = (as_bytes(k), as_bytes(v)) else {
             continue;
@@ -109,6 +141,7 @@ pub(super) fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
             b"fp" => fingerprint = Some(v),
             b"record" => record = Some(v),
             b"lease_until" => lease_until = Some(v),
+            b"claimed_at" => claimed_at = Some(v),
             _ => {}
         }
     }
@@ -116,20 +149,14 @@ pub(super) fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
         token.ok_or_else(|| Error::corrupt("Redis record hash without a token field"))?,
     )?;
     let fingerprint = fingerprint.map(parse_fingerprint).transpose()?;
-    // Not needed to answer (a record in flight is reported as such, lease ended or not), but
-    // checked, as the claim script does.
-    if let Some(v) = lease_until {
-        if std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .is_none()
-        {
-            return Err(Error::corrupt(format!(
-                "Redis record has a malformed lease_until {:?}",
-                String::from_utf8_lossy(v)
-            )));
-        }
-    }
+    // Checked, as the claim script does, though `get` does not need it (a record in flight is
+    // reported as such, lease ended or not).
+    let lease_until = lease_until
+        .map(|v| parse_millis("lease_until", v))
+        .transpose()?;
+    let claimed_at = claimed_at
+        .map(|v| parse_millis("claimed_at", v))
+        .transpose()?;
     let state = match state {
         Some(b"in_flight") => RecordState::InFlight { token },
         Some(b"completed") => RecordState::Completed {
@@ -146,7 +173,78 @@ pub(super) fn parse_record(reply: Value) -> Result<Option<StoredRecord>> {
         }
         None => return Err(Error::corrupt("Redis record hash without a state field")),
     };
-    Ok(Some(StoredRecord { fingerprint, state }))
+    Ok(Some(Hash {
+        record: StoredRecord { fingerprint, state },
+        lease_until,
+        claimed_at,
+    }))
+}
+
+/// Decodes the reply of the inspect script (the record's `HGETALL`, its `PTTL` and the server's
+/// time in ms) as a listing reports the record: `None` if it is gone.
+pub(super) fn parse_summary(key: StorageKey, reply: Value) -> Result<Option<RecordSummary>> {
+    let shape = |v: Value| store_error(format!("unexpected reply from the inspect script: {v:?}"));
+    let items = match reply {
+        Value::Array(items) => items,
+        other => return Err(shape(other)),
+    };
+    let [fields, pttl, now_ms] =
+        <[Value; 3]>::try_from(items).map_err(|items| shape(Value::Array(items)))?;
+    let (Value::Int(pttl), Value::Int(now_ms)) = (&pttl, &now_ms) else {
+        return Err(shape(Value::Array(vec![pttl, now_ms])));
+    };
+    let (pttl, now_ms) = (*pttl, *now_ms);
+    let Some(hash) = parse_hash(fields).map_err(|e| e.with_key(&key))? else {
+        return Ok(None);
+    };
+    // The lease's end while in flight; else (or for a claim of before `lease_until`) the
+    // expiry Redis keeps, which a completed record's ttl set. A key without one (-1) does not
+    // expire.
+    let expires_at = match (&hash.record.state, hash.lease_until) {
+        (RecordState::InFlight { .. }, Some(lease_until)) => lease_until,
+        _ if pttl < 0 => i64::MAX,
+        _ => now_ms.saturating_add(pttl),
+    };
+    Ok(Some(RecordSummary::new(
+        key,
+        hash.record,
+        from_unix_ms(expires_at),
+        hash.claimed_at.map(from_unix_ms),
+    )))
+}
+
+/// Decodes the reply of the forget script: `{'absent'}`, `{'refused', token}` (in flight, not
+/// forced), `{state, token}` of the record it removed, or `{'corrupt', reason}`.
+pub(super) fn parse_forgotten(key: &StorageKey, reply: Value) -> Result<Forgotten> {
+    let unexpected = || {
+        store_error(format!(
+            "unexpected reply from the forget script: {reply:?}"
+        ))
+    };
+    let Value::Array(items) = &reply else {
+        return Err(unexpected());
+    };
+    let tag = items.first().and_then(as_bytes).ok_or_else(unexpected)?;
+    let token = || {
+        let token = items.get(1).and_then(as_bytes).ok_or_else(unexpected)?;
+        parse_token(token).map_err(|e| e.with_key(key))
+    };
+    match tag {
+        b"absent" => Ok(Forgotten::Absent),
+        b"refused" => Err(Error::InFlight {
+            key: Some(key.clone()),
+        }),
+        b"completed" => Ok(Forgotten::Completed { token: token()? }),
+        b"in_flight" => Ok(Forgotten::InFlight { token: token()? }),
+        b"corrupt" => {
+            let why = items.get(1).and_then(as_bytes).unwrap_or(b"?");
+            Err(
+                Error::corrupt(format!("Redis record: {}", String::from_utf8_lossy(why)))
+                    .with_key(key),
+            )
+        }
+        _ => Err(unexpected()),
+    }
 }
 
 #[cfg(test)]
@@ -261,5 +359,110 @@ mod tests {
                 "{case:?}"
             );
         }
+    }
+
+    fn key() -> StorageKey {
+        StorageKey::from_hex(&"0f".repeat(32)).unwrap()
+    }
+
+    #[test]
+    fn forget_replies_decode() {
+        let reply = |items: &[&[u8]]| Value::Array(items.iter().map(|i| bulk(i)).collect());
+        assert_eq!(
+            parse_forgotten(&key(), reply(&[b"completed", b"12"])).unwrap(),
+            Forgotten::Completed {
+                token: FencingToken(12)
+            }
+        );
+        assert_eq!(
+            parse_forgotten(&key(), reply(&[b"in_flight", b"13"])).unwrap(),
+            Forgotten::InFlight {
+                token: FencingToken(13)
+            }
+        );
+        assert_eq!(
+            parse_forgotten(&key(), reply(&[b"absent"])).unwrap(),
+            Forgotten::Absent
+        );
+        match parse_forgotten(&key(), reply(&[b"refused", b"13"])) {
+            Err(Error::InFlight { key: Some(k) }) => assert_eq!(k, key()),
+            other => panic!("{other:?}"),
+        }
+        for corrupt in [
+            reply(&[b"corrupt", b"unknown state"]),
+            reply(&[b"completed", b"x1"]),
+        ] {
+            let err = parse_forgotten(&key(), corrupt).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+            assert_eq!(err.storage_key(), Some(&key()));
+        }
+        for junk in [Value::Nil, reply(&[b"what"]), reply(&[b"completed"])] {
+            assert!(matches!(
+                parse_forgotten(&key(), junk),
+                Err(Error::Store { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn inspect_replies_decode_as_summaries() {
+        let hash = |pairs: &[(&[u8], &[u8])]| {
+            Value::Array(pairs.iter().flat_map(|(k, v)| [bulk(k), bulk(v)]).collect())
+        };
+        let inspect = |fields: Value, pttl: i64| {
+            Value::Array(vec![fields, Value::Int(pttl), Value::Int(1_000_000)])
+        };
+        let at = |ms: u64| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        // Completed: expires when Redis expires it; claimed when the claim said.
+        let done = hash(&[
+            (b"state", b"completed"),
+            (b"token", b"7"),
+            (b"record", b"rec"),
+            (b"claimed_at", b"999000"),
+        ]);
+        let summary = parse_summary(key(), inspect(done, 5_000)).unwrap().unwrap();
+        assert_eq!(summary.expires_at, at(1_005_000));
+        assert_eq!(summary.claimed_at, Some(at(999_000)));
+        assert_eq!(summary.size, 3);
+        assert!(!summary.in_flight());
+        // In flight: expires at the end of its lease (here ended), not when Redis drops it.
+        let live = hash(&[
+            (b"state", b"in_flight"),
+            (b"token", b"8"),
+            (b"lease_until", b"990000"),
+        ]);
+        let summary = parse_summary(key(), inspect(live, 86_400_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.expires_at, at(990_000));
+        assert_eq!(summary.claimed_at, None, "a claim of before claimed_at");
+        assert_eq!(summary.size, 0);
+        assert_eq!(
+            summary.state,
+            RecordState::InFlight {
+                token: FencingToken(8)
+            }
+        );
+        // A claim of before lease_until: its lease is its expiry.
+        let old = hash(&[(b"state", b"in_flight"), (b"token", b"9")]);
+        let summary = parse_summary(key(), inspect(old, 30_000)).unwrap().unwrap();
+        assert_eq!(summary.expires_at, at(1_030_000));
+        // Gone between SCAN and the read.
+        assert_eq!(
+            parse_summary(key(), inspect(Value::Array(vec![]), -2)).unwrap(),
+            None
+        );
+        let bad = hash(&[
+            (b"state", b"in_flight"),
+            (b"token", b"9"),
+            (b"claimed_at", b"soon"),
+        ]);
+        let err = parse_summary(key(), inspect(bad, 30_000)).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+        assert_eq!(err.storage_key(), Some(&key()));
+        assert!(matches!(
+            parse_summary(key(), Value::Array(vec![Value::Nil, Value::Nil])),
+            Err(Error::Store { .. })
+        ));
     }
 }

@@ -28,10 +28,16 @@
 //!     token       INTEGER NOT NULL,                   -- fencing token of the claim
 //!     state       INTEGER NOT NULL CHECK (state IN (0, 1)), -- 0 in flight, 1 completed
 //!     expires_at  INTEGER NOT NULL,                   -- unix ms: lease end, or ttl end
-//!     record      BLOB                                -- the encoded record once completed
+//!     record      BLOB,                               -- the encoded record once completed
+//!     claimed_at  INTEGER                             -- unix ms of the claim, or NULL
 //! ) STRICT;
 //! CREATE INDEX idem_records_expires_at ON idem_records (expires_at);
 //! ```
+//!
+//! `claimed_at` is only shown to operators ([`Store::scan`]). Opening a file whose table
+//! predates it adds it (`ALTER TABLE ... ADD COLUMN`, a change of the schema alone, no row
+//! rewritten); the schema version stays 1, since builds of before name their columns and keep
+//! working on the file. Rows they claim, and rows claimed before, hold `NULL` (no claim time).
 //!
 //! A completed row whose `expires_at` has passed counts as absent. An in-flight row whose
 //! `expires_at` (its lease) has passed may be taken over by [`Store::claim`], but until then it
@@ -40,7 +46,16 @@
 //! absent. [`Store::purge_expired`] deletes completed rows past their ttl and such abandoned
 //! in-flight rows, using the index (one range scan up to now; in-flight rows whose lease ended
 //! within the retention are read there and kept). Nothing purges on its own: call it now and
-//! then (say, hourly) to keep the file small.
+//! then (say, hourly) to keep the file small. It deletes in batches of 10 000 rows, each a
+//! transaction of its own, so other processes' writes get the lock in between;
+//! [`Store::purge_expired_up_to`] is one such batch, of the size given.
+//!
+//! # Operators
+//!
+//! [`Store::forget`] reads the row and deletes it in one write transaction; fencing needs
+//! nothing more, since `idem_meta.last_token` never goes back, so no later claim reuses the
+//! token of a forgotten claim. [`Store::scan`] pages through the table in key order
+//! (`WHERE key > <cursor> ORDER BY key LIMIT n`, the cursor being the last key of the page).
 //!
 //! # Concurrency
 //!
@@ -72,13 +87,15 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{Mutex, Notify};
 
-use super::{Claim, FencingToken, RecordState, Store, StoredRecord, ABANDONED_CLAIM_RETENTION};
+use super::{
+    Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord, ABANDONED_CLAIM_RETENTION,
+};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
 mod row;
-use row::read_row;
+use row::{read_row, scan_rows};
 
 const BACKEND: &str = "sqlite";
 
@@ -93,6 +110,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const SCHEMA: &str = include_str!("schema.sql");
 /// The file's schema version, once [`SCHEMA`] ran.
 const SCHEMA_VERSION_SQL: &str = include_str!("schema_version.sql");
+/// Whether the table has `claimed_at` (a table made before it existed lacks it).
+const HAS_CLAIMED_AT: &str = include_str!("has_claimed_at.sql");
+/// Adds `claimed_at` to a table made before it existed.
+const ADD_CLAIMED_AT: &str = include_str!("add_claimed_at.sql");
 /// The next fencing token.
 const NEXT_TOKEN: &str = include_str!("next_token.sql");
 /// Writes an acquired claim over an absent or expired row.
@@ -103,8 +124,14 @@ const COMPLETE: &str = include_str!("complete.sql");
 const RELEASE: &str = include_str!("release.sql");
 /// Gives a claim a new lease, guarded by its token.
 const RENEW: &str = include_str!("renew.sql");
-/// Deletes completed rows past their ttl and abandoned claims.
+/// Deletes completed rows past their ttl and abandoned claims, up to a number of them.
 const PURGE: &str = include_str!("purge.sql");
+/// Deletes the row of a key (forget has judged it under the write lock).
+const FORGET: &str = include_str!("forget.sql");
+
+/// The most rows one statement of [`Store::purge_expired`] deletes: each batch is a
+/// transaction of its own, short enough not to hold up other processes' writes.
+const PURGE_BATCH: u64 = 10_000;
 
 /// A store in one SQLite file: embedded, durable, shared by the processes of one machine.
 ///
@@ -132,8 +159,8 @@ struct Inner {
     // occupying a blocking thread. The blocking calls themselves run in `spawn_blocking`, each
     // owning the guard. Other processes contend through SQLite's own locks and `busy_timeout`.
     conn: Arc<Mutex<Connection>>,
-    // Wakes `wait_for_change` of this process's waiters on complete and release. Changes made
-    // by other processes are seen at the next claim, at most `max` later.
+    // Wakes `wait_for_change` of this process's waiters on complete, release and forget.
+    // Changes made by other processes are seen at the next claim, at most `max` later.
     changed: Notify,
     path: PathBuf,
 }
@@ -241,6 +268,9 @@ fn try_open(path: &Path) -> rusqlite::Result<(Connection, i64)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
     let version: i64 = tx.query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))?;
+    if version == SCHEMA_VERSION && !tx.query_row(HAS_CLAIMED_AT, [], |row| row.get(0))? {
+        tx.execute_batch(ADD_CLAIMED_AT)?;
+    }
     tx.commit()?;
     Ok((conn, version))
 }
@@ -327,12 +357,40 @@ fn claim_blocking(
                 key,
                 fingerprint.as_ref().map(|f| &f.0[..]),
                 raw_token,
-                after(now, lease)
+                after(now, lease),
+                now
             ])
         })
         .map_err(sql_err)?;
     tx.commit().map_err(sql_err)?;
     Ok(Claim::Acquired { token, takeover })
+}
+
+/// Removes the row of `key` if it exists (see [`Row::exists`](row::Row::exists)) and is
+/// completed, or in flight and `force` is set, judged and deleted under the write lock.
+fn forget_blocking(conn: &mut Connection, key: &StorageKey, force: bool) -> Result<Forgotten> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err)?;
+    let now = now_ms();
+    let row = read_row(&tx, key.as_str()).map_err(|e| e.with_key(key))?;
+    let Some(row) = row.filter(|row| row.exists(now)) else {
+        return Ok(Forgotten::Absent);
+    };
+    let forgotten = match row.record {
+        Some(_) => Forgotten::Completed { token: row.token },
+        None if force => Forgotten::InFlight { token: row.token },
+        None => {
+            return Err(Error::InFlight {
+                key: Some(key.clone()),
+            })
+        }
+    };
+    tx.prepare_cached(FORGET)
+        .and_then(|mut stmt| stmt.execute([key.as_str()]))
+        .map_err(sql_err)?;
+    tx.commit().map_err(sql_err)?;
+    Ok(forgotten)
 }
 
 /// Runs one statement guarded by `key`, `token` and an in-flight row that is not abandoned (its
@@ -443,29 +501,52 @@ impl Store for SqliteStore {
         let row = self
             .with_conn(move |conn| read_row(conn, key.as_str()))
             .await?;
-        Ok(row.filter(|r| r.exists(now_ms())).map(|r| StoredRecord {
-            fingerprint: r.fingerprint,
-            state: match r.record {
-                None => RecordState::InFlight { token: r.token },
-                Some(record) => RecordState::Completed {
-                    token: r.token,
-                    record,
-                },
-            },
-        }))
+        Ok(row.filter(|r| r.exists(now_ms())).map(row::Row::stored))
     }
 
+    /// Deletes in batches of 10 000 rows, each a transaction of its own.
     async fn purge_expired(&self) -> Result<u64> {
-        self.with_conn(|conn| {
+        let mut removed = 0;
+        loop {
+            let n = self.purge_expired_up_to(PURGE_BATCH).await?;
+            removed += n;
+            if n < PURGE_BATCH {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_conn(move |conn| {
             let now = now_ms();
             // One range scan of the index up to now; in flight, only abandoned rows go.
             let removed = conn
                 .prepare_cached(PURGE)
-                .and_then(|mut stmt| stmt.execute([now, abandoned_before(now)]))
+                .and_then(|mut stmt| stmt.execute([now, abandoned_before(now), limit]))
                 .map_err(sql_err)?;
             Ok(removed as u64)
         })
         .await
+    }
+
+    async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
+        let key = key.clone();
+        let forgotten = self
+            .with_conn(move |conn| forget_blocking(conn, &key, force))
+            .await?;
+        if forgotten != Forgotten::Absent {
+            self.inner.changed.notify_waiters();
+        }
+        Ok(forgotten)
+    }
+
+    async fn scan(&self, cursor: Option<&str>, limit: usize) -> Result<ScanPage> {
+        let after = cursor.unwrap_or_default().to_owned();
+        let (records, next) = self
+            .with_conn(move |conn| scan_rows(conn, &after, limit, now_ms()))
+            .await?;
+        Ok(ScanPage { records, next })
     }
 
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {

@@ -7,10 +7,14 @@ use rusqlite::{Connection, OptionalExtension};
 use super::{abandoned_before, sql_err};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::store::{Claim, FencingToken};
+use crate::key::StorageKey;
+use crate::store::inspect::from_unix_ms;
+use crate::store::{Claim, FencingToken, RecordState, RecordSummary, StoredRecord};
 
 /// The row of a key.
 const READ: &str = include_str!("read.sql");
+/// A page of rows in key order.
+const SCAN: &str = include_str!("scan.sql");
 
 /// `state` of a claim in flight.
 pub(super) const STATE_IN_FLIGHT: i64 = 0;
@@ -24,12 +28,27 @@ pub(super) struct Row {
     expires_at: i64,
     /// `None` while in flight; the encoded record once completed.
     pub(super) record: Option<Bytes>,
+    /// When the key was claimed (unix ms); `None` for rows claimed before the column existed.
+    claimed_at: Option<i64>,
 }
 
-type RawRow = (Option<Vec<u8>>, i64, i64, i64, Option<Vec<u8>>);
+/// The columns of read.sql, and of scan.sql after the key.
+type RawRow = (Option<Vec<u8>>, i64, i64, i64, Option<Vec<u8>>, Option<i64>);
+
+/// Reads the columns of a [`RawRow`] starting at column `from`.
+fn raw_row(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<RawRow> {
+    Ok((
+        r.get(from)?,
+        r.get(from + 1)?,
+        r.get(from + 2)?,
+        r.get(from + 3)?,
+        r.get(from + 4)?,
+        r.get(from + 5)?,
+    ))
+}
 
 impl Row {
-    fn decode((fingerprint, token, state, expires_at, record): RawRow) -> Result<Row> {
+    fn decode((fingerprint, token, state, expires_at, record, claimed_at): RawRow) -> Result<Row> {
         let fingerprint = match fingerprint {
             None => None,
             Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|b: Vec<u8>| {
@@ -60,6 +79,7 @@ impl Row {
             token,
             expires_at,
             record,
+            claimed_at,
         })
     }
 
@@ -82,18 +102,70 @@ impl Row {
     pub(super) fn live_claim(self, fingerprint: Option<&Fingerprint>) -> Claim {
         Claim::on_live_record(self.fingerprint.as_ref(), fingerprint, self.record)
     }
+
+    /// The row as [`Store::get`](crate::store::Store::get) reports it.
+    pub(super) fn stored(self) -> StoredRecord {
+        StoredRecord {
+            fingerprint: self.fingerprint,
+            state: match self.record {
+                None => RecordState::InFlight { token: self.token },
+                Some(record) => RecordState::Completed {
+                    token: self.token,
+                    record,
+                },
+            },
+        }
+    }
+
+    /// The row of `key` as a listing reports it.
+    fn summary(self, key: StorageKey) -> RecordSummary {
+        let expires_at = from_unix_ms(self.expires_at);
+        let claimed_at = self.claimed_at.map(from_unix_ms);
+        RecordSummary::new(key, self.stored(), expires_at, claimed_at)
+    }
 }
 
 /// The row of `key`, if any, decoded and checked (whether live or not).
 pub(super) fn read_row(conn: &Connection, key: &str) -> Result<Option<Row>> {
     let raw: Option<RawRow> = conn
         .prepare_cached(READ)
-        .and_then(|mut stmt| {
-            stmt.query_row([key], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .optional()
-        })
+        .and_then(|mut stmt| stmt.query_row([key], |r| raw_row(r, 0)).optional())
         .map_err(sql_err)?;
     raw.map(Row::decode).transpose()
+}
+
+/// A page of the listing: up to `limit` (at least 1) rows after the key `after` in key order,
+/// those that exist at `now` as summaries, and the last key read if the page was full (the
+/// listing goes on after it).
+pub(super) fn scan_rows(
+    conn: &Connection,
+    after: &str,
+    limit: usize,
+    now: i64,
+) -> Result<(Vec<RecordSummary>, Option<String>)> {
+    let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+    let raw: Vec<(String, RawRow)> = conn
+        .prepare_cached(SCAN)
+        .and_then(|mut stmt| {
+            stmt.query_map(rusqlite::params![after, limit], |r| {
+                Ok((r.get(0)?, raw_row(r, 1)?))
+            })?
+            .collect()
+        })
+        .map_err(sql_err)?;
+    let full = raw.len() as i64 == limit;
+    let next = raw.last().filter(|_| full).map(|(key, _)| key.clone());
+    let mut records = Vec::with_capacity(raw.len());
+    for (key, raw) in raw {
+        let key = StorageKey::from_hex(&key).ok_or_else(|| {
+            Error::corrupt(format!(
+                "SQLite row: storage key {key:?} is not 64 hex digits"
+            ))
+        })?;
+        let row = Row::decode(raw).map_err(|e| e.with_key(&key))?;
+        if row.exists(now) {
+            records.push(row.summary(key));
+        }
+    }
+    Ok((records, next))
 }

@@ -3,6 +3,7 @@ use tempfile::TempDir;
 
 use super::row::{STATE_COMPLETED, STATE_IN_FLIGHT};
 use super::*;
+use crate::store::RecordState;
 
 /// A directory of its own, removed on drop.
 fn temp_dir(label: &str) -> TempDir {
@@ -231,4 +232,92 @@ async fn a_fresh_file_opened_by_many_at_once() {
         tokens.push(acquire(store, &key(&format!("open{i}"))).await.0);
     }
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+}
+
+/// A file made before `claimed_at` existed gets the column when opened, keeps its rows (listed
+/// without a claim time) and its schema version, and still takes rows written as builds of
+/// before write them.
+#[tokio::test]
+async fn a_table_of_before_claimed_at_gets_the_column() {
+    let dir = temp_dir("claimed-at");
+    let old = key("old");
+    {
+        let raw = Connection::open(db(&dir)).unwrap();
+        raw.execute_batch(
+            "CREATE TABLE idem_meta (id INTEGER PRIMARY KEY CHECK (id = 1),
+                 schema_version INTEGER NOT NULL, last_token INTEGER NOT NULL) STRICT;
+             INSERT INTO idem_meta VALUES (1, 1, 7);
+             CREATE TABLE idem_records (key TEXT PRIMARY KEY NOT NULL, fingerprint BLOB,
+                 token INTEGER NOT NULL, state INTEGER NOT NULL CHECK (state IN (0, 1)),
+                 expires_at INTEGER NOT NULL, record BLOB) STRICT;
+             CREATE INDEX idem_records_expires_at ON idem_records (expires_at);",
+        )
+        .unwrap();
+        raw.execute(
+            "INSERT INTO idem_records (key, fingerprint, token, state, expires_at, record) VALUES (?1, NULL, 7, 1, ?2, x'72')",
+            params![old.as_str(), now_ms() + 60_000],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    drop(SqliteStore::open(db(&dir)).await.unwrap());
+    let fresh = key("fresh");
+    let before = SystemTime::now() - Duration::from_secs(1);
+    let t = acquire(&store, &fresh).await;
+    assert!(t.0 > 7, "the token counter of the file goes on");
+    let page = store.scan(None, 10).await.unwrap();
+    assert_eq!(page.next, None);
+    let listed: std::collections::HashMap<_, _> =
+        page.records.iter().map(|r| (r.key.clone(), r)).collect();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[&old].claimed_at, None, "claimed before the column");
+    assert_eq!(listed[&old].size, 1);
+    let claimed_at = listed[&fresh].claimed_at.expect("a claim of this build");
+    assert!(
+        claimed_at >= before && claimed_at <= SystemTime::now(),
+        "{claimed_at:?}"
+    );
+    let raw = Connection::open(db(&dir)).unwrap();
+    let version: i64 = raw.query_row(SCHEMA_VERSION_SQL, [], |r| r.get(0)).unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    // A build of before writes its rows without the column.
+    let older = key("older");
+    raw.execute(
+        "INSERT INTO idem_records (key, fingerprint, token, state, expires_at, record) VALUES (?1, NULL, 9, 0, ?2, NULL)",
+        params![older.as_str(), now_ms() + 60_000],
+    )
+    .unwrap();
+    assert_eq!(
+        store.forget(&older, true).await.unwrap(),
+        Forgotten::InFlight {
+            token: FencingToken(9)
+        }
+    );
+}
+
+/// `purge_expired_up_to` removes at most its limit of the rows `purge_expired` removes per
+/// call, and nothing live.
+#[tokio::test]
+async fn purge_up_to_removes_at_most_the_limit() {
+    let dir = temp_dir("purge-up-to");
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    for i in 0..5 {
+        let k = key(&format!("expired{i}"));
+        let t = acquire(&store, &k).await;
+        store.complete(&k, t, b"r", LONG).await.unwrap();
+    }
+    let live = key("live");
+    acquire(&store, &live).await;
+    let raw = Connection::open(db(&dir)).unwrap();
+    raw.execute(
+        "UPDATE idem_records SET expires_at = 0 WHERE key != ?1",
+        [live.as_str()],
+    )
+    .unwrap();
+    let mut steps = Vec::new();
+    for _ in 0..4 {
+        steps.push(store.purge_expired_up_to(2).await.unwrap());
+    }
+    assert_eq!(steps, [2, 2, 1, 0]);
+    assert!(store.get(&live).await.unwrap().is_some());
 }
