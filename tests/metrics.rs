@@ -13,7 +13,7 @@ use axum::Router;
 use http_body_util::{BodyExt, Empty};
 use idem_support::AppError;
 use idempotency::{
-    idempotent, Call, Error, ErrorPolicy, Fingerprint, MemoryStore, OnConflict, Operation,
+    idempotent, Call, Error, ErrorPolicy, Fingerprint, MemoryStore, OnConflict, Operation, Store,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -240,6 +240,43 @@ async fn counters_and_histograms_reach_prometheus() {
         &[memory[0], ("op", "claim")],
     );
     assert!(claims >= 7.0, "{claims} claims");
+    // A background purger's work: 5 expired records removed, one pass timed.
+    let purged_store = std::sync::Arc::new(MemoryStore::new());
+    for i in 0..5 {
+        let key = idempotency::StorageKey::derive("metrics-purge", &i.to_string()).unwrap();
+        let token = match purged_store
+            .claim(&key, None, Duration::from_secs(10))
+            .await
+            .unwrap()
+        {
+            idempotency::Claim::Acquired { token, .. } => token,
+            other => panic!("{other:?}"),
+        };
+        purged_store
+            .complete(&key, token, b"x", Duration::from_millis(1))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let purger = idempotency::Purger::new()
+        .interval(Duration::from_millis(20))
+        .spawn_for(&purged_store)
+        .unwrap();
+    for _ in 0..500 {
+        if purger.stats().removed >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(purger.stats().removed, 5);
+    let purged = Scrape::take(addr).await;
+    assert_eq!(
+        purged.sum("idem_purged_records_total", &[("backend", "memory")])
+            - before.sum("idem_purged_records_total", &[("backend", "memory")]),
+        5.0
+    );
+    assert!(purged.sum("idem_purge_pass_seconds_count", &[("backend", "memory")]) >= 1.0);
+
     // `le` buckets are there: the histograms are Prometheus histograms.
     assert!(
         after.sum(

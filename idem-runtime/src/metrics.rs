@@ -11,6 +11,9 @@
 //! | `idem_body_duration_seconds` | histogram | `operation`, `backend` | how long a body ran, from its start to its result (or panic), for bodies that ran to an end |
 //! | `idem_store_operation_seconds` | histogram | `op`, `backend` | how long one store operation took, failed ones included |
 //! | `idem_wait_seconds` | histogram | `operation`, `backend` | how long a call waited for a key in flight elsewhere (`on_conflict = "wait"`), until it got a result, the key, or gave up |
+//! | `idem_purged_records_total` | counter | `backend` | expired records a background [`Purger`](crate::Purger) removed |
+//! | `idem_purge_errors_total` | counter | `backend` | purger passes that failed (retried at the next pass) |
+//! | `idem_purge_pass_seconds` | histogram | `backend` | how long one purger pass took |
 //!
 //! `event` of `idem_events_total` (each also a field of [`Metrics`]):
 //!
@@ -289,6 +292,28 @@ impl Stopwatch {
     }
 }
 
+/// Records one pass of a background purger: `removed` records in `secs`, or a failure
+/// (feature `metrics`; without it, nothing: the purger keeps its own [`PurgerStats`](crate::PurgerStats)).
+pub(crate) fn purge_pass(backend: &'static str, removed: u64, failed: bool, secs: f64) {
+    #[cfg(feature = "metrics")]
+    {
+        describe_once();
+        ::metrics::counter!(PURGED, "backend" => backend).increment(removed);
+        if failed {
+            ::metrics::counter!(PURGE_ERRORS, "backend" => backend).increment(1);
+        }
+        ::metrics::histogram!(PURGE_PASS, "backend" => backend).record(secs);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (backend, removed, failed, secs);
+}
+
+#[cfg(feature = "metrics")]
+const PURGED: &str = "idem_purged_records_total";
+#[cfg(feature = "metrics")]
+const PURGE_ERRORS: &str = "idem_purge_errors_total";
+#[cfg(feature = "metrics")]
+const PURGE_PASS: &str = "idem_purge_pass_seconds";
 #[cfg(feature = "metrics")]
 const EVENTS: &str = "idem_events_total";
 #[cfg(feature = "metrics")]
@@ -324,6 +349,21 @@ pub fn describe() {
         WAIT,
         Unit::Seconds,
         "How long a call waited for a key in flight elsewhere"
+    );
+    describe_counter!(
+        PURGED,
+        Unit::Count,
+        "Expired records removed by a background purger"
+    );
+    describe_counter!(
+        PURGE_ERRORS,
+        Unit::Count,
+        "Background purger passes that failed"
+    );
+    describe_histogram!(
+        PURGE_PASS,
+        Unit::Seconds,
+        "How long one background purger pass took"
     );
 }
 

@@ -256,7 +256,9 @@ async fn pass<S: Store + ?Sized>(store: &S, batch: u64, stats: &Stats) {
         // A store whose steps never pend must not hold a current-thread runtime.
         tokio::task::yield_now().await;
     };
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed().as_secs_f64();
+    crate::metrics::purge_pass(backend, removed, outcome.is_err(), elapsed);
+    let elapsed_ms = elapsed * 1000.0;
     match outcome {
         Ok(()) if removed > 0 => {
             tracing::info!(target: "idem", backend, removed, steps, elapsed_ms,
