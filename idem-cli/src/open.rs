@@ -75,44 +75,8 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
     })
 }
 
-/// `url` with its credentials hidden: the `user:password@` of the authority (of every host
-/// of a cluster URL) becomes `***@`, and the value of a `password`, `pass` or `sslpassword`
-/// query parameter becomes `***`.
-///
-/// The runtime redacts URLs the same way in its own messages; it keeps that helper private,
-/// so this is the command's copy.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    // The authority ends at the first `/`, `?` or `#` after its last `@`: a password that was
-    // not percent-encoded may hold any of them, and hiding too much beats hiding too little.
-    let rest = match rest.find('@') {
-        Some(first) => {
-            let end = rest[first..]
-                .find(['/', '?', '#'])
-                .map_or(rest.len(), |i| first + i);
-            let at = rest[..end].rfind('@').unwrap_or(first);
-            format!("***@{}", &rest[at + 1..])
-        }
-        None => rest.to_owned(),
-    };
-    let Some((before, query)) = rest.split_once('?') else {
-        return format!("{scheme}://{rest}");
-    };
-    let (query, fragment) = match query.split_once('#') {
-        Some((query, fragment)) => (query, format!("#{fragment}")),
-        None => (query, String::new()),
-    };
-    let pairs: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if is_secret(name) => format!("{name}=***"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{scheme}://{before}?{}{fragment}", pairs.join("&"))
-}
+/// `url` with its credentials hidden, as the runtime shows URLs in its own messages.
+pub use idem_runtime::store::redact_url as redact;
 
 /// `message` with every secret of `url` (its password, the values of its secret query
 /// parameters) replaced by `***`, in case a client library quoted one.

@@ -44,6 +44,7 @@ pub mod sqlite;
 mod url;
 
 pub use inspect::{Forgotten, RecordSummary, ScanPage};
+pub use url::redact as redact_url;
 
 /// How long an in-flight record is kept after its lease ended, when nobody took it over.
 ///

@@ -13,7 +13,7 @@ const SECRET_PARAMS: &[&str] = &["password", "pass", "sslpassword"];
 /// postgres://db/app?password=s3cret       -> postgres://db/app?password=***
 /// host=db user=app password='s 3cret'     -> host=db user=app password=***
 /// ```
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
             // Credentials end at the last `@` before the end of the authority (the first `/`,
