@@ -3,12 +3,11 @@
 //! layer would send for it. Against a real server on 127.0.0.1 (port 0), driven by a real client.
 #![cfg(feature = "axum")]
 
+use idem_support::DownStore;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -19,9 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use idempotency::{
-    idempotent, Claim, FencingToken, Fingerprint, MemoryStore, StorageKey, Store, StoredRecord,
-};
+use idempotency::{idempotent, MemoryStore, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -181,51 +178,11 @@ async fn a_call_in_flight_is_409_with_retry_after_then_the_result_is_replayed() 
     assert_eq!(processor.runs(), 1);
 }
 
-/// A store whose backend is down, with a secret in its error.
-struct DownStore;
-
-#[async_trait]
-impl Store for DownStore {
-    fn backend(&self) -> &'static str {
-        "down"
-    }
-    async fn claim(
-        &self,
-        _: &StorageKey,
-        _: Option<&Fingerprint>,
-        _: Duration,
-    ) -> idempotency::Result<Claim> {
-        Err(idempotency::Error::store(
-            "down",
-            "connection to redis://:hunter2@db.internal refused",
-        ))
-    }
-    async fn complete(
-        &self,
-        _: &StorageKey,
-        _: FencingToken,
-        _: &[u8],
-        _: Duration,
-    ) -> idempotency::Result<()> {
-        unreachable!("nothing is claimed")
-    }
-    async fn release(&self, _: &StorageKey, _: FencingToken) -> idempotency::Result<()> {
-        unreachable!("nothing is claimed")
-    }
-    async fn renew(&self, _: &StorageKey, _: FencingToken, _: Duration) -> idempotency::Result<()> {
-        unreachable!("nothing is claimed")
-    }
-    async fn get(&self, _: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
-        Ok(None)
-    }
-    async fn purge_expired(&self) -> idempotency::Result<u64> {
-        Ok(0)
-    }
-}
-
 #[tokio::test]
 async fn a_store_failure_is_503_with_retry_after_and_no_backend_detail() {
-    let processor = Processor::new(Arc::new(DownStore));
+    let processor = Processor::new(Arc::new(DownStore {
+        message: "connection to redis://:hunter2@db.internal refused",
+    }));
     let s = serve(processor.clone()).await;
     let reply = s.pay("order-1", 500).await;
     reply.problem(503, "store-unavailable");

@@ -4,6 +4,7 @@
 //! depth, against every store, in `tests/http_started.rs`.
 #![cfg(feature = "http")]
 
+use idem_support::DownStore;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::middleware::{self, Next};
@@ -27,9 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idempotency::http::{IdempotencyLayer, RequestBody};
-use idempotency::{
-    Claim, FencingToken, Fingerprint, MemoryStore, OnUnknown, StorageKey, Store, StoredRecord,
-};
+use idempotency::{MemoryStore, OnUnknown, Store};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -1114,51 +1112,12 @@ async fn the_lease_is_renewed_while_the_handler_runs() {
     assert_eq!(s.app.runs(), 1);
 }
 
-/// A store that is down.
-struct DownStore;
-
-#[async_trait]
-impl Store for DownStore {
-    fn backend(&self) -> &'static str {
-        "down"
-    }
-    async fn claim(
-        &self,
-        _: &StorageKey,
-        _: Option<&Fingerprint>,
-        _: Duration,
-    ) -> idempotency::Result<Claim> {
-        Err(idempotency::Error::store(
-            "down",
-            "connection refused to db.internal:6379",
-        ))
-    }
-    async fn complete(
-        &self,
-        _: &StorageKey,
-        _: FencingToken,
-        _: &[u8],
-        _: Duration,
-    ) -> idempotency::Result<()> {
-        unreachable!("nothing is claimed")
-    }
-    async fn release(&self, _: &StorageKey, _: FencingToken) -> idempotency::Result<()> {
-        unreachable!("nothing is claimed")
-    }
-    async fn renew(&self, _: &StorageKey, _: FencingToken, _: Duration) -> idempotency::Result<()> {
-        unreachable!("nothing is claimed")
-    }
-    async fn get(&self, _: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
-        Ok(None)
-    }
-    async fn purge_expired(&self) -> idempotency::Result<u64> {
-        Ok(0)
-    }
-}
-
 #[tokio::test]
 async fn a_failing_store_fails_closed_with_503() {
-    let s = serve(layer_with(DownStore)).await;
+    let s = serve(layer_with(DownStore {
+        message: "connection refused to db.internal:6379",
+    }))
+    .await;
     let reply = s.post("/payments", Some("k"), PAYMENT).await;
     reply.problem(503);
     assert_eq!(reply.headers[RETRY_AFTER], "1");

@@ -13,6 +13,7 @@ use idem_runtime::{MemoryStore, Store};
 
 pub use idem_testkit::unique;
 
+mod down;
 #[cfg(feature = "redis")]
 pub mod monitor;
 #[cfg(feature = "postgres")]
@@ -26,6 +27,7 @@ pub mod redis;
 pub mod slow_proxy;
 pub mod workload;
 
+pub use down::DownStore;
 #[cfg(all(feature = "redis", unix))]
 pub use private_redis::PrivateRedis;
 #[cfg(feature = "redis")]
