@@ -3,9 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_runtime::record::{Outcome as RecordOutcome, Record};
-use idem_runtime::{
-    Error, Forgotten, Operation, RecordState, RecordSummary, StorageKey, Store, StoredRecord,
-};
+use idem_runtime::{Error, Forgotten, RecordState, RecordSummary, StorageKey, Store, StoredRecord};
 use serde_json::{json, Map, Value};
 
 use crate::args::RecordArgs;
@@ -37,12 +35,7 @@ pub fn storage_key(args: &RecordArgs) -> Outcome<StorageKey> {
         ));
     };
     let derived = match &args.name {
-        // `Operation` names are `&'static str` (they come from the attribute); this process
-        // derives one key, so leaking the name once costs nothing.
-        Some(name) => {
-            let name: &'static str = Box::leak(name.clone().into_boxed_str());
-            StorageKey::derive_for(&Operation::named(name), args.scope.as_str(), key)
-        }
+        Some(name) => StorageKey::derive_named(name, args.scope.as_str(), key),
         None => StorageKey::derive(args.scope.as_str(), key),
     };
     derived.map_err(|e| Failure::new(Exit::Usage, format!("cannot derive the storage key: {e}")))
@@ -479,8 +472,7 @@ mod tests {
             name: Some("billing.charge".into()),
             storage_key: None,
         };
-        let with_name =
-            StorageKey::derive_for(&Operation::named("billing.charge"), "acme", "order-1");
+        let with_name = StorageKey::derive_named("billing.charge", "acme", "order-1");
         assert_eq!(storage_key(&args).ok(), with_name.ok());
         args.name = None;
         assert_eq!(

@@ -1,11 +1,8 @@
 //! [`forget`]: removing the record of one call of an `#[idempotent]` function, named as the
 //! attribute names it.
 
-use std::collections::BTreeSet;
-use std::sync::{Mutex, PoisonError};
-
 use crate::error::Result;
-use crate::key::{IntoKey, Operation, StorageKey};
+use crate::key::{IntoKey, StorageKey};
 use crate::store::{Forgotten, IntoStore};
 
 /// Removes the record that `#[idempotent(name = "...")]` keeps for `key` in `scope`, so the
@@ -17,7 +14,7 @@ use crate::store::{Forgotten, IntoStore};
 /// `name` is the attribute's `name = "..."`; `scope` and `key` are the values its
 /// `scope = ...` and `key = ...` expressions give (a string, an integer, a `Uuid`: whatever
 /// [`IntoKey`] takes; a function without `scope = ...` has the scope `""`). They make the same
-/// storage key as the attribute ([`StorageKey::derive_for`]); with a key of your own, call
+/// storage key as the attribute ([`StorageKey::derive_named`]); with a key of your own, call
 /// [`Store::forget`](crate::Store::forget).
 ///
 /// A completed record (a stored result, or an unknown outcome) is removed:
@@ -57,23 +54,6 @@ pub async fn forget(
     key: &(impl IntoKey + ?Sized),
     force: bool,
 ) -> Result<Forgotten> {
-    let key = StorageKey::derive_for(&operation(name), scope, key)?;
+    let key = StorageKey::derive_named(name, scope, key)?;
     store.into_store().forget(&key, force).await
-}
-
-/// The operation named `name`. [`Operation`] holds a `&'static str` (the attribute's literal):
-/// each name given here is kept once, for the life of the process, so repeated calls with the
-/// names of a program's operations keep no more than those names.
-fn operation(name: &str) -> Operation {
-    static NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
-    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-    let name = match names.get(name) {
-        Some(kept) => *kept,
-        None => {
-            let kept: &'static str = Box::leak(name.into());
-            names.insert(kept);
-            kept
-        }
-    };
-    Operation::named(name)
 }

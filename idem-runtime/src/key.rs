@@ -143,10 +143,20 @@ impl StorageKey {
         scope: &(impl IntoKey + ?Sized),
         user_key: &(impl IntoKey + ?Sized),
     ) -> Result<Self> {
-        if operation.name.as_bytes().contains(&0) {
+        Self::derive_named(operation.name, scope, user_key)
+    }
+
+    /// [`derive_for`](Self::derive_for) with the operation's name given as a string (an
+    /// operator's tool reads it at run time): the key of `#[idempotent(name = "...")]`.
+    pub fn derive_named(
+        operation: &str,
+        scope: &(impl IntoKey + ?Sized),
+        user_key: &(impl IntoKey + ?Sized),
+    ) -> Result<Self> {
+        if operation.as_bytes().contains(&0) {
             return Err(Error::config("an operation name contains a NUL byte"));
         }
-        Self::derive_parts(Some(operation.name), scope, user_key)
+        Self::derive_parts(Some(operation), scope, user_key)
     }
 
     /// Derives the storage key of `user_key` in `scope`, checking the user key's length.
