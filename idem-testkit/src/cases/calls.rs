@@ -238,11 +238,13 @@ pub async fn unknown_on_cancel(store: Arc<dyn Store>, _: bool) {
 pub async fn long_body_renews_its_lease(store: Arc<dyn Store>, _: bool) {
     let key = unique("renew");
     let (s, k) = (store.clone(), key.clone());
+    // The body runs until the checks are done, however long a slow store makes them take.
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
     let holder = tokio::spawn(async move {
         call(&s, &k)
             .lease(Duration::from_millis(300))
             .run(ErrorPolicy::never(), async {
-                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let _ = finished.await;
                 Ok::<u32, Error>(9)
             })
             .await
@@ -255,6 +257,7 @@ pub async fn long_body_renews_its_lease(store: Arc<dyn Store>, _: bool) {
             "the lease was renewed"
         );
     }
+    done.send(()).unwrap();
     assert_eq!(holder.await.unwrap().unwrap(), 9);
 }
 
