@@ -6,4 +6,7 @@ fn ui() {
     let t = trybuild::TestCases::new();
     t.compile_fail("tests/ui/*.rs");
     t.pass("tests/ui/pass/*.rs");
+    // The HTTP layer's constructor that is gone says what to write instead.
+    #[cfg(feature = "http")]
+    t.compile_fail("tests/ui/http/*.rs");
 }

@@ -135,7 +135,8 @@
 //! });
 //! ```
 //!
-//! A layer cannot be built without choosing (`new(store)` and `.scope(..)` are gone):
+//! A layer cannot be built without choosing (`new(store)` and `.scope(..)` are gone; calling
+//! `new` is a compile error that says what to write):
 //!
 //! ```compile_fail
 //! # use idem_runtime as idempotency;
@@ -353,6 +354,17 @@ impl fmt::Debug for IdempotencyLayer {
     }
 }
 
+/// The bound of the removed `IdempotencyLayer::new`, implemented by no type: calling `new`
+/// fails to compile with this message.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`IdempotencyLayer::new(store)` is gone: choose how requests are scoped",
+    label = "a layer built from a store alone would let one client receive another's responses",
+    note = "write `IdempotencyLayer::per_client(store, |parts| /* the client's principal, None to refuse */)`",
+    note = "or, for one scope shared on purpose by every client, `IdempotencyLayer::shared(store, \"public-api\")`"
+)]
+pub trait ChooseHowRequestsAreScoped {}
+
 impl IdempotencyLayer {
     /// A layer keeping its records in `store` (`MemoryStore`, `Arc<dyn Store>` from
     /// [`connect`](crate::store::connect) or [`default_store`](crate::store::default_store), ...),
@@ -391,6 +403,16 @@ impl IdempotencyLayer {
     /// If `name` is empty or contains a NUL byte.
     pub fn shared(store: impl Store + 'static, name: impl Into<String>) -> Self {
         Self::from_parts(Arc::new(store), Scoping::shared(name.into()))
+    }
+
+    /// Gone: a layer built from a store alone put every client in one scope, where a client
+    /// that sent another's key received the other's response. Kept only so that code calling
+    /// it gets a compile error that says what to write instead ([`per_client`](Self::per_client)
+    /// or [`shared`](Self::shared)); no type satisfies its bound.
+    #[doc(hidden)]
+    pub fn new<S: ChooseHowRequestsAreScoped>(store: S) -> Self {
+        let _ = store;
+        unreachable!("no type implements ChooseHowRequestsAreScoped")
     }
 
     fn from_parts(store: Arc<dyn Store>, scope: Scoping) -> Self {
