@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use idem_runtime::store::is_secret_url_param as is_secret;
 use idem_runtime::{Error, PostgresStore, RedisStore, Store};
 
 use crate::failure::{Exit, Failure, Outcome};
@@ -112,13 +113,6 @@ fn secrets(url: &str) -> Vec<String> {
         }
     }
     found
-}
-
-/// Whether a query parameter's value is a secret.
-fn is_secret(name: &str) -> bool {
-    ["password", "pass", "sslpassword"]
-        .iter()
-        .any(|secret| name.eq_ignore_ascii_case(secret))
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub mod sqlite;
 mod url;
 
 pub use inspect::{Forgotten, RecordSummary, ScanPage};
-pub use url::redact as redact_url;
+pub use url::{is_secret as is_secret_url_param, redact as redact_url};
 
 /// How long an in-flight record is kept after its lease ended, when nobody took it over.
 ///

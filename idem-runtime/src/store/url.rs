@@ -134,7 +134,9 @@ pub(crate) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn is_secret(key: &str) -> bool {
+/// Whether a query or connection-string parameter named `key` holds a secret (`password`,
+/// `pass`, `sslpassword`): the values [`redact`] hides.
+pub fn is_secret(key: &str) -> bool {
     SECRET_PARAMS.iter().any(|p| key.eq_ignore_ascii_case(p))
 }
 
