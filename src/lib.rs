@@ -40,7 +40,7 @@
 //! | `on_replay = path::to::hook` | a `fn(T, &`[`ReplayInfo`]`) -> T` applied to every replayed `Ok` value before the caller gets it (never to a fresh one); the stored record is not changed. [`observe`] tells a caller whether its call was replayed ([`Served`]) | replayed values as stored |
 //! | `max_record_bytes = N` | the largest encoded result that is stored; a larger one is not kept and the call returns `Error::TooLarge` (an unknown outcome) | 8 MiB |
 //! | `on_unknown = "refuse"` / `"rerun"` | a started body whose outcome is unknown (panic, abandoned, result not storable): refuse the key with [`Error::OutcomeUnknown`] until the recovery window passes (at most once), or release it (at least once); see [`OnUnknown`] | `refuse` |
-//! | `recovery = "1h"` | how long a key with an unknown outcome is refused | the ttl |
+//! | `recovery = "1h"` | how long a key with an unknown outcome is refused | 1 hour (the ttl if shorter) |
 //! | `version = N` | the result's schema version: raise it when the result type changes incompatibly; records of another version are [`Error::TypeMismatch`] | `0` |
 //! | `detach = false` | keep the body in the caller's future even though it owns its data | detached when the function owns its data |
 //! | `crate = path` | this crate's path if your `Cargo.toml` renames it | `::idempotency` |
@@ -113,6 +113,7 @@ pub use idem_runtime::PostgresStore;
 pub use idem_runtime::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use idem_runtime::SqliteStore;
+pub use idem_runtime::{drain, running, DrainReport};
 pub use idem_runtime::{forget, Forgotten, RecordSummary, ScanPage};
 pub use idem_runtime::{observe, OnReplay, ReplayInfo, Served};
 pub use idem_runtime::{store::memory::MemoryStoreBuilder, Purger, PurgerHandle, PurgerStats};
@@ -124,6 +125,13 @@ pub mod postgres {
     pub use idem_runtime::store::postgres::{
         deadpool_postgres, tokio_postgres, PostgresOptions, DEFAULT_POOL_SIZE, DEFAULT_TABLE,
     };
+}
+
+/// The SQLite backend's options, for [`SqliteStore`].
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod sqlite {
+    pub use idem_runtime::store::sqlite::SqliteOptions;
 }
 
 /// The Redis backend's defaults and client crate, for [`RedisStore`].

@@ -1,7 +1,8 @@
 //! A handler that started is never run again by accident: `idempotency::http::IdempotencyLayer` in
 //! front of real axum servers on 127.0.0.1 (port 0), with clients that go away in the middle of
 //! a request, responses that cannot be kept (5xx, failing midway, over the limit, an endless
-//! `text/event-stream`), a handler that panics, and a graceful shutdown (`drain`).
+//! `text/event-stream`), and a handler that panics (a graceful shutdown, `drain`, is in `tests/drain.rs`: it
+//! acts on the whole process, so it has a test binary of its own).
 //!
 //! The processor counts a charge on the first line of its handler, before any `.await`, so a
 //! handler that is interrupted and then run again shows up as a second charge (counting at the
@@ -569,40 +570,6 @@ async fn postgres_clients_that_leave_get_the_first_payment() {
         return;
     };
     clients_that_leave_get_the_first_payment(store).await;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Graceful shutdown.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_waits_for_a_handler_whose_client_left_and_its_response_is_stored() {
-    let layer = layer();
-    let s = serve(layer.clone()).await;
-    assert_eq!(layer.running(), 0);
-    let socket = s
-        .send_raw("/payments", "drained", PAYMENT, &[("x-wait-for-gate", "1")])
-        .await;
-    s.p.wait_for("the handler to start", || s.p.charges("drained") == 1)
-        .await;
-    s.leave(socket).await;
-    assert_eq!(layer.running(), 1, "the handler runs on without its client");
-
-    // Held at the gate, it cannot finish: drain gives up after its timeout and says so.
-    assert_eq!(layer.drain(Duration::from_millis(200)).await, 1);
-    assert_eq!(s.p.finished.load(SeqCst), 0);
-
-    s.p.gate.add_permits(1);
-    assert_eq!(layer.drain(Duration::from_secs(5)).await, 0);
-    assert_eq!(layer.running(), 0);
-    assert_eq!(s.p.finished.load(SeqCst), 1);
-
-    // Drained means stored: the retry replays at once, no 409.
-    let retry = s.post("/payments", "drained", PAYMENT).await;
-    assert_eq!(retry.replay()["id"], s.p.first_id("drained"));
-    assert_eq!(s.p.charges("drained"), 1);
-    // The layer still serves after a drain.
-    s.post("/payments", "after-drain", PAYMENT).await.created();
-    assert_eq!(s.p.total(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------

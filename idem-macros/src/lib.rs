@@ -45,7 +45,7 @@ use proc_macro::TokenStream;
 /// | `on_replay = path::to::hook` | a `fn(T, &ReplayInfo) -> T` applied to replayed `Ok` values (not to fresh ones); the stored record is unchanged | replayed values as stored |
 /// | `max_record_bytes = N` | the largest stored result | 8 MiB |
 /// | `on_unknown = "refuse"` / `"rerun"` | a started body with an unknown outcome (panic, abandoned, result not storable): refuse the key (at most once) or release it (at least once) | `refuse` |
-/// | `recovery = "1h"` | how long an unknown outcome refuses the key | the ttl |
+/// | `recovery = "1h"` | how long an unknown outcome refuses the key | 1 hour (the ttl if shorter) |
 /// | `version = N` | the result's schema version: raise it when the result type changes incompatibly | `0` |
 /// | `detach = false` | keep the body in the caller's future even though it owns its data | detached when it owns its data |
 /// | `crate = path` | the facade's path if your `Cargo.toml` renames the dependency | `::idempotency` |

@@ -29,7 +29,30 @@
 //!
 //! The context belongs to the body's task: a task the body spawns does not see it (pass the
 //! [`CallContext`] along, it is cheap to clone).
+//!
+//! # A holder knows its own deadline
+//!
+//! The claim is lost in two ways, and [`CallContext::is_lost`] answers `true` for both:
+//!
+//! - the store said so: a renewal was refused (another caller took the key over, or an operator
+//!   forced it free);
+//! - **the holder's own clock says so**, whether or not the store could be asked: a call
+//!   tracks the moment its lease lapses as *the moment its last acknowledged claim or renewal
+//!   was sent, plus the lease less a margin of a tenth of it* ([`CLOCK_MARGIN`]), measured on
+//!   the monotonic clock of this process. The margin covers the store's clock running faster
+//!   than this one (Redis and PostgreSQL time leases by their own clocks) by up to 10 %, and
+//!   the request's way to the store. A body paused past its lease (a stopped process, a long
+//!   stall, a store it could not reach to renew) reads `true` on its first check after it
+//!   resumes, though no refusal could reach it.
+//!
+//! The check narrows the window; it cannot close it (a pause can fall between the check and
+//! the side effect). The fencing [`token`](CallContext::token), checked by the resource that
+//! takes the side effect, is the guarantee.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -40,6 +63,51 @@ tokio::task_local! {
     static CURRENT: CallContext;
 }
 
+/// The share of a lease a holder keeps in hand for clocks that drift and requests on their
+/// way: a holder counts its lease as lapsed once `lease - lease / CLOCK_MARGIN` has passed since
+/// its last acknowledged claim or renewal was sent (a tenth of the lease: 3 s of the default
+/// 30 s). See the [module docs](self#a-holder-knows-its-own-deadline).
+pub const CLOCK_MARGIN: u32 = 10;
+
+/// When a holder's lease lapses by its own clock: see [`CLOCK_MARGIN`].
+#[derive(Debug)]
+pub(crate) struct Deadline {
+    lease: Duration,
+    at: Mutex<Instant>,
+}
+
+impl Deadline {
+    /// The deadline of a claim or renewal of `lease` sent at `sent`.
+    pub(crate) fn new(sent: Instant, lease: Duration) -> Self {
+        Deadline {
+            lease,
+            at: Mutex::new(sent + Self::held(lease)),
+        }
+    }
+
+    /// A claim or renewal sent at `sent` was acknowledged: the lease runs from then on.
+    pub(crate) fn acknowledged(&self, sent: Instant) {
+        let until = sent + Self::held(self.lease);
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        if until > *at {
+            *at = until;
+        }
+    }
+
+    /// How much of a lease a holder counts on.
+    fn held(lease: Duration) -> Duration {
+        lease - lease / CLOCK_MARGIN
+    }
+
+    fn at(&self) -> Instant {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn passed(&self) -> bool {
+        Instant::now() >= self.at()
+    }
+}
+
 /// The running call of the body that asks: see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct CallContext {
@@ -47,15 +115,22 @@ pub struct CallContext {
     token: FencingToken,
     takeover: bool,
     lost: CancellationToken,
+    deadline: Arc<Deadline>,
 }
 
 impl CallContext {
-    pub(crate) fn new(key: StorageKey, token: FencingToken, takeover: bool) -> Self {
+    pub(crate) fn new(
+        key: StorageKey,
+        token: FencingToken,
+        takeover: bool,
+        deadline: Arc<Deadline>,
+    ) -> Self {
         CallContext {
             key,
             token,
             takeover,
             lost: CancellationToken::new(),
+            deadline,
         }
     }
 
@@ -87,11 +162,19 @@ impl CallContext {
         self.takeover
     }
 
-    /// Whether the claim has been lost: another caller took the key over after this call's
-    /// lease ran out (its renewal could not reach the store in time). This call's result will
-    /// not be stored ([`Error::LeaseLost`]).
+    /// Whether the claim has been lost: the store refused a renewal (another caller took the
+    /// key over, or an operator forced it free), or this call's lease lapsed by its own clock
+    /// (its last acknowledged claim or renewal is older than the lease less [`CLOCK_MARGIN`]:
+    /// the process was paused, or the store could not be reached to renew). This call's result
+    /// will then not be stored ([`Error::LeaseLost`]) unless the store still holds the claim.
     pub fn is_lost(&self) -> bool {
-        self.lost.is_cancelled()
+        self.lost.is_cancelled() || self.deadline.passed()
+    }
+
+    /// When this call's lease lapses by its own clock, unless a renewal is acknowledged before
+    /// then (renewals move it forward every quarter of the lease while the body runs).
+    pub fn deadline(&self) -> Instant {
+        self.deadline.at()
     }
 
     /// `Err(Error::LeaseLost)` once the claim is lost, else `Ok(())`: call it right before a
@@ -104,10 +187,21 @@ impl CallContext {
         }
     }
 
-    /// Completes when the claim is lost (never, if it is not): select on it to stop a long
-    /// body early.
+    /// Completes when the claim is lost, by the store's word or by this call's own deadline
+    /// (never, if neither happens): select on it to stop a long body early.
     pub async fn lost(&self) {
-        self.lost.cancelled().await
+        loop {
+            let at = self.deadline.at();
+            tokio::select! {
+                _ = self.lost.cancelled() => return,
+                _ = tokio::time::sleep_until(at) => {
+                    // A renewal may have moved the deadline while this slept.
+                    if self.deadline.passed() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -124,7 +124,7 @@ pub enum Error {
     /// happened, so under the at-most-once policy (the default, see
     /// [`OnUnknown`](crate::engine::OnUnknown)) the body is not run again for this key until the
     /// record is resolved: check the downstream system for the effect, then remove the record,
-    /// or wait until the recovery window (by default the ttl) passes. Retrying at once does not
+    /// or wait until the recovery window (by default an hour) passes. Retrying at once does not
     /// help.
     #[error("a call with this idempotency key started earlier and its outcome is unknown ({reason}); the body is not run again until the record is resolved{}", at(key))]
     OutcomeUnknown {

@@ -14,7 +14,6 @@ pub mod engine;
 pub mod error;
 pub mod fingerprint;
 mod forget;
-mod hex;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod key;
@@ -29,6 +28,7 @@ pub use engine::OnReplay;
 pub use engine::{
     Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable, MIN_LEASE,
 };
+pub use engine::{drain, running, DrainReport};
 pub use engine::{Purger, PurgerHandle, PurgerStats};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};

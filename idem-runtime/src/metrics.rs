@@ -132,12 +132,6 @@ pub(crate) struct Labels {
 }
 
 impl Labels {
-    /// The labels of an event counted where neither the operation nor the store is known.
-    pub(crate) const UNKNOWN: Labels = Labels {
-        operation: "unnamed",
-        backend: "unknown",
-    };
-
     /// The labels of a call of `operation` (if it has one) on a store of `backend`.
     pub(crate) fn new(operation: Option<&'static str>, backend: &'static str) -> Self {
         Labels {

@@ -1,20 +1,22 @@
 //! Work that outlives the caller: renewing the lease while the body runs, storing a result or
 //! an unknown outcome the caller did not wait for, releasing a claim from a destructor. All of
-//! it is spawned here, on the runtime captured once, when the key was claimed.
+//! it runs on the runtime captured once, when the key was claimed, and is spawned through
+//! [`running`](super::running), which counts it for [`drain`](super::running::drain).
 
-use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use crate::context::CallContext;
+use crate::context::{CallContext, Deadline};
 use crate::error::Error;
 use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Labels, StoreOp};
 use crate::store::{FencingToken, Store};
 
+use super::running::{spawn_helper, spawn_work};
 use super::storing::{complete, Patience};
 
 /// The longest a background task goes on trying to store a result.
@@ -22,7 +24,7 @@ const MAX_BACKGROUND_STORING: Duration = Duration::from_secs(24 * 3600);
 
 /// A claimed key, its store, and the runtime its background work runs on.
 pub(super) struct Background {
-    runtime: Handle,
+    pub(super) runtime: Handle,
     pub(super) store: Arc<dyn Store>,
     pub(super) key: StorageKey,
     pub(super) token: FencingToken,
@@ -47,14 +49,14 @@ impl Background {
         }
     }
 
-    /// The one place background work is spawned. On a runtime that is shutting down the work
-    /// is dropped, and the claim stays in flight until its lease ends.
-    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
-        self.runtime.spawn(work);
-    }
-
-    /// Starts renewing the lease; see [`Renewal`].
-    pub(super) fn renew(&self, lease: Duration, context: CallContext) -> Renewal {
+    /// Starts renewing the lease; see [`Renewal`]. Each acknowledged renewal moves the
+    /// holder's own `deadline` forward.
+    pub(super) fn renew(
+        &self,
+        lease: Duration,
+        context: CallContext,
+        deadline: Arc<Deadline>,
+    ) -> Renewal {
         let (store, key, token, labels) = (
             self.store.clone(),
             self.key.clone(),
@@ -62,7 +64,9 @@ impl Background {
             self.labels,
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        self.spawn(async move {
+        let ended = Arc::new(AtomicBool::new(false));
+        let body_ended = ended.clone();
+        spawn_helper(&self.runtime, async move {
             let period = lease / 4;
             let mut renewals = tokio::task::JoinSet::new();
             let mut tick = tokio::time::interval_at(Instant::now() + period, period);
@@ -75,20 +79,28 @@ impl Background {
                     _ = tick.tick(), if renewals.len() < 3 => {
                         let (store, key) = (store.clone(), key.clone());
                         renewals.spawn(async move {
-                            timed(StoreOp::Renew, labels, store.renew(&key, token, lease)).await
+                            let sent = Instant::now();
+                            (sent, timed(StoreOp::Renew, labels, store.renew(&key, token, lease)).await)
                         });
                     }
                     Some(done) = renewals.join_next() => match done {
-                        Ok(Ok(())) => {
+                        Ok((sent, Ok(()))) => {
+                            deadline.acknowledged(sent);
                             tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed")
                         }
-                        Ok(Err(Error::LeaseLost { .. })) => {
+                        Ok((_, Err(Error::LeaseLost { .. }))) if body_ended.load(Ordering::Acquire) => {
+                            // The body has ended and its outcome is being stored: a renewal
+                            // that lands after the outcome did is refused, and says nothing
+                            // about a takeover (storing finds out whether there was one).
+                            return;
+                        }
+                        Ok((_, Err(Error::LeaseLost { .. }))) => {
                             tracing::warn!(target: "idem", key = %key, token = token.0,
                                 "lease lost while the body runs: another caller took the key over");
                             context.mark_lost();
                             return;
                         }
-                        Ok(Err(e)) => {
+                        Ok((_, Err(e))) => {
                             count(Event::StoreError, labels);
                             tracing::warn!(target: "idem", key = %key, error = %e, "lease renewal failed; will retry");
                         }
@@ -97,7 +109,7 @@ impl Background {
                 }
             }
         });
-        Renewal { _stop: stop }
+        Renewal { _stop: stop, ended }
     }
 
     /// Goes on storing `record` (`what`: a result, an unknown outcome), renewing the lease
@@ -118,7 +130,7 @@ impl Background {
             self.token,
             self.labels,
         );
-        self.spawn(async move {
+        spawn_work(&self.runtime, |cut| async move {
             let _renewal = renewal;
             let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
             match complete(
@@ -128,15 +140,20 @@ impl Background {
                 &record,
                 ttl,
                 attempted,
-                Patience::Background(until),
+                Patience::Background(until, &cut),
                 labels,
             )
             .await
             {
                 Ok(()) => tracing::info!(target: "idem", key = %key, token = token.0, what,
                     "stored in the background"),
-                Err(e) => tracing::warn!(target: "idem", key = %key, token = token.0, what,
-                    error = %e, "gave up storing in the background"),
+                Err(e) => {
+                    if cut.is_cancelled() {
+                        cut.unrecorded();
+                    }
+                    tracing::warn!(target: "idem", key = %key, token = token.0, what,
+                        error = %e, "gave up storing in the background")
+                }
             }
         });
     }
@@ -149,7 +166,7 @@ impl Background {
             self.token,
             self.labels,
         );
-        self.spawn(async move {
+        spawn_work(&self.runtime, |_| async move {
             if let Err(e) = timed(StoreOp::Release, labels, store.release(&key, token)).await {
                 tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
                     "background release failed; the lease will expire");
@@ -166,6 +183,15 @@ impl Background {
 pub(super) struct Renewal {
     /// Dropping it stops the renewal task (its receiver completes).
     _stop: tokio::sync::oneshot::Sender<()>,
+    /// Set once the body has ended: a refused renewal then means nothing (see `renew`).
+    ended: Arc<AtomicBool>,
+}
+
+impl Renewal {
+    /// The body has ended; renewal goes on until its outcome is stored.
+    pub(super) fn body_ended(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
 }
 
 /// Counts a detached call whose caller stopped waiting: its body goes on by itself.
@@ -176,13 +202,7 @@ pub(crate) struct Abandoned {
 
 impl Abandoned {
     /// Armed until [`disarm`](Self::disarm)ed: dropping it armed counts an abandoned call
-    /// (without labels: where neither its operation nor its store is at hand).
-    #[cfg_attr(not(feature = "http"), allow(dead_code))]
-    pub(crate) fn new() -> Self {
-        Abandoned::for_call(Labels::UNKNOWN)
-    }
-
-    /// [`new`](Self::new), for a call with these labels.
+    /// with these labels.
     pub(crate) fn for_call(labels: Labels) -> Self {
         Abandoned {
             armed: true,

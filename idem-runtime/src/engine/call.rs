@@ -15,9 +15,10 @@ use crate::store::{default_store, IntoStore, Store};
 use super::background::{Abandoned, Background};
 use super::claim::{claim, replay, Claimed};
 use super::finish::Holding;
+use super::running::spawn_body;
 use super::policy::{
     ErrorPolicy, IdempotentResult, OnConflict, OnUnknown, DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES,
-    DEFAULT_TTL, MIN_LEASE,
+    DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
 };
 
 /// One idempotent call: where to look (store, key), what must match (fingerprint), and for how
@@ -142,7 +143,7 @@ impl Call {
     }
 
     /// How long a record of an unknown outcome refuses calls ([`OnUnknown::Refuse`]) before
-    /// the key may run again. Default: the ttl.
+    /// the key may run again. Default: [`DEFAULT_RECOVERY`] (1 hour), or the ttl if shorter.
     pub fn recovery(mut self, window: Duration) -> Self {
         self.recovery = Some(window);
         self
@@ -206,7 +207,7 @@ impl Call {
             }
             Begun::Claimed(holding) => {
                 let ran = holding.served();
-                let out = holding.finish(errors, body, None).await;
+                let (out, _) = holding.finish(errors, body, None, None).await;
                 if let Some(ran) = ran {
                     crate::replay::record(|| ran);
                 }
@@ -227,13 +228,40 @@ impl Call {
         Fut: Future<Output = R> + Send + 'static,
         H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
     {
+        match self.run_spawned(errors, body, hook).await {
+            Ok(out) => out,
+            Err(Interrupted::Panicked(panic)) => std::panic::resume_unwind(panic),
+            Err(Interrupted::ShutDown(key)) => R::from_result(Err(Error::OutcomeUnknown {
+                reason: "the runtime shut down while the body ran".into(),
+                key: Some(key),
+            }
+            .into())),
+        }
+    }
+
+    /// Claims (or replays) in the caller, then runs the body, and the storing of its outcome,
+    /// on a task of its own ([`running`](super::running), counted for a drain): the one path
+    /// of a body that outlives its caller, for [`run_detached`](Call::run_detached) and the
+    /// HTTP layer. A panic in the body, or a runtime that shut down under it, is returned to
+    /// the caller as [`Interrupted`] (after its unknown outcome was handled).
+    pub(crate) async fn run_spawned<R, Fut, H>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+        hook: H,
+    ) -> Result<R, Interrupted>
+    where
+        R: IdempotentResult + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
         // Claim (or replay) in the caller; only a body that is to run moves to a task of its
         // own. A caller that leaves while the claim is on its way may leave the claim in flight
         // until its lease ends; the body has not started then, so nothing runs twice.
         let holding = match self.begin::<R, H>(&errors, hook).await {
             Begun::Answer(answer, served) => {
                 crate::replay::record(|| served);
-                return answer;
+                return Ok(answer);
             }
             Begun::Claimed(holding) => holding,
         };
@@ -242,9 +270,12 @@ impl Call {
         // body blocks this thread.
         let key = holding.background.key.clone();
         let labels = holding.background.labels;
+        let runtime = holding.background.runtime.clone();
         let ran = holding.served();
         let begun = holding.start();
-        let task = tokio::spawn(holding.finish(errors, body, Some(begun)));
+        let task = spawn_body(&runtime, |cut| {
+            holding.finish(errors, body, Some(begun), Some(cut))
+        });
         let abandoned = Abandoned::for_call(labels);
         let joined = task.await;
         abandoned.disarm();
@@ -252,13 +283,9 @@ impl Call {
             crate::replay::record(|| ran);
         }
         match joined {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => R::from_result(Err(Error::OutcomeUnknown {
-                reason: "the runtime shut down while the body ran".into(),
-                key: Some(key),
-            }
-            .into())),
+            Ok(result) => Ok(result),
+            Err(e) if e.is_panic() => Err(Interrupted::Panicked(e.into_panic())),
+            Err(_) => Err(Interrupted::ShutDown(key)),
         }
     }
 
@@ -305,8 +332,8 @@ impl Call {
             labels,
         )
         .await;
-        let (token, takeover) = match claimed {
-            Ok(Claimed::Token(token, takeover)) => (token, takeover),
+        let (token, takeover, claimed_at) = match claimed {
+            Ok(Claimed::Token(token, takeover, sent)) => (token, takeover, sent),
             Ok(Claimed::Replay(bytes)) => {
                 count(Event::Hit, labels);
                 tracing::debug!(target: "idem", key = %key, "replay");
@@ -327,12 +354,13 @@ impl Call {
             background: Background::new(store, key, token, labels),
             fingerprint,
             takeover,
+            claimed_at,
             expect,
             ttl: self.ttl,
             lease: self.lease,
             max_record_bytes: self.max_record_bytes,
             on_unknown: self.on_unknown,
-            recovery: self.recovery.unwrap_or(self.ttl),
+            recovery: self.recovery.unwrap_or(DEFAULT_RECOVERY.min(self.ttl)),
             renewal: Default::default(),
         }))
     }
@@ -370,6 +398,15 @@ impl<F> OnReplay<F> {
     {
         self.call.run_detached_with(errors, body, self.hook).await
     }
+}
+
+/// Why a body spawned by [`Call::run_spawned`] gave its caller no answer.
+pub(crate) enum Interrupted {
+    /// The body panicked (its unknown outcome was handled); the panic's payload.
+    Panicked(Box<dyn std::any::Any + Send>),
+    /// The runtime shut down while the body ran (the claim stays in flight until its lease
+    /// lapses, as after a crash).
+    ShutDown(StorageKey),
 }
 
 /// What [`Call::begin`] found.

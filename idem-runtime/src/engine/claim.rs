@@ -19,8 +19,9 @@ use super::policy::{ErrorPolicy, OnConflict};
 
 /// What a claim found.
 pub(super) enum Claimed {
-    /// The token, and whether the claim took over an expired lease.
-    Token(FencingToken, bool),
+    /// The token, whether the claim took over an expired lease, and when the claim that
+    /// acquired it was sent (the holder's lease runs from then, by its own clock).
+    Token(FencingToken, bool, Instant),
     /// A stored result.
     Replay(bytes::Bytes),
 }
@@ -45,6 +46,7 @@ pub(super) async fn claim(
     // Times the wait for a holder, however the claim ends (or is dropped), once it began.
     let mut waiting: Option<Waiting> = None;
     loop {
+        let sent = Instant::now();
         match timed(StoreOp::Claim, labels, store.claim(key, fingerprint, lease)).await {
             Err(e) => {
                 count(Event::StoreError, labels);
@@ -56,7 +58,7 @@ pub(super) async fn claim(
                     count(Event::Takeover, labels);
                     tracing::info!(target: "idem", key = %key, token = token.0, "took over an expired lease");
                 }
-                return Ok(Claimed::Token(token, takeover));
+                return Ok(Claimed::Token(token, takeover, sent));
             }
             Ok(Claim::Completed(bytes)) => return Ok(Claimed::Replay(bytes)),
             Ok(Claim::KeyReuse) => {

@@ -5,23 +5,24 @@
 use std::any::type_name;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::context::CallContext;
+use crate::context::{CallContext, Deadline};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Stopwatch, StoreOp};
-use crate::record::{Expected, Outcome, Record};
+use crate::record::{encode_payload, Expected, Outcome, Record};
 use crate::replay::{self, Served};
 use crate::store::FencingToken;
 
 use super::background::{Background, Renewal};
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
+use super::running::{Cut, Ended};
 use super::storing::{complete, Patience};
 
 /// A claimed key and everything needed to run the body under it, store its outcome, and do the
@@ -30,6 +31,8 @@ pub(super) struct Holding {
     pub(super) background: Background,
     pub(super) fingerprint: Option<Fingerprint>,
     pub(super) takeover: bool,
+    /// When the claim was sent: the holder's lease runs from then, by its own clock.
+    pub(super) claimed_at: Instant,
     pub(super) expect: Expected<'static>,
     pub(super) ttl: Duration,
     pub(super) lease: Duration,
@@ -70,21 +73,30 @@ impl Holding {
 
     /// The body's context, and the lease's renewal on a task of its own.
     pub(super) fn start(&self) -> (CallContext, Renewal) {
-        let context = CallContext::new(self.key().clone(), self.token(), self.takeover);
-        let renewal = self.background.renew(self.lease, context.clone());
+        let deadline = Arc::new(Deadline::new(self.claimed_at, self.lease));
+        let context = CallContext::new(
+            self.key().clone(),
+            self.token(),
+            self.takeover,
+            deadline.clone(),
+        );
+        let renewal = self.background.renew(self.lease, context.clone(), deadline);
         (context, renewal)
     }
 
     /// Runs the body under the claim, then stores its outcome (or releases, or records an
     /// unknown outcome). `begun`: the context and renewal if the caller started them already
     /// (a detached call starts them before spawning the body's task, so the renewal task is
-    /// queued where another worker can take it, with no yield); else they start here.
+    /// queued where another worker can take it, with no yield); else they start here. `cut`:
+    /// for a body on a task of its own, what tells it that [`drain`](super::running::drain)
+    /// cuts it off: it is dropped then, and its unknown outcome recorded before this returns.
     pub(super) async fn finish<R, Fut>(
         self,
         errors: ErrorPolicy<R::Err>,
         body: Fut,
         begun: Option<(CallContext, Renewal)>,
-    ) -> R
+        cut: Option<Arc<Cut>>,
+    ) -> (R, Ended)
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
@@ -114,14 +126,37 @@ impl Holding {
         // From here on the body may have done its side effect.
         guard.body_started = true;
         let ran = Stopwatch::start();
-        let output = catch_unwind(context.scope(body)).await;
+        let body = catch_unwind(context.scope(body));
+        let output = match &cut {
+            None => Some(body.await),
+            Some(cut) => tokio::select! {
+                biased;
+                output = body => Some(output),
+                _ = cut.cancelled() => None,
+            },
+        };
         ran.body_ended(labels);
+        renewal.body_ended();
         // Renewal goes on until the outcome is stored (or the claim released): a store that is
         // down when the body ends must not let the lease lapse unnoticed.
         *self.renewal.lock().unwrap_or_else(|p| p.into_inner()) = Some(renewal);
         let output = match output {
-            Ok(output) => output,
-            Err(panic) => {
+            Some(Ok(output)) => output,
+            None => {
+                // Cut off by a drain: the body was dropped mid-way.
+                guard.armed = false;
+                let reason = "the process shut down while the body ran (cut off by drain)";
+                let recorded = self.unknown(reason).await;
+                if let Some(cut) = &cut {
+                    cut.cut_off(recorded);
+                }
+                let e = Error::OutcomeUnknown {
+                    reason: reason.into(),
+                    key: Some(key.clone()),
+                };
+                return (fail(e), Ended::CutOff);
+            }
+            Some(Err(panic)) => {
                 // Record the unknown outcome before the panic goes on, so that a retry that
                 // follows it finds the record rather than the claim.
                 guard.armed = false;
@@ -135,11 +170,20 @@ impl Holding {
         let (output, kept, unknown_err) = {
             let result = output.into_result();
             let kept = match &result {
-                Ok(v) => Some((Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>())),
+                Ok(v) => Some((
+                    Outcome::Ok,
+                    encode_payload(v, |b| serde_json::from_slice::<R::Ok>(b)),
+                    type_name::<R::Ok>(),
+                )),
                 Err(e) => match (errors.keep, errors.codec) {
-                    (Some(keep), Some((encode, _))) if keep(e) => {
-                        Some((Outcome::Err, encode(e), type_name::<R::Err>()))
-                    }
+                    (Some(keep), Some((encode, decode))) if keep(e) => Some((
+                        Outcome::Err,
+                        encode(e).and_then(|payload| {
+                            decode(&payload)?;
+                            Ok(payload)
+                        }),
+                        type_name::<R::Err>(),
+                    )),
                     _ => None,
                 },
             };
@@ -150,18 +194,18 @@ impl Holding {
         guard.armed = false;
         let Some((outcome, payload, type_name)) = kept else {
             if unknown_err {
-                self.unknown("the response could not be kept").await
+                self.unknown("the response could not be kept").await;
             } else {
-                self.release().await
+                self.release().await;
             }
-            return output;
+            return (output, Ended::Finished);
         };
         let payload = match payload {
             Ok(p) => p,
             Err(e) => {
                 self.unknown(&format!("the result could not be encoded as JSON: {e}"))
                     .await;
-                return fail(Error::Encode(e));
+                return (fail(Error::Encode(e)), Ended::Finished);
             }
         };
         let record = Record {
@@ -177,10 +221,10 @@ impl Holding {
             Err(e) => {
                 self.unknown(&format!("the result was not stored: {e}"))
                     .await;
-                return fail(e);
+                return (fail(e), Ended::Finished);
             }
         };
-        match self.store(record, self.ttl).await {
+        let output = match self.store(record, self.ttl).await {
             Stored::Landed => {
                 tracing::debug!(target: "idem", key = %key, token = token.0, ?outcome, "completed");
                 output
@@ -200,7 +244,8 @@ impl Holding {
                     "could not store the result yet; returning it, and storing it in the background");
                 output
             }
-        }
+        };
+        (output, Ended::Finished)
     }
 
     /// Stores `record`, retrying store errors for up to a lease while the caller waits, then in
@@ -253,8 +298,9 @@ impl Holding {
             .take()
     }
 
-    /// Releases the claim: nothing happened that a retry must not repeat.
-    async fn release(&self) {
+    /// Releases the claim: nothing happened that a retry must not repeat. Whether the store
+    /// took it (a claim already lost counts: there is nothing left to release).
+    async fn release(&self) -> bool {
         drop(self.take_renewal());
         let labels = self.background.labels;
         count(Event::Release, labels);
@@ -266,19 +312,25 @@ impl Holding {
         )
         .await
         {
-            Ok(()) => tracing::debug!(target: "idem", key = %key, token = token.0, "released"),
+            Ok(()) => {
+                tracing::debug!(target: "idem", key = %key, token = token.0, "released");
+                true
+            }
             Err(e) => {
-                if !matches!(e, Error::LeaseLost { .. }) {
+                let lost = matches!(e, Error::LeaseLost { .. });
+                if !lost {
                     count(Event::StoreError, labels);
                 }
                 tracing::warn!(target: "idem", key = %key, error = %e, "release failed; the lease will expire");
+                lost
             }
         }
     }
 
     /// The body started and its outcome is unknown: record it ([`OnUnknown::Refuse`]) or
-    /// release the claim ([`OnUnknown::Rerun`]).
-    async fn unknown(&self, reason: &str) {
+    /// release the claim ([`OnUnknown::Rerun`]). Whether that reached the store (a record left
+    /// to the background, or a failed release, did not).
+    async fn unknown(&self, reason: &str) -> bool {
         count(Event::UnknownOutcome, self.background.labels);
         let (key, token) = (self.key(), self.token());
         match self.on_unknown {
@@ -291,9 +343,13 @@ impl Holding {
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
                     "outcome unknown; recorded, calls with this key are refused (at most once)");
                 let record = Record::unknown(token.0, reason, self.recovery).encode();
-                if let Stored::Pending(e) = self.store(record, self.recovery).await {
-                    tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
-                        "could not record the unknown outcome yet; still trying in the background");
+                match self.store(record, self.recovery).await {
+                    Stored::Pending(e) => {
+                        tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
+                            "could not record the unknown outcome yet; still trying in the background");
+                        false
+                    }
+                    Stored::Landed | Stored::Lost => true,
                 }
             }
         }

@@ -8,8 +8,10 @@
 //!   became of it;
 //! - `storing`: the one rule for writing an outcome whose body has run (retries, a full store),
 //!   used in the caller and in the background;
-//! - `background`: the one place work that outlives the caller is spawned (renewal, storing
-//!   after the caller left, releasing from a destructor).
+//! - `background`: work that outlives the caller (renewal, storing after the caller left,
+//!   releasing from a destructor);
+//! - `running`: the one place bodies and background work are spawned, counted so that a
+//!   process can [`drain`] before it exits.
 //!
 //! Everything here is plain Rust, usable (and tested) without the macro:
 //!
@@ -32,14 +34,16 @@ mod claim;
 mod finish;
 mod policy;
 mod purger;
+mod running;
 mod storing;
 
 #[cfg(feature = "http")]
-pub(crate) use background::Abandoned;
+pub(crate) use call::Interrupted;
 pub use call::{Call, OnReplay};
+pub use running::{drain, running, DrainReport};
 pub use policy::{
     default_wait, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable,
-    DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TTL, MIN_LEASE,
+    DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
 };
 pub use purger::{
     jittered, Purger, PurgerHandle, PurgerStats, DEFAULT_PURGE_BATCH, DEFAULT_PURGE_INTERVAL,

@@ -12,6 +12,13 @@ use crate::error::Error;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default lease of an in-flight claim: 30 seconds.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default recovery window of an unknown outcome (`recovery`): 1 hour, or the ttl if that is
+/// shorter. Long enough for the body's downstream to settle and for an operator alerted by the
+/// `unknown_outcome` event to look (a processor's webhook, a reconciliation job); short enough
+/// that a client retrying with backoff is not refused for the rest of a day. Outcomes a handler
+/// chose (an `Err`, a 4xx, a 503 or any response with `Retry-After`) are never unknown: they
+/// release at once.
+pub const DEFAULT_RECOVERY: Duration = Duration::from_secs(3600);
 /// Default limit on an encoded result: 8 MiB.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 8 << 20;
 
@@ -141,7 +148,7 @@ pub fn default_wait(lease: Duration) -> Duration {
 pub enum OnUnknown {
     /// At most once (the default): the key keeps a record of the unknown outcome, and every
     /// call with it fails with [`Error::OutcomeUnknown`] until the record is removed or the
-    /// recovery window (by default the ttl) passes. What a payments team expects: a charge
+    /// recovery window (by default an hour, [`DEFAULT_RECOVERY`]) passes. What a payments team expects: a charge
     /// that may have gone through is never sent again by accident. Stripe keeps 500s the same
     /// way.
     #[default]

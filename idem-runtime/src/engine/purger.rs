@@ -1,10 +1,13 @@
 //! The background purger: removes a store's expired records on a schedule, for stores that keep
 //! them until someone purges (SQLite, PostgreSQL), so a service needs no cron job.
 //!
-//! Opt-in, and owned by whoever starts it: a [`PurgerHandle`] stops the task when it is dropped
-//! (a store that starts its own purger keeps the handle, so the task ends with the store). The
-//! task holds the store only by a [`Weak`] reference between passes, so it never keeps a store
-//! alive: once the store is dropped, the task ends at its next wake-up.
+//! [`SqliteStore`](crate::SqliteStore) and [`PostgresStore`](crate::PostgresStore) start one
+//! by default when they open (see their options' `purger` and `purge_in_background`); any other
+//! store gets one from [`Purger::spawn_for`]. Whoever starts it owns it: a [`PurgerHandle`]
+//! stops the task when it is dropped (a store that starts its own purger keeps the handle, so
+//! the task ends with the store). The task holds the store only by a [`Weak`] reference between
+//! passes, so it never keeps a store alive: once the store is dropped, the task ends at its
+//! next wake-up.
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,6 +100,17 @@ impl Purger {
     /// [`Error::Config`] for a zero interval or batch, a jitter outside `[0, 1)`, or when called
     /// outside a tokio runtime.
     pub fn spawn<S: Store + ?Sized + 'static>(&self, store: Weak<S>) -> Result<PurgerHandle> {
+        self.spawn_upgrading(move || store.upgrade())
+    }
+
+    /// [`spawn`](Self::spawn) for a store reached through `upgrade`, which gives a handle to it
+    /// while it lives and `None` once it is gone: a store whose clones share one inner `Arc`
+    /// passes a closure over a [`Weak`] of that `Arc`, so the task never keeps it alive.
+    pub(crate) fn spawn_upgrading<T, F>(&self, upgrade: F) -> Result<PurgerHandle>
+    where
+        T: Store + 'static,
+        F: Fn() -> Option<T> + Send + 'static,
+    {
         self.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config(
@@ -104,7 +118,7 @@ impl Purger {
             )
         })?;
         let stats = Arc::new(Stats::default());
-        let task = runtime.spawn(run(self.clone(), store, stats.clone()));
+        let task = runtime.spawn(run(self.clone(), upgrade, stats.clone()));
         Ok(PurgerHandle { task, stats })
     }
 
@@ -218,8 +232,8 @@ impl Drop for PurgerHandle {
     }
 }
 
-/// The task: sleep, pass, until the store is gone.
-async fn run<S: Store + ?Sized>(purger: Purger, store: Weak<S>, stats: Arc<Stats>) {
+/// The task: sleep, pass, until the store is gone (`upgrade` gives `None`).
+async fn run<T: Store, F: Fn() -> Option<T>>(purger: Purger, upgrade: F, stats: Arc<Stats>) {
     let random = foldhash::fast::RandomState::default();
     let mut draw = 0u64;
     loop {
@@ -227,12 +241,12 @@ async fn run<S: Store + ?Sized>(purger: Purger, store: Weak<S>, stats: Arc<Stats
         // 53 random bits as a fraction in [0, 1).
         let unit = (random.hash_one(draw) >> 11) as f64 / (1u64 << 53) as f64;
         tokio::time::sleep(jittered(purger.interval, purger.jitter, unit)).await;
-        let Some(store) = store.upgrade() else {
+        let Some(store) = upgrade() else {
             stats.store_gone.store(true, Ordering::Release);
             tracing::debug!(target: "idem", "store dropped; the purger stops");
             return;
         };
-        pass(&*store, purger.batch, &stats).await;
+        pass(&store, purger.batch, &stats).await;
     }
 }
 

@@ -10,13 +10,16 @@ use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Labels, StoreOp};
 use crate::store::{FencingToken, RecordState, Store, StoredRecord};
 
+use super::running::Cut;
+
 /// Who is storing a result, and until when to keep trying.
 #[derive(Clone, Copy)]
-pub(super) enum Patience {
+pub(super) enum Patience<'a> {
     /// The caller waits for it (up to a lease).
     Caller(Instant),
-    /// A task of its own, after the caller left.
-    Background(Instant),
+    /// A task of its own, after the caller left, until then or until a drain cuts it off
+    /// (then it gives up at its next pause).
+    Background(Instant, &'a Cut),
 }
 
 /// The longest pause between attempts to store a result.
@@ -37,10 +40,10 @@ pub(super) async fn complete(
     record: &[u8],
     ttl: Duration,
     mut attempted: bool,
-    patience: Patience,
+    patience: Patience<'_>,
     labels: Labels,
 ) -> Result<()> {
-    let (Patience::Caller(until) | Patience::Background(until)) = patience;
+    let (Patience::Caller(until) | Patience::Background(until, _)) = patience;
     let mut pause = Duration::from_millis(10);
     loop {
         let stored = timed(
@@ -79,7 +82,13 @@ pub(super) async fn complete(
         count(Event::StoreError, labels);
         tracing::warn!(target: "idem", key = %key, token = token.0, error = %error,
             "could not store the result; retrying");
-        tokio::time::sleep(pause).await;
+        match patience {
+            Patience::Caller(_) => tokio::time::sleep(pause).await,
+            Patience::Background(_, cut) => tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = cut.cancelled() => return Err(error),
+            },
+        }
         pause = (pause * 2).min(MAX_PAUSE);
     }
 }

@@ -64,19 +64,52 @@
 //!
 //! - **The client goes away**: the handler runs on a task of its own, so it runs to its end
 //!   (its lease renewed on another task) and its response is stored; a retry gets 409 while it
-//!   runs and the replay afterwards. At shutdown, call [`IdempotencyLayer::drain`] to let
-//!   running handlers finish; a handler still running when the runtime stops keeps its claim
-//!   until its lease expires (it is never released).
-//! - **The outcome is unknown**: a 5xx, a handler that panicked or failed, a response streamed
-//!   (`text/event-stream`, passed through as it comes, never buffered), over the body limit,
-//!   failing midway or with trailers. The first client gets the response as it is. Under the
-//!   default [`OnUnknown::Refuse`](crate::engine::OnUnknown) (at most once) the key then keeps a
-//!   record of the unknown outcome and retries get `500 #outcome-unknown` until the
-//!   [`recovery`](IdempotencyLayer::recovery) window passes (Stripe keeps 500s the same way);
-//!   under [`OnUnknown::Rerun`](crate::engine::OnUnknown) (at least once) the claim is released
-//!   and a retry runs the handler again.
-//! - **Nothing was done**: a 408, 429 or another status [`keep_status`](IdempotencyLayer::keep_status)
-//!   refuses (below 500) releases the claim at once, so a retry runs the handler.
+//!   runs and the replay afterwards. At shutdown, after the server stopped taking requests,
+//!   call [`drain`](crate::engine::drain) (or [`IdempotencyLayer::drain`], the same): running
+//!   handlers finish, and those still running at its timeout are cut off and their unknown
+//!   outcome recorded before it returns. An exit without a drain is a crash: a handler still
+//!   running keeps its claim until its lease lapses, and a retry then runs it again.
+//! - **The outcome is unknown**: a 5xx other than 503 without `Retry-After`, a 408 or 504 (a
+//!   timeout, which may have cancelled the handler midway: see below), a handler that panicked
+//!   or failed, a response streamed (`text/event-stream`, passed through as it comes, never
+//!   buffered), over the body limit, failing midway or with trailers. The first client gets the
+//!   response as it is. Under the default [`OnUnknown::Refuse`](crate::engine::OnUnknown) (at
+//!   most once) the key then keeps a record of the unknown outcome and retries get
+//!   `500 #outcome-unknown` until the [`recovery`](IdempotencyLayer::recovery) window passes
+//!   (1 hour by default); under [`OnUnknown::Rerun`](crate::engine::OnUnknown) (at least once)
+//!   the claim is released and a retry runs the handler again.
+//! - **Nothing was done**: a 503, any response with `Retry-After`, a 429 or another status
+//!   below 500 that [`keep_status`](IdempotencyLayer::keep_status) refuses releases the claim at
+//!   once, so a retry runs the handler. A handler that answers 503 or sets `Retry-After` says
+//!   "not now": it must not have done the work.
+//!
+//! # Which answers release the key, against Stripe and the others
+//!
+//! | answer | this layer | Stripe | keyed-retry seeds (Powertools, axum-idempotent) |
+//! |---|---|---|---|
+//! | 2xx, 4xx the handler chose (not 408/429) | kept and replayed | kept | kept |
+//! | 503, or any 4xx/5xx with `Retry-After` | **released**: retryable at once | kept (a replayed 503 for 24 h) | released |
+//! | 500, 502 (the handler failed somewhere) | unknown: refused for the recovery window (1 h) | kept and replayed for 24 h | released (the body may run twice) |
+//! | 408, 504 (a timeout may have cancelled the handler) | unknown | kept | released |
+//! | panic, dropped connection, cut off by a drain | unknown | kept as a 500 | released, or stuck until the lease |
+//!
+//! Why: a 503 and `Retry-After` are the handler's own word that the request was not taken, and
+//! HTTP clients (this crate's `client` included) retry them: keeping them (Stripe) turns a
+//! passing outage into a key stuck for a day, releasing them costs nothing. A 500 says the
+//! handler failed at a point we cannot see, possibly after the charge: releasing it (the seeds)
+//! lets a retry charge twice, while Stripe's day-long replay makes a user wait a day for a
+//! failure an operator can settle in minutes; an hour refused (the `unknown_outcome` event
+//! alerts) is the middle way. A timeout is a 500 whose cause we know: the handler was cut.
+//!
+//! # Where a timeout layer goes
+//!
+//! Put a timeout (tower-http's `TimeoutLayer`, tower's `Timeout`) **outside** this layer
+//! (`.layer(timeout).layer(idem)` in axum's order, which runs the timeout first): when it fires,
+//! it drops this layer's future, the handler runs on by itself to its end and its response is
+//! kept, so the client's retry gets a 409 while it runs and the replay after. Inside this layer
+//! (between it and the handler), a timeout cancels the handler midway and answers 408 (or
+//! 504): that is an unknown outcome here (never "nothing was done"), so the retry is refused
+//! rather than run again; `tests/http_timeout.rs` counts handler starts both ways.
 //! - Inside the handler, [`crate::context::token`] gives the claim's fencing token, for a
 //!   database write that must refuse a stale holder.
 
@@ -227,11 +260,10 @@ use http::header::{HeaderName, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{request, Method, StatusCode};
 use tower::Layer;
 
-use crate::engine::{IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
+use crate::engine::{DrainReport, IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
 use crate::store::Store;
 use limits::ScopeLimits;
 use scope::Scoping;
-use tokio_util::task::TaskTracker;
 
 pub use body::{RequestBody, ResponseBody};
 pub use service::{IdempotencyService, ResponseFuture};
@@ -270,9 +302,10 @@ impl KeepStatus for RangeInclusive<u16> {
     }
 }
 
-/// The default of [`IdempotencyLayer::keep_status`]: every status but 5xx (the server failed
-/// somewhere: an unknown outcome, see [`IdempotencyLayer::on_unknown`]), 408 Request Timeout and 429 Too Many Requests (the request was not
-/// processed; replaying the refusal for a day would be wrong).
+/// The default of [`IdempotencyLayer::keep_status`]: every status but 5xx, 408 Request Timeout
+/// and 429 Too Many Requests. Of those not kept, 503, 429 and any response with `Retry-After`
+/// release the key (nothing was done); 408, 504 and the other 5xx are unknown outcomes (see
+/// [`IdempotencyLayer::on_unknown`] and the [module docs](self#which-answers-release-the-key-against-stripe-and-the-others)).
 pub fn keep_by_default(status: StatusCode) -> bool {
     !status.is_server_error()
         && status != StatusCode::REQUEST_TIMEOUT
@@ -293,7 +326,6 @@ struct Config {
     lease: Duration,
     on_unknown: OnUnknown,
     recovery: Option<Duration>,
-    tasks: TaskTracker,
 }
 
 /// A tower [`Layer`] that makes POST and PATCH endpoints idempotent by their `Idempotency-Key`
@@ -349,7 +381,6 @@ impl fmt::Debug for IdempotencyLayer {
             .field("lease", &c.lease)
             .field("on_unknown", &c.on_unknown)
             .field("recovery", &c.recovery)
-            .field("running", &c.tasks.len())
             .finish_non_exhaustive()
     }
 }
@@ -430,7 +461,6 @@ impl IdempotencyLayer {
                 lease: DEFAULT_LEASE,
                 on_unknown: OnUnknown::Refuse,
                 recovery: None,
-                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -454,8 +484,9 @@ impl IdempotencyLayer {
     }
 
     /// Which responses are kept and replayed: a function of the status or a range
-    /// (`.keep_status(200..300)`). Responses not kept are returned as they are; below 500 the
-    /// claim is released, so a retry runs the handler again, and a 5xx is an unknown outcome
+    /// (`.keep_status(200..300)`). Responses not kept are returned as they are: a 503, a
+    /// response with `Retry-After` or a status below 500 other than 408 releases the claim, so
+    /// a retry runs the handler again; a 408, 504 or other 5xx is an unknown outcome
     /// ([`on_unknown`](Self::on_unknown)). Default: [`keep_by_default`].
     pub fn keep_status(self, keep: impl KeepStatus) -> Self {
         let keep: Arc<dyn KeepStatus> = Arc::new(keep);
@@ -524,8 +555,8 @@ impl IdempotencyLayer {
         self.with(|c| c.lease = lease)
     }
 
-    /// What becomes of a key whose handler started but whose response cannot be kept: a 5xx, a
-    /// streamed response, a body over the limit or failing midway, a handler that panicked or
+    /// What becomes of a key whose handler started but whose response cannot be kept: a 5xx
+    /// (but a 503) without `Retry-After`, a 408 or 504, a streamed response, a body over the limit or failing midway, a handler that panicked or
     /// failed. [`OnUnknown::Refuse`] (the default, at most once): retries get
     /// `500 #outcome-unknown` until the [`recovery`](Self::recovery) window passes.
     /// [`OnUnknown::Rerun`] (at least once): the claim is released and a retry runs the
@@ -535,30 +566,19 @@ impl IdempotencyLayer {
     }
 
     /// How long a key with an unknown outcome refuses retries under [`OnUnknown::Refuse`].
-    /// Default: the [`ttl`](Self::ttl).
+    /// Default: [`DEFAULT_RECOVERY`](crate::engine::DEFAULT_RECOVERY), 1 hour (the
+    /// [`ttl`](Self::ttl) if shorter).
     pub fn recovery(self, window: impl IntoDuration) -> Self {
         let window = window.into_duration();
         self.with(|c| c.recovery = Some(window))
     }
 
-    /// How many handlers of this layer (and its clones) are running now, including those whose
-    /// client went away.
-    pub fn running(&self) -> usize {
-        self.config.tasks.len()
-    }
-
-    /// For a graceful shutdown: waits up to `timeout` for every running handler to finish and
-    /// store its response (handlers run on after their client went away), and returns how many
-    /// are still running. Call it after the server stopped accepting requests and before the
-    /// runtime shuts down. Handlers still running when the runtime stops are dropped; their
-    /// claims are never released but expire with their lease, after which a retry may run the
-    /// handler again (as after a crash), so give it at least the longest handler's time.
-    pub async fn drain(&self, timeout: Duration) -> usize {
-        let tasks = &self.config.tasks;
-        tasks.close();
-        let _ = tokio::time::timeout(timeout, tasks.wait()).await;
-        tasks.reopen();
-        tasks.len()
+    /// For a graceful shutdown: [`engine::drain`](crate::engine::drain), which waits up to
+    /// `timeout` for every handler (of every layer) and detached body of this process to
+    /// finish, then cuts off those still running and records their unknown outcome before it
+    /// returns. Call it after the server stopped accepting requests and before `main` returns.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        crate::engine::drain(timeout).await
     }
 }
 

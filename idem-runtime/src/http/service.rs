@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, RETRY_AFTER};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use tower::Service;
 
@@ -19,7 +19,8 @@ use super::fingerprint;
 use super::problem::{Problem, Subject};
 use super::stored::StoredResponse;
 use super::{Config, IDEMPOTENCY_KEY};
-use crate::engine::{Abandoned, Call, ErrorPolicy};
+use crate::engine::{Call, ErrorPolicy, Interrupted};
+use crate::replay::ReplayInfo;
 use crate::error::{BoxError, Error};
 use crate::key::StorageKey;
 
@@ -217,22 +218,25 @@ where
     // The layer's store is already shared: no second `Arc` around it.
     call.store = Some(config.store.clone());
     let errors = ErrorPolicy::never().unknown_when(NotKept::is_unknown);
-    // The handler runs on a task of its own: if the client goes away, the handler still runs to
-    // its end and its response is stored for the retry.
-    let task = config.tasks.spawn(call.run(
-        errors,
-        run(inner, request, config.clone(), storage_key.clone(), scope),
-    ));
-    let abandoned = Abandoned::new();
-    let joined = task.await;
-    abandoned.disarm();
+    // The handler runs on a task of its own (the engine's, counted for `drain`): if the client
+    // goes away, the handler still runs to its end and its response is stored for the retry.
+    let joined = call
+        .run_spawned(
+            errors,
+            run(inner, request, config.clone(), storage_key.clone(), scope),
+            |stored: StoredResponse, _: &ReplayInfo| stored,
+        )
+        .await;
     let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match joined {
         Ok(outcome) => outcome,
-        Err(e) => {
-            if e.is_panic() {
-                tracing::error!(target: "idem", key = %storage_key, "http: the handler panicked");
-            } else {
-                tracing::warn!(target: "idem", key = %storage_key, "http: the handler was cancelled (runtime shutting down)");
+        Err(interrupted) => {
+            match interrupted {
+                Interrupted::Panicked(_) => {
+                    tracing::error!(target: "idem", key = %storage_key, "http: the handler panicked")
+                }
+                Interrupted::ShutDown(_) => {
+                    tracing::warn!(target: "idem", key = %storage_key, "http: the handler was cancelled (runtime shutting down)")
+                }
             }
             let detail = "The request failed while it was being processed; its effect is unknown.";
             return Ok(refuse(Problem::OutcomeUnknown, detail));
@@ -308,12 +312,16 @@ where
     let response = inner.call(request).await.map_err(NotKept::Service)?;
     let status = response.status().as_u16();
     if !config.keep.keep(response.status()) {
-        if response.status().is_server_error() {
-            tracing::debug!(target: "idem", key = %key, status, "http: server error, not kept; outcome unknown");
-            return Err(NotKept::Unknown(response.map(ResponseBody::streaming)));
-        }
-        tracing::debug!(target: "idem", key = %key, status, "http: status not kept; released");
-        return Err(NotKept::Response(response.map(ResponseBody::streaming)));
+        return Err(match not_kept(&response) {
+            Unkept::Unknown(why) => {
+                tracing::debug!(target: "idem", key = %key, status, why, "http: not kept; outcome unknown");
+                NotKept::Unknown(response.map(ResponseBody::streaming))
+            }
+            Unkept::NothingDone(why) => {
+                tracing::debug!(target: "idem", key = %key, status, why, "http: not kept; released");
+                NotKept::Response(response.map(ResponseBody::streaming))
+            }
+        });
     }
     let limit = config.max_body_bytes;
     let (head, body) = response.into_parts();
@@ -370,6 +378,34 @@ where
         admitted.kept(stored.size(), config.ttl);
     }
     Ok(stored)
+}
+
+/// What a response that is not kept says about its handler's work.
+enum Unkept {
+    /// It may have been done, in part or whole: an unknown outcome.
+    Unknown(&'static str),
+    /// The handler says nothing was done: the claim is released, and a retry runs it.
+    NothingDone(&'static str),
+}
+
+/// Reads a response that is not kept (see the layer's docs, "Which answers release the key"):
+/// a timeout (408, 504) may have cancelled the handler midway, so its outcome is unknown,
+/// whoever produced it; a 503 or any response with `Retry-After` is the handler saying "not
+/// now, nothing was done"; any other 5xx failed somewhere, unknown; any other status below
+/// 500 is an answer the handler chose.
+fn not_kept<B>(response: &Response<B>) -> Unkept {
+    let status = response.status();
+    if status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::GATEWAY_TIMEOUT {
+        Unkept::Unknown("a timeout may have cancelled the handler midway")
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        Unkept::NothingDone("503: the handler did not take the request")
+    } else if response.headers().contains_key(RETRY_AFTER) {
+        Unkept::NothingDone("Retry-After: the handler asks for a retry later")
+    } else if status.is_server_error() {
+        Unkept::Unknown("a server error: the handler may have failed midway")
+    } else {
+        Unkept::NothingDone("a status the layer does not keep")
+    }
 }
 
 enum ReadError<E> {

@@ -241,6 +241,23 @@ impl<'a> Record<'a> {
     }
 }
 
+/// Encodes a value to be stored as the payload of a record, and checks that it decodes back
+/// (with `decode`), so that a value that cannot be replayed is refused when it is stored, not
+/// found out on the retry: serde_json writes a `NaN` or infinite float as `null`, which no
+/// `f64` decodes from. The check decodes the payload once, on the path that runs the body.
+pub fn encode_payload<T: ?Sized + serde::Serialize, D>(
+    value: &T,
+    decode: impl FnOnce(&[u8]) -> serde_json::Result<D>,
+) -> serde_json::Result<Vec<u8>> {
+    let payload = serde_json::to_vec(value)?;
+    match decode(&payload) {
+        Ok(_) => Ok(payload),
+        Err(e) => Err(<serde_json::Error as serde::de::Error>::custom(format_args!(
+            "the value would not decode back from its JSON ({e}); a NaN or infinite float is written as null, which does not decode as a float"
+        ))),
+    }
+}
+
 /// The form of a type name that is stored: at most `u16::MAX` bytes, cut at a character
 /// boundary. Compare an expected type name in this form with a decoded one.
 pub fn type_name_key(name: &str) -> &str {
