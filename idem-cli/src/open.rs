@@ -1,11 +1,17 @@
 //! Opening the store a URL names, with the messages of a URL that is wrong or a store that
 //! cannot be reached: never with the URL's password.
+//!
+//! `idem` inspects an application's store and changes nothing it did not ask to: it creates no
+//! SQLite file, no table and no schema (a missing one is exit 2, naming it), and starts no
+//! background purger (`idem purge` purges when asked).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use idem_runtime::store::is_secret_url_param as is_secret;
-use idem_runtime::{Error, PostgresStore, RedisStore, Store};
+use idem_runtime::store::postgres::{PostgresOptions, DEFAULT_TABLE};
+use idem_runtime::store::sqlite::SqliteOptions;
+use idem_runtime::{Error, PostgresStore, RedisStore, SqliteStore, Store};
 
 use crate::failure::{Exit, Failure, Outcome};
 
@@ -20,8 +26,9 @@ pub struct Location<'a> {
     pub prefix: Option<&'a str>,
 }
 
-/// Opens the store at `location`. A URL no store accepts, an option that does not fit the
-/// URL, a SQLite file that does not exist, and a store that cannot be reached are
+/// Opens the store at `location` without creating anything (no file, table or schema) and
+/// without a background purger. A URL no store accepts, an option that does not fit the URL, a
+/// SQLite file that does not exist, a missing table, and a store that cannot be reached are
 /// [`Exit::Usage`], with the URL redacted.
 pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
     let url = location.url;
@@ -47,8 +54,9 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
             "a memory store lives inside the process that created it: `idem` cannot reach it (give the URL of a SQLite, PostgreSQL or Redis store)",
         ));
     }
+    let mut sqlite_path = None;
     if let Some(path) = url.strip_prefix("sqlite:") {
-        // Opening a SQLite store creates its file: a mistyped path would show an empty store.
+        // A mistyped path must not show an empty store: the file is never created.
         let path = path.trim_start_matches("//");
         if !Path::new(path).is_file() {
             return Err(Failure::new(
@@ -56,15 +64,31 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
                 format!("no SQLite database at `{path}` (store URL `{shown}`)"),
             ));
         }
+        sqlite_path = Some(path);
     }
-    let opened = match (location.table, location.prefix) {
-        (Some(table), _) => PostgresStore::connect_with_table(url, table)
+    let opened = if let Some(path) = sqlite_path {
+        let options = SqliteOptions::new()
+            .create_tables(false)
+            .purge_in_background(false);
+        SqliteStore::open_with(path, &options)
             .await
-            .map(|s| Arc::new(s) as Arc<dyn Store>),
-        (_, Some(prefix)) => RedisStore::connect_with_prefix(url, prefix)
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+    } else if is_postgres {
+        let options = PostgresOptions::new()
+            .table(location.table.unwrap_or(DEFAULT_TABLE))
+            .create_table(false)
+            .purge_in_background(false);
+        PostgresStore::connect_with(url, &options)
             .await
-            .map(|s| Arc::new(s) as Arc<dyn Store>),
-        (None, None) => idem_runtime::connect(url).await,
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+    } else if let Some(prefix) = location.prefix {
+        RedisStore::connect_with_prefix(url, prefix)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+    } else {
+        // Redis (no schema, records expire by themselves), or the runtime's message for a URL
+        // it does not know.
+        idem_runtime::connect(url).await
     };
     opened.map_err(|e| {
         let message = match &e {

@@ -430,3 +430,101 @@ fn help_documents_the_exit_codes_and_how_to_name_a_record() {
         .success()
         .stdout(predicate::str::contains("--storage-key").and(predicate::str::contains("--name")));
 }
+
+/// The relations and schemas whose names start with `prefix`, as the catalog lists them.
+async fn catalog(
+    client: &idem_runtime::store::postgres::tokio_postgres::Client,
+    prefix: &str,
+) -> Vec<String> {
+    let pattern = format!("{prefix}%");
+    client
+        .query(
+            "SELECT 'relation ' || n.nspname || '.' || c.relname FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname LIKE $1
+             UNION ALL
+             SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname LIKE $1
+             ORDER BY 1",
+            &[&pattern],
+        )
+        .await
+        .expect("read the catalog")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_the_table_name_creates_nothing() {
+    let Some(_) = idem_support::postgres::run_schema().await else {
+        return;
+    };
+    let client = idem_support::postgres::admin()
+        .await
+        .expect("connect to PostgreSQL");
+    let url = idem_support::postgres::url();
+    let typo = format!("typo_{}", random().to_lowercase());
+    let before = catalog(&client, &typo).await;
+    assert_eq!(before, Vec::<String>::new());
+    idem(&["--store", &url, "--table", &typo, "stats"])
+        .code(2)
+        .stdout("")
+        .stderr(
+            predicate::str::contains(format!("table `{typo}` does not exist"))
+                .and(predicate::str::contains("nothing was created")),
+        );
+    // A schema that does not exist is not created either.
+    let qualified = format!("{typo}.idem_records");
+    idem(&["--store", &url, "--table", &qualified, "purge"])
+        .code(2)
+        .stderr(predicate::str::contains(format!(
+            "table `{qualified}` does not exist"
+        )));
+    assert_eq!(
+        catalog(&client, &typo).await,
+        before,
+        "no table, sequence, index or schema"
+    );
+}
+
+#[test]
+fn a_sqlite_file_without_the_tables_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.sqlite");
+    {
+        let app = rusqlite::Connection::open(&path).unwrap();
+        app.execute_batch(
+            "CREATE TABLE orders (id INTEGER PRIMARY KEY); INSERT INTO orders VALUES (1);",
+        )
+        .unwrap();
+    }
+    let files = || {
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let (bytes, listing) = (std::fs::read(&path).unwrap(), files());
+    let url = format!("sqlite://{}", path.display());
+    for command in ["stats", "purge", "in-flight"] {
+        idem(&["--store", &url, command]).code(2).stdout("").stderr(
+            predicate::str::contains("has no idem table `idem_records`")
+                .and(predicate::str::contains(path.display().to_string())),
+        );
+    }
+    assert_eq!(files(), listing, "no file made beside it");
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "the file is unchanged, byte for byte"
+    );
+    let app = rusqlite::Connection::open(&path).unwrap();
+    let tables: Vec<String> = app
+        .prepare("SELECT name FROM sqlite_master ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(tables, ["orders"]);
+}

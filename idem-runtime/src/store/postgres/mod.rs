@@ -17,7 +17,9 @@
 //!
 //! [`PostgresStore::connect`] creates the table, its token sequence and its expiry index if they
 //! are missing (`idem_records` by default; [`PostgresStore::schema_sql`] gives the statements for
-//! a migration tool):
+//! a migration tool). With [`PostgresOptions::create_table`]`(false)` it runs no DDL and only
+//! checks that the table and the sequence exist; the role then needs `SELECT, INSERT, UPDATE,
+//! DELETE` on the table and `USAGE` on the sequence (`LISTEN`/`NOTIFY` need no grant):
 //!
 //! ```sql
 //! CREATE TABLE IF NOT EXISTS idem_records (
@@ -41,8 +43,9 @@
 //! and `release` with its token still work, and [`get`](super::Store::get) reports it. Only
 //! once its lease ended more than [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION)
 //! ago is it abandoned and counts as absent. [`purge_expired`](super::Store::purge_expired)
-//! removes completed rows past their ttl and abandoned in-flight rows; run it from a periodic
-//! job.
+//! removes completed rows past their ttl and abandoned in-flight rows; a store that
+//! [`connect`](PostgresStore::connect)s runs it in the background, in bounded batches (see
+//! [`PostgresOptions`] for the schedule, its cost, and how to turn it off).
 //!
 //! # One statement per step
 //!
@@ -147,6 +150,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::FencingToken;
+use crate::engine::PurgerHandle;
 use crate::error::{Error, Result};
 use crate::key::StorageKey;
 
@@ -189,6 +193,9 @@ pub struct PostgresStore {
     /// Wakes waiters when a key they wait for changes (`None` on a pool the user built: its
     /// waiters poll).
     notifier: Option<Arc<Notifier>>,
+    /// The background purger, if the options asked for one: stopped when the last clone of the
+    /// store is dropped. Its task holds only weak references to the pool and the statements.
+    purger: Option<Arc<PurgerHandle>>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -201,8 +208,10 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects to the server at `url` with a pool of [`DEFAULT_POOL_SIZE`] connections, and
-    /// creates the table [`DEFAULT_TABLE`] with its sequence and index if they are missing.
+    /// Connects to the server at `url` with a pool of [`DEFAULT_POOL_SIZE`] connections,
+    /// creates the table [`DEFAULT_TABLE`] with its sequence and index if they are missing, and
+    /// starts purging expired rows in the background: [`connect_with`](Self::connect_with) with
+    /// the default [`PostgresOptions`].
     ///
     /// `url` is a `postgres://user:password@host:port/dbname?...` URL or a `key=value`
     /// connection string. Its `sslmode` (`disable`, `allow`, `prefer`, `require`, `verify-ca`,
@@ -220,8 +229,13 @@ impl PostgresStore {
         Self::connect_with(url, &PostgresOptions::default().table(table)).await
     }
 
-    /// Like [`connect`](Self::connect), with `options`: the table, the pool's size, and TLS
-    /// certificates given in code rather than as files named in the URL.
+    /// Like [`connect`](Self::connect), with `options`: the table, the pool's size, TLS
+    /// certificates given in code rather than as files named in the URL, whether to create the
+    /// table ([`PostgresOptions::create_table`]) and whether and how often to purge in the
+    /// background ([`PostgresOptions::purge_in_background`], [`PostgresOptions::purger`]).
+    ///
+    /// Without `create_table`, a table or token sequence that does not exist (or that the role
+    /// cannot see) is [`Error::Config`] naming it; nothing is created.
     pub async fn connect_with(url: &str, options: &PostgresOptions) -> Result<Self> {
         let sql = Sql::new(&options.table)?;
         let (url, tls_params) = tls_params::split(url)?;
@@ -263,18 +277,40 @@ impl PostgresStore {
             tls: tls_for_listen,
             channel: sql.channel.clone(),
         });
-        let store = PostgresStore {
+        let mut store = PostgresStore {
             pool,
             sql: Arc::new(sql),
             notifier: Some(Arc::new(notifier)),
+            purger: None,
         };
-        store.create_table().await?;
+        if options.create_table {
+            store.create_table().await?;
+        } else {
+            store.check_table().await?;
+        }
+        if options.purge_in_background {
+            let (pool, sql) = (store.pool.weak(), Arc::downgrade(&store.sql));
+            // The purger's handle on the store: no notifier (purging wakes no waiter) and no
+            // purger of its own; gone once every clone of the store (the only holders of `sql`)
+            // is dropped.
+            let handle = options.purger.spawn_upgrading(move || {
+                Some(PostgresStore {
+                    sql: sql.upgrade()?,
+                    pool: pool.upgrade()?,
+                    notifier: None,
+                    purger: None,
+                })
+            })?;
+            store.purger = Some(Arc::new(handle));
+        }
         Ok(store)
     }
 
     /// A store over a pool you built (for other pool settings or timeouts), with records in
     /// `table` (named as for [`connect_with_table`](Self::connect_with_table)). Runs nothing:
-    /// call [`create_table`](Self::create_table) unless a migration created the table.
+    /// call [`create_table`](Self::create_table) unless a migration created the table, and
+    /// starts no purger: run [`Purger::spawn_for`](crate::Purger::spawn_for) on it (in an
+    /// `Arc`), or purge from a periodic job.
     ///
     /// Prefer [`RecyclingMethod::Fast`] for the pool: `Verified` sends a test query each time a
     /// connection is taken, doubling the statements of a replayed call.
@@ -283,7 +319,29 @@ impl PostgresStore {
             pool,
             sql: Arc::new(Sql::new(table)?),
             notifier: None,
+            purger: None,
         })
+    }
+
+    /// Checks, creating nothing, that the table and its token sequence exist and this role can
+    /// see them; [`Error::Config`] names the one missing and what to run.
+    async fn check_table(&self) -> Result<()> {
+        let row = self
+            .query_opt(&self.sql.check, &[], Repeat::Safe)
+            .await?
+            .ok_or_else(|| Error::store(BACKEND, "the table check returned no row"))?;
+        let (has_table, has_sequence): (bool, bool) = (row.get(0), row.get(1));
+        let missing = match (has_table, has_sequence) {
+            (true, true) => return Ok(()),
+            (false, _) => format!("table `{}`", self.sql.table),
+            (true, false) => format!(
+                "token sequence `{}` of the table `{}`",
+                self.sql.sequence, self.sql.table
+            ),
+        };
+        Err(Error::config(format!(
+            "the PostgreSQL {missing} does not exist (or this role cannot see it), and creating it is off (nothing was created): check the table name, or have a role that may create tables run the statements of `PostgresStore::schema_sql` (the README's \"PostgreSQL without DDL\" lists them), or connect once with `PostgresOptions::create_table(true)`"
+        )))
     }
 
     /// Creates the table, its token sequence and its expiry index if they are missing (the

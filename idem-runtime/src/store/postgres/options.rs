@@ -3,6 +3,7 @@
 use std::fmt;
 
 use super::{DEFAULT_POOL_SIZE, DEFAULT_TABLE};
+use crate::engine::Purger;
 
 /// Settings of a [`PostgresStore`](super::PostgresStore) beyond its URL, for
 /// [`PostgresStore::connect_with`](super::PostgresStore::connect_with).
@@ -19,6 +20,31 @@ use super::{DEFAULT_POOL_SIZE, DEFAULT_TABLE};
 ///         .await?;
 /// # Ok(()) }
 /// ```
+///
+/// # Without DDL
+///
+/// By default [`connect_with`](super::PostgresStore::connect_with) creates the table, its
+/// token sequence and its expiry index if they are missing, which needs a role that may create
+/// tables in the schema. With [`create_table(false)`](Self::create_table) it runs no DDL: it
+/// only checks that the table and its sequence exist (a missing one is
+/// [`Error::Config`](crate::Error::Config) naming it), so the runtime role needs no more than
+/// `SELECT, INSERT, UPDATE, DELETE` on the table and `USAGE` on the sequence. The statements a
+/// DBA runs are [`PostgresStore::schema_sql`](super::PostgresStore::schema_sql) (and the
+/// README's "PostgreSQL without DDL").
+///
+/// # Background purge
+///
+/// By default the store starts a [`Purger`] with its defaults when it connects: every minute
+/// (± 10%, so processes started together drift apart) it deletes completed rows past their ttl
+/// and claims abandoned for [`ABANDONED_CLAIM_RETENTION`](crate::ABANDONED_CLAIM_RETENTION), in
+/// batches of at most 1000 rows, each one `DELETE ... LIMIT ... FOR UPDATE SKIP LOCKED`
+/// statement (an index range scan up to `now()`; rows being claimed are skipped), until a batch
+/// removes fewer. Its cost: one such bounded statement and one pooled connection for its
+/// duration, per interval per process, more only while there is a backlog. The task holds the
+/// store only by a weak reference, so it ends once the store (every clone of it) is dropped.
+/// Turn it off with [`purge_in_background(false)`](Self::purge_in_background), for example
+/// where one periodic job runs `idem purge` for every process. (Redis needs none: its records
+/// carry a TTL and the server expires them.)
 #[derive(Clone)]
 pub struct PostgresOptions {
     pub(super) table: String,
@@ -27,6 +53,11 @@ pub struct PostgresOptions {
     pub(super) root_certificate: Option<Vec<u8>>,
     /// A PEM certificate chain and its PEM private key, as with `sslcert` and `sslkey`.
     pub(super) client_certificate: Option<(Vec<u8>, Vec<u8>)>,
+    /// Whether connecting creates the table, its sequence and its index when missing.
+    pub(super) create_table: bool,
+    /// Whether connecting starts [`Self::purger`].
+    pub(super) purge_in_background: bool,
+    pub(super) purger: Purger,
 }
 
 impl Default for PostgresOptions {
@@ -36,6 +67,9 @@ impl Default for PostgresOptions {
             pool_size: DEFAULT_POOL_SIZE,
             root_certificate: None,
             client_certificate: None,
+            create_table: true,
+            purge_in_background: true,
+            purger: Purger::new(),
         }
     }
 }
@@ -48,13 +82,16 @@ impl fmt::Debug for PostgresOptions {
             .field("pool_size", &self.pool_size)
             .field("root_certificate", &self.root_certificate.is_some())
             .field("client_certificate", &self.client_certificate.is_some())
+            .field("create_table", &self.create_table)
+            .field("purge_in_background", &self.purge_in_background)
+            .field("purger", &self.purger)
             .finish()
     }
 }
 
 impl PostgresOptions {
     /// The defaults: table [`DEFAULT_TABLE`], [`DEFAULT_POOL_SIZE`] connections, the URL's TLS
-    /// settings.
+    /// settings, the table created if missing, a [`Purger`] with its defaults in the background.
     pub fn new() -> Self {
         Self::default()
     }
@@ -87,6 +124,31 @@ impl PostgresOptions {
     /// `sslkey` in the URL do (give one or the other).
     pub fn client_certificate(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
         self.client_certificate = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Whether connecting creates the table, its token sequence and its expiry index when they
+    /// are missing: `true` by default. With `false` it runs no DDL and only checks that the
+    /// table and its sequence exist; a missing one is [`Error::Config`](crate::Error::Config)
+    /// naming it, and nothing is created (see [Without DDL](#without-ddl)).
+    pub fn create_table(mut self, create: bool) -> Self {
+        self.create_table = create;
+        self
+    }
+
+    /// Whether to purge expired rows in the background (see
+    /// [Background purge](#background-purge)): `true` by default.
+    pub fn purge_in_background(mut self, purge: bool) -> Self {
+        self.purge_in_background = purge;
+        self
+    }
+
+    /// The schedule of the background purge (interval, batch, jitter); turns it on. A zero
+    /// interval or batch, or a jitter outside `[0, 1)`, is
+    /// [`Error::Config`](crate::Error::Config) at connect.
+    pub fn purger(mut self, purger: Purger) -> Self {
+        self.purger = purger;
+        self.purge_in_background = true;
         self
     }
 }

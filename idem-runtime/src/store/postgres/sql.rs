@@ -20,6 +20,8 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// Run before [`SCHEMA`] in one simple query (an implicit transaction, so the lock is held to
 /// the end), so processes starting together do not race.
 const CREATE_LOCK: &str = include_str!("create_lock.sql");
+/// Whether the table and its sequence exist, for a store that may not create them.
+const CHECK: &str = include_str!("check.sql");
 /// The claim: one statement that reads, draws a token only if it acquires, and writes.
 const CLAIM: &str = include_str!("claim.sql");
 /// Stores a result, guarded by the claim's token.
@@ -43,11 +45,15 @@ const SCAN: &str = include_str!("scan.sql");
 /// The statements of one table, formatted once.
 pub(super) struct Sql {
     pub(super) table: String,
+    /// The token sequence's name as the table was given (`app.t` → `app.t_token_seq`).
+    pub(super) sequence: String,
     /// The `LISTEN` channel of the table's changes (a valid identifier, unquoted).
     pub(super) channel: String,
     pub(super) schema: String,
     /// `schema` behind an advisory lock, so processes starting together do not race.
     pub(super) create: String,
+    /// Whether the table and its sequence exist (two booleans).
+    pub(super) check: String,
     pub(super) claim: String,
     pub(super) complete: String,
     pub(super) release: String,
@@ -64,9 +70,11 @@ impl Sql {
         let schema = fill(SCHEMA, &names);
         Ok(Sql {
             table: table.to_owned(),
+            sequence: format!("{table}{SEQUENCE_SUFFIX}"),
             channel: names.channel.clone(),
             create: fill(CREATE_LOCK, &names) + &schema,
             schema,
+            check: fill(CHECK, &names),
             claim: fill(CLAIM, &names),
             complete: fill(COMPLETE, &names),
             release: fill(RELEASE, &names),
@@ -210,6 +218,7 @@ mod tests {
         for statement in [
             &sql.schema,
             &sql.create,
+            &sql.check,
             &sql.claim,
             &sql.complete,
             &sql.release,
@@ -221,6 +230,9 @@ mod tests {
         ] {
             assert!(!statement.contains(['{', '}']), "{statement}");
         }
+        assert!(sql
+            .check
+            .contains("to_regclass('\"app\".\"Idem_token_seq\"')"));
         assert!(sql.claim.contains("nextval('\"app\".\"Idem_token_seq\"')"));
         assert!(sql.create.starts_with(
             "SELECT pg_advisory_xact_lock(hashtext('idem_runtime.create_table:\"app\".\"Idem\"'));\nCREATE TABLE"

@@ -9,7 +9,8 @@
 //! # Schema
 //!
 //! [`SqliteStore::open`] creates two tables if they are missing (the names are prefixed, so the
-//! file may also hold an application's own tables):
+//! file may also hold an application's own tables); with
+//! [`SqliteOptions::create_tables`]`(false)` it creates nothing and refuses a file without them:
 //!
 //! ```sql
 //! -- One row: the schema version and the last fencing token handed out. Every claim that
@@ -45,10 +46,12 @@
 //! it; only once its lease ended more than [`ABANDONED_CLAIM_RETENTION`] ago does it count as
 //! absent. [`Store::purge_expired`] deletes completed rows past their ttl and such abandoned
 //! in-flight rows, using the index (one range scan up to now; in-flight rows whose lease ended
-//! within the retention are read there and kept). Nothing purges on its own: call it now and
-//! then (say, hourly) to keep the file small. It deletes in batches of 10 000 rows, each a
+//! within the retention are read there and kept). It deletes in batches of 10 000 rows, each a
 //! transaction of its own, so other processes' writes get the lock in between;
-//! [`Store::purge_expired_up_to`] is one such batch, of the size given.
+//! [`Store::purge_expired_up_to`] is one such batch, of the size given. The store also purges
+//! by itself: [`SqliteStore::open`] starts a background [`Purger`](crate::Purger) (one `DELETE` of at most
+//! 1000 rows a minute while nothing is left over; see [`SqliteOptions`] for its cost and how to
+//! turn it off).
 //!
 //! # Operators
 //!
@@ -84,17 +87,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{Mutex, Notify};
 
 use super::{
     Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord, ABANDONED_CLAIM_RETENTION,
 };
+use crate::engine::PurgerHandle;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
+mod options;
 mod row;
+pub use options::SqliteOptions;
 use row::{read_row, scan_rows};
 
 const BACKEND: &str = "sqlite";
@@ -114,6 +120,8 @@ const SCHEMA_VERSION_SQL: &str = include_str!("schema_version.sql");
 const HAS_CLAIMED_AT: &str = include_str!("has_claimed_at.sql");
 /// Adds `claimed_at` to a table made before it existed.
 const ADD_CLAIMED_AT: &str = include_str!("add_claimed_at.sql");
+/// How many of idem's two tables the file holds.
+const HAS_TABLES: &str = include_str!("has_tables.sql");
 /// The next fencing token.
 const NEXT_TOKEN: &str = include_str!("next_token.sql");
 /// Writes an acquired claim over an absent or expired row.
@@ -163,6 +171,9 @@ struct Inner {
     // Changes made by other processes are seen at the next claim, at most `max` later.
     changed: Notify,
     path: PathBuf,
+    // The background purger, if the options asked for one: dropped (so stopped) with the last
+    // clone of the store. Its task holds only a `Weak` of this `Inner`.
+    purger: std::sync::OnceLock<PurgerHandle>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -175,25 +186,46 @@ impl fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens the store in the SQLite file at `path`, creating the file and its tables if
-    /// missing, and switches the file to WAL mode (`synchronous = FULL`, so a completed record
-    /// survives a power cut as well as a crash).
+    /// missing, switches the file to WAL mode (`synchronous = FULL`, so a completed record
+    /// survives a power cut as well as a crash), and starts purging expired records in the
+    /// background: [`open_with`](Self::open_with) with the default [`SqliteOptions`].
     ///
     /// Several processes may open the same file at once. Fails with [`Error::Store`] if the
     /// file cannot be opened, is not an SQLite database, or holds idem tables of another
     /// schema version.
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        Self::open_with(path, &SqliteOptions::default()).await
+    }
+
+    /// Like [`open`](Self::open), with `options`: whether to create the file and its tables
+    /// ([`SqliteOptions::create_tables`]), and whether and how often to purge in the background
+    /// ([`SqliteOptions::purge_in_background`], [`SqliteOptions::purger`]).
+    ///
+    /// Without `create_tables`, a file that does not exist, or lacks idem's tables, is
+    /// [`Error::Config`] naming the file and the table, and nothing is written to it. A bad
+    /// purger schedule is [`Error::Config`].
+    pub async fn open_with(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<SqliteStore> {
         let path = path.as_ref().to_path_buf();
         let open_path = path.clone();
-        let conn = tokio::task::spawn_blocking(move || open_connection(&open_path))
+        let create = options.create_tables;
+        let conn = tokio::task::spawn_blocking(move || open_connection(&open_path, create))
             .await
             .map_err(|e| Error::store(BACKEND, e))??;
-        Ok(SqliteStore {
-            inner: Arc::new(Inner {
-                conn: Arc::new(Mutex::new(conn)),
-                changed: Notify::new(),
-                path,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            conn: Arc::new(Mutex::new(conn)),
+            changed: Notify::new(),
+            path,
+            purger: std::sync::OnceLock::new(),
+        });
+        if options.purge_in_background {
+            let weak = Arc::downgrade(&inner);
+            let handle = options
+                .purger
+                .spawn_upgrading(move || weak.upgrade().map(|inner| SqliteStore { inner }))?;
+            // Just made: nobody else can have set it.
+            let _ = inner.purger.set(handle);
+        }
+        Ok(SqliteStore { inner })
     }
 
     /// The path of the database file.
@@ -216,17 +248,18 @@ impl SqliteStore {
     }
 }
 
-/// Opens the file and prepares it (WAL, schema), retrying while another process or thread
-/// holds the lock: several workers that start at once on a fresh file race to create the
-/// schema and to switch it to WAL, and SQLite answers `SQLITE_BUSY` at once (without its busy
-/// handler) to the losers of that race.
-fn open_connection(path: &Path) -> Result<Connection> {
+/// Opens the file and prepares it (WAL, schema, unless `create` is off), retrying while another
+/// process or thread holds the lock: several workers that start at once on a fresh file race to
+/// create the schema and to switch it to WAL, and SQLite answers `SQLITE_BUSY` at once (without
+/// its busy handler) to the losers of that race.
+fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     let mut pause = Duration::from_millis(1);
     loop {
-        match try_open(path) {
-            Ok((conn, version)) if version == SCHEMA_VERSION => return Ok(conn),
-            Ok((_, version)) => {
+        match try_open(path, create) {
+            Ok(Opened::Ready(conn, version)) if version == SCHEMA_VERSION => return Ok(conn),
+            Ok(Opened::Missing(what)) => return Err(missing(path, what)),
+            Ok(Opened::Ready(_, version)) => {
                 return Err(Error::store(
                     BACKEND,
                     format!(
@@ -240,6 +273,9 @@ fn open_connection(path: &Path) -> Result<Connection> {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
+            Err(e) if !create && e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) => {
+                return Err(missing(path, Missing::File))
+            }
             Err(e) => return Err(sql_err(e)),
         }
     }
@@ -252,10 +288,65 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// One attempt of [`open_connection`]: the connection and the file's schema version.
-fn try_open(path: &Path) -> rusqlite::Result<(Connection, i64)> {
-    let conn = Connection::open(path)?;
+/// What [`try_open`] found.
+enum Opened {
+    /// The connection and the file's schema version.
+    Ready(Connection, i64),
+    /// Opening without creating found this missing; nothing was written.
+    Missing(Missing),
+}
+
+/// What a file opened without creating lacks.
+#[derive(Clone, Copy, Debug)]
+enum Missing {
+    File,
+    Tables,
+    ClaimedAt,
+}
+
+/// The [`Error::Config`] of a file opened without creating that lacks `what`.
+fn missing(path: &Path, what: Missing) -> Error {
+    let path = path.display();
+    let advice = "open it with `SqliteOptions::create_tables(true)` (the default, as `SqliteStore::open` does) to create it";
+    Error::config(match what {
+        Missing::File => format!(
+            "no SQLite database at `{path}`, and creating it is off: check the path, or {advice}"
+        ),
+        Missing::Tables => format!(
+            "the SQLite database `{path}` has no idem table `idem_records` (or `idem_meta`), and creating tables is off: check the path (is it the application's idem store?), or {advice}; nothing was written"
+        ),
+        Missing::ClaimedAt => format!(
+            "the table `idem_records` in `{path}` was made by an older build (no `claimed_at` column), and changing the schema is off: {advice}, or run `{}`; nothing was written",
+            ADD_CLAIMED_AT
+                .lines()
+                .filter(|l| !l.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    })
+}
+
+/// One attempt of [`open_connection`]. With `create` off the file must exist and hold both
+/// tables (checked before anything is written), and no schema statement runs.
+fn try_open(path: &Path, create: bool) -> rusqlite::Result<Opened> {
+    let conn = if create {
+        Connection::open(path)?
+    } else {
+        // `Connection::open`'s flags without `CREATE`.
+        Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?
+    };
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    if !create {
+        let tables: i64 = conn.query_row(HAS_TABLES, [], |row| row.get(0))?;
+        if tables != 2 {
+            return Ok(Opened::Missing(Missing::Tables));
+        }
+    }
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -265,6 +356,13 @@ fn try_open(path: &Path) -> rusqlite::Result<(Connection, i64)> {
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     let mut conn = conn;
+    if !create {
+        let version: i64 = conn.query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))?;
+        if version == SCHEMA_VERSION && !conn.query_row(HAS_CLAIMED_AT, [], |row| row.get(0))? {
+            return Ok(Opened::Missing(Missing::ClaimedAt));
+        }
+        return Ok(Opened::Ready(conn, version));
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
     let version: i64 = tx.query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))?;
@@ -272,7 +370,7 @@ fn try_open(path: &Path) -> rusqlite::Result<(Connection, i64)> {
         tx.execute_batch(ADD_CLAIMED_AT)?;
     }
     tx.commit()?;
-    Ok((conn, version))
+    Ok(Opened::Ready(conn, version))
 }
 
 /// Maps a rusqlite error: a value of the wrong type or range read from a row means the file
