@@ -11,10 +11,11 @@
 //!    happens, and the number of takeovers is printed.
 //! 2. **A holder paused past its lease** (`paused_holder_*`): a worker process (this test binary
 //!    run again, as in `tests/processes.rs`) is stopped with SIGSTOP in its body for longer than
-//!    its 2 s lease; another process takes the key over and charges. Resumed with SIGCONT, the
-//!    stale body's downstream write, guarded by its fencing token in a PostgreSQL table
-//!    (`UPDATE ... SET fence = $2, charges = charges + 1 WHERE id = $1 AND fence < $2`), is
-//!    refused, the body is told it lost the claim, and its caller gets `LeaseLost`.
+//!    its 1 s lease; another process takes the key over and charges. Resumed with SIGCONT, the
+//!    stale body reads `is_lost() == true` on its first check (its own deadline passed while it
+//!    was stopped; three rounds at least), its downstream write, guarded by its fencing token in
+//!    a PostgreSQL table (`UPDATE ... SET fence = $2, charges = charges + 1 WHERE id = $1 AND
+//!    fence < $2`), is refused, and its caller gets `LeaseLost`.
 //! 3. **Redis down during a body** (`redis_down_*`): a private `redis-server` with an
 //!    append-only file fsynced on every write; a body with a 4 s lease starts, Redis is killed for
 //!    6 s, then restarted on the same port with its file. The caller gets its result, and a retry
@@ -511,7 +512,7 @@ const ROLE: &str = "IDEM_STARTED_WORKER";
 /// Marks the lines of a worker's stdout that carry its reports.
 const MARK: &str = "@idem ";
 /// The lease of [`fenced_charge`] (keep in step with its attribute).
-const PAUSE_LEASE: Duration = Duration::from_secs(2);
+const PAUSE_LEASE: Duration = Duration::from_secs(1);
 
 /// A downstream ledger in PostgreSQL: one row per payment, charged only with a token newer than
 /// the last one that charged it.
@@ -580,7 +581,7 @@ impl PgLedger {
     }
 }
 
-#[idempotent(name = "started_faults.fenced_charge", key = id, scope = &*scope, store = store.clone(), skip(store, ledger, starts, scope, hold), lease = "2s", on_conflict = "wait", wait = "15s")]
+#[idempotent(name = "started_faults.fenced_charge", key = id, scope = &*scope, store = store.clone(), skip(store, ledger, starts, scope, hold), lease = "1s", on_conflict = "wait", wait = "15s")]
 async fn fenced_charge(
     store: Arc<dyn Store>,
     ledger: Arc<PgLedger>,
@@ -855,7 +856,9 @@ async fn paused_holder(backend: Backend) {
     ledger.create().await;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let scope: Arc<str> = random_name("paused").into();
-    for round in 0..rounds() {
+    // Three rounds at least: the holder must read `is_lost()` as true on its first check after
+    // it resumes, every time (its own deadline passed while it was stopped).
+    for round in 0..rounds().max(3) {
         let tag = format!("[{} round {round}]", backend.name());
         let end = Instant::now() + Duration::from_secs(25);
         let id = random_name("order");
@@ -915,9 +918,9 @@ async fn paused_holder(backend: Backend) {
             paused.as_millis()
         );
         let write = one(&stale, "write");
-        assert!(
-            write.starts_with("applied=false "),
-            "{tag} the stale holder's fenced write is refused: {write}"
+        assert_eq!(
+            write, "applied=false lost_before=true",
+            "{tag} the stale holder knows it lost the claim on its first check after resuming (its own deadline passed while it was stopped), and its fenced write is refused"
         );
         assert_eq!(
             one(&stale, "lost"),
