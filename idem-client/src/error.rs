@@ -2,6 +2,7 @@
 //! to return.
 
 use crate::attempts::StopReason;
+use crate::key::KeyRule;
 
 /// A boxed error, the source of [`Error::Failed`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,17 +48,23 @@ pub enum Error {
     /// they are.)
     #[error(transparent)]
     Inner(BoxError),
-    /// A key given in a request extension or to [`IdempotencyKey::new`](crate::IdempotencyKey::new)
-    /// is empty, longer than 255 bytes, or not visible ASCII.
-    #[error("invalid Idempotency-Key {key:?}: a key is 1 to 255 bytes of visible ASCII")]
+    /// The key given to [`IdempotencyKey::new`](crate::IdempotencyKey::new), or set by the
+    /// caller in the request's `Idempotency-Key` header, cannot be sent: `rule` says which rule
+    /// it broke (empty, longer than 255 bytes, not visible ASCII, the header given twice). The
+    /// request was not sent, and no other key was put in its place: a replacement would lose the
+    /// deduplication that the caller's key asked for. Fix the key (the same fix for every retry
+    /// of the operation, e.g. `order-42` instead of `order 42`).
+    #[error("invalid Idempotency-Key {key:?}: {rule}; the request was not sent")]
     InvalidKey {
-        /// The rejected key.
+        /// The rejected key (invalid UTF-8 replaced by U+FFFD).
         key: String,
+        /// The rule it broke.
+        rule: KeyRule,
     },
 }
 
 impl Error {
-    /// The key the request was sent with (`None` for [`Error::InvalidKey`]).
+    /// The key the request was sent with (`None` for [`Error::InvalidKey`]: nothing was sent).
     pub fn key(&self) -> Option<&str> {
         match self {
             Error::KeyReused { key, .. } | Error::Failed { key, .. } => Some(key),

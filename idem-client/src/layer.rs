@@ -9,17 +9,19 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::attempts::{AttemptTimedOut, Attempts, StopReason};
+use crate::attempts::AttemptTimedOut;
 use crate::error::{BoxError, Error};
 use crate::key::IdempotencyKey;
-use crate::policy::{Outcome, RetryPolicy, Step};
+use crate::policy::{Outcome, RetryPolicy};
+use crate::retry::{self, Ended};
 
 /// A tower [`Layer`] for HTTP clients with the behaviour of
 /// [`IdempotencyMiddleware`](crate::IdempotencyMiddleware): one `Idempotency-Key` per request
-/// (an [`IdempotencyKey`] request extension, else the request's header, else a new UUIDv7), the
+/// (an [`IdempotencyKey`] request extension, else the request's header, else a new UUIDv7; a
+/// header that cannot be sent is [`Error::InvalidKey`] and nothing is sent), the
 /// same key on every retry, connection errors, timeouts, 409 and the policy's statuses retried
 /// with backoff and `Retry-After`, a 422 problem document as [`Error::KeyReused`], and
-/// [`IdempotencyKey`] and [`Attempts`] in every response's extensions.
+/// [`IdempotencyKey`] and [`Attempts`](crate::Attempts) in every response's extensions.
 ///
 /// The request body must be `Clone` (`http_body_util::Full<Bytes>`, `String`...): every attempt
 /// sends a copy, so a stream, which could be sent only once, does not compile. The inner service
@@ -132,72 +134,71 @@ where
                     .cloned()
                     .as_ref(),
                 request.headers_mut(),
-            );
-            let mut retrier = policy.start(true);
-            loop {
-                let attempt = attempt(&mut inner, copy(&request), &policy).await;
-                let outcome = match &attempt {
-                    Ok(response) => Outcome::response(response.status(), response.headers()),
-                    Err(error) => Outcome::error(error.as_ref()),
-                };
-                let step = retrier.after(&outcome);
-                tracing::debug!(key = %key, attempt = retrier.attempts(), ?outcome, ?step, "idempotent request attempt");
-                let stopped = match step {
-                    Step::Retry(wait) => {
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    Step::Done => None,
-                    Step::Stop(reason) => Some(reason),
-                    Step::KeyReused => {
-                        return Err(Error::KeyReused {
-                            key: key.to_string(),
-                            detail: None,
-                        })
-                    }
-                };
-                return match attempt {
-                    Ok(mut response) => {
-                        let attempts = Attempts {
-                            count: retrier.attempts(),
-                            stopped,
-                        };
-                        response.extensions_mut().insert(key);
-                        response.extensions_mut().insert(attempts);
-                        Ok(response)
-                    }
-                    Err(source) => Err(Error::Failed {
-                        key: key.to_string(),
-                        attempts: retrier.attempts(),
-                        reason: stopped.unwrap_or(StopReason::NotTransient),
-                        source,
-                    }),
-                };
+            )?;
+            let attempt = Attempt {
+                inner,
+                request,
+                policy: policy.clone(),
+            };
+            match retry::send(&policy, &key, true, attempt).await {
+                Ended::Response(mut response, attempts) => {
+                    response.extensions_mut().insert(key);
+                    response.extensions_mut().insert(attempts);
+                    Ok(response)
+                }
+                Ended::KeyReused(_) => Err(Error::KeyReused {
+                    key: key.to_string(),
+                    detail: None,
+                }),
+                Ended::Failed(error) => Err(error),
             }
         })
     }
 }
 
-/// One attempt: wait for readiness, call, within the policy's attempt timeout.
-async fn attempt<S, B, ResB>(
-    inner: &mut S,
+/// The attempts of one request through the inner service: each sends a copy of the request,
+/// after the service is ready, within the policy's attempt timeout.
+struct Attempt<S, B> {
+    inner: S,
     request: Request<B>,
-    policy: &RetryPolicy,
-) -> Result<Response<ResB>, BoxError>
+    policy: Arc<RetryPolicy>,
+}
+
+impl<S, B, ResB> retry::Attempt for Attempt<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>> + Send,
+    S::Future: Send,
     S::Error: Into<BoxError>,
+    B: Clone + Send,
+    ResB: Send,
 {
-    let call = async {
-        let ready = inner.ready().await.map_err(Into::into)?;
-        ready.call(request).await.map_err(Into::into)
-    };
-    match policy.per_attempt() {
-        Some(limit) => match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => Err(Box::new(AttemptTimedOut(limit))),
-        },
-        None => call.await,
+    type Response = Response<ResB>;
+    type Error = BoxError;
+
+    fn send(&mut self) -> impl Future<Output = Result<Response<ResB>, BoxError>> + Send + '_ {
+        let request = copy(&self.request);
+        let limit = self.policy.per_attempt();
+        let inner = &mut self.inner;
+        async move {
+            let call = async {
+                let ready = inner.ready().await.map_err(Into::into)?;
+                ready.call(request).await.map_err(Into::into)
+            };
+            match limit {
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Box::new(AttemptTimedOut(limit)) as BoxError),
+                },
+                None => call.await,
+            }
+        }
+    }
+
+    fn outcome(result: &Result<Response<ResB>, BoxError>) -> Outcome {
+        match result {
+            Ok(response) => Outcome::response(response.status(), response.headers()),
+            Err(error) => Outcome::error(error.as_ref()),
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //!
 //! For each POST and PATCH (configurable) it:
 //! - attaches an `Idempotency-Key`: a new UUIDv7, or yours through an [`IdempotencyKey`] request
-//!   extension (or the request's own header);
+//!   extension (or the request's own header); a key you set that cannot be sent is refused with
+//!   [`Error::InvalidKey`] (its [`KeyRule`] names the rule it broke) and nothing is sent: it is
+//!   never replaced by a new key;
 //! - keeps that key on every retry of the request, so the server runs the operation once;
 //! - retries connection errors and timeouts, `409 Conflict` (the first attempt is still running
 //!   on the server: it waits, honouring `Retry-After`) and the 5xx/429 statuses you choose, with
@@ -80,10 +82,11 @@ mod key;
 mod layer;
 mod middleware;
 mod policy;
+mod retry;
 
 pub use attempts::{AttemptTimedOut, Attempts, StopReason};
 pub use error::{BoxError, Error};
-pub use key::{IdempotencyKey, IDEMPOTENCY_KEY, MAX_KEY_LEN};
+pub use key::{IdempotencyKey, KeyRule, IDEMPOTENCY_KEY, MAX_KEY_LEN};
 pub use layer::{IdempotencyClient, IdempotencyClientLayer, ResponseFuture};
 pub use middleware::IdempotencyMiddleware;
 pub use policy::{is_transient, parse_retry_after, RetryPolicy};

@@ -6,10 +6,10 @@ use http::Extensions;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
-use crate::attempts::{Attempts, StopReason};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
-use crate::policy::{Outcome, RetryPolicy, Step};
+use crate::policy::{Outcome, RetryPolicy};
+use crate::retry::{self, Ended};
 
 /// The most of a 422 problem document kept in [`Error::KeyReused`].
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -19,9 +19,12 @@ const MAX_DETAIL_BYTES: usize = 1024;
 /// errors, timeouts, 409 and the statuses of its [`RetryPolicy`].
 ///
 /// - The key: an [`IdempotencyKey`] request extension
-///   (`RequestBuilder::with_extension`), else the request's own `Idempotency-Key` header, else a
-///   new UUIDv7. It is set as the request's header and put in the response's extensions.
-/// - Every response of a request it applies to carries [`IdempotencyKey`] and [`Attempts`] in
+///   (`RequestBuilder::with_extension`), else the request's own `Idempotency-Key` header, else
+///   (the caller set none) a new UUIDv7. It is set as the request's header and put in the
+///   response's extensions. A header that breaks a [`KeyRule`](crate::KeyRule) (`order 42`, empty,
+///   over 255 bytes, given twice) is [`Error::InvalidKey`] and nothing is sent: it is never
+///   replaced by a new key.
+/// - Every response of a request it applies to carries [`IdempotencyKey`] and [`Attempts`](crate::Attempts) in
 ///   its extensions.
 /// - A streaming body (`Request::try_clone` gives `None`) is sent once, with its key, and never
 ///   retried: a retryable response comes back with `Attempts::stopped ==
@@ -75,70 +78,79 @@ impl Middleware for IdempotencyMiddleware {
         if !self.policy.applies_to(request.method()) {
             return next.run(request, extensions).await;
         }
-        let key = IdempotencyKey::for_request(extensions.get(), request.headers_mut());
+        // A key the caller set but that cannot be sent is refused here, before any attempt.
+        let key =
+            IdempotencyKey::for_request(extensions.get(), request.headers_mut()).map_err(wrap)?;
         if request.timeout().is_none() {
             *request.timeout_mut() = self.policy.per_attempt();
         }
         // A request whose body can be cloned is kept as the template of every attempt; one
         // whose body is a stream is sent once, as it is.
         let replayable = request.try_clone().is_some();
-        let mut template = Some(request);
-        let mut retrier = self.policy.start(replayable);
-        loop {
-            let attempt = match template.as_ref().and_then(Request::try_clone) {
-                Some(copy) => copy,
-                None => template
-                    .take()
-                    .expect("a request is sent once when not clonable"),
-            };
-            let result = next.clone().run(attempt, extensions).await;
-            let outcome = match &result {
-                Ok(response) => Outcome::response(response.status(), response.headers()),
-                Err(reqwest_middleware::Error::Reqwest(error))
-                    if error.is_timeout() || error.is_connect() =>
-                {
-                    Outcome::TransientError
-                }
-                Err(reqwest_middleware::Error::Reqwest(error)) => Outcome::error(error),
-                Err(reqwest_middleware::Error::Middleware(error)) => Outcome::error(error.as_ref()),
-            };
-            let step = retrier.after(&outcome);
-            tracing::debug!(key = %key, attempt = retrier.attempts(), ?outcome, ?step, "idempotent request attempt");
-            let stopped = match step {
-                Step::Retry(wait) => {
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                Step::Done => None,
-                Step::Stop(reason) => Some(reason),
-                Step::KeyReused => {
-                    let detail = match result {
-                        Ok(response) => detail(response).await,
-                        Err(_) => None,
-                    };
-                    return Err(wrap(Error::KeyReused {
-                        key: key.to_string(),
-                        detail,
-                    }));
-                }
-            };
-            return match result {
-                Ok(mut response) => {
-                    let attempts = Attempts {
-                        count: retrier.attempts(),
-                        stopped,
-                    };
-                    response.extensions_mut().insert(key);
-                    response.extensions_mut().insert(attempts);
-                    Ok(response)
-                }
-                Err(error) => Err(wrap(Error::Failed {
+        let attempt = Attempt {
+            template: Some(request),
+            next,
+            extensions,
+        };
+        match retry::send(&self.policy, &key, replayable, attempt).await {
+            Ended::Response(mut response, attempts) => {
+                response.extensions_mut().insert(key);
+                response.extensions_mut().insert(attempts);
+                Ok(response)
+            }
+            Ended::KeyReused(response) => {
+                let detail = match response {
+                    Some(response) => detail(response).await,
+                    None => None,
+                };
+                Err(wrap(Error::KeyReused {
                     key: key.to_string(),
-                    attempts: retrier.attempts(),
-                    reason: stopped.unwrap_or(StopReason::NotTransient),
-                    source: error.into(),
-                })),
-            };
+                    detail,
+                }))
+            }
+            Ended::Failed(error) => Err(wrap(error)),
+        }
+    }
+}
+
+/// The attempts of one request through the rest of the middleware chain.
+struct Attempt<'a> {
+    /// The request every attempt copies; taken by the one attempt of a body that cannot be
+    /// copied (a stream), which the policy never retries.
+    template: Option<Request>,
+    next: Next<'a>,
+    extensions: &'a mut Extensions,
+}
+
+impl retry::Attempt for Attempt<'_> {
+    type Response = Response;
+    type Error = reqwest_middleware::Error;
+
+    fn send(
+        &mut self,
+    ) -> impl std::future::Future<Output = reqwest_middleware::Result<Response>> + Send + '_ {
+        let request = match self.template.as_ref().and_then(Request::try_clone) {
+            Some(copy) => copy,
+            // The policy stops before a second attempt of a request it was told cannot be
+            // copied (`replayable == false`).
+            None => self
+                .template
+                .take()
+                .expect("a request is sent once when not clonable"),
+        };
+        self.next.clone().run(request, self.extensions)
+    }
+
+    fn outcome(result: &reqwest_middleware::Result<Response>) -> Outcome {
+        match result {
+            Ok(response) => Outcome::response(response.status(), response.headers()),
+            Err(reqwest_middleware::Error::Reqwest(error))
+                if error.is_timeout() || error.is_connect() =>
+            {
+                Outcome::TransientError
+            }
+            Err(reqwest_middleware::Error::Reqwest(error)) => Outcome::error(error),
+            Err(reqwest_middleware::Error::Middleware(error)) => Outcome::error(error.as_ref()),
         }
     }
 }

@@ -146,6 +146,13 @@ impl RetryPolicy {
 
     /// The backoff wait after `attempt` (1-based): half of the exponential delay plus a random
     /// part up to the other half ("equal jitter").
+    ///
+    /// Written here, not taken from `retry-policies` or `backon`, because each would change it:
+    /// `retry-policies`' bounded jitter draws from `[first / 2, delay]`, so the waits need not
+    /// grow, and a few attempts can be spent in a fraction of the time a `409` needs (the first
+    /// request still runs); `backon`'s jitter adds up to one more delay on top, past the cap; and
+    /// neither knows `Retry-After`, the elapsed-time budget measured from the first attempt, or
+    /// the reason the retries stopped ([`StopReason`]).
     fn backoff_after(&self, attempt: u32) -> Duration {
         let doubling = 2u32.saturating_pow(attempt.saturating_sub(1));
         let delay = self

@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use idem_client::{
-    Attempts, Error, IdempotencyKey, IdempotencyMiddleware, RetryPolicy, StopReason,
+    Attempts, Error, IdempotencyKey, IdempotencyMiddleware, KeyRule, RetryPolicy, StopReason,
+    IDEMPOTENCY_KEY,
 };
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 
@@ -203,6 +204,77 @@ async fn get_requests_pass_through_without_a_key() {
         .unwrap();
     assert_eq!(response.status(), 405);
     assert!(response.extensions().get::<IdempotencyKey>().is_none());
+    assert_eq!(counts.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_key_header_that_cannot_be_sent_is_refused_and_nothing_is_sent() {
+    let (addr, counts) = serve(Duration::ZERO, true).await;
+    let client = client(policy(Duration::from_secs(30)));
+    let url = format!("http://{addr}/charge");
+    let long = "k".repeat(256);
+    let cases: [(&[&[u8]], KeyRule, &str); 5] = [
+        (
+            &[b"order 42"],
+            KeyRule::NotVisibleAscii { at: 5, byte: b' ' },
+            "byte 5 is a space",
+        ),
+        (&[b""], KeyRule::Empty, "it is empty"),
+        (
+            &[long.as_bytes()],
+            KeyRule::TooLong { len: 256 },
+            "it is 256 bytes long; a key is at most 255 bytes",
+        ),
+        (
+            &[b"ord\xe9r-42"],
+            KeyRule::NotVisibleAscii { at: 3, byte: 0xe9 },
+            "a non-ASCII byte (0xe9)",
+        ),
+        (
+            &[b"order-42", b"order-43"],
+            KeyRule::Repeated,
+            "more than one Idempotency-Key header",
+        ),
+    ];
+    for (values, rule, message) in cases {
+        let mut request = client.post(&url).body("order-42");
+        for value in values {
+            request = request.header(
+                IDEMPOTENCY_KEY,
+                http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let error = request.send().await.unwrap_err();
+        let ours = Error::from_middleware(&error).expect("the middleware's error");
+        match ours {
+            Error::InvalidKey { rule: got, .. } => assert_eq!(*got, rule),
+            other => panic!("{values:?}: {other:?}"),
+        }
+        assert_eq!(ours.key(), None, "nothing was sent");
+        let text = error.to_string();
+        assert!(text.contains(message), "{text}");
+        assert!(text.contains("the request was not sent"), "{text}");
+    }
+    assert_eq!(counts.requests(), 0, "no request reached the server");
+    assert_eq!(counts.charges(), 0);
+
+    // The caller's valid header is sent as it is, never replaced.
+    let response = client
+        .post(&url)
+        .header(IDEMPOTENCY_KEY, "order-42")
+        .body("order-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response
+            .extensions()
+            .get::<IdempotencyKey>()
+            .unwrap()
+            .as_str(),
+        "order-42"
+    );
     assert_eq!(counts.requests(), 1);
 }
 

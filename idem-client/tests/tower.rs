@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use idem_client::{Attempts, Error, IdempotencyClientLayer, IdempotencyKey, RetryPolicy};
+use idem_client::{
+    Attempts, Error, IdempotencyClientLayer, IdempotencyKey, KeyRule, RetryPolicy, IDEMPOTENCY_KEY,
+};
 use tower::{Layer, ServiceExt};
 
 fn request(url: String, body: &'static str) -> http::Request<Full<Bytes>> {
@@ -98,4 +100,40 @@ async fn a_key_reused_with_another_body_is_an_error_and_is_not_retried() {
         .contains("was already used for another request"));
     assert_eq!(counts.requests(), 2);
     assert_eq!(counts.charges(), 1);
+}
+
+#[tokio::test]
+async fn a_key_header_that_cannot_be_sent_is_refused_and_nothing_is_sent() {
+    let (addr, counts) = common::serve(Duration::ZERO, true).await;
+    let client = layer(Duration::from_secs(30))
+        .layer(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    for (value, rule) in [
+        ("order 42", KeyRule::NotVisibleAscii { at: 5, byte: b' ' }),
+        ("", KeyRule::Empty),
+    ] {
+        let mut req = request(format!("http://{addr}/charge"), "order-42");
+        req.headers_mut()
+            .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(value).unwrap());
+        let error = client.clone().oneshot(req).await.unwrap_err();
+        match &error {
+            Error::InvalidKey { key, rule: got } => {
+                assert_eq!((key.as_str(), *got), (value, rule));
+            }
+            other => panic!("{value:?}: {other:?}"),
+        }
+        assert!(
+            error.to_string().contains("the request was not sent"),
+            "{error}"
+        );
+    }
+    assert_eq!(counts.requests(), 0, "no request reached the server");
+
+    // Without any key, one is generated (and the request is sent).
+    let response = client
+        .oneshot(request(format!("http://{addr}/charge"), "order-43"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert!(response.extensions().get::<IdempotencyKey>().is_some());
+    assert_eq!(counts.requests(), 1);
 }
