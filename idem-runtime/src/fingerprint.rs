@@ -37,12 +37,14 @@ impl Fingerprint {
 
     /// 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        crate::hex::encode(&self.0)
+        hex::encode(self.0)
     }
 
     /// Parses 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
-        crate::hex::decode::<32>(s).map(Fingerprint)
+        <[u8; 32] as hex::FromHex>::from_hex(s)
+            .ok()
+            .map(Fingerprint)
     }
 }
 
@@ -188,5 +190,21 @@ mod tests {
     fn hex_round_trip() {
         let f = Fingerprint::of("x").unwrap();
         assert_eq!(Fingerprint::from_hex(&f.to_hex()), Some(f));
+        assert_eq!(
+            Fingerprint::from_hex(&f.to_hex().to_ascii_uppercase()),
+            Some(f)
+        );
+        let digits = f.to_hex();
+        assert_eq!(digits.len(), 64);
+        assert!(digits
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        assert_eq!(Fingerprint::from_hex(&digits[..62]), None);
+        assert_eq!(Fingerprint::from_hex(&format!("{}zz", &digits[..62])), None);
+        assert_eq!(
+            Fingerprint::of_bytes(&[]).to_hex(),
+            // SHA-256 of nothing.
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 }

@@ -214,7 +214,7 @@ impl StorageKey {
     /// The storage key made from a digest directly (used when the key is the fingerprint).
     pub fn from_digest(digest: &[u8; 32]) -> Self {
         let mut hex = [0u8; 64];
-        crate::hex::encode_into(digest, &mut hex);
+        hex::encode_to_slice(digest, &mut hex).expect("64 hex digits for 32 bytes");
         StorageKey(hex)
     }
 

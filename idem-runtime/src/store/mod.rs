@@ -44,7 +44,7 @@ pub mod sqlite;
 mod url;
 
 pub use inspect::{Forgotten, RecordSummary, ScanPage};
-pub use url::{is_secret as is_secret_url_param, redact as redact_url};
+pub use url::{is_secret as is_secret_url_param, redact as redact_url, StoreUrl};
 
 /// How long an in-flight record is kept after its lease ended, when nobody took it over.
 ///
@@ -391,57 +391,50 @@ pub fn default_store() -> Arc<dyn Store> {
 }
 
 /// Opens a store from a URL, for configuration by environment variable (`IDEM_STORE`):
-/// `memory`, `sqlite:PATH` (feature `sqlite`), `redis://...` or
-/// `redis+cluster://host:port,host:port,...` (feature `redis`),
-/// `postgres://...` or `postgresql://...` (feature `postgres`). An unknown scheme, or one whose
-/// feature this build lacks, is [`crate::Error::Config`] (not retryable).
+///
+/// - `memory`: a [`MemoryStore`](memory::MemoryStore), inside this process only;
+/// - `sqlite:PATH`, `sqlite://PATH` (`PATH` relative or absolute), `sqlite:///abs/path`, or
+///   `sqlite::memory:` (feature `sqlite`); the path is percent-decoded, and the query may hold
+///   only `mode=rwc` (the default: the file is created if missing) or `mode=rw` (it must
+///   exist, checked just before opening). `mode=ro` and any other parameter are refused;
+/// - `redis://...`, `rediss://...` (TLS), `redis+unix:///path/to/redis.sock` or
+///   `unix:///path/to/redis.sock`, `redis+cluster://host:port,host:port,...` or
+///   `rediss+cluster://...` (feature `redis`; see `RedisStore::connect`);
+/// - `postgres://...`, `postgresql://...`, or a `key=value` connection string such as
+///   `host=127.0.0.1 user=app dbname=app` (feature `postgres`; see `PostgresStore::connect`).
+///
+/// [`StoreUrl`] reads a URL the same way without opening it. An empty URL, an unknown scheme,
+/// a scheme whose feature this build lacks, and a SQLite URL it cannot honour are
+/// [`crate::Error::Config`] (not retryable), saying what is accepted; the URL in the message
+/// has its credentials hidden.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
-    // Used only by the branches of features this build lacks.
-    #[allow(unused_variables)]
-    let unsupported = |feature: &str| {
-        crate::Error::config(format!(
-            "store URL `{}` needs the `{feature}` feature of idempotency, which this build lacks",
-            url::redact(url)
-        ))
+    let Some(target) = StoreUrl::parse(url)? else {
+        return Err(url::not_a_store(url));
     };
-    if url == "memory" || url.is_empty() {
-        return Ok(Arc::new(memory::MemoryStore::new()));
-    }
-    if let Some(path) = url.strip_prefix("sqlite:") {
+    match target {
+        StoreUrl::Memory => Ok(Arc::new(memory::MemoryStore::new())),
         #[cfg(feature = "sqlite")]
-        return Ok(Arc::new(
-            sqlite::SqliteStore::open(path.trim_start_matches("//")).await?,
-        ));
-        #[cfg(not(feature = "sqlite"))]
-        return Err({
-            let _ = path;
-            unsupported("sqlite")
-        });
-    }
-    if [
-        "redis://",
-        "rediss://",
-        "redis+cluster://",
-        "rediss+cluster://",
-    ]
-    .iter()
-    .any(|scheme| url.starts_with(scheme))
-    {
+        StoreUrl::Sqlite { path, create } => {
+            if !create && !path.is_file() {
+                return Err(Error::config(format!(
+                    "no SQLite database at `{}` (store URL `{}`): `mode=rw` opens only an existing file",
+                    path.display(),
+                    url::redact(url)
+                )));
+            }
+            Ok(Arc::new(sqlite::SqliteStore::open(path).await?))
+        }
         #[cfg(feature = "redis")]
-        return Ok(Arc::new(redis::RedisStore::connect(url).await?));
-        #[cfg(not(feature = "redis"))]
-        return Err(unsupported("redis"));
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        StoreUrl::Redis => Ok(Arc::new(redis::RedisStore::connect(url).await?)),
         #[cfg(feature = "postgres")]
-        return Ok(Arc::new(postgres::PostgresStore::connect(url).await?));
-        #[cfg(not(feature = "postgres"))]
-        return Err(unsupported("postgres"));
+        StoreUrl::Postgres => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::config(format!(
+            "store URL `{}` needs the `{}` feature of idempotency, which this build lacks",
+            url::redact(url),
+            other.feature().unwrap_or("?"),
+        ))),
     }
-    Err(crate::Error::config(format!(
-        "unknown store URL `{}`: expected `memory`, `sqlite:PATH`, `redis://...`, `redis+cluster://host:port,...` or `postgres://...`",
-        url::redact(url)
-    )))
 }
 
 #[cfg(test)]

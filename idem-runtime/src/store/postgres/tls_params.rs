@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
+use percent_encoding::percent_decode_str;
+
 use crate::error::{Error, Result};
-use crate::store::url::percent_decode;
 
 /// libpq's `sslmode` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +110,12 @@ fn split_url(url: &str) -> (String, Vec<(String, String)>) {
     }
 }
 
+/// `s` with its `%XX` escapes decoded, as tokio-postgres reads a URL's query: a `+` stays a
+/// `+`, and a `%` that starts no escape stays as it is.
+fn percent_decode(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
 /// A `key=value` connection string without the [`PARAMS`], and their values. A string that
 /// does not parse is left as it is, for tokio-postgres to report.
 fn split_key_values(s: &str) -> (String, Vec<(String, String)>) {
@@ -204,6 +211,13 @@ mod tests {
         assert_eq!(p.root_cert, Some(RootCert::System));
         assert_eq!(p.cert, Some("c.pem".into()));
         assert_eq!(p.key, Some("k.pem".into()));
+
+        // `+` is not a space in a PostgreSQL URL; a stray `%` is kept.
+        let (_, p) = params("postgres://db/app?sslrootcert=%2Fmy%20certs%2Fa+b%zz.pem");
+        assert_eq!(
+            p.root_cert,
+            Some(RootCert::File("/my certs/a+b%zz.pem".into()))
+        );
 
         let (rest, p) = params("postgres://a:b@db/app");
         assert_eq!(rest, "postgres://a:b@db/app");

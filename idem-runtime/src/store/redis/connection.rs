@@ -196,40 +196,40 @@ pub(super) fn cluster_builder(
         None => builder,
     }
 }
+
 /// The node URLs of a `redis+cluster://[user:password@]host:port,host:port,...[/?query]` URL
-/// (`rediss+cluster://` for TLS): one `redis://[user:password@]host:port[?query]` URL per node.
+/// (`rediss+cluster://` for TLS): one `redis://[user:password@]host:port[/?query]` URL per
+/// node, built and normalised by the `url` crate. A cluster has one database, so a path
+/// (`/0`) is dropped; the query goes to every node.
+///
+/// Only the host list is cut out by hand, as no URL parser reads several hosts: it ends where
+/// the authority does (at the first `/`, `?` or `#`) and starts after the last `@` before
+/// that. A node URL that `url` refuses is passed on as written, for the `redis` crate to
+/// report.
 pub(super) fn cluster_nodes(url: &str) -> Option<Vec<String>> {
-    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-        ("redis", rest)
-    } else {
-        ("rediss", url.strip_prefix("rediss+cluster://")?)
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = match scheme {
+        "redis+cluster" => "redis",
+        "rediss+cluster" => "rediss",
+        _ => return None,
     };
-    let (authority, query) = match rest.split_once(['/', '?']) {
-        Some((authority, tail)) => (
-            authority,
-            tail.trim_start_matches('/').trim_start_matches('?'),
-        ),
-        None => (rest, ""),
-    };
-    let (credentials, hosts) = match authority.rsplit_once('@') {
-        Some((credentials, hosts)) => (Some(credentials), hosts),
-        None => (None, authority),
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+        None => (String::new(), authority),
     };
     let nodes: Vec<String> = hosts
         .split(',')
-        .filter(|h| !h.is_empty())
+        .filter(|host| !host.is_empty())
         .map(|host| {
-            let mut node = format!("{scheme}://");
-            if let Some(credentials) = credentials {
-                node.push_str(credentials);
-                node.push('@');
+            let written = format!("{scheme}://{userinfo}{host}{tail}");
+            match url::Url::parse(&written) {
+                Ok(mut node) => {
+                    node.set_path(if node.query().is_some() { "/" } else { "" });
+                    node.into()
+                }
+                Err(_) => written,
             }
-            node.push_str(host);
-            if !query.is_empty() {
-                node.push_str("/?");
-                node.push_str(query);
-            }
-            node
         })
         .collect();
     (!nodes.is_empty()).then_some(nodes)
@@ -282,7 +282,27 @@ mod tests {
                 "rediss://u:p@b:2/?protocol=resp2"
             ]
         );
+        // The path (a database) is dropped; credentials are normalised as `url` does, which
+        // the redis crate decodes to the same password.
+        assert_eq!(
+            cluster_nodes("redis+cluster://u:p@ss@a:1,,b:2/0").unwrap(),
+            ["redis://u:p%40ss@a:1", "redis://u:p%40ss@b:2"]
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://:s3cret@a:1,b:2?ca=%2Fx.pem&protocol=resp2").unwrap(),
+            [
+                "rediss://:s3cret@a:1/?ca=%2Fx.pem&protocol=resp2",
+                "rediss://:s3cret@b:2/?ca=%2Fx.pem&protocol=resp2"
+            ]
+        );
+        // A node that is no URL is passed on, for the redis crate to report.
+        assert_eq!(
+            cluster_nodes("redis+cluster://a:1,b:port").unwrap(),
+            ["redis://a:1", "redis://b:port"]
+        );
         assert!(cluster_nodes("redis+cluster://").is_none());
+        assert!(cluster_nodes("redis+cluster://u:p@/?x=1").is_none());
+        assert!(cluster_nodes("redis+unix:///run/redis.sock").is_none());
         assert!(cluster_nodes("redis://a:1").is_none());
     }
 }
