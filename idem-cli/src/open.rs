@@ -5,12 +5,12 @@
 //! SQLite file, no table and no schema (a missing one is exit 2, naming it), and starts no
 //! background purger (`idem purge` purges when asked).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use idem_runtime::store::is_secret_url_param as is_secret;
 use idem_runtime::store::postgres::{PostgresOptions, DEFAULT_TABLE};
 use idem_runtime::store::sqlite::SqliteOptions;
+use idem_runtime::store::StoreUrl;
 use idem_runtime::{Error, PostgresStore, RedisStore, SqliteStore, Store};
 
 use crate::failure::{Exit, Failure, Outcome};
@@ -33,9 +33,14 @@ pub struct Location<'a> {
 pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
     let url = location.url;
     let shown = redact(url);
-    let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
-    let is_postgres = matches!(scheme, "postgres" | "postgresql");
-    let is_redis = scheme.starts_with("redis");
+    let target = match StoreUrl::parse(url) {
+        Ok(Some(target)) => target,
+        Ok(None) => return Err(Failure::new(Exit::Usage, not_a_store(url))),
+        // The runtime's configuration errors redact the URL themselves.
+        Err(e) => return Err(Failure::new(Exit::Usage, scrub(&reason(e), url))),
+    };
+    let is_postgres = matches!(target, StoreUrl::Postgres);
+    let is_redis = matches!(target, StoreUrl::Redis);
     if location.table.is_some() && !is_postgres {
         return Err(Failure::new(
             Exit::Usage,
@@ -48,23 +53,25 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
             format!("--prefix is for Redis stores, not `{shown}`"),
         ));
     }
-    if url.is_empty() || url == "memory" || scheme == "memory" {
+    if target.in_process() {
         return Err(Failure::new(
             Exit::Usage,
-            "a memory store lives inside the process that created it: `idem` cannot reach it (give the URL of a SQLite, PostgreSQL or Redis store)",
+            format!("a memory store lives inside the process that created it: `idem` cannot reach it (give the URL of a SQLite, PostgreSQL or Redis store: {OPENS})"),
         ));
     }
     let mut sqlite_path = None;
-    if let Some(path) = url.strip_prefix("sqlite:") {
+    if let StoreUrl::Sqlite { path, .. } = &target {
         // A mistyped path must not show an empty store: the file is never created.
-        let path = path.trim_start_matches("//");
-        if !Path::new(path).is_file() {
+        if !path.is_file() {
             return Err(Failure::new(
                 Exit::Usage,
-                format!("no SQLite database at `{path}` (store URL `{shown}`)"),
+                format!(
+                    "no SQLite database at `{}` (store URL `{shown}`)",
+                    path.display()
+                ),
             ));
         }
-        sqlite_path = Some(path);
+        sqlite_path = Some(path.as_path());
     }
     let opened = if let Some(path) = sqlite_path {
         let options = SqliteOptions::new()
@@ -86,18 +93,44 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>)
     } else {
-        // Redis (no schema, records expire by themselves), or the runtime's message for a URL
-        // it does not know.
+        // Redis: no schema, and records expire by themselves.
         idem_runtime::connect(url).await
     };
     opened.map_err(|e| {
-        let message = match &e {
-            // The runtime's configuration errors redact the URL themselves.
-            Error::Config { reason } => reason.clone(),
+        let message = match e {
+            e @ Error::Config { .. } => reason(e),
             other => format!("cannot open the store at `{shown}`: {other}"),
         };
         Failure::new(Exit::Usage, scrub(&message, url))
     })
+}
+
+/// The store URLs `idem` opens: those `idempotency::connect` opens, except the stores that
+/// live inside the process that created them (`memory`, `sqlite::memory:`).
+const OPENS: &str = "`sqlite:PATH` or `sqlite:///abs/path` (an existing file), \
+`redis://...`, `rediss://...`, `redis+unix:///path/to/redis.sock` (or `unix://`), \
+`redis+cluster://host:port,host:port,...` (or `rediss+cluster://`), `postgres://...` \
+(or `postgresql://`), or a PostgreSQL `key=value` string such as \
+`host=127.0.0.1 user=app dbname=app`";
+
+/// The message of a `url` that names no store: what `idem` opens instead, and what it does not.
+fn not_a_store(url: &str) -> String {
+    let what = if url.trim().is_empty() {
+        "the store URL is empty".to_owned()
+    } else {
+        format!("unknown store URL `{}`", redact(url))
+    };
+    format!(
+        "{what}: `idem` opens {OPENS}; that is, every URL `idempotency::connect` accepts except `memory`, which lives inside the process that created it"
+    )
+}
+
+/// The reason of a configuration error (which redacts the URL itself), else the error.
+fn reason(e: Error) -> String {
+    match e {
+        Error::Config { reason } => reason,
+        other => other.to_string(),
+    }
 }
 
 /// `url` with its credentials hidden, as the runtime shows URLs in its own messages.
@@ -162,6 +195,78 @@ mod tests {
         for (url, want) in cases {
             assert_eq!(redact(url), want, "{url}");
         }
+    }
+
+    /// The message `open` fails with for `url` (and `table`).
+    async fn refusal(url: &str, table: Option<&str>) -> String {
+        let location = Location {
+            url,
+            table,
+            prefix: None,
+        };
+        match open(&location).await {
+            Err(failure) => {
+                assert_eq!(failure.exit, Exit::Usage, "{url}: {failure}");
+                failure.message
+            }
+            Ok(store) => panic!("{url}: opened {}", store.backend()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_url_is_told_what_idem_opens_without_memory() {
+        for url in ["foo://x", "", "localhost:6379"] {
+            let message = refusal(url, None).await;
+            assert!(
+                message.contains("unknown store URL `foo://x`")
+                    || message.contains("store URL is empty")
+                    || message.contains("unknown store URL `localhost:6379`"),
+                "{message}"
+            );
+            for form in [
+                "`sqlite:PATH`",
+                "`redis://...`",
+                "`redis+unix:///path/to/redis.sock`",
+                "`redis+cluster://host:port,host:port,...`",
+                "`postgres://...`",
+                "`key=value`",
+            ] {
+                assert!(message.contains(form), "{form}: {message}");
+            }
+            // `memory` is named only as what idem does not open.
+            assert_eq!(message.matches("`memory`").count(), 1, "{message}");
+            assert!(message.contains("except `memory`"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stores_inside_a_process_are_refused() {
+        for url in ["memory", "sqlite::memory:"] {
+            let message = refusal(url, None).await;
+            assert!(message.contains("memory store lives inside"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn urls_are_read_as_connect_reads_them() {
+        // A SQLite parameter `connect` would refuse is refused by name.
+        let message = refusal("sqlite:///tmp/x.db?cache=shared", None).await;
+        assert!(message.contains("`cache`"), "{message}");
+        // The query is not part of the path.
+        let message = refusal("sqlite:///nonexistent/app.db?mode=rwc", None).await;
+        assert!(
+            message.contains("no SQLite database at `/nonexistent/app.db`"),
+            "{message}"
+        );
+        // A key=value string is PostgreSQL's: `--table` fits it, and it is connected to.
+        let conninfo =
+            "host=127.0.0.1 port=1 user=app password=s3cret dbname=app connect_timeout=2";
+        let message = refusal(conninfo, Some("t")).await;
+        assert!(message.contains("cannot open the store at"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+        // A Redis socket URL is Redis's: `--table` does not fit it.
+        let message = refusal("redis+unix:///run/redis.sock", Some("t")).await;
+        assert!(message.contains("--table is for PostgreSQL"), "{message}");
     }
 
     #[test]
