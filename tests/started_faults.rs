@@ -1209,6 +1209,112 @@ async fn redis_back_retry_at_once_replays() {
     redis_down(BodyEnds::DuringOutage, Retry::AtOnce).await;
 }
 
+/// What [`outage_stale_pay`] saw: charges counted where they start.
+#[derive(Default)]
+struct StaleLedger {
+    charges: AtomicUsize,
+    holder_started: AtomicBool,
+    taken_over: AtomicBool,
+    /// Whether the holder read `is_lost()` as true right before its side effect.
+    holder_told: AtomicBool,
+}
+
+/// The holder (`taker == false`) starts, then waits until another caller took the key over
+/// and checks `is_lost()` right before its side effect; the taker charges at once.
+#[idempotent(name = "started_faults.outage_stale", key = id, scope = &*scope, store = store.clone(), skip(store, ledger, scope, taker), lease = "4s", on_conflict = "wait", wait = "20s")]
+async fn outage_stale_pay(
+    store: Arc<dyn Store>,
+    ledger: Arc<StaleLedger>,
+    scope: Arc<str>,
+    id: String,
+    taker: bool,
+) -> Result<String, Error> {
+    let call = idempotency::current().expect("a body runs inside its call");
+    if taker {
+        ledger.charges.fetch_add(1, SeqCst);
+        ledger.taken_over.store(true, SeqCst);
+    } else {
+        ledger.holder_started.store(true, SeqCst);
+        until("the key is taken over", Duration::from_secs(60), || {
+            ledger.taken_over.load(SeqCst)
+        })
+        .await;
+        let lost = call.is_lost();
+        ledger.holder_told.store(lost, SeqCst);
+        if !lost {
+            ledger.charges.fetch_add(1, SeqCst);
+        }
+    }
+    Ok(format!("pay-{}", call.token().0))
+}
+
+/// A store outage longer than the lease (the documented limit): a retry arriving as Redis
+/// returns takes the lapsed claim over and charges; the stale holder, whose side effect comes
+/// later, reads `is_lost() == true` before it (its own deadline passed during the outage, and
+/// no renewal could reach the store), so the effective charges stay 1 and its result is
+/// refused (`LeaseLost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_longer_than_the_lease_the_stale_holder_is_told() {
+    let Some(mut server) = idem_support::PrivateRedis::started().await else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect_with_prefix(&server.url(), "idem-outage-stale")
+            .await
+            .expect("connect to the private Redis"),
+    );
+    let scope: Arc<str> = random_name("outage-stale").into();
+    let mut told = 0;
+    for round in 0..rounds() {
+        let tag = format!("[redis down past the lease, round {round}]");
+        let ledger = Arc::new(StaleLedger::default());
+        let id = random_name("order");
+        let call = |taker| {
+            outage_stale_pay(store.clone(), ledger.clone(), scope.clone(), id.clone(), taker)
+        };
+        let holder = tokio::spawn(call(false));
+        until(&format!("{tag} the holder starts"), Duration::from_secs(10), || {
+            ledger.holder_started.load(SeqCst)
+        })
+        .await;
+        server.stop(false);
+        tokio::time::sleep(OUTAGE).await;
+        server.spawn().expect("restart redis-server");
+        assert!(server.admin().await.is_some(), "{tag} Redis is back");
+        // A retry as soon as Redis answers: the claim lapsed during the outage.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let taker = loop {
+            match call(true).await {
+                Err(Error::Store { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                out => break out,
+            }
+        };
+        let taker = taker.unwrap_or_else(|e| panic!("{tag} the taker runs: {e:?}"));
+        let holder = tokio::time::timeout(Duration::from_secs(30), holder)
+            .await
+            .expect("the holder ends")
+            .expect("the holder's task");
+        let holder_told = ledger.holder_told.load(SeqCst);
+        told += usize::from(holder_told);
+        println!(
+            "{tag} taker {taker}; holder told {holder_told}, answered {holder:?}; charges {}",
+            ledger.charges.load(SeqCst)
+        );
+        assert!(
+            holder_told,
+            "{tag} the stale holder is told before its side effect"
+        );
+        assert_eq!(ledger.charges.load(SeqCst), 1, "{tag} effective charges");
+        assert!(
+            matches!(holder, Err(Error::LeaseLost { .. })),
+            "{tag} the stale result is refused: {holder:?}"
+        );
+    }
+    println!("stale holder told before its side effect: {told} of {}", rounds());
+}
+
 // ---- 4. a body that blocks its thread -------------------------------------------------------
 
 /// The lease of [`blocking_pay`] (keep in step with its attribute).
