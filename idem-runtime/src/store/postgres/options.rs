@@ -143,12 +143,12 @@ impl PostgresOptions {
         self
     }
 
-    /// The schedule of the background purge (interval, batch, jitter); turns it on. A zero
+    /// The schedule of the background purge (interval, batch, jitter), [`Purger::new`]'s by
+    /// default; whether it runs is [`purge_in_background`](Self::purge_in_background). A zero
     /// interval or batch, or a jitter outside `[0, 1)`, is
-    /// [`Error::Config`](crate::Error::Config) at connect.
+    /// [`Error::Config`](crate::Error::Config) at connect with the purge on.
     pub fn purger(mut self, purger: Purger) -> Self {
         self.purger = purger;
-        self.purge_in_background = true;
         self
     }
 }

@@ -73,12 +73,12 @@ impl SqliteOptions {
         self
     }
 
-    /// The schedule of the background purge (interval, batch, jitter); turns it on. A zero
+    /// The schedule of the background purge (interval, batch, jitter), [`Purger::new`]'s by
+    /// default; whether it runs is [`purge_in_background`](Self::purge_in_background). A zero
     /// interval or batch, or a jitter outside `[0, 1)`, is
-    /// [`Error::Config`](crate::Error::Config) when the store opens.
+    /// [`Error::Config`](crate::Error::Config) when the store opens with the purge on.
     pub fn purger(mut self, purger: Purger) -> Self {
         self.purger = purger;
-        self.purge_in_background = true;
         self
     }
 }
