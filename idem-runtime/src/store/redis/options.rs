@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::{DEFAULT_EVICTION_CHECK_INTERVAL, DEFAULT_PREFIX};
-use crate::store::url::percent_decode;
+use url::form_urlencoded;
 
 /// Settings of a [`RedisStore`](super::RedisStore) beyond its URL.
 #[derive(Clone)]
@@ -131,54 +131,58 @@ impl RedisOptions {
     }
 }
 
-/// `url` without the query parameter `name`, and its last value (percent-decoded), if any.
+/// `url` without the query parameter `name`, and its last value, if any. The value is decoded
+/// as the `redis` crate decodes its own parameters of the same URL (`url`'s form decoding:
+/// `%XX` escapes, and `+` for a space).
 pub(super) fn take_param(url: &str, name: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?') else {
+    take(url, name)
+}
+
+/// `url` without the query parameter `name`, and whether it was `true`, `1`, `yes` or given
+/// without a value.
+pub(super) fn take_flag(url: &str, name: &str) -> (String, bool) {
+    let (url, value) = take(url, name);
+    let set = matches!(value.as_deref(), Some("" | "true" | "1" | "yes"));
+    (url, set)
+}
+
+/// `url` without the query parameter `name` (every occurrence), and its last value. The query
+/// is where the `url` crate reads it, from the first `?` before the fragment (`#`) on; its
+/// pairs are read and written by `url`'s `form_urlencoded`. The query is split out of the text
+/// rather than through [`url::Url`] because a cluster URL's `host:port,host:port` list is no
+/// host that `url` accepts. A URL without `name` is returned as given.
+fn take(url: &str, name: &str) -> (String, Option<String>) {
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((before, fragment)) => (before, Some(fragment)),
+        None => (url, None),
+    };
+    let Some((base, query)) = before_fragment.split_once('?') else {
         return (url.to_owned(), None);
     };
     let mut value = None;
-    let rest: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.split_once('=') {
-            Some((k, v)) if k == name => {
-                value = Some(percent_decode(v));
-                false
-            }
-            _ => true,
-        })
-        .collect();
-    if rest.iter().all(|p| p.is_empty()) {
-        (base.to_owned(), value)
-    } else {
-        (format!("{base}?{}", rest.join("&")), value)
+    let mut kept = form_urlencoded::Serializer::new(String::new());
+    let mut any_kept = false;
+    for (key, v) in form_urlencoded::parse(query.as_bytes()) {
+        if key == name {
+            value = Some(v.into_owned());
+        } else {
+            kept.append_pair(&key, &v);
+            any_kept = true;
+        }
     }
-}
-
-/// `url` without the query parameter `name`, and whether it was `true` (or `1`).
-pub(super) fn take_flag(url: &str, name: &str) -> (String, bool) {
-    let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), false);
-    };
-    let mut set = false;
-    let rest: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.split_once('=') {
-            Some((k, v)) if k == name => {
-                set = matches!(v, "true" | "1" | "yes");
-                false
-            }
-            _ if *pair == name => {
-                set = true;
-                false
-            }
-            _ => true,
-        })
-        .collect();
-    if rest.is_empty() {
-        (base.to_owned(), set)
-    } else {
-        (format!("{base}?{}", rest.join("&")), set)
+    if value.is_none() {
+        return (url.to_owned(), None);
     }
+    let mut out = base.to_owned();
+    if any_kept {
+        out.push('?');
+        out.push_str(&kept.finish());
+    }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    (out, value)
 }
 
 #[cfg(test)]
@@ -206,6 +210,17 @@ mod tests {
             take_flag("redis://a/?allow_eviction=false&db=2", "allow_eviction"),
             ("redis://a/?db=2".into(), false)
         );
+        assert_eq!(
+            take_flag("redis://a/?allow_eviction", "allow_eviction"),
+            ("redis://a/".into(), true)
+        );
+        assert_eq!(
+            take_flag(
+                "rediss+cluster://u:p@a:1,b:2/?allow_eviction=yes&protocol=resp2",
+                "allow_eviction"
+            ),
+            ("rediss+cluster://u:p@a:1,b:2/?protocol=resp2".into(), true)
+        );
     }
 
     #[test]
@@ -228,6 +243,29 @@ mod tests {
         assert_eq!(
             take_param("rediss://a/?cat=1", "ca"),
             ("rediss://a/?cat=1".into(), None)
+        );
+        // Decoded as the redis crate decodes its own parameters; the last one counts.
+        assert_eq!(
+            take_param("rediss://a/?ca=%2Fmy%20certs%2Fa%2Bb.pem&ca=/c+d.pem", "ca"),
+            ("rediss://a/".into(), Some("/c d.pem".into()))
+        );
+        assert_eq!(
+            take_param("rediss://a/?ca=%2Fmy%20certs%2Fa%2Bb.pem", "ca").1,
+            Some("/my certs/a+b.pem".into())
+        );
+        // The pairs kept mean what they meant; a fragment stays a fragment.
+        assert_eq!(
+            take_param("rediss://a/?pass=p%26w&ca=/x.pem#frag", "ca"),
+            ("rediss://a/?pass=p%26w#frag".into(), Some("/x.pem".into()))
+        );
+        assert_eq!(
+            take_param("rediss://a/#?ca=/x.pem", "ca"),
+            ("rediss://a/#?ca=/x.pem".into(), None)
+        );
+        // A Unix socket URL and a cluster URL (whose host list `url` does not read).
+        assert_eq!(
+            take_param("redis+unix:///run/redis.sock?db=2&ca=x", "ca"),
+            ("redis+unix:///run/redis.sock?db=2".into(), Some("x".into()))
         );
     }
 
