@@ -177,10 +177,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "payments API on http://{} (store: {store_url}, processor delay: {delay_ms} ms)",
         listener.local_addr()?
     );
+    // On SIGTERM (a deploy) or Ctrl-C: stop taking requests, then drain the handlers whose
+    // clients left (they run on by themselves). Returning from `main` without the drain would
+    // drop them mid-way, as a crash would.
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
+    let report = idempotency::drain(Duration::from_secs(20)).await;
+    tracing::info!(?report, "drained");
     Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -108,4 +108,9 @@ async fn main() {
         4 * 4,
         EMAILS_SENT.load(Ordering::SeqCst)
     );
+    // Before returning from `main` (on SIGTERM, once the consumer stopped polling): finish the
+    // bodies whose callers gave up, or record their unknown outcome. Returning without it would
+    // drop them mid-way, as a crash does, and a redelivery would run them again.
+    let report = idempotency::drain(std::time::Duration::from_secs(20)).await;
+    println!("drained: {report:?}");
 }
