@@ -9,7 +9,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  done
   1  no such record (get, forget)
-  2  bad usage, a bad store URL, or a store that cannot be reached or opened
+  2  bad usage, a bad store URL, a store that cannot be reached or opened, or a
+     missing SQLite file or table (idem never creates one)
   3  the store failed during the command (or a record could not be read)
   4  refused: forget of an in-flight record without --force";
 

@@ -10,8 +10,8 @@ use idem_runtime::Error;
 pub enum Exit {
     /// 1: there is no record under the key (`get`, `forget`).
     NoRecord = 1,
-    /// 2: bad usage, a bad store URL, or a store that cannot be reached or opened (clap's
-    /// own usage errors exit 2 too).
+    /// 2: bad usage, a bad store URL, a store that cannot be reached or opened, or a missing
+    /// SQLite file or table, which `idem` never creates (clap's own usage errors exit 2 too).
     Usage = 2,
     /// 3: the store failed during the command, or a record could not be read.
     Store = 3,
