@@ -84,7 +84,11 @@
 //! `Idempotency-Key`), `axum` (`Error` is an axum response, so a handler can use `?`),
 //! `metrics` (counters and histograms through the `metrics` crate: see [`mod@metrics`]),
 //! `client` (`client`: retry with the same key from reqwest or a tower client), `uuid` (`Uuid`
-//! keys), `full` (all of them). [`install`] sets the store of
+//! keys), `full` (all of them). Default features: `sqlite-bundled` (SQLite compiled in;
+//! without it `sqlite` links the system's libsqlite3) and `tls-ring` (the rustls crypto
+//! provider of Redis and PostgreSQL TLS; `tls-aws-lc-rs` chooses aws-lc-rs, and wins when both
+//! are on; idem passes it explicitly and installs no process default, except before a
+//! `rediss://` connection, whose `redis` crate needs one). [`install`] sets the store of
 //! functions without `store = ...`; [`connect`] opens one from a URL (`memory`, `sqlite:PATH`,
 //! `redis://...`, `postgres://...`).
 
@@ -139,7 +143,8 @@ pub mod sqlite {
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
     pub use idem_runtime::store::redis::{
-        redis, RedisConnection, RedisOptions, DEFAULT_PREFIX, FENCE_GRACE, RESPONSE_TIMEOUT,
+        redis, RedisConnection, RedisOptions, DEFAULT_EVICTION_CHECK_INTERVAL, DEFAULT_PREFIX,
+        FENCE_GRACE, RESPONSE_TIMEOUT,
     };
 }
 

@@ -41,6 +41,8 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod tls_provider;
 mod url;
 
 pub use inspect::{Forgotten, RecordSummary, ScanPage};

@@ -138,7 +138,8 @@
 //! - A wrong CA, a host name the certificate does not name, or a server without TLS where the
 //!   mode requires it is an [`Error::Store`] at connect, never a plain-text connection.
 //! - rustls uses the process's default crypto provider if the application installed one, else
-//!   ring.
+//!   the one the `tls-ring` (default) or `tls-aws-lc-rs` features choose, passed explicitly:
+//!   connecting installs no process default.
 
 use std::fmt;
 use std::str::FromStr;

@@ -3,8 +3,9 @@
 //!
 //! tokio-postgres itself knows only `sslmode=disable|prefer|require` and no certificates, so
 //! these parameters are taken out of the connection string here, and the connector they ask
-//! for is built with rustls (ring, unless the application installed another default crypto
-//! provider):
+//! for is built with rustls, given its crypto provider explicitly (the application's default
+//! if it installed one, else the one the `tls-ring` / `tls-aws-lc-rs` features choose; see the
+//! `store::tls_provider` module), so connecting installs no process default:
 //!
 //! | `sslmode` | TLS | the server's certificate |
 //! |---|---|---|
@@ -31,7 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use deadpool_postgres::PoolError;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
@@ -42,6 +42,7 @@ use super::tls_params::{mode_name, RootCert, SslMode, TlsParams};
 use super::tls_verify::{Verifier, Verify};
 use super::{PostgresOptions, BACKEND};
 use crate::error::{Error, Result};
+use crate::store::tls_provider::crypto_provider;
 
 /// The connector for `params` and `options`: tokio-postgres' own mode, and the rustls
 /// connector (`None` for no TLS).
@@ -122,7 +123,7 @@ pub(super) fn connector(
         }
     };
 
-    let provider = crypto_provider();
+    let provider = crypto_provider()?;
     let verifier = Arc::new(Verifier {
         verify,
         roots: Arc::new(root_store),
@@ -239,13 +240,6 @@ impl std::error::Error for ConnectError {
 fn default_root_file() -> Option<PathBuf> {
     let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
     Some(Path::new(&home).join(".postgresql").join("root.crt"))
-}
-
-/// The process's default crypto provider if the application installed one, else ring.
-fn crypto_provider() -> Arc<CryptoProvider> {
-    CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
 fn file_error(what: &str, path: &Path, e: std::io::Error) -> Error {

@@ -106,7 +106,11 @@
 //!   policies evict them). [`RedisStore::connect`] reads every node's `maxmemory-policy`
 //!   (`CONFIG GET`, or `INFO memory` where `CONFIG` is blocked) and refuses anything but
 //!   `noeviction` with [`Error::Config`], unless [`RedisOptions::allow_eviction`] says records
-//!   may be lost. Under `noeviction` a full Redis refuses writes: a claim then fails at once
+//!   may be lost. The policy is checked again while the store runs, at most once per
+//!   [`RedisOptions::eviction_check_interval`] (10 s by default; one `CONFIG GET` per interval
+//!   and store, sent by the claim that finds the last check too old): once a node's policy may
+//!   evict, new claims fail with the same [`Error::Config`] until it is `noeviction` again.
+//!   Under `noeviction` a full Redis refuses writes: a claim then fails at once
 //!   with [`Error::StoreFull`] (the body does not run), and a result that cannot be stored is
 //!   returned to its caller at once and stored in the background once there is room.
 //! - Records live as long as the server's data: without persistence (AOF or RDB) a restart
@@ -138,6 +142,7 @@ mod reply;
 mod scan;
 mod tls;
 use connection::{Connection, Endpoint};
+use eviction::EvictionWatch;
 use notify::Notifier;
 use options::take_flag;
 pub use options::RedisOptions;
@@ -151,6 +156,10 @@ pub const FENCE_GRACE: Duration = Duration::from_secs(3600);
 /// How long the store waits for Redis to answer one command before failing with
 /// [`Error::Store`].
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a store checks Redis's `maxmemory-policy` again while it runs, by default (see
+/// [`RedisOptions::eviction_check_interval`]).
+pub const DEFAULT_EVICTION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The longest expiry given to Redis (100 years); longer leases and ttls are cut to it.
 const MAX_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
@@ -219,6 +228,10 @@ pub struct RedisStore {
     publish: &'static str,
     /// `WAIT replicas timeout` after claims and completions ([`RedisOptions::wait_for_replicas`]).
     wait_for_replicas: Option<(u32, Duration)>,
+    /// Checks the eviction policy again while the store runs
+    /// ([`RedisOptions::eviction_check_interval`]; `None`: eviction allowed, not checked, or a
+    /// connection the user built).
+    eviction: Option<Arc<EvictionWatch>>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
 }
@@ -336,14 +349,17 @@ impl RedisStore {
             let policies = connection::eviction_policies(&con)
                 .await
                 .map_err(redis_error)?;
-            if let Some((node, policy)) = policies.iter().find(|(_, p)| p != "noeviction") {
-                return Err(Error::config(format!(
-                    "Redis ({node}) has maxmemory-policy `{policy}`, which may evict idem's records (they carry a TTL, so even the volatile-* policies evict them), and an evicted record lets a second caller run the body. Set `maxmemory-policy noeviction` (`CONFIG SET maxmemory-policy noeviction`, redis.conf, or your provider's parameter group), or accept lost records explicitly with RedisOptions::allow_eviction(true) or `?allow_eviction=true` in the URL"
-                )));
+            if let Some((node, policy)) = eviction::first_evicting(&policies) {
+                return Err(eviction::evicting_policy(node, policy));
             }
         }
         let mut store = Self::with_connection(con, endpoint, &options.prefix);
         store.wait_for_replicas = options.wait_for_replicas;
+        if !options.allow_eviction {
+            store.eviction = Some(Arc::new(EvictionWatch::new(
+                options.eviction_check_interval,
+            )));
+        }
         Ok(store)
     }
 
@@ -361,6 +377,7 @@ impl RedisStore {
             publish: notify::publish_command(endpoint.as_ref()),
             notifier: endpoint.map(|e| Arc::new(Notifier::new(e))),
             wait_for_replicas: None,
+            eviction: None,
             prefix: prefix.into(),
             scripts: Arc::new(Scripts {
                 claim: Script::new(CLAIM),
@@ -406,6 +423,16 @@ impl RedisStore {
             reply => reply,
         }
         .map_err(redis_error)
+    }
+
+    /// `Ok` if a claim may go on: no evicting `maxmemory-policy` seen by the last check of the
+    /// store's [`EvictionWatch`], which this call makes first if one is due (at most once per
+    /// [`RedisOptions::eviction_check_interval`], by one caller).
+    async fn check_eviction(&self) -> Result<()> {
+        match &self.eviction {
+            Some(watch) => watch.check(&self.con).await,
+            None => Ok(()),
+        }
     }
 
     /// Whether the last write on `key`'s master reached the replicas the options ask for

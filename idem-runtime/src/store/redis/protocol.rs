@@ -26,6 +26,7 @@ impl Store for RedisStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Claim> {
+        self.check_eviction().await?;
         let (record, fence) = self.keys(key);
         let lease = millis(lease);
         let record_ms = in_flight_millis(lease);

@@ -1,6 +1,15 @@
 //! TLS for Redis connections: the `ca`, `cert` and `key` parameters of a `rediss://` URL and
 //! the certificates of [`RedisOptions`], the rustls crypto provider, and the errors of TLS
 //! connections that failed.
+//!
+//! The `redis` crate builds the rustls configuration of a `rediss://` connection itself, with
+//! `ClientConfig::builder()`, which needs a process-wide default crypto provider (and installs
+//! the one rustls' features name when there is none). Neither `Client::build_with_tls` nor the
+//! cluster builder takes a configuration or a provider, so a `rediss://` store makes sure there
+//! is a default before it connects: the application's, if it installed one first, else the
+//! provider of the `tls-ring` / `tls-aws-lc-rs` features (`store::tls_provider`). An
+//! application that installs its own must do so before it connects a `rediss://` store; plain
+//! `redis://` stores and PostgreSQL stores install nothing.
 
 use std::fmt;
 
@@ -9,6 +18,7 @@ use redis::{ClientTlsConfig, ConnectionAddr, RedisError, TlsCertificates};
 use super::options::take_param;
 use super::{redis_error, store_error, RedisOptions};
 use crate::error::{Error, Result};
+use crate::store::tls_provider::install_for_redis;
 
 /// The TLS settings of a `rediss://` URL.
 pub(super) struct Tls {
@@ -71,7 +81,8 @@ pub(super) fn tls_settings(url: &str, options: &RedisOptions) -> Result<(String,
         client_tls,
         root_cert: root,
     });
-    ensure_crypto_provider();
+    // The redis crate builds its rustls configuration with the process's default provider.
+    install_for_redis()?;
     Ok((url, Some(Tls { certificates })))
 }
 
@@ -92,16 +103,6 @@ pub(super) fn check_tls(addr: &ConnectionAddr, tls: Option<&Tls>) -> Result<()> 
 fn read_pem(path: &str, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| Error::config(format!("could not read the {what} file `{path}`: {e}")))
-}
-
-/// Makes sure rustls has a crypto provider: the process's default if the application installed
-/// one, else ring (installed as the default, as the `redis` crate builds its TLS configuration
-/// with the default provider).
-fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Another thread may have installed one in between: either way there is one now.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
 }
 
 /// The error of a failed connection to `address`, saying so for a TLS connection (whose
