@@ -44,7 +44,6 @@ impl fmt::Debug for RedisOptions {
             .field("client_certificate", &self.client_certificate.is_some())
             .field("wait_for_replicas", &self.wait_for_replicas)
             .field("eviction_check_interval", &self.eviction_check_interval)
-            .field("eviction_check_interval", &self.eviction_check_interval)
             .finish()
     }
 }
@@ -93,32 +92,10 @@ impl RedisOptions {
     /// How often the store checks Redis's `maxmemory-policy` again while it runs
     /// ([`DEFAULT_EVICTION_CHECK_INTERVAL`], 10 s, by default; `Duration::ZERO` checks before
     /// every claim). The connect-time check refuses a policy that may evict idem's records;
-    /// this one notices a `CONFIG SET maxmemory-policy allkeys-lru` made afterwards. Once a check sees such a
-    /// policy on any node, new claims fail with the same [`Error::Config`] as at connect (the
-    /// body does not run), until a later check sees `noeviction` everywhere again; calls that
-    /// hold a claim already finish.
-    ///
-    /// Cost: one `CONFIG GET maxmemory-policy` per interval per store (sent to every node of a
-    /// cluster), by the one claim that finds the last check older than the interval; that
-    /// claim waits one more round trip, the others do not wait. A server that refuses `CONFIG`
-    /// (renamed or blocked, as on managed services that allow only `INFO`) is checked at connect
-    /// only. Nothing is checked with [`allow_eviction(true)`](Self::allow_eviction) or on a
-    /// connection given to [`RedisStore::from_manager`](super::RedisStore::from_manager).
-    ///
-    /// [`Error::Config`]: crate::Error::Config
-    /// [`DEFAULT_EVICTION_CHECK_INTERVAL`]: super::DEFAULT_EVICTION_CHECK_INTERVAL
-    pub fn eviction_check_interval(mut self, interval: Duration) -> Self {
-        self.eviction_check_interval = interval;
-        self
-    }
-
-    /// How often the store checks Redis's `maxmemory-policy` again while it runs
-    /// ([`DEFAULT_EVICTION_CHECK_INTERVAL`], 10 s, by default; `Duration::ZERO` checks before
-    /// every claim). The connect-time check refuses a policy that may evict idem's records;
-    /// this one notices a `CONFIG SET maxmemory-policy allkeys-lru` made afterwards. Once a check sees such a
-    /// policy on any node, new claims fail with the same [`Error::Config`] as at connect (the
-    /// body does not run), until a later check sees `noeviction` everywhere again; calls that
-    /// hold a claim already finish.
+    /// this one notices a `CONFIG SET maxmemory-policy allkeys-lru` made afterwards. Once a
+    /// check sees such a policy on any node, new claims fail with the same [`Error::Config`] as
+    /// at connect (the body does not run), until a later check sees `noeviction` everywhere
+    /// again; calls that hold a claim already finish.
     ///
     /// Cost: one `CONFIG GET maxmemory-policy` per interval per store (sent to every node of a
     /// cluster), by the one claim that finds the last check older than the interval; that
