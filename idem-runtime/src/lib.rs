@@ -64,32 +64,33 @@ pub mod __private {
     use crate::fingerprint::FingerprintBuilder;
     use crate::key::IntoKey;
 
-    /// The call of `operation` under `key` in `scope` (`key = ...`).
+    /// The call of `operation` under `key` in `scope` (`key = ...`): [`Call::for_operation`],
+    /// with the fingerprint of the parameters.
     pub fn keyed(
         operation: Operation,
         scope: &(impl IntoKey + ?Sized),
         key: &(impl IntoKey + ?Sized),
         fingerprint: Result<Option<Fingerprint>>,
     ) -> Call {
-        let mut call = Call::with_key(StorageKey::derive_for(&operation, scope, key));
-        call.operation = Some(operation);
-        call.fingerprint = fingerprint;
-        call
+        match Call::for_operation(operation, scope, key) {
+            Ok(mut call) => {
+                call.fingerprint = fingerprint;
+                call
+            }
+            Err(e) => Call::failed(operation, e),
+        }
     }
 
-    /// The call of `operation` keyed by the fingerprint of its arguments (no `key = ...`).
+    /// The call of `operation` keyed by the fingerprint of its arguments (no `key = ...`):
+    /// [`Call::by_content`].
     pub fn by_content(
         operation: Operation,
         scope: &(impl IntoKey + ?Sized),
         fingerprint: Result<Fingerprint>,
     ) -> Call {
-        match fingerprint {
-            Ok(fp) => keyed(operation, scope, &fp.to_hex(), Ok(Some(fp))),
-            Err(e) => {
-                let mut call = Call::with_key(Err(e));
-                call.operation = Some(operation);
-                call
-            }
+        match fingerprint.and_then(|fp| Call::by_content(operation, scope, fp)) {
+            Ok(call) => call,
+            Err(e) => Call::failed(operation, e),
         }
     }
 

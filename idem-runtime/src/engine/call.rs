@@ -66,9 +66,11 @@ impl Call {
         }
     }
 
-    /// The call of `operation` under `key` in `scope` (what `#[idempotent(key = ...)]` expands
-    /// to): the storage key is [`StorageKey::derive_for`], and the record carries the
-    /// operation's name. Fails as [`StorageKey::derive_for`] does.
+    /// The call of `operation` under `key` in `scope`, the call `#[idempotent(name = "...",
+    /// key = ..., scope = ...)]` makes: its storage key is [`StorageKey::derive_for`]
+    /// (SHA-256 of the operation's name, the scope and the key), and its record carries the
+    /// operation's name, so a call built by hand finds the attribute's records and the other
+    /// way round. Fails as [`StorageKey::derive_for`] does.
     pub fn for_operation(
         operation: Operation,
         scope: &(impl IntoKey + ?Sized),
@@ -79,11 +81,25 @@ impl Call {
         Ok(call)
     }
 
-    /// A call keyed by content: the key is the fingerprint itself, so equal arguments share one
-    /// record (the macro's default when no `key = ...` is given).
-    pub fn by_content(scope: &(impl IntoKey + ?Sized), fingerprint: Fingerprint) -> Result<Self> {
-        Ok(Call::new(StorageKey::derive(scope, &fingerprint.to_hex())?)
+    /// The call of `operation` keyed by content, the call `#[idempotent]` makes without
+    /// `key = ...`: the key is the fingerprint of the arguments (its hex digits, under the
+    /// operation and scope as in [`for_operation`](Call::for_operation)), so equal arguments
+    /// share one record; the fingerprint is also what must match.
+    pub fn by_content(
+        operation: Operation,
+        scope: &(impl IntoKey + ?Sized),
+        fingerprint: Fingerprint,
+    ) -> Result<Self> {
+        Ok(Call::for_operation(operation, scope, &fingerprint.to_hex())?
             .fingerprint(Some(fingerprint)))
+    }
+
+    /// A call of `operation` that fails with `error` when run, without running anything (the
+    /// macro's forms, whose key or fingerprint failed to derive).
+    pub(crate) fn failed(operation: Operation, error: Error) -> Self {
+        let mut call = Call::with_key(Err(error));
+        call.operation = Some(operation);
+        call
     }
 
     /// Uses `store` instead of the process-wide one: a store by value, an `Arc` of one, or a

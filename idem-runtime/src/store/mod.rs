@@ -379,6 +379,12 @@ pub fn install(store: impl IntoStore) -> Option<Arc<dyn Store>> {
 
 /// The process-wide store: the one given to [`install`], else an in-memory store created on
 /// first use.
+///
+/// The in-memory fallback deduplicates within this process only. In a build that enables a
+/// durable store's feature (`sqlite`, `redis`, `postgres`), its first use logs one warning
+/// (target `idem`) saying so and what to do: a service that meant to share records across
+/// processes and forgot to [`install`] its store would otherwise run every body once per
+/// process, silently.
 pub fn default_store() -> Arc<dyn Store> {
     if let Some(s) = DEFAULT_STORE
         .read()
@@ -388,8 +394,14 @@ pub fn default_store() -> Arc<dyn Store> {
         return s.clone();
     }
     let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
-    slot.get_or_insert_with(|| Arc::new(memory::MemoryStore::new()))
-        .clone()
+    slot.get_or_insert_with(|| {
+        if cfg!(any(feature = "sqlite", feature = "redis", feature = "postgres")) {
+            tracing::warn!(target: "idem",
+                "no store installed: using a memory store, which deduplicates calls within this process only; call idempotency::install(store) at start-up (e.g. with idempotency::connect(\"redis://...\")), or give the function `store = ...`");
+        }
+        Arc::new(memory::MemoryStore::new())
+    })
+    .clone()
 }
 
 /// Opens a store from a URL, for configuration by environment variable (`IDEM_STORE`):
