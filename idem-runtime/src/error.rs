@@ -218,12 +218,17 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same call later may succeed (in flight, store trouble, wait timeout).
+    /// Whether retrying the same call later may succeed: in flight, a wait that timed out, a
+    /// lost lease (the newer holder's result will be replayed), store trouble, a full store
+    /// (it drains as records expire or are purged: retry with backoff, as the HTTP layer's
+    /// `503` with `Retry-After` says). Never a configuration mistake, a key or record problem,
+    /// or an unknown outcome.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             Error::InFlight { .. }
                 | Error::Store { .. }
+                | Error::StoreFull { .. }
                 | Error::WaitTimeout { .. }
                 | Error::LeaseLost { .. }
         )
