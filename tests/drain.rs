@@ -20,7 +20,12 @@
 //! **In process**: the HTTP layer's handlers are drained the same way (the layer's `drain` is
 //! this one), and work spawned for a caller keeps the caller's `tracing` span. `drain` acts on
 //! the whole process, so the tests of this binary run one at a time (`ONE_AT_A_TIME`).
-#![cfg(all(feature = "redis", feature = "postgres", feature = "sqlite", feature = "http"))]
+#![cfg(all(
+    feature = "redis",
+    feature = "postgres",
+    feature = "sqlite",
+    feature = "http"
+))]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -73,9 +78,9 @@ async fn open(backend: Backend, name: &str) -> Result<Arc<dyn Store>, Error> {
         Backend::Redis => {
             Arc::new(RedisStore::connect_with_prefix(&idem_support::redis_url(), name).await?)
         }
-        Backend::Postgres => Arc::new(
-            PostgresStore::connect_with_table(&idem_support::postgres::url(), name).await?,
-        ),
+        Backend::Postgres => {
+            Arc::new(PostgresStore::connect_with_table(&idem_support::postgres::url(), name).await?)
+        }
         Backend::Sqlite => Arc::new(SqliteStore::open(name).await?),
     })
 }
@@ -145,7 +150,14 @@ fn worker() {
                 report("pid", std::process::id());
                 let call = charge(store, starts, order, body_ms);
                 let out = tokio::time::timeout(Duration::from_millis(100), call).await;
-                report("first", if out.is_err() { "timed-out" } else { "answered" });
+                report(
+                    "first",
+                    if out.is_err() {
+                        "timed-out"
+                    } else {
+                        "answered"
+                    },
+                );
                 if let Ok(ms) = env("IDEM_DRAIN_MS").parse::<u64>() {
                     let r = idempotency::drain(Duration::from_millis(ms)).await;
                     report(
@@ -433,10 +445,9 @@ mod http_layer {
         key: &str,
         patience: Duration,
     ) -> Option<(u16, String)> {
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
         let req = http::Request::post(format!("http://{addr}/payments"))
             .header("idempotency-key", key)
             .header("content-type", "application/json")
@@ -493,7 +504,11 @@ mod http_layer {
             .expect("an answer");
         assert_eq!(status, 500, "{body}");
         assert!(body.contains("outcome-unknown"), "{body}");
-        assert_eq!(s.starts.load(SeqCst), 1, "the cut-off handler is not run again");
+        assert_eq!(
+            s.starts.load(SeqCst),
+            1,
+            "the cut-off handler is not run again"
+        );
         // Work spawned after a drain is not cut off by it.
         s.gate.add_permits(1);
         let (status, _) = post(s.addr, "k-after", Duration::from_secs(10))
@@ -573,10 +588,9 @@ mod spans {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
         let req = http::Request::post(format!("http://{addr}/payments"))
             .header("idempotency-key", "span-1")
             .body(http_body_util::Full::new(bytes::Bytes::new()))

@@ -41,7 +41,9 @@ async fn a_nan_is_refused_at_the_first_call() {
         assert_eq!(RUNS.load(SeqCst), before + 1, "{id}: the body ran once");
     }
     // A finite value is stored and replayed as usual.
-    let ok = quote(store.clone(), "finite".into(), 9.5).await.expect("runs");
+    let ok = quote(store.clone(), "finite".into(), 9.5)
+        .await
+        .expect("runs");
     let again = quote(store, "finite".into(), 0.0).await.expect("replays");
     assert_eq!((ok.price, again.price), (9.5, 9.5));
 }

@@ -45,7 +45,8 @@ async fn the_fallback_memory_store_warns_once() {
         .collect();
     assert_eq!(warnings.len(), 1, "one warning:\n{log}");
     assert!(
-        warnings[0].contains("within this process only") && warnings[0].contains("idempotency::install"),
+        warnings[0].contains("within this process only")
+            && warnings[0].contains("idempotency::install"),
         "{}",
         warnings[0]
     );

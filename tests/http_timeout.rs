@@ -55,9 +55,8 @@ async fn serve(app: Router) -> std::net::SocketAddr {
 
 /// POSTs `/pay` with `key`: the status, `Idempotent-Replayed`, and the body.
 async fn post_pay(addr: std::net::SocketAddr, key: &str) -> (u16, bool, String) {
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
     let req = http::Request::post(format!("http://{addr}/pay"))
         .header("idempotency-key", key)
         .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
@@ -72,7 +71,11 @@ async fn post_pay(addr: std::net::SocketAddr, key: &str) -> (u16, bool, String) 
         .await
         .expect("body")
         .to_bytes();
-    (status, replayed, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        replayed,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,11 +83,17 @@ async fn a_timeout_inside_the_layer_is_an_unknown_outcome_not_a_rerun() {
     let counts = Counts::default();
     // axum's order: the last `.layer` runs first. The timeout wraps the handler, inside idem.
     let app = Router::new()
-        .route("/pay", post({
-            let counts = counts.clone();
-            move || slow(counts)
-        }))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, TIMEOUT))
+        .route(
+            "/pay",
+            post({
+                let counts = counts.clone();
+                move || slow(counts)
+            }),
+        )
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            TIMEOUT,
+        ))
         .layer(layer());
     let addr = serve(app).await;
     let first = post_pay(addr, "inside").await;
@@ -106,11 +115,17 @@ async fn a_timeout_inside_the_layer_is_an_unknown_outcome_not_a_rerun() {
 async fn a_504_from_inside_is_an_unknown_outcome() {
     let counts = Counts::default();
     let app = Router::new()
-        .route("/pay", post({
-            let counts = counts.clone();
-            move || slow(counts)
-        }))
-        .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, TIMEOUT))
+        .route(
+            "/pay",
+            post({
+                let counts = counts.clone();
+                move || slow(counts)
+            }),
+        )
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            TIMEOUT,
+        ))
         .layer(layer());
     let addr = serve(app).await;
     assert_eq!(post_pay(addr, "gw").await.0, 504);
@@ -124,12 +139,18 @@ async fn a_timeout_outside_the_layer_lets_the_handler_finish_and_replays_it() {
     let counts = Counts::default();
     // The timeout runs first, around idem: it drops idem's future, not the handler.
     let app = Router::new()
-        .route("/pay", post({
-            let counts = counts.clone();
-            move || slow(counts)
-        }))
+        .route(
+            "/pay",
+            post({
+                let counts = counts.clone();
+                move || slow(counts)
+            }),
+        )
         .layer(layer())
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, TIMEOUT));
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            TIMEOUT,
+        ));
     let addr = serve(app).await;
     let first = post_pay(addr, "outside").await;
     assert_eq!(first.0, 408, "the client saw the outer timeout");
@@ -177,7 +198,10 @@ async fn a_503_releases_the_key_and_the_retry_runs() {
     let third = post_pay(addr, "k503").await;
     assert_eq!((third.0, third.2.as_str()), (201, "pay_3"));
     let replay = post_pay(addr, "k503").await;
-    assert_eq!((replay.0, replay.1, replay.2.as_str()), (201, true, "pay_3"));
+    assert_eq!(
+        (replay.0, replay.1, replay.2.as_str()),
+        (201, true, "pay_3")
+    );
     assert_eq!(counts.starts.load(SeqCst), 3, "two refusals, one payment");
 }
 

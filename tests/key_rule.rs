@@ -52,14 +52,20 @@ async fn a_hand_built_keyed_call_finds_the_attributes_record_and_back() {
             .expect("a key")
             .store(store.clone())
             .fingerprint(None)
-            .run(ErrorPolicy::never(), async { Ok("stored by hand".to_owned()) })
+            .run(ErrorPolicy::never(), async {
+                Ok("stored by hand".to_owned())
+            })
             .await;
     assert_eq!(stored.expect("runs"), "stored by hand");
     let replayed = charge(store, "acme".into(), "o-2".into(), 500)
         .await
         .expect("replays");
     assert_eq!(replayed, "stored by hand");
-    assert_eq!(KEYED_RUNS.load(SeqCst), 1, "the attribute's body did not run");
+    assert_eq!(
+        KEYED_RUNS.load(SeqCst),
+        1,
+        "the attribute's body did not run"
+    );
 }
 
 #[tokio::test]

@@ -26,7 +26,8 @@ use tokio::sync::Notify;
 
 /// The stores of these tests, by name, or `None` for one that is unreachable (skipped).
 async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    let mut out: Vec<(&'static str, Arc<dyn Store>)> = vec![("memory", Arc::new(MemoryStore::new()))];
+    let mut out: Vec<(&'static str, Arc<dyn Store>)> =
+        vec![("memory", Arc::new(MemoryStore::new()))];
     #[cfg(feature = "redis")]
     if let Some(s) = idem_support::redis::fresh("lease_deadline").await {
         out.push(("redis", s));
@@ -39,8 +40,11 @@ async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
 }
 
 fn key(label: &str) -> StorageKey {
-    StorageKey::derive("lease-deadline", &format!("{label}-{:016x}", rand::random::<u64>()))
-        .expect("a key")
+    StorageKey::derive(
+        "lease-deadline",
+        &format!("{label}-{:016x}", rand::random::<u64>()),
+    )
+    .expect("a key")
 }
 
 // ---- the store cannot be reached to renew --------------------------------------------------

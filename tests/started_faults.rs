@@ -1270,12 +1270,20 @@ async fn redis_down_longer_than_the_lease_the_stale_holder_is_told() {
         let ledger = Arc::new(StaleLedger::default());
         let id = random_name("order");
         let call = |taker| {
-            outage_stale_pay(store.clone(), ledger.clone(), scope.clone(), id.clone(), taker)
+            outage_stale_pay(
+                store.clone(),
+                ledger.clone(),
+                scope.clone(),
+                id.clone(),
+                taker,
+            )
         };
         let holder = tokio::spawn(call(false));
-        until(&format!("{tag} the holder starts"), Duration::from_secs(10), || {
-            ledger.holder_started.load(SeqCst)
-        })
+        until(
+            &format!("{tag} the holder starts"),
+            Duration::from_secs(10),
+            || ledger.holder_started.load(SeqCst),
+        )
         .await;
         server.stop(false);
         tokio::time::sleep(OUTAGE).await;
@@ -1312,7 +1320,10 @@ async fn redis_down_longer_than_the_lease_the_stale_holder_is_told() {
             "{tag} the stale result is refused: {holder:?}"
         );
     }
-    println!("stale holder told before its side effect: {told} of {}", rounds());
+    println!(
+        "stale holder told before its side effect: {told} of {}",
+        rounds()
+    );
 }
 
 // ---- 4. a body that blocks its thread -------------------------------------------------------

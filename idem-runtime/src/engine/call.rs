@@ -15,11 +15,11 @@ use crate::store::{default_store, IntoStore, Store};
 use super::background::{Abandoned, Background};
 use super::claim::{claim, replay, Claimed};
 use super::finish::Holding;
-use super::running::spawn_body;
 use super::policy::{
     ErrorPolicy, IdempotentResult, OnConflict, OnUnknown, DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
 };
+use super::running::spawn_body;
 
 /// One idempotent call: where to look (store, key), what must match (fingerprint), and for how
 /// long (ttl, lease). Build it, then [`run`](Call::run) the body.
@@ -90,8 +90,10 @@ impl Call {
         scope: &(impl IntoKey + ?Sized),
         fingerprint: Fingerprint,
     ) -> Result<Self> {
-        Ok(Call::for_operation(operation, scope, &fingerprint.to_hex())?
-            .fingerprint(Some(fingerprint)))
+        Ok(
+            Call::for_operation(operation, scope, &fingerprint.to_hex())?
+                .fingerprint(Some(fingerprint)),
+        )
     }
 
     /// A call of `operation` that fails with `error` when run, without running anything (the

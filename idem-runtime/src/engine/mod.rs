@@ -40,7 +40,6 @@ mod storing;
 #[cfg(feature = "http")]
 pub(crate) use call::Interrupted;
 pub use call::{Call, OnReplay};
-pub use running::{drain, running, DrainReport};
 pub use policy::{
     default_wait, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable,
     DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
@@ -49,3 +48,4 @@ pub use purger::{
     jittered, Purger, PurgerHandle, PurgerStats, DEFAULT_PURGE_BATCH, DEFAULT_PURGE_INTERVAL,
     DEFAULT_PURGE_JITTER,
 };
+pub use running::{drain, running, DrainReport};

@@ -20,9 +20,9 @@ use super::problem::{Problem, Subject};
 use super::stored::StoredResponse;
 use super::{Config, IDEMPOTENCY_KEY};
 use crate::engine::{Call, ErrorPolicy, Interrupted};
-use crate::replay::ReplayInfo;
 use crate::error::{BoxError, Error};
 use crate::key::StorageKey;
+use crate::replay::ReplayInfo;
 
 /// The future of [`IdempotencyService`]: the inner service's response, a replay, or a refusal.
 pub type ResponseFuture<B, E> =
