@@ -107,7 +107,7 @@ async fn main() {
         charge(declined).await
     );
 
-    let m = idempotency::metrics();
+    let m = idempotency::counters();
     println!(
         "\nprocessor called {} times for 7 calls; hits {}, misses {}, conflicts {}, key reuses {}",
         PROCESSOR_CALLS.load(Ordering::SeqCst),

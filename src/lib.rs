@@ -98,9 +98,9 @@
 pub use idem_macros::idempotent;
 pub use idem_runtime::context::{current, token};
 pub use idem_runtime::{
-    connect, default_store, install, metrics, Call, CallContext, Claim, Error, ErrorPolicy,
+    connect, counters, default_store, install, metrics, Call, Counters, CallContext, Claim, Error, ErrorPolicy,
     FencingToken, Fingerprint, FingerprintBuilder, Fingerprintable, IdempotentResult, IntoDuration,
-    IntoKey, IntoStore, MemoryStore, Metrics, OnConflict, OnUnknown, Operation, RecordState,
+    IntoKey, IntoStore, MemoryStore, OnConflict, OnUnknown, Operation, RecordState,
     Result, Storable, StorageKey, Store, StoredRecord, ABANDONED_CLAIM_RETENTION, MIN_LEASE,
 };
 

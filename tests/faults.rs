@@ -59,7 +59,7 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 const PROBE_BASE: u64 = 1 << 40;
 
 /// The tests of this file run one at a time, so that each one's figures (and the process-wide
-/// `idempotency::metrics()`) are its own.
+/// `idempotency::counters()`) are its own.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Every run of a body and every value a call got back, per key; kept outside the store.
@@ -155,7 +155,7 @@ struct Run {
     probes: AtomicU64,
     faults: Mutex<Vec<String>>,
     recoveries: Mutex<Vec<Duration>>,
-    metrics_before: idempotency::Metrics,
+    metrics_before: idempotency::Counters,
 }
 
 impl Run {
@@ -171,7 +171,7 @@ impl Run {
             probes: AtomicU64::new(0),
             faults: Mutex::default(),
             recoveries: Mutex::default(),
-            metrics_before: idempotency::metrics(),
+            metrics_before: idempotency::counters(),
         })
     }
 
@@ -376,10 +376,10 @@ impl Run {
             recoveries.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
         );
         let _ = writeln!(report, "duplicates found    {}", duplicates.len());
-        let (m, b) = (idempotency::metrics(), &self.metrics_before);
+        let (m, b) = (idempotency::counters(), &self.metrics_before);
         let _ = writeln!(
             report,
-            "idempotency::metrics() over the run: misses={} hits={} conflicts={} takeovers={} store_errors={} leases_lost={} releases={}",
+            "idempotency::counters() over the run: misses={} hits={} conflicts={} takeovers={} store_errors={} leases_lost={} releases={}",
             m.misses - b.misses,
             m.hits - b.hits,
             m.conflicts - b.conflicts,

@@ -525,7 +525,7 @@ fn record(payload: &[u8], type_name: &str) -> Vec<u8> {
         ttl_ms: 60_000,
         type_name,
         operation: "",
-        schema: 0,
+        result_version: 0,
         payload,
     }
     .encode()

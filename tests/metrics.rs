@@ -169,7 +169,7 @@ async fn counters_and_histograms_reach_prometheus() {
     );
     // Bounded: until the waiter has counted its conflict (the refused call counted one).
     for _ in 0..1000 {
-        if idempotency::metrics().conflicts >= 2 {
+        if idempotency::counters().conflicts >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -204,7 +204,7 @@ async fn counters_and_histograms_reach_prometheus() {
     }
 
     // The process-wide snapshot counts the same events (this binary makes no other calls).
-    let snapshot = idempotency::metrics();
+    let snapshot = idempotency::counters();
     for (event, count) in [
         ("hit", snapshot.hits),
         ("miss", snapshot.misses),

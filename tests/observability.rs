@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem_support::AppError;
-use idempotency::{idempotent, metrics, MemoryStore, StorageKey, Store};
+use idempotency::{counters, idempotent, MemoryStore, StorageKey, Store};
 use tracing_subscriber::layer::SubscriberExt;
 
 /// Collects the `message` of every event with target `idem`.
@@ -62,7 +62,7 @@ async fn counters_and_events_follow_each_outcome() {
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
     let store = Arc::new(MemoryStore::new());
-    let before = metrics();
+    let before = counters();
 
     op(store.clone(), "a", 1, false, 0).await.unwrap(); // miss
     op(store.clone(), "a", 1, false, 0).await.unwrap(); // hit
@@ -87,7 +87,7 @@ async fn counters_and_events_follow_each_outcome() {
     tokio::time::sleep(Duration::from_millis(80)).await;
     op(store.clone(), "d", 1, false, 0).await.unwrap(); // miss + takeover
 
-    let after = metrics();
+    let after = counters();
     assert_eq!(after.misses - before.misses, 4);
     assert_eq!(after.hits - before.hits, 1);
     assert_eq!(after.key_reuses - before.key_reuses, 1);

@@ -170,7 +170,7 @@ async fn call_worker(store: Arc<dyn Store>, scope: String, ledger: PathBuf) {
         path => Hold::Until(path.into()),
     };
     let out = held(store, &ledger, &scope, env("IDEM_KEY"), hold).await;
-    let m = idempotency::metrics();
+    let m = idempotency::counters();
     report(
         "metrics",
         format_args!(

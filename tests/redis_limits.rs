@@ -117,7 +117,7 @@ async fn a_result_a_full_redis_cannot_store_is_returned_at_once_and_stored_later
     let mut admin = server.admin().await.unwrap();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let key = unique("full-result");
-    let before = idempotency::metrics().results_unstored;
+    let before = idempotency::counters().results_unstored;
     let mut filling = admin.clone();
     // The lease is long: a caller that waited for storing to succeed would wait for it.
     let out: Result<u32, Error> = Call::new(key.clone())
@@ -129,7 +129,7 @@ async fn a_result_a_full_redis_cannot_store_is_returned_at_once_and_stored_later
         })
         .await;
     assert_eq!(out.unwrap(), 9, "the body ran: its caller gets the result");
-    assert!(idempotency::metrics().results_unstored > before);
+    assert!(idempotency::counters().results_unstored > before);
     assert!(matches!(
         store.get(&key).await.unwrap().map(|r| r.state),
         Some(RecordState::InFlight { .. })

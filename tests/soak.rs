@@ -32,7 +32,7 @@
 //! client going away); no 422 and no 5xx but 503 (so no `500 #outcome-unknown` either); the
 //! store serves again after each restart, without being recreated. Printed: requests sent,
 //! responses by status, timeouts, handler starts and completions (in total and per key), what
-//! the final pass found, and `idempotency::metrics()`.
+//! the final pass found, and `idempotency::counters()`.
 //!
 //! ```text
 //! IDEM_REQUIRE_SERVICES=1 cargo test --all-features --test soak -- --nocapture
@@ -805,10 +805,10 @@ async fn http_example_under_retried_traffic_and_a_store_restart() {
         "keys paid twice (2+ handlers started) or answered with another payment's id: {} ({near_restart} first paid within 1 s of a store restart, {far_from_restart} not)",
         problems.len()
     );
-    let m = idempotency::metrics();
+    let m = idempotency::counters();
     let _ = writeln!(
         report,
-        "idempotency::metrics()     misses={} hits={} conflicts={} takeovers={} releases={} store_errors={} leases_lost={} unknown_outcomes={} results_unstored={} finished_detached={}",
+        "idempotency::counters()     misses={} hits={} conflicts={} takeovers={} releases={} store_errors={} leases_lost={} unknown_outcomes={} results_unstored={} finished_detached={}",
         m.misses, m.hits, m.conflicts, m.takeovers, m.releases, m.store_errors, m.leases_lost,
         m.unknown_outcomes, m.results_unstored, m.finished_detached
     );

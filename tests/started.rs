@@ -210,7 +210,7 @@ async fn a_detached_body_runs_to_its_end_after_the_caller_gives_up(store: Arc<dy
             "order-1".into(),
         )
     };
-    let finished_before = idempotency::metrics().finished_detached;
+    let finished_before = idempotency::counters().finished_detached;
 
     // The body is held at the gate (it "takes 400 ms"); the caller gives up after 50 ms.
     let gave_up = tokio::time::timeout(Duration::from_millis(50), call()).await;
@@ -242,7 +242,7 @@ async fn a_detached_body_runs_to_its_end_after_the_caller_gives_up(store: Arc<dy
         "a later retry replays the first run's value"
     );
     assert_eq!(ledger.starts(), 1, "one charge");
-    assert!(idempotency::metrics().finished_detached > finished_before);
+    assert!(idempotency::counters().finished_detached > finished_before);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ async fn abandon_once_started<F: std::future::Future>(call: F, ledger: &Ledger) 
 async fn an_abandoned_in_place_body_is_an_unknown_outcome_and_is_not_run_again(
     store: Arc<dyn Store>,
 ) {
-    let unknown_before = idempotency::metrics().unknown_outcomes;
+    let unknown_before = idempotency::counters().unknown_outcomes;
 
     // `&self` method.
     let account = Account::new(&store);
@@ -376,7 +376,7 @@ async fn an_abandoned_in_place_body_is_an_unknown_outcome_and_is_not_run_again(
     assert!(is_unknown(&retry), "{retry:?}");
     assert_eq!(ledger.starts(), 1, "detach = false: one charge");
 
-    assert!(idempotency::metrics().unknown_outcomes >= unknown_before + 3);
+    assert!(idempotency::counters().unknown_outcomes >= unknown_before + 3);
 }
 
 async fn an_abandoned_in_place_body_runs_again_under_on_unknown_rerun(store: Arc<dyn Store>) {

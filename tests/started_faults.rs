@@ -659,7 +659,7 @@ async fn charge_worker() {
     };
     let scope: Arc<str> = env("IDEM_SCOPE").into();
     let out = fenced_charge(store, ledger, starts, scope, env("IDEM_KEY"), hold).await;
-    let m = idempotency::metrics();
+    let m = idempotency::counters();
     report(
         "metrics",
         format_args!(
@@ -1093,7 +1093,7 @@ async fn redis_down(ends: BodyEnds, retry: Retry) {
         });
         let id = random_name("order");
         let call = || outage_pay(store.clone(), ledger.clone(), scope.clone(), id.clone());
-        let before = idempotency::metrics();
+        let before = idempotency::counters();
         let mut first = Some(tokio::spawn(call()));
         until(
             &format!("{tag} the body starts"),
@@ -1123,7 +1123,7 @@ async fn redis_down(ends: BodyEnds, retry: Retry) {
                     first.as_ref().is_some_and(|f| f.is_finished()),
                     "{tag} the caller got its result while Redis was down"
                 );
-                let unstored = idempotency::metrics().results_unstored - before.results_unstored;
+                let unstored = idempotency::counters().results_unstored - before.results_unstored;
                 assert!(unstored >= 1, "{tag} the result was returned unstored");
                 Some(first.take().expect("not awaited yet").await)
             }

@@ -274,7 +274,7 @@ fn sample_record(token: u64) -> Vec<u8> {
         ttl_ms: 86_400_000,
         type_name: std::any::type_name::<Receipt>(),
         operation: "",
-        schema: 0,
+        result_version: 0,
         payload: &payload,
     }
     .encode()

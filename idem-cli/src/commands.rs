@@ -165,7 +165,7 @@ fn describe(key: &StorageKey, stored: &StoredRecord) -> Outcome<Vec<Field>> {
     };
     fields.push(Field::plain("outcome", outcome));
     fields.push(Field::plain("operation", decoded.operation));
-    fields.push(Field::plain("schema_version", decoded.schema));
+    fields.push(Field::plain("schema_version", decoded.result_version));
     fields.push(Field::plain("type", decoded.type_name));
     // The writer's clock: the store's own expiry may differ by that clock's skew.
     let completed_at = UNIX_EPOCH + Duration::from_millis(decoded.completed_at_ms);

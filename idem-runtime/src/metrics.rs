@@ -1,4 +1,4 @@
-//! What idem counts and times: process-wide counters a user can read with [`metrics()`], and,
+//! What idem counts and times: process-wide counters a user can read with [`counters()`], and,
 //! with the `metrics` cargo feature, the same counts and three latency histograms sent through
 //! the [`metrics`](https://docs.rs/metrics) facade to whatever recorder the application
 //! installed (Prometheus, StatsD, OpenTelemetry, ...).
@@ -15,9 +15,9 @@
 //! | `idem_purge_errors_total` | counter | `backend` | purger passes that failed (retried at the next pass) |
 //! | `idem_purge_pass_seconds` | histogram | `backend` | how long one purger pass took |
 //!
-//! `event` of `idem_events_total` (each also a field of [`Metrics`]):
+//! `event` of `idem_events_total` (each also a field of [`Counters`]):
 //!
-//! | `event` | [`Metrics`] field | counted when |
+//! | `event` | [`Counters`] field | counted when |
 //! |---|---|---|
 //! | `hit` | `hits` | a call is answered from a stored record (a replay) |
 //! | `miss` | `misses` | a call claimed the key and runs the body |
@@ -43,8 +43,7 @@
 //!   `unnamed` for a [`Call`](crate::Call) made without an operation (such as the calls of the
 //!   HTTP layer). One value per idempotent function: bounded by the code.
 //! - `backend`: the store's [`backend`](crate::Store::backend) (`memory`, `sqlite`, `redis`,
-//!   `postgres`, ...); `unknown` for the one event counted where no store is at hand (a caller of
-//!   the HTTP layer that stopped waiting).
+//!   `postgres`, ...).
 //! - No `scope` label: scopes are per tenant or, in the HTTP layer, per client, so a scope
 //!   label would make one series per client, without bound. Keys are never labels either.
 //!
@@ -57,7 +56,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// A snapshot of idem's counters since the process started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Metrics {
+pub struct Counters {
     /// Calls answered by replaying a stored result.
     pub hits: u64,
     /// Calls that claimed the key and ran the body.
@@ -86,7 +85,7 @@ pub struct Metrics {
     pub finished_detached: u64,
 }
 
-/// Something idem counts: one field of [`Metrics`], one `event` of `idem_events_total`.
+/// Something idem counts: one field of [`Counters`], one `event` of `idem_events_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Event {
     Hit,
@@ -165,7 +164,7 @@ impl StoreOp {
 }
 
 #[derive(Default)]
-struct Counters {
+struct Atomics {
     hits: AtomicU64,
     misses: AtomicU64,
     conflicts: AtomicU64,
@@ -179,7 +178,7 @@ struct Counters {
     finished_detached: AtomicU64,
 }
 
-static COUNTERS: Counters = Counters {
+static COUNTERS: Atomics = Atomics {
     hits: AtomicU64::new(0),
     misses: AtomicU64::new(0),
     conflicts: AtomicU64::new(0),
@@ -368,9 +367,9 @@ fn describe_once() {
 }
 
 /// Reads idem's process-wide counters.
-pub fn metrics() -> Metrics {
+pub fn counters() -> Counters {
     let c = &COUNTERS;
-    Metrics {
+    Counters {
         hits: c.hits.load(Relaxed),
         misses: c.misses.load(Relaxed),
         conflicts: c.conflicts.load(Relaxed),

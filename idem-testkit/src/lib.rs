@@ -84,7 +84,7 @@ pub fn record_bytes(token: u64, payload: &str, type_name: &str) -> Vec<u8> {
         ttl_ms: 60_000,
         type_name,
         operation: "",
-        schema: 0,
+        result_version: 0,
         payload: payload.as_bytes(),
     }
     .encode()

@@ -17,7 +17,7 @@ use crate::metrics::{count, timed, Event, Labels, StoreOp};
 use crate::store::{FencingToken, Store};
 
 use super::running::{spawn_helper, spawn_work};
-use super::storing::{complete, Patience};
+use super::storing::{store_with_retries, Patience};
 
 /// The longest a background task goes on trying to store a result.
 const MAX_BACKGROUND_STORING: Duration = Duration::from_secs(24 * 3600);
@@ -115,8 +115,8 @@ impl Background {
     /// Goes on storing `record` (`what`: a result, an unknown outcome), renewing the lease
     /// meanwhile if `renewal` is given, until it lands, the key is taken over, or the ttl (at
     /// most a day) passes. `attempted`: an earlier attempt may have been applied (see
-    /// [`complete`]).
-    pub(super) fn complete(
+    /// [`store_with_retries`]).
+    pub(super) fn store_later(
         &self,
         what: &'static str,
         record: Vec<u8>,
@@ -133,7 +133,7 @@ impl Background {
         spawn_work(&self.runtime, |cut| async move {
             let _renewal = renewal;
             let until = Instant::now() + ttl.min(MAX_BACKGROUND_STORING);
-            match complete(
+            match store_with_retries(
                 &*store,
                 &key,
                 token,

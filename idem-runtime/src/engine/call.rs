@@ -9,11 +9,11 @@ use crate::fingerprint::Fingerprint;
 use crate::key::{IntoKey, Operation, StorageKey};
 use crate::metrics::{count, Event, Labels};
 use crate::record::Expected;
-use crate::replay::{ReplayInfo, Served};
+use crate::observe::{ReplayInfo, Served};
 use crate::store::{default_store, IntoStore, Store};
 
 use super::background::{Abandoned, Background};
-use super::claim::{claim, replay, Claimed};
+use super::claim::{claim, decode_stored, Claimed};
 use super::finish::Holding;
 use super::policy::{
     ErrorPolicy, IdempotentResult, OnConflict, OnUnknown, DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES,
@@ -39,7 +39,7 @@ pub struct Call {
     max_record_bytes: usize,
     on_unknown: OnUnknown,
     recovery: Option<Duration>,
-    schema: u32,
+    version: u32,
 }
 
 impl Call {
@@ -62,7 +62,7 @@ impl Call {
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             on_unknown: OnUnknown::Refuse,
             recovery: None,
-            schema: 0,
+            version: 0,
         }
     }
 
@@ -156,7 +156,7 @@ impl Call {
     /// into; records of another version are then [`Error::TypeMismatch`] (never decoded) until
     /// their ttl runs out. Default 0.
     pub fn version(mut self, version: u32) -> Self {
-        self.schema = version;
+        self.version = version;
         self
     }
 
@@ -220,14 +220,14 @@ impl Call {
     {
         match self.begin::<R, H>(&errors, hook).await {
             Begun::Answer(answer, served) => {
-                crate::replay::record(|| served);
+                crate::observe::record(|| served);
                 answer
             }
             Begun::Claimed(holding) => {
                 let ran = holding.served();
                 let (out, _) = holding.finish(errors, body, None, None).await;
                 if let Some(ran) = ran {
-                    crate::replay::record(|| ran);
+                    crate::observe::record(|| ran);
                 }
                 out
             }
@@ -278,7 +278,7 @@ impl Call {
         // until its lease ends; the body has not started then, so nothing runs twice.
         let holding = match self.begin::<R, H>(&errors, hook).await {
             Begun::Answer(answer, served) => {
-                crate::replay::record(|| served);
+                crate::observe::record(|| served);
                 return Ok(answer);
             }
             Begun::Claimed(holding) => holding,
@@ -298,7 +298,7 @@ impl Call {
         let joined = task.await;
         abandoned.disarm();
         if let Some(ran) = ran {
-            crate::replay::record(|| ran);
+            crate::observe::record(|| ran);
         }
         match joined {
             Ok(result) => Ok(result),
@@ -339,7 +339,7 @@ impl Call {
         let labels = Labels::new(operation, store.backend());
         let expect = Expected {
             operation,
-            schema: self.schema,
+            result_version: self.version,
         };
         let claimed = claim(
             &*store,
@@ -355,7 +355,7 @@ impl Call {
             Ok(Claimed::Replay(bytes)) => {
                 count(Event::Hit, labels);
                 tracing::debug!(target: "idem", key = %key, "replay");
-                return match replay::<R::Ok, R::Err>(&key, &bytes, errors, &expect) {
+                return match decode_stored::<R::Ok, R::Err>(&key, &bytes, errors, &expect) {
                     Ok((Ok(value), info)) => {
                         let value = hook(value, &info);
                         Begun::Answer(R::from_result(Ok(value)), Served::Replayed(info))

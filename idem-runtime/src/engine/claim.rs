@@ -12,7 +12,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Labels, Stopwatch, StoreOp};
 use crate::record::{Expected, Outcome, Record};
-use crate::replay::ReplayInfo;
+use crate::observe::ReplayInfo;
 use crate::store::{Claim, FencingToken, Store, WAIT_SAFETY_NET};
 
 use super::policy::{ErrorPolicy, OnConflict};
@@ -115,7 +115,7 @@ impl Drop for Waiting {
 /// of it, or the error that says why it cannot be replayed (an unknown outcome, another
 /// operation or version, a damaged record).
 #[allow(clippy::type_complexity)]
-pub(super) fn replay<T: DeserializeOwned, E: From<Error>>(
+pub(super) fn decode_stored<T: DeserializeOwned, E: From<Error>>(
     key: &StorageKey,
     bytes: &[u8],
     errors: &ErrorPolicy<E>,

@@ -17,13 +17,13 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Stopwatch, StoreOp};
 use crate::record::{encode_payload, Expected, Outcome, Record};
-use crate::replay::{self, Served};
+use crate::observe::{self, Served};
 use crate::store::FencingToken;
 
 use super::background::{Background, Renewal};
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
 use super::running::{Cut, Ended};
-use super::storing::{complete, Patience};
+use super::storing::{store_with_retries, Patience};
 
 /// A claimed key and everything needed to run the body under it, store its outcome, and do the
 /// work that outlives the caller. Owned (`'static`), so that it can move to a task of its own.
@@ -64,7 +64,7 @@ impl Holding {
     /// How the call is served, for an [`observe`](crate::observe) that listens (`None` if none
     /// does, so that nothing is cloned for nobody).
     pub(super) fn served(&self) -> Option<Served> {
-        replay::observing().then(|| Served::Ran {
+        observe::observing().then(|| Served::Ran {
             key: self.key().clone(),
             token: self.token(),
             takeover: self.takeover,
@@ -212,7 +212,7 @@ impl Holding {
             fingerprint: self.fingerprint,
             type_name,
             operation: self.expect.operation.unwrap_or(""),
-            schema: self.expect.schema,
+            result_version: self.expect.result_version,
             ..Record::now(outcome, token.0, self.ttl, &payload)
         }
         .encode_checked(self.max_record_bytes);
@@ -249,7 +249,7 @@ impl Holding {
     }
 
     /// Stores `record`, retrying store errors for up to a lease while the caller waits, then in
-    /// the background (see [`complete`]).
+    /// the background (see [`store_with_retries`]).
     async fn store(&self, record: Vec<u8>, ttl: Duration) -> Stored {
         let until = Instant::now() + self.lease;
         // If this call is dropped while storing (a client went away), storing finishes in the
@@ -261,7 +261,7 @@ impl Holding {
             armed: true,
         };
         let bg = &self.background;
-        let stored = complete(
+        let stored = store_with_retries(
             &*bg.store,
             &bg.key,
             bg.token,
@@ -284,7 +284,7 @@ impl Holding {
                 Stored::Lost
             }
             Err(e) => {
-                bg.complete("a result", record, ttl, true, self.take_renewal());
+                bg.store_later("a result", record, ttl, true, self.take_renewal());
                 Stored::Pending(e)
             }
         }
@@ -378,7 +378,7 @@ impl Holding {
                     "outcome unknown; recording it (at most once)");
                 let record = Record::unknown(token.0, reason, self.recovery).encode();
                 let renewal = self.take_renewal();
-                self.background.complete(
+                self.background.store_later(
                     "an unknown outcome",
                     record,
                     self.recovery,
@@ -432,7 +432,7 @@ impl Drop for FinishGuard<'_> {
         tracing::debug!(target: "idem", key = %self.holding.key(), token = self.holding.token().0,
             "call dropped while storing its result; finishing in the background");
         // The dropped attempt may have been applied: `attempted = true`.
-        self.holding.background.complete(
+        self.holding.background.store_later(
             "a dropped call's result",
             self.record.to_vec(),
             self.ttl,

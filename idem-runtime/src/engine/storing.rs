@@ -33,7 +33,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// ([`Error::StoreFull`]) ends the attempts of a caller at once (`background`: keep trying).
 /// `labels`: the call's, for its metrics.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn complete(
+pub(super) async fn store_with_retries(
     store: &dyn Store,
     key: &StorageKey,
     token: FencingToken,

@@ -35,8 +35,8 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 
-mod replay;
-pub use replay::Expected;
+mod expect;
+pub use expect::Expected;
 
 /// The magic bytes every record starts with.
 pub const MAGIC: &[u8; 4] = b"IDEM";
@@ -81,7 +81,7 @@ pub struct Record<'a> {
     pub operation: &'a str,
     /// The result's schema version (`version = N` of the attribute; 0 by default and for
     /// version 1 records).
-    pub schema: u32,
+    pub result_version: u32,
     /// The encoded value.
     pub payload: &'a [u8],
 }
@@ -101,7 +101,7 @@ impl<'a> Record<'a> {
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             type_name: "",
             operation: "",
-            schema: 0,
+            result_version: 0,
             payload,
         }
     }
@@ -147,7 +147,7 @@ impl<'a> Record<'a> {
         let operation = type_name_key(self.operation).as_bytes();
         out.extend_from_slice(&(operation.len() as u16).to_be_bytes());
         out.extend_from_slice(operation);
-        out.extend_from_slice(&self.schema.to_be_bytes());
+        out.extend_from_slice(&self.result_version.to_be_bytes());
         out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
         out.extend_from_slice(self.payload);
         let crc = crc32fast::hash(&out);
@@ -214,7 +214,7 @@ impl<'a> Record<'a> {
         let name_len = r.u16()? as usize;
         let type_name = std::str::from_utf8(r.take(name_len)?)
             .map_err(|_| Error::corrupt("type name is not UTF-8"))?;
-        let (operation, schema) = if version >= 2 {
+        let (operation, result_version) = if version >= 2 {
             let op_len = r.u16()? as usize;
             let operation = std::str::from_utf8(r.take(op_len)?)
                 .map_err(|_| Error::corrupt("operation name is not UTF-8"))?;
@@ -235,7 +235,7 @@ impl<'a> Record<'a> {
             ttl_ms,
             type_name,
             operation,
-            schema,
+            result_version,
             payload,
         })
     }

@@ -10,7 +10,7 @@ fn sample() -> Record<'static> {
         ttl_ms: 86_400_000,
         type_name: "app::Receipt",
         operation: "billing.charge",
-        schema: 3,
+        result_version: 3,
         payload: br#"{"id":"r_1","amount":500}"#,
     }
 }
@@ -78,7 +78,7 @@ fn golden_v1_bytes_still_decode() {
         record,
         Record {
             operation: "",
-            schema: 0,
+            result_version: 0,
             ..sample()
         }
     );
@@ -200,7 +200,7 @@ mod proptests {
             ttl_ms: f.4,
             type_name: &f.5,
             operation: &f.7 .0,
-            schema: f.7 .1,
+            result_version: f.7 .1,
             payload: &f.6,
         }
     }

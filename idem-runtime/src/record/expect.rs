@@ -11,7 +11,7 @@ pub struct Expected<'e> {
     /// The caller's operation name; `None` for a plain `Call`.
     pub operation: Option<&'e str>,
     /// The caller's schema version (`version = N`).
-    pub schema: u32,
+    pub result_version: u32,
 }
 
 impl Record<'_> {
@@ -29,7 +29,7 @@ impl Record<'_> {
         // Records of version 1 (no operation) and of plain calls carry no operation to compare;
         // a different one cannot share a storage key unless SHA-256 collides, but is refused.
         let other_operation = matches!(expected.operation, Some(op) if !self.operation.is_empty() && self.operation != op);
-        if other_operation || self.schema != expected.schema {
+        if other_operation || self.result_version != expected.result_version {
             return Err(self.mismatch(expected, ty, None));
         }
         decode(self.payload).map_err(|e| {
@@ -42,7 +42,7 @@ impl Record<'_> {
 
     /// [`Error::TypeMismatch`]: this record is not what a caller of type `ty` expected.
     pub fn mismatch(&self, expected: &Expected<'_>, ty: &str, why: Option<String>) -> Error {
-        let mut found = format!("version {}", self.schema);
+        let mut found = format!("version {}", self.result_version);
         if !self.operation.is_empty() {
             found = format!("{found} of `{}`", self.operation);
         }
@@ -53,8 +53,8 @@ impl Record<'_> {
             found = format!("{found} ({why})");
         }
         let expected = match expected.operation {
-            Some(op) => format!("version {} of `{op}`, as `{ty}`", expected.schema),
-            None => format!("version {}, as `{ty}`", expected.schema),
+            Some(op) => format!("version {} of `{op}`, as `{ty}`", expected.result_version),
+            None => format!("version {}, as `{ty}`", expected.result_version),
         };
         Error::TypeMismatch {
             expected,
