@@ -7,7 +7,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use idempotency::{Claim, MemoryStore, StorageKey, Store};
+use idempotency::{MemoryStore, StorageKey, Store};
+use idempotency::store::{Claim};
 
 /// The system allocator, counting the bytes live on the heap.
 struct Counting;

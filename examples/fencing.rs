@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use idempotency::postgres::tokio_postgres::{self, NoTls};
 use idempotency::Operation;
-use idempotency::{idempotent, Claim, FencingToken, PostgresStore, StorageKey, Store};
+use idempotency::{idempotent, PostgresStore, StorageKey, Store};
+use idempotency::store::{Claim, FencingToken};
 
 #[derive(Debug)]
 enum DebitError {
@@ -79,7 +80,7 @@ async fn debit(
     account: i64,
     amount: i64,
 ) -> Result<i64, DebitError> {
-    let call = idempotency::current().expect("inside an idempotent call");
+    let call = idempotency::context::current().expect("inside an idempotent call");
     println!(
         "   B's body runs with token {} (takeover: {})",
         call.token().0,

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idempotency::Operation;
-use idempotency::{idempotent, PostgresStore, RecordState, StorageKey, Store};
+use idempotency::{idempotent, PostgresStore, StorageKey, Store};
+use idempotency::store::{RecordState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use idempotency::redis::redis;
 use idempotency::Operation;
-use idempotency::{idempotent, RecordState, RedisStore, StorageKey, Store};
+use idempotency::{idempotent, RedisStore, StorageKey, Store};
+use idempotency::store::{RecordState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

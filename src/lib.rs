@@ -63,7 +63,7 @@
 //!   (at most once, the default) or released (at least once) per [`OnUnknown`]. An `Err` the body
 //!   returns (unless kept) releases the claim, so a retry runs at once. A crashed process's claim
 //!   is taken over when its lease expires.
-//! - **Fencing reaches the body**: inside a body, [`current()`] gives its [`CallContext`]: the
+//! - **Fencing reaches the body**: inside a body, [`context::current()`] gives its [`CallContext`](context::CallContext): the
 //!   fencing token to pass to the downstream write, and whether the claim was lost.
 //! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
 //! - **Safe across deploys**: an operation's `name = "..."` is part of its storage key and
@@ -96,13 +96,35 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idem_macros::idempotent;
-pub use idem_runtime::context::{current, token};
 pub use idem_runtime::{
-    connect, counters, default_store, install, metrics, Call, Counters, CallContext, Claim, Error, ErrorPolicy,
-    FencingToken, Fingerprint, FingerprintBuilder, Fingerprintable, IdempotentResult, IntoDuration,
-    IntoKey, IntoStore, MemoryStore, OnConflict, OnUnknown, Operation, RecordState,
-    Result, Storable, StorageKey, Store, StoredRecord, ABANDONED_CLAIM_RETENTION, MIN_LEASE,
+    connect, counters, default_store, drain, install, metrics, observe, running, Call, Counters,
+    DrainReport, Error, ErrorPolicy, Fingerprint, FingerprintBuilder, Fingerprintable,
+    IdempotentResult, IntoDuration, IntoKey, IntoStore, MemoryStore, OnConflict, OnReplay,
+    OnUnknown, Operation, ReplayInfo, Result, Served, Storable, StorageKey, Store, MIN_LEASE,
 };
+
+/// What a running body knows of its own call: [`context::current()`] gives its
+/// [`CallContext`](context::CallContext) (the fencing token to hand to the downstream write,
+/// whether the claim was lost, by the store's word or the holder's own deadline), and
+/// [`context::token()`] the token alone.
+pub mod context {
+    pub use idem_runtime::context::{current, token, CallContext, CLOCK_MARGIN};
+    pub use idem_runtime::FencingToken;
+}
+
+/// For the authors of stores and for operators: the store protocol's types ([`Store`],
+/// [`Claim`](store::Claim), [`StoredRecord`](store::StoredRecord), ...), what an operator sees
+/// and does ([`forget`](store::forget), [`scan`](Store::scan)'s [`ScanPage`](store::ScanPage),
+/// the background [`Purger`](store::Purger)), and store URLs. A function author needs none of
+/// it: the root has the stores and [`connect`].
+pub mod store {
+    pub use idem_runtime::store::memory::MemoryStoreBuilder;
+    pub use idem_runtime::store::{
+        redact_url, Claim, FencingToken, Forgotten, RecordState, RecordSummary, ScanPage,
+        StoreUrl, StoredRecord, ABANDONED_CLAIM_RETENTION,
+    };
+    pub use idem_runtime::{forget, Purger, PurgerHandle, PurgerStats, Store};
+}
 
 /// The client side of `Idempotency-Key`: a `reqwest-middleware` middleware and a tower layer
 /// that attach one key per operation, keep it across every retry, and wait out 409 Conflict.
@@ -117,10 +139,6 @@ pub use idem_runtime::PostgresStore;
 pub use idem_runtime::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use idem_runtime::SqliteStore;
-pub use idem_runtime::{drain, running, DrainReport};
-pub use idem_runtime::{forget, Forgotten, RecordSummary, ScanPage};
-pub use idem_runtime::{observe, OnReplay, ReplayInfo, Served};
-pub use idem_runtime::{store::memory::MemoryStoreBuilder, Purger, PurgerHandle, PurgerStats};
 
 /// The PostgreSQL backend's defaults and client crates, for [`PostgresStore`].
 #[cfg(feature = "postgres")]

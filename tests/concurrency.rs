@@ -307,7 +307,7 @@ async fn an_expired_claim_is_taken_over() {
         .claim(&key, Some(&fp), Duration::from_millis(100))
         .await
         .unwrap();
-    let idempotency::Claim::Acquired { token: stale, .. } = claim else {
+    let idempotency::store::Claim::Acquired { token: stale, .. } = claim else {
         panic!("{claim:?}")
     };
     assert!(matches!(
@@ -391,7 +391,7 @@ fn a_stalled_holder_gets_lease_lost_and_the_newer_result_stands() {
     )
     .unwrap();
     let rec = rt().block_on(store.get(&key)).unwrap().unwrap();
-    let idempotency::RecordState::Completed { token, record } = rec.state else {
+    let idempotency::store::RecordState::Completed { token, record } = rec.state else {
         panic!()
     };
     let decoded = idem_runtime::record::Record::decode(&record).unwrap();

@@ -13,10 +13,8 @@ use std::time::Duration;
 
 use idem_support::postgres::{admin, url};
 use idempotency::postgres::tokio_postgres;
-use idempotency::{
-    Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, Forgotten, PostgresStore,
-    RecordState, StorageKey, Store,
-};
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey, Store};
+use idempotency::store::{Claim, FencingToken, Forgotten, RecordState};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -272,7 +270,7 @@ async fn claims_are_kept_until_abandoned() {
     let Some(store) = fresh_postgres().await else {
         return;
     };
-    let retention = idempotency::ABANDONED_CLAIM_RETENTION.as_secs();
+    let retention = idempotency::store::ABANDONED_CLAIM_RETENTION.as_secs();
     let (gone, kept) = (key("gone"), key("kept"));
     let t_gone = acquire(&store, &gone, 1, LONG).await;
     let t_kept = acquire(&store, &kept, 1, LONG).await;
@@ -318,7 +316,7 @@ async fn purge_up_to_removes_at_most_the_limit() {
     let Some(store) = fresh_postgres().await else {
         return;
     };
-    let retention = idempotency::ABANDONED_CLAIM_RETENTION.as_secs();
+    let retention = idempotency::store::ABANDONED_CLAIM_RETENTION.as_secs();
     for i in 0..3 {
         acquire_and_complete(&store, &key(&format!("done{i}"))).await;
     }

@@ -13,11 +13,9 @@ use idem_runtime::record::{Outcome, Record};
 use idem_support::redis::url;
 use idem_support::unique;
 use idempotency::redis::redis;
-use idempotency::ABANDONED_CLAIM_RETENTION;
-use idempotency::{
-    Call, Claim, Error, ErrorPolicy, FencingToken, Fingerprint, RecordState, RedisStore,
-    StorageKey, Store,
-};
+use idempotency::store::ABANDONED_CLAIM_RETENTION;
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
+use idempotency::store::{Claim, FencingToken, RecordState};
 use redis::aio::MultiplexedConnection;
 
 /// A plain connection for looking at what the store wrote, or `None` (skipped) without Redis.

@@ -1,11 +1,12 @@
 //! The conformance suite (idem-testkit) against `SqliteStore`, each test with a database file
-//! of its own; and `idempotency::forget` on what `#[idempotent]` stored there.
+//! of its own; and `idempotency::store::forget` on what `#[idempotent]` stored there.
 #![cfg(feature = "sqlite")]
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
-use idempotency::{idempotent, Error, Forgotten, SqliteStore, Store};
+use idempotency::{idempotent, Error, SqliteStore, Store};
+use idempotency::store::{Forgotten};
 
 idem_testkit::conformance!(idem_support::sqlite, native_expiry = false);
 
@@ -40,7 +41,7 @@ async fn the_facade_forgets_what_the_attribute_stored() {
 
     for (name, scope, key) in [("billing.charge", "other", 42), ("billing.charge", "", 42)] {
         assert_eq!(
-            idempotency::forget(store.clone(), name, scope, &key, false)
+            idempotency::store::forget(store.clone(), name, scope, &key, false)
                 .await
                 .unwrap(),
             Forgotten::Absent,
@@ -48,11 +49,11 @@ async fn the_facade_forgets_what_the_attribute_stored() {
         );
     }
     assert!(matches!(
-        idempotency::forget(store.clone(), "billing.charge", "acme", &42, false).await,
+        idempotency::store::forget(store.clone(), "billing.charge", "acme", &42, false).await,
         Ok(Forgotten::Completed { .. })
     ));
     assert!(matches!(
-        idempotency::forget(store.clone(), "billing.refund", "", "42", false).await,
+        idempotency::store::forget(store.clone(), "billing.refund", "", "42", false).await,
         Ok(Forgotten::Completed { .. })
     ));
     assert_eq!(charge(&store, "acme", 43).await.unwrap(), 430);
@@ -60,7 +61,7 @@ async fn the_facade_forgets_what_the_attribute_stored() {
     assert_eq!(charge(&store, "acme", 42).await.unwrap(), 420);
     assert_eq!(CHARGES.load(SeqCst), 3, "the forgotten order runs again");
     assert!(matches!(
-        idempotency::forget(store.clone(), "billing.charge", "acme", "", false).await,
+        idempotency::store::forget(store.clone(), "billing.charge", "acme", "", false).await,
         Err(Error::InvalidKey { .. })
     ));
     assert_eq!(store.scan(None, 10).await.unwrap().records.len(), 2);

@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 
 use idem_testkit::{Hooks, Intercept};
 use idempotency::Operation;
-use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
+use idempotency::{idempotent, Error, StorageKey, Store};
+use idempotency::store::{RecordState};
 
 /// Concurrent calling tasks.
 const TASKS: usize = 32;
@@ -451,7 +452,7 @@ impl Hooks for Script {
         &self,
         inner: &dyn Store,
         key: &StorageKey,
-        token: idempotency::FencingToken,
+        token: idempotency::store::FencingToken,
         record: &[u8],
         ttl: Duration,
     ) -> idempotency::Result<()> {

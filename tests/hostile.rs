@@ -25,10 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::record::{Outcome, Record};
-use idempotency::{
-    idempotent, Call, Claim, Error, ErrorPolicy, Fingerprint, MemoryStore, OnUnknown, RecordState,
-    StorageKey, Store, StoredRecord,
-};
+use idempotency::{idempotent, Call, Error, ErrorPolicy, Fingerprint, MemoryStore, OnUnknown, StorageKey, Store};
+use idempotency::store::{Claim, RecordState, StoredRecord};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::{Deserialize, Serialize};

@@ -19,9 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use idem_testkit::{Hooks, Intercept};
-use idempotency::{
-    Call, Error, ErrorPolicy, FencingToken, MemoryStore, OnConflict, StorageKey, Store,
-};
+use idempotency::{Call, Error, ErrorPolicy, MemoryStore, OnConflict, StorageKey, Store};
+use idempotency::store::{FencingToken};
 use tokio::sync::Notify;
 
 /// The stores of these tests, by name, or `None` for one that is unreachable (skipped).
@@ -99,7 +98,7 @@ async fn unreachable(name: &str, store: Arc<dyn Store>) {
                 .store(store)
                 .lease(lease)
                 .run(ErrorPolicy::never(), async move {
-                    let call = idempotency::current().expect("inside the call");
+                    let call = idempotency::context::current().expect("inside the call");
                     started.notify_one();
                     // Slow work, during which the store cannot be reached to renew; meanwhile
                     // another caller takes the key over.

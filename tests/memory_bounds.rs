@@ -6,10 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idem_runtime::Forgotten;
-use idempotency::{
-    Call, Claim, Error, ErrorPolicy, FencingToken, MemoryStore, StorageKey, Store,
-    ABANDONED_CLAIM_RETENTION,
-};
+use idempotency::{Call, Error, ErrorPolicy, MemoryStore, StorageKey, Store};
+use idempotency::store::{Claim, FencingToken, ABANDONED_CLAIM_RETENTION};
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -95,7 +93,7 @@ async fn full_by_bytes_refuses_claims_and_results_that_do_not_fit() {
     // A refused result changed nothing: the claim is still its holder's, and a smaller one fits.
     assert!(matches!(
         store.get(&key("b")).await.unwrap().unwrap().state,
-        idempotency::RecordState::InFlight { token } if token == b
+        idempotency::store::RecordState::InFlight { token } if token == b
     ));
     store.complete(&key("b"), b, &[2; 40], LONG).await.unwrap();
     assert_eq!(store.bytes(), 2 * entry + 90);
@@ -247,7 +245,7 @@ async fn scan_pages_through_every_record_once() {
         seen.extend(page.records.iter().map(|r| r.key.clone()));
         if let Some(r) = page.records.iter().find(|r| r.key == key("in-flight")) {
             assert!(r.in_flight());
-            assert_eq!(r.state, idempotency::RecordState::InFlight { token: held });
+            assert_eq!(r.state, idempotency::store::RecordState::InFlight { token: held });
         }
         cursor = page.next;
         if cursor.is_none() {

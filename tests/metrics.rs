@@ -249,7 +249,7 @@ async fn counters_and_histograms_reach_prometheus() {
             .await
             .unwrap()
         {
-            idempotency::Claim::Acquired { token, .. } => token,
+            idempotency::store::Claim::Acquired { token, .. } => token,
             other => panic!("{other:?}"),
         };
         purged_store
@@ -258,7 +258,7 @@ async fn counters_and_histograms_reach_prometheus() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let purger = idempotency::Purger::new()
+    let purger = idempotency::store::Purger::new()
         .interval(Duration::from_millis(20))
         .spawn_for(&purged_store)
         .unwrap();

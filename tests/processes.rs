@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use idem_support::process;
 use idempotency::Operation;
-use idempotency::{idempotent, Error, RecordState, StorageKey, Store};
+use idempotency::{idempotent, Error, StorageKey, Store};
+use idempotency::store::{RecordState};
 use rand::seq::SliceRandom;
 use tempfile::TempDir;
 

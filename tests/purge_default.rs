@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-use idempotency::{Claim, Purger, StorageKey, Store};
+use idempotency::{StorageKey, Store};
+use idempotency::store::{Claim, Purger};
 
 /// The short schedule of the tests: a pass every 50 ms.
 fn quick() -> Purger {

@@ -225,7 +225,8 @@ mod restartable_sqlite {
 
     use async_trait::async_trait;
     use idempotency::SqliteStore;
-    use idempotency::{Claim, Error, FencingToken, Fingerprint, StorageKey, Store, StoredRecord};
+    use idempotency::{Error, Fingerprint, StorageKey, Store};
+    use idempotency::store::{Claim, FencingToken, StoredRecord};
 
     /// An `SqliteStore` that can be "restarted": dropped, unavailable for a moment (every call
     /// fails with `Error::Store`), and opened again on the same file.

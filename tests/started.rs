@@ -27,7 +27,8 @@ use std::time::Duration;
 use idem_support::AppError;
 use idem_testkit::{Hooks, Intercept};
 use idempotency::Operation;
-use idempotency::{idempotent, Claim, Error, FencingToken, StorageKey, Store};
+use idempotency::{idempotent, Error, StorageKey, Store};
+use idempotency::store::{Claim, FencingToken};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -102,9 +103,9 @@ impl Ledger {
     /// The first line of every body, before any `.await`.
     fn start(&self) {
         self.starts.send_modify(|n| *n += 1);
-        let call = idempotency::current().expect("a body runs inside its call's context");
-        assert_eq!(idempotency::token(), Some(call.token()));
-        assert_eq!(idempotency::token(), Some(call.token()));
+        let call = idempotency::context::current().expect("a body runs inside its call's context");
+        assert_eq!(idempotency::context::token(), Some(call.token()));
+        assert_eq!(idempotency::context::token(), Some(call.token()));
         self.holders
             .lock()
             .unwrap()
@@ -613,7 +614,7 @@ async fn guarded(
     key: String,
 ) -> Result<u64, AppError> {
     ledger.start();
-    let call = idempotency::current().expect("inside a body");
+    let call = idempotency::context::current().expect("inside a body");
     if !call.is_takeover() {
         // The first holder stalls (a slow dependency) until its claim is lost.
         seen.lock()
@@ -649,10 +650,10 @@ where
 
 async fn a_body_is_told_its_claim_was_lost_and_skips_its_side_effect(store: Arc<dyn Store>) {
     assert!(
-        idempotency::current().is_none(),
+        idempotency::context::current().is_none(),
         "no context outside a body"
     );
-    assert!(idempotency::token().is_none());
+    assert!(idempotency::context::token().is_none());
     let flaky = failing_renewals(&store);
     let shared: Arc<dyn Store> = Arc::new(flaky.clone());
     let (ledger, seen): (_, Seen) = (Ledger::new(), Seen::default());
@@ -715,11 +716,11 @@ mod fenced {
         key: String,
     ) -> Result<u64, AppError> {
         ledger.start();
-        let call = idempotency::current().expect("inside a body");
+        let call = idempotency::context::current().expect("inside a body");
         if !call.is_takeover() {
             gate.pass().await;
         }
-        let token = i64::try_from(idempotency::token().expect("inside a body").0).unwrap();
+        let token = i64::try_from(idempotency::context::token().expect("inside a body").0).unwrap();
         let rows = db
             .execute(
                 &format!(

@@ -63,9 +63,9 @@ use std::time::{Duration, Instant};
 
 use idem_support::process;
 use idempotency::postgres::tokio_postgres;
-use idempotency::{
-    idempotent, CallContext, Error, PostgresStore, RecordState, RedisStore, StorageKey, Store,
-};
+use idempotency::{idempotent, Error, PostgresStore, RedisStore, StorageKey, Store};
+use idempotency::store::{RecordState};
+use idempotency::context::{CallContext};
 
 use idem_support::redis::DeletePrefix;
 use idem_support::slow_proxy::{self, SlowProxy};
@@ -267,7 +267,7 @@ async fn slow_pay(
     id: String,
 ) -> Result<String, Error> {
     ledger.starts.fetch_add(1, SeqCst);
-    let call = idempotency::current().expect("a body runs inside its call");
+    let call = idempotency::context::current().expect("a body runs inside its call");
     let me = ledger.begin(&call);
     // Notes when (if ever) this body is told that it lost the claim.
     let (watch, watched) = (call.clone(), ledger.clone());
@@ -309,11 +309,11 @@ async fn warm_up(store: &dyn Store, scope: &str) {
     let long = Duration::from_secs(60);
     let claim_all = |keys: Vec<StorageKey>| async move {
         let claims = futures::future::join_all(keys.iter().map(|k| store.claim(k, None, long)));
-        let tokens: Vec<idempotency::FencingToken> = claims
+        let tokens: Vec<idempotency::store::FencingToken> = claims
             .await
             .into_iter()
             .map(|c| match c {
-                Ok(idempotency::Claim::Acquired { token, .. }) => token,
+                Ok(idempotency::store::Claim::Acquired { token, .. }) => token,
                 other => panic!("warm-up claim: {other:?}"),
             })
             .collect();
@@ -591,7 +591,7 @@ async fn fenced_charge(
     hold: Option<PathBuf>,
 ) -> Result<String, Error> {
     idem_support::append_line(&starts, &format!("start {}\n", std::process::id()));
-    let call = idempotency::current().expect("a body runs inside its call");
+    let call = idempotency::context::current().expect("a body runs inside its call");
     report(
         "started",
         format_args!(
@@ -996,7 +996,7 @@ enum BodyEnds {
 struct OutageLedger {
     ends: BodyEnds,
     /// The storage key and token of the body's call.
-    call: Mutex<Option<(StorageKey, idempotency::FencingToken)>>,
+    call: Mutex<Option<(StorageKey, idempotency::store::FencingToken)>>,
     charges: AtomicUsize,
     started: AtomicBool,
     stopped: AtomicBool,
@@ -1011,7 +1011,7 @@ async fn outage_pay(
     id: String,
 ) -> Result<String, Error> {
     ledger.charges.fetch_add(1, SeqCst);
-    let call = idempotency::current().expect("a body runs inside its call");
+    let call = idempotency::context::current().expect("a body runs inside its call");
     let token = call.token();
     *ledger.call.lock().unwrap() = Some((call.key().clone(), token));
     ledger.started.store(true, SeqCst);
@@ -1034,7 +1034,7 @@ async fn outage_pay(
 async fn wait_landed(
     store: &dyn Store,
     key: &StorageKey,
-    token: idempotency::FencingToken,
+    token: idempotency::store::FencingToken,
     tag: &str,
 ) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1229,7 +1229,7 @@ async fn outage_stale_pay(
     id: String,
     taker: bool,
 ) -> Result<String, Error> {
-    let call = idempotency::current().expect("a body runs inside its call");
+    let call = idempotency::context::current().expect("a body runs inside its call");
     if taker {
         ledger.charges.fetch_add(1, SeqCst);
         ledger.taken_over.store(true, SeqCst);
@@ -1353,7 +1353,7 @@ async fn blocking_pay(
     ledger.ended.store(true, SeqCst);
     Ok(format!(
         "pay-{}",
-        idempotency::token().expect("in a call").0
+        idempotency::context::token().expect("in a call").0
     ))
 }
 

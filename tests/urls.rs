@@ -4,7 +4,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idempotency::{Claim, Error, StorageKey, Store};
+use idempotency::{Error, StorageKey, Store};
+use idempotency::store::{Claim};
 
 /// A storage key no other test uses.
 fn fresh_key() -> StorageKey {

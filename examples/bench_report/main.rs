@@ -284,7 +284,7 @@ async fn fill(store: &MemoryStore, from: u64, n: u64, ttl: Duration) {
     let fp = idempotency::Fingerprint([7; 32]);
     for i in from..from + n {
         let key = StorageKey::derive("bench", &i).unwrap();
-        let idempotency::Claim::Acquired { token, .. } = store
+        let idempotency::store::Claim::Acquired { token, .. } = store
             .claim(&key, Some(&fp), Duration::from_secs(60))
             .await
             .unwrap()

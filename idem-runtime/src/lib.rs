@@ -20,7 +20,7 @@ pub mod key;
 pub mod metrics;
 #[doc(hidden)]
 pub mod record;
-pub mod observe;
+pub mod served;
 pub mod store;
 
 pub use context::CallContext;
@@ -35,7 +35,7 @@ pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};
 pub use forget::forget;
 pub use key::{IntoKey, Operation, StorageKey};
 pub use metrics::{counters, Counters};
-pub use observe::{observe, ReplayInfo, Served};
+pub use served::{observe, ReplayInfo, Served};
 pub use store::connect;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
@@ -97,8 +97,8 @@ pub mod __private {
     /// `on_replay = path`: the hook as a function pointer of the function's return type `R`,
     /// so that a hook of another type is one error, at the path.
     pub fn on_replay<R: crate::engine::IdempotentResult>(
-        hook: fn(R::Ok, &crate::observe::ReplayInfo) -> R::Ok,
-    ) -> fn(R::Ok, &crate::observe::ReplayInfo) -> R::Ok {
+        hook: fn(R::Ok, &crate::served::ReplayInfo) -> R::Ok,
+    ) -> fn(R::Ok, &crate::served::ReplayInfo) -> R::Ok {
         hook
     }
 

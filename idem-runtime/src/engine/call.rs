@@ -9,7 +9,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::{IntoKey, Operation, StorageKey};
 use crate::metrics::{count, Event, Labels};
 use crate::record::Expected;
-use crate::observe::{ReplayInfo, Served};
+use crate::served::{ReplayInfo, Served};
 use crate::store::{default_store, IntoStore, Store};
 
 use super::background::{Abandoned, Background};
@@ -220,14 +220,14 @@ impl Call {
     {
         match self.begin::<R, H>(&errors, hook).await {
             Begun::Answer(answer, served) => {
-                crate::observe::record(|| served);
+                crate::served::record(|| served);
                 answer
             }
             Begun::Claimed(holding) => {
                 let ran = holding.served();
                 let (out, _) = holding.finish(errors, body, None, None).await;
                 if let Some(ran) = ran {
-                    crate::observe::record(|| ran);
+                    crate::served::record(|| ran);
                 }
                 out
             }
@@ -278,7 +278,7 @@ impl Call {
         // until its lease ends; the body has not started then, so nothing runs twice.
         let holding = match self.begin::<R, H>(&errors, hook).await {
             Begun::Answer(answer, served) => {
-                crate::observe::record(|| served);
+                crate::served::record(|| served);
                 return Ok(answer);
             }
             Begun::Claimed(holding) => holding,
@@ -298,7 +298,7 @@ impl Call {
         let joined = task.await;
         abandoned.disarm();
         if let Some(ran) = ran {
-            crate::observe::record(|| ran);
+            crate::served::record(|| ran);
         }
         match joined {
             Ok(result) => Ok(result),

@@ -12,7 +12,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Labels, Stopwatch, StoreOp};
 use crate::record::{Expected, Outcome, Record};
-use crate::observe::ReplayInfo;
+use crate::served::ReplayInfo;
 use crate::store::{Claim, FencingToken, Store, WAIT_SAFETY_NET};
 
 use super::policy::{ErrorPolicy, OnConflict};

@@ -17,7 +17,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Stopwatch, StoreOp};
 use crate::record::{encode_payload, Expected, Outcome, Record};
-use crate::observe::{self, Served};
+use crate::served::{self, Served};
 use crate::store::FencingToken;
 
 use super::background::{Background, Renewal};
@@ -64,7 +64,7 @@ impl Holding {
     /// How the call is served, for an [`observe`](crate::observe) that listens (`None` if none
     /// does, so that nothing is cloned for nobody).
     pub(super) fn served(&self) -> Option<Served> {
-        observe::observing().then(|| Served::Ran {
+        served::observing().then(|| Served::Ran {
             key: self.key().clone(),
             token: self.token(),
             takeover: self.takeover,

@@ -22,7 +22,7 @@ use super::{Config, IDEMPOTENCY_KEY};
 use crate::engine::{Call, ErrorPolicy, Interrupted};
 use crate::error::{BoxError, Error};
 use crate::key::StorageKey;
-use crate::observe::ReplayInfo;
+use crate::served::ReplayInfo;
 
 /// The future of [`IdempotencyService`]: the inner service's response, a replay, or a refusal.
 pub type ResponseFuture<B, E> =
