@@ -218,7 +218,7 @@ fn layer() -> IdempotencyLayer {
 }
 
 fn layer_with(store: impl Store + 'static) -> IdempotencyLayer {
-    IdempotencyLayer::per_client(store, |req| {
+    IdempotencyLayer::per_client(std::sync::Arc::new(store), |req| {
         let principal = req.headers.get("x-principal")?.to_str().ok()?;
         Some(principal.to_owned())
     })

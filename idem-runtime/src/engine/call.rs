@@ -16,8 +16,8 @@ use super::background::{Abandoned, Background};
 use super::claim::{claim, decode_stored, Claimed};
 use super::finish::Holding;
 use super::policy::{
-    ErrorPolicy, IdempotentResult, OnConflict, OnUnknown, DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES,
-    DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
+    ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, DEFAULT_LEASE,
+    DEFAULT_MAX_RECORD_BYTES, DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
 };
 use super::running::spawn_body;
 
@@ -118,16 +118,16 @@ impl Call {
     }
 
     /// How long a completed result is kept and replayed.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+    pub fn ttl(mut self, ttl: impl IntoDuration) -> Self {
+        self.ttl = ttl.into_duration();
         self
     }
 
     /// How long a claim is held before another caller may take it over; renewed every quarter
     /// of it, on a task of its own, while the body runs. At least [`MIN_LEASE`]; a shorter one
     /// is [`Error::Config`] and nothing runs.
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+    pub fn lease(mut self, lease: impl IntoDuration) -> Self {
+        self.lease = lease.into_duration();
         self
     }
 
@@ -162,8 +162,8 @@ impl Call {
 
     /// How long a record of an unknown outcome refuses calls ([`OnUnknown::Refuse`]) before
     /// the key may run again. Default: [`DEFAULT_RECOVERY`] (1 hour), or the ttl if shorter.
-    pub fn recovery(mut self, window: Duration) -> Self {
-        self.recovery = Some(window);
+    pub fn recovery(mut self, window: impl IntoDuration) -> Self {
+        self.recovery = Some(window.into_duration());
         self
     }
 

@@ -62,19 +62,21 @@ impl ScopeLimits {
     /// # Panics
     ///
     /// If either limit is 0 (no scope could ever store a response).
-    pub(super) fn new(records: usize, bytes: u64) -> Self {
-        assert!(
-            records > 0 && bytes > 0,
-            "IdempotencyLayer::limit_per_scope({records}, {bytes}): a limit of 0 refuses every request; give at least 1 record and 1 byte"
-        );
-        ScopeLimits {
+    /// The limits, or the mistake that makes them unusable (a limit of 0).
+    pub(super) fn new(records: usize, bytes: u64) -> Result<Self, String> {
+        if records == 0 || bytes == 0 {
+            return Err(format!(
+                "IdempotencyLayer::limit_per_scope({records}, {bytes}): a limit of 0 refuses every request; give at least 1 record and 1 byte"
+            ));
+        }
+        Ok(ScopeLimits {
             records,
             bytes,
             state: Mutex::new(State {
                 scopes: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
-        }
+        })
     }
 
     /// The limits: records, bytes.
@@ -181,7 +183,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_scope_is_refused_at_its_record_limit_until_one_expires() {
-        let limits = Arc::new(ScopeLimits::new(2, u64::MAX));
+        let limits = Arc::new(ScopeLimits::new(2, u64::MAX).unwrap());
         let ttl = Duration::from_secs(10);
         limits.admit("alice").unwrap().kept(10, ttl);
         tokio::time::advance(Duration::from_secs(4)).await;
@@ -196,7 +198,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_not_kept_frees_its_place() {
-        let limits = Arc::new(ScopeLimits::new(1, u64::MAX));
+        let limits = Arc::new(ScopeLimits::new(1, u64::MAX).unwrap());
         let running = limits.admit("alice").unwrap();
         assert_eq!(limits.admit("alice").unwrap_err(), Duration::from_secs(1));
         drop(running);
@@ -206,7 +208,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_scope_is_refused_once_it_holds_its_bytes() {
-        let limits = Arc::new(ScopeLimits::new(100, 1000));
+        let limits = Arc::new(ScopeLimits::new(100, 1000).unwrap());
         let ttl = Duration::from_secs(10);
         limits.admit("alice").unwrap().kept(600, ttl);
         limits.admit("alice").unwrap().kept(600, ttl);
@@ -217,7 +219,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expired_scopes_are_swept() {
-        let limits = Arc::new(ScopeLimits::new(1, 1));
+        let limits = Arc::new(ScopeLimits::new(1, 1).unwrap());
         limits
             .admit("alice")
             .unwrap()
@@ -232,8 +234,9 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "refuses every request")]
     fn zero_limits_are_refused() {
-        ScopeLimits::new(0, 1);
+        let e = ScopeLimits::new(0, 1).err().expect("refused");
+        assert!(e.contains("refuses every request"), "{e}");
+        assert!(ScopeLimits::new(1, 0).is_err());
     }
 }

@@ -261,7 +261,7 @@ use http::{request, Method, StatusCode};
 use tower::Layer;
 
 use crate::engine::{DrainReport, IntoDuration, OnUnknown, DEFAULT_LEASE, DEFAULT_TTL};
-use crate::store::Store;
+use crate::store::{IntoStore, Store};
 use limits::ScopeLimits;
 use scope::Scoping;
 
@@ -326,6 +326,10 @@ struct Config {
     lease: Duration,
     on_unknown: OnUnknown,
     recovery: Option<Duration>,
+    /// The first mistake made building the layer (a setter given a value it cannot use): every
+    /// request the layer applies to is then refused with `500 #idempotency-failed`, and the
+    /// handler does not run. Setters never panic.
+    mistake: Option<Arc<str>>,
 }
 
 /// A tower [`Layer`] that makes POST and PATCH endpoints idempotent by their `Idempotency-Key`
@@ -333,8 +337,20 @@ struct Config {
 ///
 /// Works with axum's `Router::layer` and with any tower service taking
 /// `Request<RequestBody<B>>` and giving `Response<ResB>`, served by hyper or anything else.
-/// Any [`Store`] works; with a shared one (Redis, PostgreSQL) every instance of the service
-/// replays the same responses.
+/// Any [`Store`](crate::Store) works ([`IntoStore`]: a store by value, `&store` of a
+/// built-in one, an `Arc`, or the `Arc<dyn Store>` of [`connect`](crate::store::connect)); with
+/// a shared one (Redis, PostgreSQL) every instance of the service replays the same responses.
+///
+/// # Mistakes
+///
+/// Setters take values as they come (durations as a `Duration` or seconds, like
+/// [`Call`](crate::Call)'s) and never panic. A value the layer cannot use (an empty
+/// [`shared`](Self::shared) name, an invalid [`replay_headers`](Self::replay_headers) name, a
+/// [`limit_per_scope`](Self::limit_per_scope) of 0, a [`lease`](Self::lease) under
+/// [`MIN_LEASE`](crate::engine::MIN_LEASE)) is logged as an error when the layer is built, and
+/// every request the layer applies to is refused with `500 #idempotency-failed` (its `error`
+/// event, target `idem`, names the mistake; the client is not told), and the handler does not
+/// run.
 ///
 /// With axum 0.8 (the same code is compiled in `examples/http_server.rs`):
 ///
@@ -413,11 +429,11 @@ impl IdempotencyLayer {
     /// Defaults: POST and PATCH, key required, every status but 5xx/408/429 kept,
     /// `Content-Type` and `Content-Encoding` replayed, 1 MiB body limit, 24h ttl, 30s lease, no
     /// [limit per scope](Self::limit_per_scope).
-    pub fn per_client<F>(store: impl Store + 'static, principal: F) -> Self
+    pub fn per_client<F>(store: impl IntoStore, principal: F) -> Self
     where
         F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
     {
-        Self::from_parts(Arc::new(store), Scoping::PerClient(Arc::new(principal)))
+        Self::from_parts(store.into_store(), Scoping::PerClient(Arc::new(principal)))
     }
 
     /// A layer keeping its records in `store` in one scope named `name`, deliberately shared
@@ -427,13 +443,17 @@ impl IdempotencyLayer {
     /// `per_client`.
     ///
     /// The name is part of every storage key: two layers on one store with the same name (or
-    /// one whose name is a principal of the other) share records.
-    ///
-    /// # Panics
-    ///
-    /// If `name` is empty or contains a NUL byte.
-    pub fn shared(store: impl Store + 'static, name: impl Into<String>) -> Self {
-        Self::from_parts(Arc::new(store), Scoping::shared(name.into()))
+    /// one whose name is a principal of the other) share records. An empty name, or one with a
+    /// NUL byte, is a mistake: the layer then refuses every request it applies to (see
+    /// [Mistakes](#mistakes)).
+    pub fn shared(store: impl IntoStore, name: impl Into<String>) -> Self {
+        let name = name.into();
+        match Scoping::shared(name.clone()) {
+            Ok(scoping) => Self::from_parts(store.into_store(), scoping),
+            Err(mistake) => {
+                Self::from_parts(store.into_store(), Scoping::Shared(name.into())).mistaken(mistake)
+            }
+        }
     }
 
     /// Gone: a layer built from a store alone put every client in one scope, where a client
@@ -461,6 +481,7 @@ impl IdempotencyLayer {
                 lease: DEFAULT_LEASE,
                 on_unknown: OnUnknown::Refuse,
                 recovery: None,
+                mistake: None,
             }),
         }
     }
@@ -468,6 +489,14 @@ impl IdempotencyLayer {
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self
+    }
+
+    /// Keeps the first mistake made building the layer.
+    fn mistaken(self, mistake: String) -> Self {
+        tracing::error!(target: "idem", mistake, "IdempotencyLayer: refusing every request until fixed");
+        self.with(|c| {
+            c.mistake.get_or_insert_with(|| mistake.into());
+        })
     }
 
     /// The methods the layer applies to (default POST and PATCH); requests with other methods
@@ -494,21 +523,30 @@ impl IdempotencyLayer {
     }
 
     /// Response headers stored and replayed besides `Content-Type` and `Content-Encoding`
-    /// (e.g. `Location`). Other headers are sent with the first response only.
-    ///
-    /// # Panics
-    ///
-    /// If a name is not a valid header name.
+    /// (e.g. `Location`). Other headers are sent with the first response only. A name that is
+    /// not a valid header name is a mistake (see [Mistakes](#mistakes)).
     pub fn replay_headers<N>(self, names: impl IntoIterator<Item = N>) -> Self
     where
         N: TryInto<HeaderName>,
-        N::Error: fmt::Debug,
+        N::Error: fmt::Display,
     {
-        let extra: Vec<HeaderName> = names
-            .into_iter()
-            .map(|n| n.try_into().expect("replay_headers: invalid header name"))
-            .collect();
-        self.with(|c| {
+        let mut extra = Vec::new();
+        let mut mistake = None;
+        for name in names {
+            match name.try_into() {
+                Ok(name) => extra.push(name),
+                Err(e) => {
+                    mistake.get_or_insert(format!(
+                        "IdempotencyLayer::replay_headers: an invalid header name ({e})"
+                    ));
+                }
+            }
+        }
+        let this = match mistake {
+            Some(m) => self.mistaken(m),
+            None => self,
+        };
+        this.with(|c| {
             for name in extra {
                 if !c.replay_headers.contains(&name) {
                     c.replay_headers.push(name);
@@ -524,14 +562,16 @@ impl IdempotencyLayer {
     /// retries of the keys it holds are still answered. Default: no limit.
     ///
     /// The tally is per process (see [Limits per scope](self#limits-per-scope)): the
-    /// responses this layer and its clones kept, each until its ttl runs out.
-    ///
-    /// # Panics
-    ///
-    /// If `records` or `bytes` is 0 (every request would be refused).
+    /// responses this layer and its clones kept, each until its ttl runs out. A limit of 0
+    /// would refuse every request: it is a mistake (see [Mistakes](#mistakes)).
     pub fn limit_per_scope(self, records: usize, bytes: u64) -> Self {
-        let limits = Arc::new(ScopeLimits::new(records, bytes));
-        self.with(|c| c.limits = Some(limits))
+        match ScopeLimits::new(records, bytes) {
+            Ok(limits) => {
+                let limits = Arc::new(limits);
+                self.with(|c| c.limits = Some(limits))
+            }
+            Err(mistake) => self.mistaken(mistake),
+        }
     }
 
     /// The largest request body accepted (larger: 413) and the largest response body kept

@@ -31,21 +31,17 @@ impl Scoping {
         }
     }
 
-    /// A shared scope named `name`.
-    ///
-    /// # Panics
-    ///
-    /// If `name` is empty or contains a NUL byte.
-    pub(super) fn shared(name: String) -> Self {
-        assert!(
-            !name.is_empty(),
-            "IdempotencyLayer::shared: the scope name is empty; name the shared scope, e.g. \"public-api\""
-        );
-        assert!(
-            !name.contains('\0'),
-            "IdempotencyLayer::shared: the scope name {name:?} contains a NUL byte"
-        );
-        Scoping::Shared(name.into())
+    /// A shared scope named `name`, or the mistake in the name (empty, or with a NUL byte).
+    pub(super) fn shared(name: String) -> Result<Self, String> {
+        if name.is_empty() {
+            return Err("IdempotencyLayer::shared: the scope name is empty; name the shared scope, e.g. \"public-api\"".into());
+        }
+        if name.contains('\0') {
+            return Err(format!(
+                "IdempotencyLayer::shared: the scope name {name:?} contains a NUL byte"
+            ));
+        }
+        Ok(Scoping::Shared(name.into()))
     }
 }
 
@@ -88,14 +84,15 @@ mod tests {
 
     #[test]
     fn shared_is_the_same_scope_for_everyone() {
-        let scoping = Scoping::shared("public".into());
+        let scoping = Scoping::shared("public".into()).unwrap();
         assert_eq!(scoping.of(&parts(Some("alice"))).as_deref(), Some("public"));
         assert_eq!(scoping.of(&parts(None)).as_deref(), Some("public"));
     }
 
     #[test]
-    #[should_panic(expected = "scope name is empty")]
     fn shared_scope_needs_a_name() {
-        Scoping::shared(String::new());
+        let e = Scoping::shared(String::new()).err().expect("refused");
+        assert!(e.contains("scope name is empty"), "{e}");
+        assert!(Scoping::shared("a\0b".into()).is_err());
     }
 }

@@ -144,6 +144,12 @@ where
     ResB::Data: Send,
     ResB::Error: Send,
 {
+    if let Some(mistake) = &config.mistake {
+        tracing::error!(target: "idem", mistake = &**mistake, "http: the layer is misconfigured; request refused");
+        let (problem, detail) =
+            Problem::from_error(&Error::config(mistake.to_string()), Subject::Header);
+        return Ok(refuse(problem, &detail));
+    }
     let (parts, body) = req.into_parts();
     let Some(scope) = config.scope.of(&parts) else {
         tracing::debug!(target: "idem", method = %parts.method, uri = %parts.uri, "http: client not identified");
