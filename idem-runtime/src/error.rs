@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::key::StorageKey;
+use crate::storage_key::StorageKey;
 
 /// A boxed error from a store's backend (a Redis, PostgreSQL or SQLite client error).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

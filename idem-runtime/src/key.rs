@@ -6,11 +6,10 @@
 //! ([`StorageKey::derive_for`]) and `hex(SHA-256(scope, 0x00, user key))` for the HTTP layer
 //! and plain calls ([`StorageKey::derive`]): fixed length and safe for every backend.
 
-use std::fmt;
-
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+pub use crate::storage_key::StorageKey;
 
 /// The longest accepted user key, in bytes.
 pub const MAX_KEY_LEN: usize = 255;
@@ -130,11 +129,6 @@ impl Operation {
     }
 }
 
-/// The key a record is stored under: 64 lowercase hex digits of
-/// SHA-256(scope, 0x00, user key).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StorageKey([u8; 64]);
-
 impl StorageKey {
     /// Derives the storage key of `user_key` for `operation` in `scope`:
     /// SHA-256(operation name, 0x00, scope, 0x00, user key). What `#[idempotent]` uses.
@@ -209,42 +203,6 @@ impl StorageKey {
             BUF.with(|b| b.set(buf));
         }
         result
-    }
-
-    /// The storage key made from a digest directly (used when the key is the fingerprint).
-    pub fn from_digest(digest: &[u8; 32]) -> Self {
-        let mut hex = [0u8; 64];
-        hex::encode_to_slice(digest, &mut hex).expect("64 hex digits for 32 bytes");
-        StorageKey(hex)
-    }
-
-    /// Parses 64 lowercase hex digits (as stored by a backend).
-    pub fn from_hex(s: &str) -> Option<Self> {
-        let bytes = s.as_bytes();
-        if bytes.len() != 64 || !bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return None;
-        }
-        let mut hex = [0u8; 64];
-        hex.copy_from_slice(bytes);
-        Some(StorageKey(hex))
-    }
-
-    /// The key as 64 lowercase hex digits.
-    pub fn as_str(&self) -> &str {
-        // Only ever built from hex digits, which are ASCII.
-        std::str::from_utf8(&self.0).expect("storage keys are ASCII hex")
-    }
-}
-
-impl fmt::Debug for StorageKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StorageKey({})", self.as_str())
-    }
-}
-
-impl fmt::Display for StorageKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

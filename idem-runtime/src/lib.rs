@@ -1,6 +1,7 @@
-//! The runtime of [idem](https://docs.rs/idem): everything `#[idempotent]` does, without macros.
+//! The runtime of [`idempotency`](https://docs.rs/idempotency): everything `#[idempotent]` does,
+//! without macros.
 //!
-//! Use it through the [`idempotency`](https://docs.rs/idempotency) crate. The modules, one concept each:
+//! Use it through the `idempotency` crate. The modules, one concept each:
 //! [`key`] (user keys and storage keys), [`fingerprint`] (canonical JSON hashing),
 //! [`record`] (the stored envelope), [`store`] (the `Store` trait and its backends),
 //! [`engine`] (the claim/run/complete state machine the macro calls), [`metrics`](mod@metrics).
@@ -21,6 +22,7 @@ pub mod metrics;
 #[doc(hidden)]
 pub mod record;
 pub mod served;
+mod storage_key;
 pub mod store;
 
 pub use context::CallContext;
