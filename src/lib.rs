@@ -95,7 +95,9 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "runtime")]
 pub use idem_macros::idempotent;
+#[cfg(feature = "runtime")]
 pub use idem_runtime::{
     connect, counters, default_store, drain, install, metrics, observe, running, Call, Counters,
     DrainReport, Error, ErrorPolicy, Fingerprint, FingerprintBuilder, Fingerprintable,
@@ -103,6 +105,7 @@ pub use idem_runtime::{
     OnUnknown, Operation, ReplayInfo, Result, Served, Storable, StorageKey, Store, MIN_LEASE,
 };
 
+#[cfg(feature = "runtime")]
 /// What a running body knows of its own call: [`context::current()`] gives its
 /// [`CallContext`](context::CallContext) (the fencing token to hand to the downstream write,
 /// whether the claim was lost, by the store's word or the holder's own deadline), and
@@ -112,6 +115,7 @@ pub mod context {
     pub use idem_runtime::FencingToken;
 }
 
+#[cfg(feature = "runtime")]
 /// For the authors of stores and for operators: the store protocol's types ([`Store`],
 /// [`Claim`](store::Claim), [`StoredRecord`](store::StoredRecord), ...), what an operator sees
 /// and does ([`forget`](store::forget), [`scan`](Store::scan)'s [`ScanPage`](store::ScanPage),
@@ -120,8 +124,8 @@ pub mod context {
 pub mod store {
     pub use idem_runtime::store::memory::MemoryStoreBuilder;
     pub use idem_runtime::store::{
-        redact_url, Claim, FencingToken, Forgotten, RecordState, RecordSummary, ScanPage,
-        StoreUrl, StoredRecord, ABANDONED_CLAIM_RETENTION,
+        redact_url, Claim, FencingToken, Forgotten, RecordState, RecordSummary, ScanPage, StoreUrl,
+        StoredRecord, ABANDONED_CLAIM_RETENTION,
     };
     pub use idem_runtime::{forget, Purger, PurgerHandle, PurgerStats, Store};
 }
@@ -167,6 +171,7 @@ pub mod redis {
 }
 
 /// Items the `#[idempotent]` expansion names. Not public API: may change in any release.
+#[cfg(feature = "runtime")]
 #[doc(hidden)]
 pub mod __private {
     pub use idem_runtime::__private::*;

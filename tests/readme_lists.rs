@@ -143,3 +143,43 @@ fn the_crate_lists_are_the_workspaces() {
     assert_eq!(named(&sentence[..split]), published, "published crates");
     assert_eq!(named(&sentence[split..]), unpublished, "unpublished crates");
 }
+
+#[test]
+fn the_client_feature_alone_builds_no_server_runtime() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "idempotency",
+            "--no-default-features",
+            "--features",
+            "client",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("idem-client"), "{tree}");
+    for server in [
+        "idem-runtime",
+        "idem-macros",
+        "tokio-postgres",
+        "redis ",
+        "rusqlite",
+    ] {
+        assert!(
+            !tree.contains(server),
+            "`client` alone pulls in {server}:\n{tree}"
+        );
+    }
+}
