@@ -1,0 +1,15 @@
+use idempotency::idempotent;
+
+#[derive(Debug)]
+pub struct AppError;
+impl From<idempotency::Error> for AppError {
+    fn from(_: idempotency::Error) -> Self {
+        AppError
+    }
+}
+
+#[idempotent(key = id, ttl = "2 fortnights")]
+async fn charge(id: u64) -> Result<u64, AppError> {
+    Ok(id)
+}
+fn main() {}
