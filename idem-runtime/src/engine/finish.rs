@@ -298,12 +298,18 @@ impl Holding {
             .take()
     }
 
+    /// The claim is being released: the renewal stops, and the release is counted. The first
+    /// half of [`release`](Self::release) and [`release_in_background`](Self::release_in_background).
+    fn releasing(&self) {
+        drop(self.take_renewal());
+        count(Event::Release, self.background.labels);
+    }
+
     /// Releases the claim: nothing happened that a retry must not repeat. Whether the store
     /// took it (a claim already lost counts: there is nothing left to release).
     async fn release(&self) -> bool {
-        drop(self.take_renewal());
+        self.releasing();
         let labels = self.background.labels;
-        count(Event::Release, labels);
         let (key, token) = (self.key(), self.token());
         match timed(
             StoreOp::Release,
@@ -327,56 +333,56 @@ impl Holding {
         }
     }
 
-    /// The body started and its outcome is unknown: record it ([`OnUnknown::Refuse`]) or
-    /// release the claim ([`OnUnknown::Rerun`]). Whether that reached the store (a record left
-    /// to the background, or a failed release, did not).
-    async fn unknown(&self, reason: &str) -> bool {
-        count(Event::UnknownOutcome, self.background.labels);
-        let (key, token) = (self.key(), self.token());
-        match self.on_unknown {
-            OnUnknown::Rerun => {
-                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                    "outcome unknown; released (at least once)");
-                self.release().await
-            }
-            OnUnknown::Refuse => {
-                tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                    "outcome unknown; recorded, calls with this key are refused (at most once)");
-                let record = Record::unknown(token.0, reason, self.recovery).encode();
-                match self.store(record, self.recovery).await {
-                    Stored::Pending(e) => {
-                        tracing::error!(target: "idem", key = %key, token = token.0, error = %e,
-                            "could not record the unknown outcome yet; still trying in the background");
-                        false
-                    }
-                    Stored::Landed | Stored::Lost => true,
-                }
-            }
-        }
-    }
-
     /// [`release`](Self::release) from a destructor.
     fn release_in_background(&self, reason: &'static str) {
-        drop(self.take_renewal());
-        count(Event::Release, self.background.labels);
+        self.releasing();
         tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "releasing");
         self.background.release();
     }
 
-    /// [`unknown`](Self::unknown) from a destructor.
-    fn unknown_in_background(&self, reason: &'static str) {
+    /// The one rule for a body whose outcome is unknown, in the caller and in a destructor
+    /// alike: record it ([`OnUnknown::Refuse`]: the record to store) or release the claim
+    /// ([`OnUnknown::Rerun`]).
+    fn unknown_outcome(&self, reason: &str) -> Unknown {
         count(Event::UnknownOutcome, self.background.labels);
         let (key, token) = (self.key(), self.token());
         match self.on_unknown {
             OnUnknown::Rerun => {
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                    "outcome unknown (at least once)");
-                self.release_in_background(reason);
+                    "outcome unknown; releasing (at least once)");
+                Unknown::Release
             }
             OnUnknown::Refuse => {
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
-                    "outcome unknown; recording it (at most once)");
-                let record = Record::unknown(token.0, reason, self.recovery).encode();
+                    "outcome unknown; recording it, calls with this key are refused (at most once)");
+                Unknown::Record(Record::unknown(token.0, reason, self.recovery).encode())
+            }
+        }
+    }
+
+    /// Handles an unknown outcome per [`unknown_outcome`](Self::unknown_outcome), awaited.
+    /// Whether that reached the store (a record left to the background, or a failed release,
+    /// did not).
+    async fn unknown(&self, reason: &str) -> bool {
+        match self.unknown_outcome(reason) {
+            Unknown::Release => self.release().await,
+            Unknown::Record(record) => match self.store(record, self.recovery).await {
+                Stored::Pending(e) => {
+                    tracing::error!(target: "idem", key = %self.key(), token = self.token().0, error = %e,
+                        "could not record the unknown outcome yet; still trying in the background");
+                    false
+                }
+                Stored::Landed | Stored::Lost => true,
+            },
+        }
+    }
+
+    /// Handles an unknown outcome per [`unknown_outcome`](Self::unknown_outcome), from a
+    /// destructor: in the background.
+    fn unknown_in_background(&self, reason: &'static str) {
+        match self.unknown_outcome(reason) {
+            Unknown::Release => self.release_in_background(reason),
+            Unknown::Record(record) => {
                 let renewal = self.take_renewal();
                 self.background.store_later(
                     "an unknown outcome",
@@ -388,6 +394,14 @@ impl Holding {
             }
         }
     }
+}
+
+/// What [`Holding::unknown_outcome`] decided.
+enum Unknown {
+    /// Release the claim (at least once).
+    Release,
+    /// Store this record of the unknown outcome (at most once).
+    Record(Vec<u8>),
 }
 
 /// Records an unknown outcome (or releases, per [`OnUnknown`]) when the body panics or the
