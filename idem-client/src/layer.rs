@@ -1,5 +1,6 @@
 //! [`IdempotencyClientLayer`]: the [`RetryPolicy`] as a tower layer for HTTP clients built on
-//! hyper and tower (hyper-util's client, tonic channels, any `Service<http::Request<B>>`).
+//! hyper and tower (hyper-util's client, any `Service<http::Request<B>>` whose body is `Clone`;
+//! not tonic, whose request bodies are streams that cannot be sent twice).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use crate::retry::{self, Ended};
 ///
 /// The request body must be `Clone` (`http_body_util::Full<Bytes>`, `String`...): every attempt
 /// sends a copy, so a stream, which could be sent only once, does not compile. The inner service
-/// must be `Clone` (hyper-util's legacy `Client` and tonic's `Channel` are); each attempt waits
+/// must be `Clone` (hyper-util's legacy `Client` is); each attempt waits
 /// for its readiness. [`RetryPolicy::attempt_timeout`] bounds each attempt
 /// ([`AttemptTimedOut`]).
 ///

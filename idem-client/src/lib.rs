@@ -2,7 +2,7 @@
 //!
 //! An idempotency key only helps if the client sends one and keeps it across its retries. This
 //! crate does that for Rust HTTP clients: a [`reqwest-middleware`](reqwest_middleware) middleware
-//! ([`IdempotencyMiddleware`]) and a tower layer for hyper and tonic clients
+//! ([`IdempotencyMiddleware`]) and a tower layer for hyper clients
 //! ([`IdempotencyClientLayer`]), with one retry policy ([`RetryPolicy`]).
 //!
 //! For each POST and PATCH (configurable) it:
