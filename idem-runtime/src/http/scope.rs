@@ -91,7 +91,7 @@ mod tests {
 
     #[test]
     fn shared_scope_needs_a_name() {
-        let e = Scoping::shared(String::new()).err().expect("refused");
+        let e = Scoping::shared(String::new()).expect_err("refused");
         assert!(e.contains("scope name is empty"), "{e}");
         assert!(Scoping::shared("a\0b".into()).is_err());
     }
