@@ -54,5 +54,29 @@ fn misses(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hits, misses);
+/// What refusing a result that would not decode back costs on the miss path: idem encodes the
+/// result (`to_vec`, as before) and decodes it once more as its type (`encode_and_check`), so
+/// that a `NaN` is an `Encode` error at the first call rather than a `TypeMismatch` on the
+/// retry. Compare with `miss/idem` for the share of a whole first call.
+fn result_check(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let receipt = rt.block_on(plain(request(7))).unwrap();
+    let mut g = c.benchmark_group("result_check");
+    g.bench_function("to_vec", |b| {
+        b.iter(|| serde_json::to_vec(std::hint::black_box(&receipt)).unwrap())
+    });
+    g.bench_function("encode_and_check", |b| {
+        b.iter(|| {
+            let bytes = serde_json::to_vec(std::hint::black_box(&receipt)).unwrap();
+            let back: Receipt = serde_json::from_slice(&bytes).unwrap();
+            (bytes, back)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hits, misses, result_check);
 criterion_main!(benches);

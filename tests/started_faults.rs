@@ -3,11 +3,13 @@
 //!
 //! 1. **A slow store** (`slow_store_*`): every byte to and from Redis / PostgreSQL goes through a
 //!    proxy (`idem_support::slow_proxy`) that holds each chunk back, in each direction,
-//!    for a random 0–2 s (seeded, order kept). A detached body of 12 s with a 3 s lease; a second
-//!    caller tries every 500 ms. Expected: one body start, no takeover. The lease can still run
-//!    out (a claim answered 2 s late and a first renewal sent 2 s late reach the server after the
-//!    3 s lease), so a takeover is allowed, but then the stale body must learn that it lost the
-//!    claim (`is_lost()`) before its side effect: the effective charges are exactly 1 whatever
+//!    for a random 0–2 s (seeded, order kept). A detached body of 12 s with an 8 s lease; a second
+//!    caller tries every 500 ms. Expected: one body start, no takeover. A holder counts its lease
+//!    from when it sent the claim or its last acknowledged renewal (0.9 × lease), so the lease
+//!    must cover a round trip through the proxy (up to 4 s) with room to spare: with 3 s (before
+//!    the holder kept its own deadline) every body was told it lost its claim on arrival. A
+//!    takeover is still allowed, but then the stale body must learn that it lost the claim
+//!    (`is_lost()`) before its side effect: the effective charges are exactly 1 whatever
 //!    happens, and the number of takeovers is printed.
 //! 2. **A holder paused past its lease** (`paused_holder_*`): a worker process (this test binary
 //!    run again, as in `tests/processes.rs`) is stopped with SIGSTOP in its body for longer than
@@ -62,10 +64,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use idem_support::process;
+use idempotency::context::CallContext;
 use idempotency::postgres::tokio_postgres;
+use idempotency::store::RecordState;
 use idempotency::{idempotent, Error, PostgresStore, RedisStore, StorageKey, Store};
-use idempotency::store::{RecordState};
-use idempotency::context::{CallContext};
 
 use idem_support::redis::DeletePrefix;
 use idem_support::slow_proxy::{self, SlowProxy};
@@ -155,7 +157,7 @@ async fn own_store(backend: Backend) -> Option<(Arc<dyn Store>, String, Option<D
 // ---- 1. a slow store ------------------------------------------------------------------------
 
 /// The lease of [`slow_pay`] (keep in step with its attribute).
-const SLOW_LEASE: Duration = Duration::from_secs(3);
+const SLOW_LEASE: Duration = Duration::from_secs(8);
 /// How long the body of [`slow_pay`] runs.
 const SLOW_BODY: Duration = Duration::from_secs(12);
 /// The pause of the second caller between its tries.
@@ -259,7 +261,7 @@ impl SlowLedger {
     }
 }
 
-#[idempotent(name = "started_faults.slow_pay", key = id, scope = &*scope, store = store.clone(), skip(store, ledger, scope), lease = "3s")]
+#[idempotent(name = "started_faults.slow_pay", key = id, scope = &*scope, store = store.clone(), skip(store, ledger, scope), lease = "8s")]
 async fn slow_pay(
     store: Arc<dyn Store>,
     ledger: Arc<SlowLedger>,

@@ -75,19 +75,7 @@ pub fn unique(label: &str) -> StorageKey {
 /// of your own that `complete` by hand: stores keep record bytes as they are, and a call replays
 /// them.
 pub fn record_bytes(token: u64, payload: &str, type_name: &str) -> Vec<u8> {
-    use idem_runtime::record::{Outcome, Record};
-    Record {
-        outcome: Outcome::Ok,
-        fingerprint: Some(idem_runtime::Fingerprint([1; 32])),
-        token,
-        completed_at_ms: 0,
-        ttl_ms: 60_000,
-        type_name,
-        operation: "",
-        result_version: 0,
-        payload: payload.as_bytes(),
-    }
-    .encode()
+    idem_runtime::store::completed_record(idem_runtime::FencingToken(token), payload, type_name)
 }
 
 /// Runs the whole conformance suite against a store: one

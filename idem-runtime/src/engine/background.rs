@@ -50,10 +50,13 @@ impl Background {
     }
 
     /// Starts renewing the lease; see [`Renewal`]. Each acknowledged renewal moves the
-    /// holder's own `deadline` forward.
+    /// holder's own `deadline` forward. Renewals are timed from `claimed_at`, when the claim
+    /// was sent (the lease runs from about then), not from when its answer came: a claim
+    /// answered late is renewed at once, before the holder's own deadline passes.
     pub(super) fn renew(
         &self,
         lease: Duration,
+        claimed_at: Instant,
         context: CallContext,
         deadline: Arc<Deadline>,
     ) -> Renewal {
@@ -69,7 +72,7 @@ impl Background {
         spawn_helper(&self.runtime, async move {
             let period = lease / 4;
             let mut renewals = tokio::task::JoinSet::new();
-            let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+            let mut tick = tokio::time::interval_at(claimed_at + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut stopped = std::pin::pin!(stopped);
             loop {

@@ -80,7 +80,9 @@ impl Holding {
             self.takeover,
             deadline.clone(),
         );
-        let renewal = self.background.renew(self.lease, context.clone(), deadline);
+        let renewal = self
+            .background
+            .renew(self.lease, self.claimed_at, context.clone(), deadline);
         (context, renewal)
     }
 

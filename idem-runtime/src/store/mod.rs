@@ -367,6 +367,25 @@ built_in_into_store!(
     postgres::PostgresStore
 );
 
+/// The bytes idem writes for a completed call whose `Ok` value is the JSON `payload` of a type
+/// named `type_name`, stored under `token`, with a fixed fingerprint (`[1; 32]`): for the tests
+/// of a store, which must keep record bytes exactly as given (a call replays them). What the
+/// bytes hold is idem's business, not a store's: a store never reads them.
+pub fn completed_record(token: FencingToken, payload: &str, type_name: &str) -> Vec<u8> {
+    crate::record::Record {
+        outcome: crate::record::Outcome::Ok,
+        fingerprint: Some(Fingerprint([1; 32])),
+        token: token.0,
+        completed_at_ms: 0,
+        ttl_ms: 60_000,
+        type_name,
+        operation: "",
+        result_version: 0,
+        payload: payload.as_bytes(),
+    }
+    .encode()
+}
+
 static DEFAULT_STORE: RwLock<Option<Arc<dyn Store>>> = RwLock::new(None);
 
 /// Sets the process-wide store used by `#[idempotent]` functions without a `store = ...`
