@@ -112,12 +112,14 @@ fn the_crate_lists_are_the_workspaces() {
             .map(|n| n.trim_end_matches('"').to_owned())
             .expect("a name");
         if text.contains("publish = false") {
-            // The README names an example crate by its folder.
-            unpublished.insert(if dir.starts_with("examples/") {
-                dir.to_owned()
-            } else {
-                name
-            });
+            // The README names an example crate, or a tool, by its folder.
+            unpublished.insert(
+                if dir.starts_with("examples/") || dir.starts_with("tools/") {
+                    dir.to_owned()
+                } else {
+                    name
+                },
+            );
         } else {
             published.insert(name);
         }
@@ -135,7 +137,10 @@ fn the_crate_lists_are_the_workspaces() {
                     .all(|c| c.is_ascii_lowercase() || c == '-' || c == '/')
             })
             .filter(|w| {
-                w.as_str() == "idempotency" || w.starts_with("idem-") || w.starts_with("examples/")
+                w.as_str() == "idempotency"
+                    || w.starts_with("idem-")
+                    || w.starts_with("examples/")
+                    || w.starts_with("tools/")
             })
             .cloned()
             .collect()
