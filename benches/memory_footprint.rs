@@ -7,8 +7,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
+use idempotency::store::Claim;
 use idempotency::{MemoryStore, StorageKey, Store};
-use idempotency::store::{Claim};
 
 /// The system allocator, counting the bytes live on the heap.
 struct Counting;

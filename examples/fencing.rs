@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotency::postgres::tokio_postgres::{self, NoTls};
+use idempotency::store::{Claim, FencingToken};
 use idempotency::Operation;
 use idempotency::{idempotent, PostgresStore, StorageKey, Store};
-use idempotency::store::{Claim, FencingToken};
 
 #[derive(Debug)]
 enum DebitError {

@@ -11,9 +11,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use idempotency::store::RecordState;
 use idempotency::Operation;
 use idempotency::{idempotent, PostgresStore, StorageKey, Store};
-use idempotency::store::{RecordState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idempotency::redis::redis;
+use idempotency::store::RecordState;
 use idempotency::Operation;
 use idempotency::{idempotent, RedisStore, StorageKey, Store};
-use idempotency::store::{RecordState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

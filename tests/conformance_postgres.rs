@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use idem_support::postgres::{admin, url};
 use idempotency::postgres::tokio_postgres;
-use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey, Store};
 use idempotency::store::{Claim, FencingToken, Forgotten, RecordState};
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey, Store};
 
 const LONG: Duration = Duration::from_secs(60);
 

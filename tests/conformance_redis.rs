@@ -14,8 +14,8 @@ use idem_support::redis::url;
 use idem_support::unique;
 use idempotency::redis::redis;
 use idempotency::store::ABANDONED_CLAIM_RETENTION;
-use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
 use idempotency::store::{Claim, FencingToken, RecordState};
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
 use redis::aio::MultiplexedConnection;
 
 /// A plain connection for looking at what the store wrote, or `None` (skipped) without Redis.

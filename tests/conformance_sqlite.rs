@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
+use idempotency::store::Forgotten;
 use idempotency::{idempotent, Error, SqliteStore, Store};
-use idempotency::store::{Forgotten};
 
 idem_testkit::conformance!(idem_support::sqlite, native_expiry = false);
 

@@ -49,8 +49,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idempotency::redis::{redis, RedisOptions, DEFAULT_PREFIX};
-use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
 use idempotency::store::{Claim, FencingToken, RecordState, StoredRecord};
+use idempotency::{Call, Error, ErrorPolicy, Fingerprint, RedisStore, StorageKey, Store};
 
 /// The environment variable that makes the `worker` test a worker, with its index.
 const ROLE: &str = "IDEM_FAILOVER_WORKER";
@@ -328,7 +328,9 @@ async fn call_once(worker: &Worker, key: &str) {
         .lease(LEASE)
         .ttl(TTL)
         .run(ErrorPolicy::never(), async {
-            let token = idempotency::context::token().expect("a body has a fencing token").0;
+            let token = idempotency::context::token()
+                .expect("a body has a fencing token")
+                .0;
             worker
                 .ledger
                 .line(&format!("s {key} {token} {w} {}\n", now_us()));
@@ -519,7 +521,9 @@ async fn fence_loop(worker: Arc<Worker>) -> u64 {
             .lease(LEASE)
             .ttl(TTL)
             .run(ErrorPolicy::never(), async {
-                let token = idempotency::context::token().expect("a body has a fencing token").0;
+                let token = idempotency::context::token()
+                    .expect("a body has a fencing token")
+                    .0;
                 worker
                     .ledger
                     .line(&format!("s {key} {token} {w} {}\n", now_us()));

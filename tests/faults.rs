@@ -37,9 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_testkit::{Hooks, Intercept};
+use idempotency::store::RecordState;
 use idempotency::Operation;
 use idempotency::{idempotent, Error, StorageKey, Store};
-use idempotency::store::{RecordState};
 
 /// Concurrent calling tasks.
 const TASKS: usize = 32;

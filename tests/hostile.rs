@@ -25,8 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::record::{Outcome, Record};
-use idempotency::{idempotent, Call, Error, ErrorPolicy, Fingerprint, MemoryStore, OnUnknown, StorageKey, Store};
 use idempotency::store::{Claim, RecordState, StoredRecord};
+use idempotency::{
+    idempotent, Call, Error, ErrorPolicy, Fingerprint, MemoryStore, OnUnknown, StorageKey, Store,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::{Deserialize, Serialize};

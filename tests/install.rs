@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use idem_support::AppError;
+use idempotency::store::RecordState;
 use idempotency::{idempotent, MemoryStore, StorageKey, Store};
-use idempotency::store::{RecordState};
 
 #[idempotent(key = id)]
 async fn uses_the_default_store(id: u32) -> Result<u32, AppError> {

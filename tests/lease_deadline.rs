@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use idem_testkit::{Hooks, Intercept};
+use idempotency::store::FencingToken;
 use idempotency::{Call, Error, ErrorPolicy, MemoryStore, OnConflict, StorageKey, Store};
-use idempotency::store::{FencingToken};
 use tokio::sync::Notify;
 
 /// The stores of these tests, by name, or `None` for one that is unreachable (skipped).

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idem_runtime::Forgotten;
-use idempotency::{Call, Error, ErrorPolicy, MemoryStore, StorageKey, Store};
 use idempotency::store::{Claim, FencingToken, ABANDONED_CLAIM_RETENTION};
+use idempotency::{Call, Error, ErrorPolicy, MemoryStore, StorageKey, Store};
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -245,7 +245,10 @@ async fn scan_pages_through_every_record_once() {
         seen.extend(page.records.iter().map(|r| r.key.clone()));
         if let Some(r) = page.records.iter().find(|r| r.key == key("in-flight")) {
             assert!(r.in_flight());
-            assert_eq!(r.state, idempotency::store::RecordState::InFlight { token: held });
+            assert_eq!(
+                r.state,
+                idempotency::store::RecordState::InFlight { token: held }
+            );
         }
         cursor = page.next;
         if cursor.is_none() {

@@ -55,8 +55,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem_testkit::{Hooks, Intercept};
-use idempotency::{Error, Fingerprint, StorageKey, Store};
 use idempotency::store::{Claim, FencingToken, RecordState, StoredRecord};
+use idempotency::{Error, Fingerprint, StorageKey, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use tokio::time::Instant;

@@ -34,8 +34,8 @@ mod postgres {
     use super::*;
     use idem_support::postgres::{admin, describe, fresh_table, run_schema, url};
     use idempotency::postgres::PostgresOptions;
-    use idempotency::{Error, PostgresStore, StorageKey, Store};
     use idempotency::store::{Claim, Forgotten, RecordState};
+    use idempotency::{Error, PostgresStore, StorageKey, Store};
 
     const HEADING: &str = "### PostgreSQL without DDL";
 

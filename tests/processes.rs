@@ -27,9 +27,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use idem_support::process;
+use idempotency::store::RecordState;
 use idempotency::Operation;
 use idempotency::{idempotent, Error, StorageKey, Store};
-use idempotency::store::{RecordState};
 use rand::seq::SliceRandom;
 use tempfile::TempDir;
 

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use idempotency::{StorageKey, Store};
 use idempotency::store::{Claim, Purger};
+use idempotency::{StorageKey, Store};
 
 /// The short schedule of the tests: a pass every 50 ms.
 fn quick() -> Purger {

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency::{MemoryStore, StorageKey, Store};
 use idempotency::store::{Claim, Purger, PurgerHandle};
+use idempotency::{MemoryStore, StorageKey, Store};
 
 const TTL: Duration = Duration::from_millis(100);
 const LONG: Duration = Duration::from_secs(3600);

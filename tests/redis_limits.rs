@@ -11,8 +11,8 @@ use std::sync::Arc;
 use idem_support::unique;
 use idem_support::PrivateRedis;
 use idempotency::redis::{redis, RedisOptions};
+use idempotency::store::RecordState;
 use idempotency::{Call, Error, ErrorPolicy, RedisStore, Store};
-use idempotency::store::{RecordState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicting_redis_is_refused_unless_allowed() {

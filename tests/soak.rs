@@ -224,9 +224,9 @@ mod restartable_sqlite {
     use std::time::Duration;
 
     use async_trait::async_trait;
+    use idempotency::store::{Claim, FencingToken, StoredRecord};
     use idempotency::SqliteStore;
     use idempotency::{Error, Fingerprint, StorageKey, Store};
-    use idempotency::store::{Claim, FencingToken, StoredRecord};
 
     /// An `SqliteStore` that can be "restarted": dropped, unavailable for a moment (every call
     /// fails with `Error::Store`), and opened again on the same file.

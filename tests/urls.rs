@@ -4,8 +4,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use idempotency::store::Claim;
 use idempotency::{Error, StorageKey, Store};
-use idempotency::store::{Claim};
 
 /// A storage key no other test uses.
 fn fresh_key() -> StorageKey {

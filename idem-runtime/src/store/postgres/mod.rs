@@ -412,9 +412,11 @@ impl PostgresStore {
         }
     }
 
-    /// Runs a statement; if its connection turns out to be broken, runs it once more on another
-    /// connection when that is safe: always when it failed before reaching the server
-    /// (preparing), and after that only for statements that [`Repeat::Safe`] allows.
+    /// Runs a statement; if its connection turns out to be broken, runs it again on another
+    /// connection when that is safe: as long as it failed before reaching execution (preparing:
+    /// nothing ran), on up to every connection of the pool plus one (a server that ended every
+    /// session leaves that many dead connections, each taken out of the pool as it is found),
+    /// and once after execution began, for statements that [`Repeat::Safe`] allows.
     async fn run(
         &self,
         sql: &str,
@@ -422,13 +424,21 @@ impl PostgresStore {
         want: Want,
         again: Repeat,
     ) -> Result<Reply> {
-        match self.attempt(sql, params, want).await {
-            Ok(reply) => Ok(reply),
-            Err(failure) if failure.broken && (!failure.executing || again == Repeat::Safe) => {
-                tracing::debug!(target: "idem", error = %failure.error, "PostgreSQL connection broken; trying another");
-                self.attempt(sql, params, want).await.map_err(|f| f.error)
+        let mut unsent_retries = self.pool.status().max_size + 1;
+        let mut executed_retry = again == Repeat::Safe;
+        loop {
+            match self.attempt(sql, params, want).await {
+                Ok(reply) => return Ok(reply),
+                Err(failure) if failure.broken && !failure.executing && unsent_retries > 0 => {
+                    unsent_retries -= 1;
+                    tracing::debug!(target: "idem", error = %failure.error, "PostgreSQL connection broken before the statement ran; trying another");
+                }
+                Err(failure) if failure.broken && failure.executing && executed_retry => {
+                    executed_retry = false;
+                    tracing::debug!(target: "idem", error = %failure.error, "PostgreSQL connection broken; trying another");
+                }
+                Err(failure) => return Err(failure.error),
             }
-            Err(failure) => Err(failure.error),
         }
     }
 
