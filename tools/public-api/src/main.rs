@@ -220,13 +220,20 @@ fn listing(
     deserializer.disable_recursion_limit();
     let krate = rustdoc_types::Crate::deserialize(&mut deserializer)
         .with_context(|| format!("reading {}", json.display()))?;
+    let mut lines: Vec<(&public_api::PublicItem, String)> = api
+        .items()
+        .map(|item| match reexported(&krate, item.id()) {
+            Some(origin) => (item, format!("{item} ({origin})")),
+            None => (item, item.to_string()),
+        })
+        .collect();
+    // public-api's order (an item, then its members), and the whole line where that order ties
+    // (a function and a module of one name: rustdoc's index is a hash map, its order varies).
+    lines.sort_by(|(a, a_line), (b, b_line)| a.grouping_cmp(b).then_with(|| a_line.cmp(b_line)));
     let mut listing = String::from(HEADER);
     listing.push('\n');
-    for item in api.items() {
-        listing.push_str(&item.to_string());
-        if let Some(origin) = reexported(&krate, item.id()) {
-            listing.push_str(&format!(" ({origin})"));
-        }
+    for (_, line) in lines {
+        listing.push_str(&line);
         listing.push('\n');
     }
     Ok(listing)
