@@ -337,7 +337,7 @@ struct Config {
 ///
 /// Works with axum's `Router::layer` and with any tower service taking
 /// `Request<RequestBody<B>>` and giving `Response<ResB>`, served by hyper or anything else.
-/// Any [`Store`](crate::Store) works ([`IntoStore`]: a store by value, `&store` of a
+/// Any [`Store`] works ([`IntoStore`]: a store by value, `&store` of a
 /// built-in one, an `Arc`, or the `Arc<dyn Store>` of [`connect`](crate::store::connect)); with
 /// a shared one (Redis, PostgreSQL) every instance of the service replays the same responses.
 ///
