@@ -78,24 +78,38 @@ async fn post_pay(addr: std::net::SocketAddr, key: &str) -> (u16, bool, String) 
     )
 }
 
+/// Where the timeout stands relative to `IdempotencyLayer`.
+#[derive(Clone, Copy)]
+enum Timeout {
+    /// Between the layer and the handler (axum's order: the last `.layer` runs first).
+    Inside(StatusCode),
+    /// Around the layer: it runs first, and drops the layer's future, not the handler.
+    Outside,
+}
+
+/// The slow payment handler behind the layer and a tower-http `TimeoutLayer` of `TIMEOUT`.
+fn slow_app(counts: &Counts, timeout: Timeout) -> Router {
+    let counts = counts.clone();
+    let app = Router::new().route("/pay", post(move || slow(counts)));
+    match timeout {
+        Timeout::Inside(status) => app
+            .layer(TimeoutLayer::with_status_code(status, TIMEOUT))
+            .layer(layer()),
+        Timeout::Outside => app.layer(layer()).layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            TIMEOUT,
+        )),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_inside_the_layer_is_an_unknown_outcome_not_a_rerun() {
     let counts = Counts::default();
-    // axum's order: the last `.layer` runs first. The timeout wraps the handler, inside idem.
-    let app = Router::new()
-        .route(
-            "/pay",
-            post({
-                let counts = counts.clone();
-                move || slow(counts)
-            }),
-        )
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            TIMEOUT,
-        ))
-        .layer(layer());
-    let addr = serve(app).await;
+    let addr = serve(slow_app(
+        &counts,
+        Timeout::Inside(StatusCode::REQUEST_TIMEOUT),
+    ))
+    .await;
     let first = post_pay(addr, "inside").await;
     assert_eq!(first.0, 408, "the inner timeout's answer passes through");
     for _ in 0..2 {
@@ -114,20 +128,11 @@ async fn a_timeout_inside_the_layer_is_an_unknown_outcome_not_a_rerun() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_504_from_inside_is_an_unknown_outcome() {
     let counts = Counts::default();
-    let app = Router::new()
-        .route(
-            "/pay",
-            post({
-                let counts = counts.clone();
-                move || slow(counts)
-            }),
-        )
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            TIMEOUT,
-        ))
-        .layer(layer());
-    let addr = serve(app).await;
+    let addr = serve(slow_app(
+        &counts,
+        Timeout::Inside(StatusCode::GATEWAY_TIMEOUT),
+    ))
+    .await;
     assert_eq!(post_pay(addr, "gw").await.0, 504);
     assert_eq!(post_pay(addr, "gw").await.0, 500);
     tokio::time::sleep(HANDLER).await;
@@ -137,21 +142,7 @@ async fn a_504_from_inside_is_an_unknown_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_outside_the_layer_lets_the_handler_finish_and_replays_it() {
     let counts = Counts::default();
-    // The timeout runs first, around idem: it drops idem's future, not the handler.
-    let app = Router::new()
-        .route(
-            "/pay",
-            post({
-                let counts = counts.clone();
-                move || slow(counts)
-            }),
-        )
-        .layer(layer())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            TIMEOUT,
-        ));
-    let addr = serve(app).await;
+    let addr = serve(slow_app(&counts, Timeout::Outside)).await;
     let first = post_pay(addr, "outside").await;
     assert_eq!(first.0, 408, "the client saw the outer timeout");
     let during = post_pay(addr, "outside").await;

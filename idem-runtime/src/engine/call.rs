@@ -385,7 +385,7 @@ impl Call {
 }
 
 /// The hook of a call without one: the replayed value as it was stored.
-fn unchanged<T>(value: T, _: &ReplayInfo) -> T {
+pub(crate) fn unchanged<T>(value: T, _: &ReplayInfo) -> T {
     value
 }
 

@@ -174,16 +174,15 @@ impl Holding {
             let kept = match &result {
                 Ok(v) => Some((
                     Outcome::Ok,
-                    encode_payload(v, |b| serde_json::from_slice::<R::Ok>(b)),
+                    encode_payload(serde_json::to_vec(v), |b| {
+                        serde_json::from_slice::<R::Ok>(b)
+                    }),
                     type_name::<R::Ok>(),
                 )),
                 Err(e) => match (errors.keep, errors.codec) {
                     (Some(keep), Some((encode, decode))) if keep(e) => Some((
                         Outcome::Err,
-                        encode(e).and_then(|payload| {
-                            decode(&payload)?;
-                            Ok(payload)
-                        }),
+                        encode_payload(encode(e), decode),
                         type_name::<R::Err>(),
                     )),
                     _ => None,

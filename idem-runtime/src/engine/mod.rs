@@ -38,7 +38,7 @@ mod running;
 mod storing;
 
 #[cfg(feature = "http")]
-pub(crate) use call::Interrupted;
+pub(crate) use call::{unchanged, Interrupted};
 pub use call::{Call, OnReplay};
 pub use policy::{
     default_wait, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable,

@@ -19,10 +19,9 @@ use super::fingerprint;
 use super::problem::{Problem, Subject};
 use super::stored::StoredResponse;
 use super::{Config, IDEMPOTENCY_KEY};
-use crate::engine::{Call, ErrorPolicy, Interrupted};
+use crate::engine::{unchanged, Call, ErrorPolicy, Interrupted};
 use crate::error::{BoxError, Error};
 use crate::key::StorageKey;
-use crate::served::ReplayInfo;
 
 /// The future of [`IdempotencyService`]: the inner service's response, a replay, or a refusal.
 pub type ResponseFuture<B, E> =
@@ -230,7 +229,7 @@ where
         .run_spawned(
             errors,
             run(inner, request, config.clone(), storage_key.clone(), scope),
-            |stored: StoredResponse, _: &ReplayInfo| stored,
+            unchanged::<StoredResponse>,
         )
         .await;
     let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match joined {

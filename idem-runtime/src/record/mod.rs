@@ -241,15 +241,16 @@ impl<'a> Record<'a> {
     }
 }
 
-/// Encodes a value to be stored as the payload of a record, and checks that it decodes back
-/// (with `decode`), so that a value that cannot be replayed is refused when it is stored, not
-/// found out on the retry: serde_json writes a `NaN` or infinite float as `null`, which no
-/// `f64` decodes from. The check decodes the payload once, on the path that runs the body.
-pub fn encode_payload<T: ?Sized + serde::Serialize, D>(
-    value: &T,
+/// Checks that `encoded`, a value encoded to be stored as the payload of a record (an `Ok` or
+/// a kept `Err`), decodes back (with `decode`), so that a value that cannot be replayed is
+/// refused when it is stored, not found out on the retry: serde_json writes a `NaN` or
+/// infinite float as `null`, which no `f64` decodes from. The check decodes the payload once,
+/// on the path that runs the body.
+pub fn encode_payload<D>(
+    encoded: serde_json::Result<Vec<u8>>,
     decode: impl FnOnce(&[u8]) -> serde_json::Result<D>,
 ) -> serde_json::Result<Vec<u8>> {
-    let payload = serde_json::to_vec(value)?;
+    let payload = encoded?;
     match decode(&payload) {
         Ok(_) => Ok(payload),
         Err(e) => Err(<serde_json::Error as serde::de::Error>::custom(format_args!(

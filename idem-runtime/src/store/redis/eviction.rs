@@ -49,6 +49,8 @@ pub(super) struct EvictionWatch {
     off: AtomicBool,
     /// The node and policy the last check refused (`None`: none seen).
     refused: Mutex<Option<(String, String)>>,
+    /// Whether `refused` holds one: read by every claim without taking the lock.
+    refusing: AtomicBool,
 }
 
 impl EvictionWatch {
@@ -60,6 +62,7 @@ impl EvictionWatch {
             next_check: AtomicU64::new(millis(interval)),
             off: AtomicBool::new(false),
             refused: Mutex::new(None),
+            refusing: AtomicBool::new(false),
         }
     }
 
@@ -68,6 +71,9 @@ impl EvictionWatch {
     pub(super) async fn check(&self, con: &Connection) -> Result<()> {
         if self.is_due() {
             self.recheck(con).await;
+        }
+        if !self.refusing.load(Ordering::Acquire) {
+            return Ok(());
         }
         match &*self.refused.lock().unwrap_or_else(|e| e.into_inner()) {
             Some((node, policy)) => Err(evicting_policy(node, policy)),
@@ -127,6 +133,7 @@ impl EvictionWatch {
             }
             _ => {}
         }
+        self.refusing.store(found.is_some(), Ordering::Release);
         *refused = found;
     }
 }
