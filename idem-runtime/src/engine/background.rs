@@ -1,22 +1,21 @@
-//! Work that outlives the caller: renewing the lease while the body runs, storing a result or
-//! an unknown outcome the caller did not wait for, releasing a claim from a destructor. All of
-//! it runs on the runtime captured once, when the key was claimed, and is spawned through
-//! [`running`](super::running), which counts it for [`drain`](super::running::drain).
+//! Work that outlives the caller: storing a result or an unknown outcome the caller did not
+//! wait for, releasing a claim from a destructor. All of it runs on the runtime captured once,
+//! when the key was claimed, and is spawned through [`running`](super::running), which counts
+//! it for [`drain`](super::running::drain). (Renewing the lease while the body runs is
+//! [`renewal`](super::renewal)'s.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use crate::context::{CallContext, Deadline};
-use crate::error::Error;
 use crate::key::StorageKey;
-use crate::metrics::{count, timed, Event, Labels, StoreOp};
+use crate::metrics::{timed, Labels, StoreOp};
 use crate::store::{FencingToken, Store};
 
-use super::running::{spawn_helper, spawn_work};
+use super::renewal::Renewal;
+use super::running::spawn_work;
 use super::storing::{store_with_retries, Patience};
 
 /// The longest a background task goes on trying to store a result.
@@ -47,72 +46,6 @@ impl Background {
             token,
             labels,
         }
-    }
-
-    /// Starts renewing the lease; see [`Renewal`]. Each acknowledged renewal moves the
-    /// holder's own `deadline` forward. Renewals are timed from `claimed_at`, when the claim
-    /// was sent (the lease runs from about then), not from when its answer came: a claim
-    /// answered late is renewed at once, before the holder's own deadline passes.
-    pub(super) fn renew(
-        &self,
-        lease: Duration,
-        claimed_at: Instant,
-        context: CallContext,
-        deadline: Arc<Deadline>,
-    ) -> Renewal {
-        let (store, key, token, labels) = (
-            self.store.clone(),
-            self.key.clone(),
-            self.token,
-            self.labels,
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let ended = Arc::new(AtomicBool::new(false));
-        let body_ended = ended.clone();
-        spawn_helper(&self.runtime, async move {
-            let period = lease / 4;
-            let mut renewals = tokio::task::JoinSet::new();
-            let mut tick = tokio::time::interval_at(claimed_at + period, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut stopped = std::pin::pin!(stopped);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => return,
-                    _ = tick.tick(), if renewals.len() < 3 => {
-                        let (store, key) = (store.clone(), key.clone());
-                        renewals.spawn(async move {
-                            let sent = Instant::now();
-                            (sent, timed(StoreOp::Renew, labels, store.renew(&key, token, lease)).await)
-                        });
-                    }
-                    Some(done) = renewals.join_next() => match done {
-                        Ok((sent, Ok(()))) => {
-                            deadline.acknowledged(sent);
-                            tracing::trace!(target: "idem", key = %key, token = token.0, "lease renewed")
-                        }
-                        Ok((_, Err(Error::LeaseLost { .. }))) if body_ended.load(Ordering::Acquire) => {
-                            // The body has ended and its outcome is being stored: a renewal
-                            // that lands after the outcome did is refused, and says nothing
-                            // about a takeover (storing finds out whether there was one).
-                            return;
-                        }
-                        Ok((_, Err(Error::LeaseLost { .. }))) => {
-                            tracing::warn!(target: "idem", key = %key, token = token.0,
-                                "lease lost while the body runs: another caller took the key over");
-                            context.mark_lost();
-                            return;
-                        }
-                        Ok((_, Err(e))) => {
-                            count(Event::StoreError, labels);
-                            tracing::warn!(target: "idem", key = %key, error = %e, "lease renewal failed; will retry");
-                        }
-                        Err(_) => {}
-                    },
-                }
-            }
-        });
-        Renewal { _stop: stop, ended }
     }
 
     /// Goes on storing `record` (`what`: a result, an unknown outcome), renewing the lease
@@ -175,56 +108,5 @@ impl Background {
                     "background release failed; the lease will expire");
             }
         });
-    }
-}
-
-/// Renews a claim's lease on a task of its own while the body runs, so that a body that is
-/// busy or blocks its thread cannot starve the renewal; stops when dropped. Renewals are sent
-/// every quarter of the lease without waiting for the previous one to answer (at most three
-/// at once), so a slow store delays them without spacing them out. A renewal refused with
-/// [`Error::LeaseLost`] marks the call's context lost, which the body can see.
-pub(super) struct Renewal {
-    /// Dropping it stops the renewal task (its receiver completes).
-    _stop: tokio::sync::oneshot::Sender<()>,
-    /// Set once the body has ended: a refused renewal then means nothing (see `renew`).
-    ended: Arc<AtomicBool>,
-}
-
-impl Renewal {
-    /// The body has ended; renewal goes on until its outcome is stored.
-    pub(super) fn body_ended(&self) {
-        self.ended.store(true, Ordering::Release);
-    }
-}
-
-/// Counts a detached call whose caller stopped waiting: its body goes on by itself.
-pub(crate) struct Abandoned {
-    armed: bool,
-    labels: Labels,
-}
-
-impl Abandoned {
-    /// Armed until [`disarm`](Self::disarm)ed: dropping it armed counts an abandoned call
-    /// with these labels.
-    pub(crate) fn for_call(labels: Labels) -> Self {
-        Abandoned {
-            armed: true,
-            labels,
-        }
-    }
-
-    /// The caller got its answer.
-    pub(crate) fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        if self.armed {
-            count(Event::FinishedDetached, self.labels);
-            tracing::debug!(target: "idem",
-                "caller stopped waiting; the body runs on and its result will be stored");
-        }
     }
 }

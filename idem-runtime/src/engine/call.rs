@@ -12,14 +12,14 @@ use crate::record::Expected;
 use crate::served::{ReplayInfo, Served};
 use crate::store::{default_store, IntoStore, Store};
 
-use super::background::{Abandoned, Background};
+use super::background::Background;
 use super::claim::{claim, decode_stored, Claimed};
 use super::finish::Holding;
 use super::policy::{
     ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, DEFAULT_LEASE,
     DEFAULT_MAX_RECORD_BYTES, DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,
 };
-use super::running::spawn_body;
+use super::running::InPlace;
 
 /// One idempotent call: where to look (store, key), what must match (fingerprint), and for how
 /// long (ttl, lease). Build it, then [`run`](Call::run) the body.
@@ -225,7 +225,7 @@ impl Call {
             }
             Begun::Claimed(holding) => {
                 let ran = holding.served();
-                let (out, _) = holding.finish(errors, body, None, None).await;
+                let (out, _) = holding.finish(errors, body, None).await;
                 if let Some(ran) = ran {
                     crate::served::record(|| ran);
                 }
@@ -249,19 +249,15 @@ impl Call {
         match self.run_spawned(errors, body, hook).await {
             Ok(out) => out,
             Err(Interrupted::Panicked(panic)) => std::panic::resume_unwind(panic),
-            Err(Interrupted::ShutDown(key)) => R::from_result(Err(Error::OutcomeUnknown {
-                reason: "the runtime shut down while the body ran".into(),
-                key: Some(key),
-            }
-            .into())),
         }
     }
 
     /// Claims (or replays) in the caller, then runs the body, and the storing of its outcome,
-    /// on a task of its own ([`running`](super::running), counted for a drain): the one path
-    /// of a body that outlives its caller, for [`run_detached`](Call::run_detached) and the
-    /// HTTP layer. A panic in the body, or a runtime that shut down under it, is returned to
-    /// the caller as [`Interrupted`] (after its unknown outcome was handled).
+    /// so that they outlive the caller: in the caller's future while it waits, on a task of
+    /// their own once it leaves ([`InPlace`], counted for a drain). The one path of a body that
+    /// outlives its caller, for [`run_detached`](Call::run_detached) and the HTTP layer. A
+    /// panic in the body is returned to the caller as [`Interrupted`] (after its unknown
+    /// outcome was handled).
     pub(crate) async fn run_spawned<R, Fut, H>(
         self,
         errors: ErrorPolicy<R::Err>,
@@ -283,28 +279,21 @@ impl Call {
             }
             Begun::Claimed(holding) => holding,
         };
-        // Renewal first: spawning the body's task next moves the renewal task out of this
-        // worker's next-task slot into its queue, where another worker can run it even if the
-        // body blocks this thread.
-        let key = holding.background.key.clone();
         let labels = holding.background.labels;
         let runtime = holding.background.runtime.clone();
         let ran = holding.served();
-        let begun = holding.start();
-        let task = spawn_body(&runtime, |cut| {
-            holding.finish(errors, body, Some(begun), Some(cut))
-        });
-        let abandoned = Abandoned::for_call(labels);
-        let joined = task.await;
-        abandoned.disarm();
+        // The body runs here while the caller waits, and moves to a task of its own only if
+        // the caller leaves (see `InPlace`).
+        let body = InPlace::new(
+            runtime,
+            |cut| holding.finish(errors, body, Some(cut)),
+            labels,
+        );
+        let out = body.await;
         if let Some(ran) = ran {
             crate::served::record(|| ran);
         }
-        match joined {
-            Ok(result) => Ok(result),
-            Err(e) if e.is_panic() => Err(Interrupted::Panicked(e.into_panic())),
-            Err(_) => Err(Interrupted::ShutDown(key)),
-        }
+        out.map_err(Interrupted::Panicked)
     }
 
     /// Checks the call, then claims its key: the answer (a replay, a refusal, an error), or the
@@ -418,13 +407,10 @@ impl<F> OnReplay<F> {
     }
 }
 
-/// Why a body spawned by [`Call::run_spawned`] gave its caller no answer.
+/// Why a body run by [`Call::run_spawned`] gave its caller no answer.
 pub(crate) enum Interrupted {
     /// The body panicked (its unknown outcome was handled); the panic's payload.
     Panicked(Box<dyn std::any::Any + Send>),
-    /// The runtime shut down while the body ran (the claim stays in flight until its lease
-    /// lapses, as after a crash).
-    ShutDown(StorageKey),
 }
 
 /// What [`Call::begin`] found.

@@ -20,8 +20,9 @@ use crate::record::{encode_payload, Expected, Outcome, Record};
 use crate::served::{self, Served};
 use crate::store::FencingToken;
 
-use super::background::{Background, Renewal};
+use super::background::Background;
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
+use super::renewal::{LeaseOf, Renewal};
 use super::running::{Cut, Ended};
 use super::storing::{store_with_retries, Patience};
 
@@ -71,32 +72,14 @@ impl Holding {
         })
     }
 
-    /// The body's context, and the lease's renewal on a task of its own.
-    pub(super) fn start(&self) -> (CallContext, Renewal) {
-        let deadline = Arc::new(Deadline::new(self.claimed_at, self.lease));
-        let context = CallContext::new(
-            self.key().clone(),
-            self.token(),
-            self.takeover,
-            deadline.clone(),
-        );
-        let renewal = self
-            .background
-            .renew(self.lease, self.claimed_at, context.clone(), deadline);
-        (context, renewal)
-    }
-
     /// Runs the body under the claim, then stores its outcome (or releases, or records an
-    /// unknown outcome). `begun`: the context and renewal if the caller started them already
-    /// (a detached call starts them before spawning the body's task, so the renewal task is
-    /// queued where another worker can take it, with no yield); else they start here. `cut`:
-    /// for a body on a task of its own, what tells it that [`drain`](super::running::drain)
-    /// cuts it off: it is dropped then, and its unknown outcome recorded before this returns.
+    /// unknown outcome). The lease is renewed meanwhile (see [`Renewal`]). `cut`: for a body
+    /// that may outlive its caller, what tells it that [`drain`](super::running::drain) cuts it
+    /// off: it is dropped then, and its unknown outcome recorded before this returns.
     pub(super) async fn finish<R, Fut>(
         self,
         errors: ErrorPolicy<R::Err>,
         body: Fut,
-        begun: Option<(CallContext, Renewal)>,
         cut: Option<Arc<Cut>>,
     ) -> (R, Ended)
     where
@@ -113,20 +96,23 @@ impl Holding {
         let mut guard = StartedGuard {
             holding: &self,
             armed: true,
-            body_started: false,
         };
-        let (context, renewal) = match begun {
-            Some(begun) => begun,
-            None => {
-                let begun = self.start();
-                // Let the renewal task run once (and arm its timer) before the body, which may
-                // block this thread.
-                tokio::task::yield_now().await;
-                begun
-            }
-        };
+        let deadline = Arc::new(Deadline::new(self.claimed_at, self.lease));
+        let context = CallContext::new(key.clone(), token, self.takeover, deadline.clone());
+        // Registered with the keeper thread before the body is first polled: a body that
+        // blocks its thread from the start keeps its lease all the same.
+        let renewal = Renewal::start(LeaseOf {
+            store: self.background.store.clone(),
+            key: key.clone(),
+            token,
+            lease: self.lease,
+            labels,
+            context: context.clone(),
+            deadline,
+            runtime: self.background.runtime.clone(),
+            claimed_at: self.claimed_at,
+        });
         // From here on the body may have done its side effect.
-        guard.body_started = true;
         let ran = Stopwatch::start();
         let body = catch_unwind(context.scope(body));
         let output = match &cut {
@@ -410,8 +396,6 @@ enum Unknown {
 struct StartedGuard<'a> {
     holding: &'a Holding,
     armed: bool,
-    /// Whether the body may have been polled: before that, a dropped call only releases.
-    body_started: bool,
 }
 
 impl Drop for StartedGuard<'_> {
@@ -419,10 +403,7 @@ impl Drop for StartedGuard<'_> {
         if !self.armed {
             return;
         }
-        if !self.body_started {
-            self.holding
-                .release_in_background("the call was dropped before its body started");
-        } else if std::thread::panicking() {
+        if std::thread::panicking() {
             self.holding.unknown_in_background("the body panicked");
         } else {
             self.holding

@@ -8,8 +8,9 @@
 //!   became of it;
 //! - `storing`: the one rule for writing an outcome whose body has run (retries, a full store),
 //!   used in the caller and in the background;
-//! - `background`: work that outlives the caller (renewal, storing after the caller left,
-//!   releasing from a destructor);
+//! - `renewal`: the lease keeper, a thread that renews the leases held while bodies run;
+//! - `background`: work that outlives the caller (storing after the caller left, releasing
+//!   from a destructor);
 //! - `running`: the one place bodies and background work are spawned, counted so that a
 //!   process can [`drain`] before it exits.
 //!
@@ -34,6 +35,7 @@ mod claim;
 mod finish;
 mod policy;
 mod purger;
+mod renewal;
 mod running;
 mod storing;
 

@@ -1,22 +1,28 @@
 //! The one place that spawns work: bodies that run on after their caller stopped waiting (the
-//! attribute's detached calls, the HTTP layer's handlers) and the background writes of their
-//! outcomes. Everything spawned here is counted, so that a process can [`drain`] before it
-//! exits: an exit that drops a started body is a crash, and at most once survives it only
-//! through the lease.
+//! attribute's detached calls, the HTTP layer's handlers: they run in their caller's future and
+//! move to a task only when the caller leaves, see [`InPlace`]) and the background writes of
+//! their outcomes. All of it is counted, so that a process can [`drain`] before it exits: an
+//! exit that drops a started body is a crash, and at most once survives it only through the
+//! lease.
 //!
 //! Work is spawned with the caller's `tracing` span, so fields set by `#[instrument]` or
 //! tower-http's `TraceLayer` are on every event logged inside a detached body or handler.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+use crate::metrics::{count, Event, Labels};
 
 /// What [`drain`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,25 +104,91 @@ impl Running {
     }
 }
 
-/// Spawns a body on `runtime`, counted for [`drain`] and in the caller's span. `body` gets the
-/// [`Cut`] that tells it the process is cutting it off, and says whether it ran to its end.
-pub(super) fn spawn_body<F, R>(runtime: &Handle, body: impl FnOnce(Arc<Cut>) -> F) -> JoinHandle<R>
-where
-    F: Future<Output = (R, Ended)> + Send + 'static,
-    R: Send + 'static,
-{
-    let run = body(registry().cut());
-    registry().tracker.spawn_on(
-        async move {
-            let (out, ended) = run.await;
-            if let Ended::Finished = ended {
-                registry().finished.fetch_add(1, Ordering::Relaxed);
-            }
-            out
+/// A body that runs in its caller's future and moves to a task of its own only if the caller
+/// stops waiting: the one path of a body that must outlive its caller (a detached
+/// `#[idempotent]` call, an HTTP layer's handler). Counted for [`drain`] from the start (a
+/// tracker token, no task), cut off by it like a spawned body.
+///
+/// A caller that waits (nearly all) pays for no task, no wake-up across tasks and no copy of
+/// the body into a task. A caller that leaves (its future dropped: a timeout, a client gone)
+/// hands the body, boxed and pinned where it stopped, to a task on the call's runtime, in the
+/// caller's span, where it runs to its end and its outcome is stored.
+pub(super) struct InPlace<R: Send + 'static> {
+    work: Option<Pin<Box<dyn Future<Output = (R, Ended)> + Send>>>,
+    /// Keeps the body counted for [`drain`] while it runs, in place or on its task.
+    counted: Option<TaskTrackerToken>,
+    runtime: Handle,
+    span: tracing::Span,
+    /// Counted as abandoned if the caller leaves before the body ends.
+    labels: Labels,
+}
+
+impl<R: Send + 'static> InPlace<R> {
+    /// The body `body` makes, given the [`Cut`] that tells it the process is cutting it off;
+    /// it says whether it ran to its end.
+    pub(super) fn new<F>(runtime: Handle, body: impl FnOnce(Arc<Cut>) -> F, labels: Labels) -> Self
+    where
+        F: Future<Output = (R, Ended)> + Send + 'static,
+    {
+        let running = registry();
+        InPlace {
+            work: Some(Box::pin(body(running.cut()))),
+            counted: Some(running.tracker.token()),
+            runtime,
+            span: tracing::Span::current(),
+            labels,
         }
-        .instrument(tracing::Span::current()),
-        runtime,
-    )
+    }
+}
+
+impl<R: Send + 'static> Future for InPlace<R> {
+    /// The body's output, or the panic it raised (after its unknown outcome was handled).
+    type Output = std::thread::Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(work) = this.work.as_mut() else {
+            panic!("InPlace polled after it completed");
+        };
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
+        let out = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready((out, ended))) => {
+                if let Ended::Finished = ended {
+                    registry().finished.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(out)
+            }
+            Err(panic) => Err(panic),
+        };
+        this.work = None;
+        this.counted = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<R: Send + 'static> Drop for InPlace<R> {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else {
+            return;
+        };
+        count(Event::FinishedDetached, self.labels);
+        tracing::debug!(target: "idem",
+            "caller stopped waiting; the body runs on and its result will be stored");
+        let counted = self.counted.take();
+        // A runtime that shut down drops the body here (its outcome is handled as after a
+        // crash: recorded in the background if that still can run, else left to the lease).
+        self.runtime.spawn(
+            async move {
+                let (_, ended) = work.await;
+                if let Ended::Finished = ended {
+                    registry().finished.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(counted);
+            }
+            .instrument(std::mem::replace(&mut self.span, tracing::Span::none())),
+        );
+    }
 }
 
 /// Spawns background work (storing an outcome after its caller left, releasing a claim from a
@@ -129,12 +201,6 @@ where
     registry()
         .tracker
         .spawn_on(work.instrument(tracing::Span::current()), runtime);
-}
-
-/// Spawns a helper task that ends with the work it serves (a lease's renewal), in the caller's
-/// span; not counted for [`drain`].
-pub(super) fn spawn_helper(runtime: &Handle, work: impl Future<Output = ()> + Send + 'static) {
-    runtime.spawn(work.instrument(tracing::Span::current()));
 }
 
 /// How a spawned body ended.

@@ -234,15 +234,8 @@ where
         .await;
     let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match joined {
         Ok(outcome) => outcome,
-        Err(interrupted) => {
-            match interrupted {
-                Interrupted::Panicked(_) => {
-                    tracing::error!(target: "idem", key = %storage_key, "http: the handler panicked")
-                }
-                Interrupted::ShutDown(_) => {
-                    tracing::warn!(target: "idem", key = %storage_key, "http: the handler was cancelled (runtime shutting down)")
-                }
-            }
+        Err(Interrupted::Panicked(_)) => {
+            tracing::error!(target: "idem", key = %storage_key, "http: the handler panicked");
             let detail = "The request failed while it was being processed; its effect is unknown.";
             return Ok(refuse(Problem::OutcomeUnknown, detail));
         }
