@@ -101,8 +101,9 @@ pub use idem_macros::idempotent;
 pub use idem_runtime::{
     connect, counters, default_store, drain, install, metrics, observe, running, Call, Counters,
     DrainReport, Error, ErrorPolicy, Fingerprint, FingerprintBuilder, Fingerprintable,
-    IdempotentResult, IntoDuration, IntoKey, IntoStore, MemoryStore, OnConflict, OnReplay,
-    OnUnknown, Operation, ReplayInfo, Result, Served, Storable, StorageKey, Store, MIN_LEASE,
+    IdempotentResult, IntoDuration, IntoKey, IntoStore, LocalCache, MemoryStore, OnConflict,
+    OnReplay, OnUnknown, Operation, ReplayInfo, Result, Served, Storable, StorageKey, Store,
+    MIN_LEASE,
 };
 
 #[cfg(feature = "runtime")]
@@ -122,6 +123,9 @@ pub mod context {
 /// the background [`Purger`](store::Purger)), and store URLs. A function author needs none of
 /// it: the root has the stores and [`connect`].
 pub mod store {
+    pub use idem_runtime::store::local::{
+        LocalCacheBuilder, DEFAULT_LOCAL_MAX_AGE, DEFAULT_LOCAL_MAX_ENTRIES,
+    };
     pub use idem_runtime::store::memory::MemoryStoreBuilder;
     pub use idem_runtime::store::{
         redact_url, Claim, FencingToken, Forgotten, RecordState, RecordSummary, ScanPage, StoreUrl,

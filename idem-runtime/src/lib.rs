@@ -39,6 +39,7 @@ pub use key::{IntoKey, Operation, StorageKey};
 pub use metrics::{counters, Counters};
 pub use served::{observe, ReplayInfo, Served};
 pub use store::connect;
+pub use store::local::LocalCache;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;

@@ -34,6 +34,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
 mod inspect;
+pub mod local;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -359,6 +360,7 @@ macro_rules! built_in_into_store {
 }
 built_in_into_store!(
     memory::MemoryStore,
+    local::LocalCache,
     #[cfg(feature = "sqlite")]
     sqlite::SqliteStore,
     #[cfg(feature = "redis")]
