@@ -220,17 +220,29 @@ fn expand(mut args: Args, plan: Plan) -> TokenStream {
         // waiting (`async move` so that it owns the parameters).
         let (run, capture) = if detach {
             (
-                proc_macro2::Ident::new("run_detached", ret_span),
+                proc_macro2::Ident::new("run_detached_replaying", ret_span),
                 quote_spanned!(ret_span=> move),
             )
         } else {
-            (proc_macro2::Ident::new("run", ret_span), TokenStream::new())
+            (
+                proc_macro2::Ident::new("run_replaying", ret_span),
+                TokenStream::new(),
+            )
         };
+        // Replays clone a decoded value when the `Ok` type is `Clone` (autoref
+        // specialization on the return type: see `engine::decoded`); else they decode.
         let call = match &ret {
             Some(ret) => {
-                quote_spanned!(ret_span=> #call #settings .#run::<#ret, _>(#policy, async #capture #body).await)
+                let replayer = quote_spanned!(ret_span=> {
+                    #[allow(unused_imports)]
+                    use #p::{ViaClone as _, ViaDecode as _};
+                    (&&#p::Probe::<#ret>::new()).replayer()
+                });
+                quote_spanned!(ret_span=> #call #settings .#run::<#ret, _>(#policy, #replayer, async #capture #body).await)
             }
-            None => quote!(#call #settings .#run(#policy, async #capture #body).await),
+            None => {
+                quote!(#call #settings .#run(#policy, #p::Decoding, async #capture #body).await)
+            }
         };
         quote! {
             #bind_store

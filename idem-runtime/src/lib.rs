@@ -58,7 +58,8 @@ pub use store::{
 #[doc(hidden)]
 pub mod __private {
     pub use crate::engine::{
-        default_wait, Call, ErrorPolicy, IntoDuration, OnConflict, OnUnknown, DEFAULT_LEASE,
+        default_wait, Call, Decoding, ErrorPolicy, IntoDuration, OnConflict, OnUnknown, Probe,
+        ViaClone, ViaDecode, DEFAULT_LEASE,
     };
     pub use crate::fingerprint::Fingerprint;
     pub use crate::key::{Operation, StorageKey};
@@ -77,7 +78,10 @@ pub mod __private {
     ) -> Call {
         match Call::for_operation(operation, scope, key) {
             Ok(mut call) => {
-                call.fingerprint = fingerprint;
+                match fingerprint {
+                    Ok(fingerprint) => call.fingerprint = fingerprint,
+                    Err(e) => call.failed = Some(Box::new(e)),
+                }
                 call
             }
             Err(e) => Call::failed(operation, e),

@@ -94,6 +94,13 @@ impl ReplayInfo {
         }
     }
 
+    /// When the result was stored, in ms since the Unix epoch (as the record says).
+    pub(crate) fn completed_at_ms(&self) -> u64 {
+        self.completed_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
     /// The call's storage key.
     pub fn key(&self) -> &StorageKey {
         &self.key

@@ -14,6 +14,7 @@ use crate::store::{default_store, IntoStore, Store};
 
 use super::background::Background;
 use super::claim::{claim, decode_stored, Claimed};
+use super::decoded::{IntoReplayer, Replayer};
 use super::finish::Holding;
 use super::policy::{
     ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, DEFAULT_LEASE,
@@ -28,10 +29,11 @@ use super::running::InPlace;
 /// caller (renewing the lease, storing a result after the caller left) can go on without it.
 pub struct Call {
     pub(crate) store: Option<Arc<dyn Store>>,
-    // `Result`s so that the macro's forms (`crate::__private`) can carry a key or fingerprint
-    // that failed to derive; `run` returns the error without running anything.
-    pub(crate) key: Result<StorageKey>,
-    pub(crate) fingerprint: Result<Option<Fingerprint>>,
+    pub(crate) key: StorageKey,
+    pub(crate) fingerprint: Option<Fingerprint>,
+    /// Set by the macro's forms (`crate::__private`) when the key or fingerprint failed to
+    /// derive: `run` returns it without running anything. Boxed: calls carry it rarely.
+    pub(crate) failed: Option<Box<Error>>,
     pub(crate) operation: Option<Operation>,
     ttl: Duration,
     lease: Duration,
@@ -47,14 +49,11 @@ impl Call {
     /// ttl, 30s lease, reject conflicts, at-most-once for unknown outcomes, the process-wide
     /// store.
     pub fn new(key: StorageKey) -> Self {
-        Call::with_key(Ok(key))
-    }
-
-    pub(crate) fn with_key(key: Result<StorageKey>) -> Self {
         Call {
             store: None,
             key,
-            fingerprint: Ok(None),
+            fingerprint: None,
+            failed: None,
             operation: None,
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,
@@ -99,7 +98,8 @@ impl Call {
     /// A call of `operation` that fails with `error` when run, without running anything (the
     /// macro's forms, whose key or fingerprint failed to derive).
     pub(crate) fn failed(operation: Operation, error: Error) -> Self {
-        let mut call = Call::with_key(Err(error));
+        let mut call = Call::new(StorageKey::from_digest(&[0; 32]));
+        call.failed = Some(Box::new(error));
         call.operation = Some(operation);
         call
     }
@@ -113,7 +113,7 @@ impl Call {
 
     /// What must match when the key is reused; `None` turns the check off.
     pub fn fingerprint(mut self, fingerprint: Option<Fingerprint>) -> Self {
-        self.fingerprint = Ok(fingerprint);
+        self.fingerprint = fingerprint;
         self
     }
 
@@ -174,12 +174,14 @@ impl Call {
     /// away), the body stops at its next `.await`, and its outcome is unknown (see
     /// [`OnUnknown`]). Bodies that own their data can use [`run_detached`](Call::run_detached)
     /// instead, which finishes them.
-    pub async fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    pub fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> impl Future<Output = R>
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
     {
-        self.run_with(errors, body, unchanged::<R::Ok>).await
+        // Not an `async fn` (nor the wrappers below): each level of `async fn` would keep its
+        // own copy of the call and the body in the future, and copy them into the next.
+        self.run_with(errors, body, unchanged::<R::Ok>, None)
     }
 
     /// Like [`run`](Call::run), but once the key is claimed, the body and the storing of its
@@ -187,13 +189,49 @@ impl Call {
     /// its end and its result is stored, so a retry gets it replayed (or [`Error::InFlight`] /
     /// waits while it runs) instead of an unknown outcome. The claim itself, and so a replay,
     /// happens in the caller. A panic in the body is re-raised in the caller.
-    pub async fn run_detached<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    pub fn run_detached<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+    ) -> impl Future<Output = R>
     where
         R: IdempotentResult + Send + 'static,
         Fut: Future<Output = R> + Send + 'static,
     {
-        self.run_detached_with(errors, body, unchanged::<R::Ok>)
-            .await
+        self.run_detached_with(errors, body, unchanged::<R::Ok>, None)
+    }
+
+    /// [`run`](Call::run), replaying decoded values of types that are `Clone` (the
+    /// `#[idempotent]` expansion's form: `replayer` comes from a [`Probe`](super::Probe) of the
+    /// function's return type). Not public API.
+    #[doc(hidden)]
+    pub fn run_replaying<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        replayer: impl IntoReplayer<R::Ok>,
+        body: Fut,
+    ) -> impl Future<Output = R>
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+    {
+        self.run_with(errors, body, unchanged::<R::Ok>, replayer.into_replayer())
+    }
+
+    /// [`run_detached`](Call::run_detached) with a replayer: see
+    /// [`run_replaying`](Call::run_replaying). Not public API.
+    #[doc(hidden)]
+    pub fn run_detached_replaying<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        replayer: impl IntoReplayer<R::Ok>,
+        body: Fut,
+    ) -> impl Future<Output = R>
+    where
+        R: IdempotentResult + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+    {
+        self.run_detached_with(errors, body, unchanged::<R::Ok>, replayer.into_replayer())
     }
 
     /// Adjusts replayed values: `hook` gets each value this call replays (never a fresh one,
@@ -212,13 +250,19 @@ impl Call {
     }
 
     /// [`run`](Call::run), with `hook` applied to a replayed value.
-    async fn run_with<R, Fut, H>(self, errors: ErrorPolicy<R::Err>, body: Fut, hook: H) -> R
+    async fn run_with<R, Fut, H>(
+        mut self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+        hook: H,
+        replayer: Option<Replayer<R::Ok>>,
+    ) -> R
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
         H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
     {
-        match self.begin::<R, H>(&errors, hook).await {
+        match self.begin::<R, H>(&errors, hook, replayer).await {
             Begun::Answer(answer, served) => {
                 crate::served::record(|| served);
                 answer
@@ -235,20 +279,20 @@ impl Call {
     }
 
     /// [`run_detached`](Call::run_detached), with `hook` applied to a replayed value.
-    async fn run_detached_with<R, Fut, H>(
+    fn run_detached_with<R, Fut, H>(
         self,
         errors: ErrorPolicy<R::Err>,
         body: Fut,
         hook: H,
-    ) -> R
+        replayer: Option<Replayer<R::Ok>>,
+    ) -> impl Future<Output = R>
     where
         R: IdempotentResult + Send + 'static,
         Fut: Future<Output = R> + Send + 'static,
         H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
     {
-        match self.run_spawned(errors, body, hook).await {
-            Ok(out) => out,
-            Err(Interrupted::Panicked(panic)) => std::panic::resume_unwind(panic),
+        Unwound {
+            run: self.run_spawned(errors, body, hook, replayer),
         }
     }
 
@@ -259,10 +303,11 @@ impl Call {
     /// panic in the body is returned to the caller as [`Interrupted`] (after its unknown
     /// outcome was handled).
     pub(crate) async fn run_spawned<R, Fut, H>(
-        self,
+        mut self,
         errors: ErrorPolicy<R::Err>,
         body: Fut,
         hook: H,
+        replayer: Option<Replayer<R::Ok>>,
     ) -> Result<R, Interrupted>
     where
         R: IdempotentResult + Send + 'static,
@@ -272,7 +317,7 @@ impl Call {
         // Claim (or replay) in the caller; only a body that is to run moves to a task of its
         // own. A caller that leaves while the claim is on its way may leave the claim in flight
         // until its lease ends; the body has not started then, so nothing runs twice.
-        let holding = match self.begin::<R, H>(&errors, hook).await {
+        let holding = match self.begin::<R, H>(&errors, hook, replayer).await {
             Begun::Answer(answer, served) => {
                 crate::served::record(|| served);
                 return Ok(answer);
@@ -298,23 +343,30 @@ impl Call {
 
     /// Checks the call, then claims its key: the answer (a replay, a refusal, an error), or the
     /// claim under which the body is to run.
-    async fn begin<R, H>(self, errors: &ErrorPolicy<R::Err>, hook: H) -> Begun<R>
+    ///
+    /// It borrows the call (its future holds a reference, not a second copy of the call).
+    async fn begin<R, H>(
+        &mut self,
+        errors: &ErrorPolicy<R::Err>,
+        hook: H,
+        replayer: Option<Replayer<R::Ok>>,
+    ) -> Begun<R>
     where
         R: IdempotentResult,
         H: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
     {
         let fail = |e: Error| Begun::Answer(R::from_result(Err(e.into())), Served::Refused);
-        let (key, fingerprint) = match (self.key, self.fingerprint) {
-            (Ok(key), Ok(fingerprint)) => (key, fingerprint),
-            (Err(e), _) | (_, Err(e)) => return fail(e),
-        };
+        if let Some(e) = self.failed.take() {
+            return fail(*e);
+        }
+        let (key, fingerprint) = (self.key.clone(), self.fingerprint);
         if self.lease < MIN_LEASE {
             return fail(Error::config(format!(
                 "a lease of {:?} is shorter than the minimum of {MIN_LEASE:?}: it would expire before the claim could be renewed, and concurrent callers would all run the body",
                 self.lease
             )));
         }
-        let store = self.store.unwrap_or_else(default_store);
+        let store = self.store.take().unwrap_or_else(default_store);
         if let Some(op) = &self.operation {
             if !op.is_stable() && store.durable() {
                 return fail(Error::config(format!(
@@ -344,8 +396,23 @@ impl Call {
             Ok(Claimed::Replay(bytes)) => {
                 count(Event::Hit, labels);
                 tracing::debug!(target: "idem", key = %key, "replay");
+                if let Some(kept) = replayer.and_then(|r| (r.get)(&key, &bytes, &expect)) {
+                    let info = ReplayInfo::new(key, kept.token, kept.completed_at_ms, false);
+                    let value = hook(kept.value, &info);
+                    return Begun::Answer(R::from_result(Ok(value)), Served::Replayed(info));
+                }
                 return match decode_stored::<R::Ok, R::Err>(&key, &bytes, errors, &expect) {
                     Ok((Ok(value), info)) => {
+                        if let Some(r) = replayer {
+                            (r.put)(
+                                &key,
+                                &bytes,
+                                &expect,
+                                info.token().0,
+                                info.completed_at_ms(),
+                                &value,
+                            );
+                        }
                         let value = hook(value, &info);
                         Begun::Answer(R::from_result(Ok(value)), Served::Replayed(info))
                     }
@@ -386,24 +453,63 @@ pub struct OnReplay<F> {
 
 impl<F> OnReplay<F> {
     /// [`Call::run`], with the hook applied to a replayed value.
-    pub async fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    pub fn run<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> impl Future<Output = R>
     where
         R: IdempotentResult,
         Fut: Future<Output = R>,
         F: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
     {
-        self.call.run_with(errors, body, self.hook).await
+        self.call.run_with(errors, body, self.hook, None)
     }
 
     /// [`Call::run_detached`], with the hook applied to a replayed value (in the caller, where
     /// replays happen).
-    pub async fn run_detached<R, Fut>(self, errors: ErrorPolicy<R::Err>, body: Fut) -> R
+    pub fn run_detached<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        body: Fut,
+    ) -> impl Future<Output = R>
     where
         R: IdempotentResult + Send + 'static,
         Fut: Future<Output = R> + Send + 'static,
         F: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
     {
-        self.call.run_detached_with(errors, body, self.hook).await
+        self.call.run_detached_with(errors, body, self.hook, None)
+    }
+
+    /// [`run`](OnReplay::run) with a replayer: see [`Call::run_replaying`]. Not public API.
+    #[doc(hidden)]
+    pub fn run_replaying<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        replayer: impl IntoReplayer<R::Ok>,
+        body: Fut,
+    ) -> impl Future<Output = R>
+    where
+        R: IdempotentResult,
+        Fut: Future<Output = R>,
+        F: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
+        self.call
+            .run_with(errors, body, self.hook, replayer.into_replayer())
+    }
+
+    /// [`run_detached`](OnReplay::run_detached) with a replayer: see
+    /// [`Call::run_replaying`]. Not public API.
+    #[doc(hidden)]
+    pub fn run_detached_replaying<R, Fut>(
+        self,
+        errors: ErrorPolicy<R::Err>,
+        replayer: impl IntoReplayer<R::Ok>,
+        body: Fut,
+    ) -> impl Future<Output = R>
+    where
+        R: IdempotentResult + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        F: FnOnce(R::Ok, &ReplayInfo) -> R::Ok,
+    {
+        self.call
+            .run_detached_with(errors, body, self.hook, replayer.into_replayer())
     }
 }
 
@@ -411,6 +517,28 @@ impl<F> OnReplay<F> {
 pub(crate) enum Interrupted {
     /// The body panicked (its unknown outcome was handled); the panic's payload.
     Panicked(Box<dyn std::any::Any + Send>),
+}
+
+pin_project_lite::pin_project! {
+    /// [`Call::run_spawned`]'s future, with a panic of the body raised again in the caller.
+    struct Unwound<F> {
+        #[pin]
+        run: F,
+    }
+}
+
+impl<F, R> Future for Unwound<F>
+where
+    F: Future<Output = Result<R, Interrupted>>,
+{
+    type Output = R;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<R> {
+        match std::task::ready!(self.project().run.poll(cx)) {
+            Ok(out) => std::task::Poll::Ready(out),
+            Err(Interrupted::Panicked(panic)) => std::panic::resume_unwind(panic),
+        }
+    }
 }
 
 /// What [`Call::begin`] found.

@@ -4,6 +4,7 @@
 //! - `policy`: defaults, limits and the policies a call is given ([`OnConflict`],
 //!   [`OnUnknown`], [`ErrorPolicy`]);
 //! - `claim`: claiming a key (waiting for a holder) and replaying a stored result;
+//! - `decoded`: replaying values this process already decoded (result types that are `Clone`);
 //! - `finish`: running the body under the claim and storing, releasing or recording what
 //!   became of it;
 //! - `storing`: the one rule for writing an outcome whose body has run (retries, a full store),
@@ -32,6 +33,7 @@
 mod background;
 mod call;
 mod claim;
+mod decoded;
 mod finish;
 mod policy;
 mod purger;
@@ -42,6 +44,7 @@ mod storing;
 #[cfg(feature = "http")]
 pub(crate) use call::{unchanged, Interrupted};
 pub use call::{Call, OnReplay};
+pub use decoded::{Decoding, IntoReplayer, Probe, Replayer, ViaClone, ViaDecode};
 pub use policy::{
     default_wait, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable,
     DEFAULT_LEASE, DEFAULT_MAX_RECORD_BYTES, DEFAULT_RECOVERY, DEFAULT_TTL, MIN_LEASE,

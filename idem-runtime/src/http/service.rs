@@ -19,7 +19,7 @@ use super::fingerprint;
 use super::problem::{Problem, Subject};
 use super::stored::StoredResponse;
 use super::{Config, IDEMPOTENCY_KEY};
-use crate::engine::{unchanged, Call, ErrorPolicy, Interrupted};
+use crate::engine::{unchanged, Call, ErrorPolicy, Interrupted, Replayer};
 use crate::error::{BoxError, Error};
 use crate::key::StorageKey;
 
@@ -230,6 +230,8 @@ where
             errors,
             run(inner, request, config.clone(), storage_key.clone(), scope),
             unchanged::<StoredResponse>,
+            // Replays clone the response this process decoded last time (bodies are shared).
+            Some(Replayer::cloning()),
         )
         .await;
     let outcome: Result<StoredResponse, NotKept<ResB, S::Error>> = match joined {

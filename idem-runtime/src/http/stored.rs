@@ -31,6 +31,18 @@ pub(crate) struct StoredResponse {
     fresh_head: Option<response::Parts>,
 }
 
+/// A copy for replay (of a decoded response, which has no fresh head: the copy has none).
+impl Clone for StoredResponse {
+    fn clone(&self) -> Self {
+        StoredResponse {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            fresh_head: None,
+        }
+    }
+}
+
 impl StoredResponse {
     /// Captures a response the inner service gave: its status, the headers named in `keep`
     /// (every value, in order), and its body.
@@ -101,6 +113,7 @@ impl StoredResponse {
 }
 
 /// Bytes stored compactly: `{"text": "..."}` when UTF-8, else `{"base64": "..."}`.
+#[derive(Clone)]
 pub(crate) struct StoredBytes(pub(crate) Bytes);
 
 #[derive(Serialize)]
