@@ -31,7 +31,7 @@
 //! | `key = EXPR` | an expression over the parameters (borrowed, never moved) giving an [`IntoKey`]: a string, an integer, a `Uuid` | the fingerprint of the non-skipped parameters |
 //! | `scope = EXPR` | for whom, e.g. a tenant id: scopes never share records | none |
 //! | `ttl = "24h"` / `ttl = 3600` / `ttl = EXPR` | how long a completed result is replayed | `24h` |
-//! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed on a task of its own while the body runs; at least 100 ms ([`MIN_LEASE`]) | `30s` |
+//! | `lease = "30s"` | how long a claim is held before another caller may take over; renewed while the body runs (by the lease keeper thread); at least 100 ms ([`MIN_LEASE`]) | `30s` |
 //! | `store = EXPR` | the store ([`IntoStore`]): `&S` of a store that is `Clone` (every built-in one), `Arc<S>`, `Arc<dyn Store>`, a built-in store by value | [`install`]ed store, else an in-memory one |
 //! | `skip(a, b)` | parameters left out of the fingerprint (handles, connections) | none |
 //! | `fingerprint = EXPR` / `fingerprint = false` | what must match when a key is reused | canonical JSON of the non-skipped parameters |
@@ -57,8 +57,8 @@
 //! - **Replay is exact**: the stored serde_json bytes are decoded into the same value.
 //! - **Key reuse is caught**: same key, different arguments is [`Error::KeyReuse`].
 //! - **A started body is never run again by accident**: a function that owns its data (no
-//!   `&self`, no borrowed parameters, no generics) runs its body on a task of its own, so a caller
-//!   that stops waiting does not stop it, and its result is stored for the retry. A panic, an
+//!   `&self`, no borrowed parameters, no generics) keeps its body running when its caller stops
+//!   waiting (the body moves to a task of its own then), and its result is stored for the retry. A panic, an
 //!   abandoned borrowing body, or a result that cannot be stored is an unknown outcome, recorded
 //!   (at most once, the default) or released (at least once) per [`OnUnknown`]. An `Err` the body
 //!   returns (unless kept) releases the claim, so a retry runs at once. A crashed process's claim

@@ -124,7 +124,7 @@ impl Call {
     }
 
     /// How long a claim is held before another caller may take it over; renewed every quarter
-    /// of it, on a task of its own, while the body runs. At least [`MIN_LEASE`]; a shorter one
+    /// of it, by the lease keeper thread, while the body runs. At least [`MIN_LEASE`]; a shorter one
     /// is [`Error::Config`] and nothing runs.
     pub fn lease(mut self, lease: impl IntoDuration) -> Self {
         self.lease = lease.into_duration();
@@ -185,8 +185,9 @@ impl Call {
     }
 
     /// Like [`run`](Call::run), but once the key is claimed, the body and the storing of its
-    /// result run on a task of their own: if the caller stops waiting, the body still runs to
-    /// its end and its result is stored, so a retry gets it replayed (or [`Error::InFlight`] /
+    /// result outlive the caller: they run in the caller's future while it waits and move to a
+    /// task of their own if it stops waiting, where the body still runs to its end and its
+    /// result is stored, so a retry gets it replayed (or [`Error::InFlight`] /
     /// waits while it runs) instead of an unknown outcome. The claim itself, and so a replay,
     /// happens in the caller. A panic in the body is re-raised in the caller.
     pub fn run_detached<R, Fut>(
