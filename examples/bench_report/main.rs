@@ -18,6 +18,8 @@
 //! Arguments naming sections (`memory`, `contention`, `stores`, `scale`, `wakeup`) run only
 //! those; without any, all run.
 
+#[cfg(feature = "redis")]
+mod local_part;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod measure;
 #[cfg(feature = "postgres")]
@@ -77,6 +79,15 @@ impl Report {
     pub(crate) fn field(&mut self, name: &str, value: impl Into<Value>) {
         self.fields.insert(name.to_string(), value.into());
     }
+}
+
+/// The version of the `cached` crate this build compared against, as Cargo.lock pins it.
+fn cached_crate_version() -> String {
+    let lock = include_str!("../../Cargo.lock");
+    lock.split("[[package]]")
+        .find(|p| p.contains("\nname = \"cached\"\n"))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = ")))
+        .map_or_else(|| "unknown".into(), |v| v.trim_matches('"').to_string())
 }
 
 /// Distinct order ids per measurement, so misses never hit an earlier measurement's record.
@@ -175,6 +186,7 @@ async fn section_memory(r: &mut Report) {
     r.field("memory_miss_ns", miss_ns);
     r.field("memory_miss_overhead_ns", miss_ns - plain_fresh_ns);
     r.field("cached_crate_hit_ns", cached_hit_ns);
+    r.field("cached_crate_version", cached_crate_version());
     r.field("cached_crate_miss_ns", cached_miss_ns);
     r.field("moka_hit_ns", moka_hit_ns);
 }

@@ -28,6 +28,8 @@ pub async fn section_stores(r: &mut Report) {
     r.section("3. Redis and PostgreSQL stores: counted by the servers, rates vs raw clients");
     #[cfg(feature = "redis")]
     crate::redis_part::run(r).await;
+    #[cfg(feature = "redis")]
+    crate::local_part::run(r).await;
     #[cfg(feature = "postgres")]
     crate::postgres_part::run(r).await;
     #[cfg(not(all(feature = "redis", feature = "postgres")))]
