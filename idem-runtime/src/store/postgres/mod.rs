@@ -69,6 +69,14 @@
 //! have ended, as long as nobody took over and the claim is not abandoned); no row means the
 //! claim was lost ([`Error::LeaseLost`]) and nothing changed.
 //!
+//! Waiters woken together share their claims: when a `complete` wakes the calls of this process
+//! that wait for its key (see [`wait_for_change`](super::Store::wait_for_change)), the first of
+//! them to claim lets the others reach their claims, and those of the same fingerprint that do
+//! before it has a connection get its answer instead of sending a statement each (in flight for
+//! them if it acquired the key). Every claim that joins began before the shared statement was
+//! sent, and ends after its answer, so each gets the answer it would have had on its own right
+//! after that statement. Calls nobody waits beside claim alone, as above.
+//!
 //! For operators, [`forget`](super::Store::forget) is one statement that locks the key's row
 //! (`SELECT ... FOR UPDATE`), deletes it if it is completed or the removal is forced, and
 //! reports what it found; the sequence never hands a token out twice, so a forgotten holder
@@ -165,7 +173,7 @@ mod tls;
 mod tls_params;
 mod tls_verify;
 use failure::{pg_error, Failure};
-use notify::{Listen, Notifier};
+use notify::{Leader, Listen, Notifier, Plan};
 pub use options::PostgresOptions;
 use sql::Sql;
 
@@ -380,7 +388,19 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
         again: Repeat,
     ) -> Result<Option<Row>> {
-        match self.run(sql, params, Want::Row, again).await? {
+        self.query_opt_led(sql, params, again, None).await
+    }
+
+    /// [`query_opt`](Self::query_opt) for a claim gathering others: `leader` closes the
+    /// gathering once a connection is in hand, before the statement is sent.
+    async fn query_opt_led(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        again: Repeat,
+        leader: Option<&Leader<'_>>,
+    ) -> Result<Option<Row>> {
+        match self.run(sql, params, Want::Row, again, leader).await? {
             Reply::Row(row) => Ok(row),
             _ => unreachable!("asked for a row"),
         }
@@ -393,7 +413,7 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
         again: Repeat,
     ) -> Result<Vec<Row>> {
-        match self.run(sql, params, Want::Rows, again).await? {
+        match self.run(sql, params, Want::Rows, again, None).await? {
             Reply::Rows(rows) => Ok(rows),
             _ => unreachable!("asked for rows"),
         }
@@ -406,7 +426,7 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
         again: Repeat,
     ) -> Result<u64> {
-        match self.run(sql, params, Want::Count, again).await? {
+        match self.run(sql, params, Want::Count, again, None).await? {
             Reply::Count(n) => Ok(n),
             _ => unreachable!("asked for a count"),
         }
@@ -416,18 +436,20 @@ impl PostgresStore {
     /// connection when that is safe: as long as it failed before reaching execution (preparing:
     /// nothing ran), on up to every connection of the pool plus one (a server that ended every
     /// session leaves that many dead connections, each taken out of the pool as it is found),
-    /// and once after execution began, for statements that [`Repeat::Safe`] allows.
+    /// and once after execution began, for statements that [`Repeat::Safe`] allows. A
+    /// `leader`'s gathering is closed once the first connection is in hand.
     async fn run(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         want: Want,
         again: Repeat,
+        leader: Option<&Leader<'_>>,
     ) -> Result<Reply> {
         let mut unsent_retries = self.pool.status().max_size + 1;
         let mut executed_retry = again == Repeat::Safe;
         loop {
-            match self.attempt(sql, params, want).await {
+            match self.attempt(sql, params, want, leader).await {
                 Ok(reply) => return Ok(reply),
                 Err(failure) if failure.broken && !failure.executing && unsent_retries > 0 => {
                     unsent_retries -= 1;
@@ -447,12 +469,16 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         want: Want,
+        leader: Option<&Leader<'_>>,
     ) -> Result<Reply, Failure> {
         let client = self.pool.get().await.map_err(|e| Failure {
             error: Error::store(BACKEND, format!("no connection: {e}")),
             broken: false,
             executing: false,
         })?;
+        if let Some(leader) = leader {
+            leader.close();
+        }
         let statement = match client.prepare_cached(sql).await {
             Ok(statement) => statement,
             Err(e) => {

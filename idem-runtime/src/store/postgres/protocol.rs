@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{row, PostgresStore, Repeat, BACKEND};
+use super::{row, Plan, PostgresStore, Repeat, BACKEND};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
@@ -29,18 +29,42 @@ impl Store for PostgresStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Claim> {
+        let plan = match &self.notifier {
+            Some(notifier) => notifier.plan(key.as_str(), fingerprint),
+            None => Plan::Alone,
+        };
+        let leader = match plan {
+            Plan::Alone => None,
+            Plan::Follow(follower) => {
+                if let Some(claim) = follower.answer().await {
+                    return Ok(claim);
+                }
+                None
+            }
+            Plan::Lead(leader) => {
+                // The other calls waiting for the key were woken with this one: let them
+                // reach their claims and join this one.
+                tokio::task::yield_now().await;
+                Some(leader)
+            }
+        };
         let fingerprint: Option<&[u8]> = fingerprint.map(|f| &f.0[..]);
         let row = self
             // Repeating a claim that did reach the server finds that claim in flight: the
             // answer a caller retrying after an error would get too.
-            .query_opt(
+            .query_opt_led(
                 &self.sql.claim,
                 &[&key.as_str(), &fingerprint, &micros(lease)],
                 Repeat::Safe,
+                leader.as_ref(),
             )
             .await?
             .ok_or_else(|| Error::store(BACKEND, "claim returned no row"))?;
-        row::claim(&row)
+        let claim = row::claim(&row)?;
+        if let Some(leader) = leader {
+            leader.share(&claim);
+        }
+        Ok(claim)
     }
 
     async fn complete(
@@ -130,7 +154,9 @@ impl Store for PostgresStore {
     /// Waits for a notification about `key` on the table's channel (`complete`, `release` and
     /// `forget` send one). A waiter that arrived before the listener was up looks at the record
     /// once more (one `get`), so a change made just before cannot be missed. Without a listener
-    /// (a pool the user built, or one that cannot listen), it sleeps `max`.
+    /// (a pool the user built, or one that cannot listen), it sleeps `max`. The waiters one
+    /// notification wakes share their next claim (see the
+    /// [module docs](super#one-statement-per-step)).
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let Some(notifier) = &self.notifier else {
             return tokio::time::sleep(max).await;
