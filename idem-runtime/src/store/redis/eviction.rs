@@ -70,7 +70,8 @@ impl EvictionWatch {
     /// took it, then answers with what the last check saw.
     pub(super) async fn check(&self, con: &Connection) -> Result<()> {
         if self.is_due() {
-            self.recheck(con).await;
+            // Boxed: a rare step, kept out of the state of every claim's future.
+            Box::pin(self.recheck(con)).await;
         }
         if !self.refusing.load(Ordering::Acquire) {
             return Ok(());

@@ -122,14 +122,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
 
 /// The `redis` crate this store is built on, for building a [`ConnectionManager`] of the
 /// matching version to hand to [`RedisStore::from_manager`].
 #[doc(no_inline)]
 pub use ::redis;
 
-use super::{FencingToken, ABANDONED_CLAIM_RETENTION};
+use super::ABANDONED_CLAIM_RETENTION;
 use crate::error::{Error, Result};
 use crate::key::StorageKey;
 
@@ -165,6 +165,9 @@ pub const DEFAULT_EVICTION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 const BACKEND: &str = "redis";
+
+/// What the fence's key adds to its record's key.
+const FENCE_SUFFIX: &str = ":fence";
 
 /// KEYS: record, fence. ARGV: fingerprint (raw bytes, empty = none), lease ms, record ms (the
 /// lease plus the retention), fence ms. Returns `{'acquired', token, takeover}`,
@@ -410,19 +413,76 @@ impl RedisStore {
     /// The Redis key of the record hash of `key`: `{prefix}:{<hex>}`. For inspection and
     /// operations; its fence is this key followed by `:fence`.
     pub fn record_key(&self, key: &StorageKey) -> String {
-        format!("{}:{{{}}}", self.prefix, key.as_str())
+        let mut record = String::with_capacity(self.prefix.len() + key.as_str().len() + 3);
+        self.push_record_key(&mut record, key);
+        record
     }
 
-    /// Runs a script, retrying once if the connection was refused: then the command was never
-    /// sent, and the manager has just started a new connection attempt, which succeeds if the
-    /// server is back (e.g. after a restart).
-    async fn eval(&self, invocation: &ScriptInvocation<'_>) -> Result<Value> {
+    /// Appends the record key of `key` to `out` (see [`record_key`](Self::record_key)).
+    fn push_record_key(&self, out: &mut String, key: &StorageKey) {
+        out.push_str(&self.prefix);
+        out.push_str(":{");
+        out.push_str(key.as_str());
+        out.push('}');
+    }
+
+    /// `EVALSHA <script> 2 <record> <fence>` for `key`, with room for `args` more arguments of
+    /// `arg_bytes` bytes in all: written straight into the command's buffer (the `redis` crate's
+    /// `ScriptInvocation` copies every key and argument into a vector of its own first, then
+    /// into the command).
+    fn script_cmd(&self, script: &Script, key: &StorageKey, args: usize, arg_bytes: usize) -> Cmd {
+        let mut keys = String::with_capacity(self.prefix.len() + key.as_str().len() + 9);
+        self.push_record_key(&mut keys, key);
+        let record_len = keys.len();
+        keys.push_str(FENCE_SUFFIX);
+        let (hash, record, fence) = (script.get_hash(), &keys[..record_len], &keys[..]);
+        let bytes = 7 + hash.len() + 1 + record.len() + fence.len() + arg_bytes;
+        let mut cmd = Cmd::with_capacity(5 + args, bytes);
+        cmd.arg("EVALSHA").arg(hash).arg(2).arg(record).arg(fence);
+        cmd
+    }
+
+    /// Runs a script's `EVALSHA` (`cmd`), retrying once if the connection was refused: then the
+    /// command was never sent, and the manager has just started a new connection attempt, which
+    /// succeeds if the server is back (e.g. after a restart). A server that does not know the
+    /// script (`NOSCRIPT`: restarted, or flushed) is sent it (`SCRIPT LOAD`, to every master of
+    /// a cluster), and the command again.
+    async fn eval(&self, script: &Script, cmd: &Cmd) -> Result<Value> {
         let mut con = self.con.clone();
-        match invocation.invoke_async(&mut con).await {
-            Err(e) if e.is_connection_refusal() => invocation.invoke_async(&mut con).await,
-            reply => reply,
+        match cmd.query_async(&mut con).await {
+            Ok(reply) => Ok(reply),
+            // Boxed: rare steps, kept out of the state of every call's future.
+            Err(e) => Box::pin(self.eval_again(script, cmd, con, e)).await,
         }
         .map_err(redis_error)
+    }
+
+    /// [`eval`](Self::eval) after its first attempt failed with `error`.
+    async fn eval_again(
+        &self,
+        script: &Script,
+        cmd: &Cmd,
+        mut con: Connection,
+        error: RedisError,
+    ) -> redis::RedisResult<Value> {
+        let no_script = |e: &RedisError| e.kind() == ErrorKind::Server(ServerErrorKind::NoScript);
+        let loaded_and_sent = |mut con: Connection| async move {
+            script.load_async(&mut con).await?;
+            cmd.query_async(&mut con).await
+        };
+        if no_script(&error) {
+            return match loaded_and_sent(con.clone()).await {
+                Err(e) if e.is_connection_refusal() => loaded_and_sent(con).await,
+                reply => reply,
+            };
+        }
+        if !error.is_connection_refusal() {
+            return Err(error);
+        }
+        match cmd.query_async(&mut con).await {
+            Err(e) if no_script(&e) => loaded_and_sent(con).await,
+            reply => reply,
+        }
     }
 
     /// `Ok` if a claim may go on: no evicting `maxmemory-policy` seen by the last check of the
@@ -450,28 +510,11 @@ impl RedisStore {
         }
     }
 
-    fn keys(&self, key: &StorageKey) -> (String, String) {
-        let record = self.record_key(key);
-        let fence = format!("{record}:fence");
-        (record, fence)
-    }
-
     /// Runs a check-and-change script that answers 1 (done) or 0 (the token does not hold the
-    /// key, which is [`Error::LeaseLost`]).
-    async fn held(
-        &self,
-        script: &Script,
-        key: &StorageKey,
-        token: FencingToken,
-        args: &[&[u8]],
-    ) -> Result<()> {
-        let (record, fence) = self.keys(key);
-        let mut invocation = script.key(record);
-        invocation.key(fence).arg(token.0);
-        for a in args {
-            invocation.arg(*a);
-        }
-        match self.eval(&invocation).await? {
+    /// key, which is [`Error::LeaseLost`]): `cmd` is its `EVALSHA` from
+    /// [`script_cmd`](Self::script_cmd), its arguments after the token added.
+    async fn held(&self, script: &Script, key: &StorageKey, cmd: &Cmd) -> Result<()> {
+        match self.eval(script, cmd).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(Error::lease_lost(key)),
             other => Err(store_error(format!(
@@ -527,6 +570,64 @@ mod tests {
         assert_eq!(millis(Duration::MAX), MAX_MILLIS);
         assert_eq!(fence_millis(300), 300 + 3_600_000);
         assert_eq!(in_flight_millis(300), 300 + 86_400_000);
+    }
+
+    /// Stores on the test server and cluster (`IDEM_REDIS_URL`, `IDEM_REDIS_CLUSTER_URL`, with
+    /// the defaults of `idem-support`); one that cannot be reached is a failure under
+    /// `IDEM_REQUIRE_SERVICES=1`, else a printed skip.
+    async fn test_stores() -> Vec<RedisStore> {
+        let required = std::env::var("IDEM_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
+        let mut stores = Vec::new();
+        for (var, default) in [
+            ("IDEM_REDIS_URL", "redis://127.0.0.1:6379"),
+            (
+                "IDEM_REDIS_CLUSTER_URL",
+                "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002",
+            ),
+        ] {
+            let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+            let options = RedisOptions::new().allow_eviction(true);
+            match RedisStore::connect_with(&url, &options).await {
+                Ok(store) => stores.push(store),
+                Err(e) if required => panic!("{url} ({var}) is required but unavailable: {e}"),
+                Err(e) => eprintln!("SKIPPED: {url} ({var}) unavailable: {e}"),
+            }
+        }
+        stores
+    }
+
+    #[tokio::test]
+    async fn a_script_the_server_does_not_know_is_loaded_and_sent_again() {
+        for store in test_stores().await {
+            // A script no server has seen: its first EVALSHA answers NOSCRIPT.
+            let nonce = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let script = Script::new(&format!(
+                "return {{KEYS[1], KEYS[2], ARGV[1], '{nonce}-{}'}}",
+                std::process::id()
+            ));
+            let key = StorageKey::from_hex(&"ab".repeat(32)).unwrap();
+            let mut cmd = store.script_cmd(&script, &key, 1, 2);
+            cmd.arg(7u64);
+            for _ in 0..2 {
+                let reply = store.eval(&script, &cmd).await.unwrap();
+                let record = store.record_key(&key);
+                let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+                assert_eq!(
+                    reply,
+                    Value::Array(vec![
+                        bulk(&record),
+                        bulk(&format!("{record}:fence")),
+                        bulk("7"),
+                        bulk(&format!("{nonce}-{}", std::process::id())),
+                    ]),
+                    "{}",
+                    store.is_cluster()
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 use crate::store::{Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord};
 
+/// The most digits of a `u64` argument, for sizing a command's buffer.
+const U64_DIGITS: usize = 20;
+
 #[async_trait]
 impl Store for RedisStore {
     fn backend(&self) -> &'static str {
@@ -27,20 +30,21 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<Claim> {
         self.check_eviction().await?;
-        let (record, fence) = self.keys(key);
         let lease = millis(lease);
         let record_ms = in_flight_millis(lease);
         let fp: &[u8] = fingerprint.map_or(&[], |f| &f.0);
-        let mut invocation = self.scripts.claim.key(record);
-        invocation
-            .key(fence)
-            .arg(fp)
+        let script = &self.scripts.claim;
+        let mut cmd = self.script_cmd(script, key, 4, fp.len() + 3 * U64_DIGITS);
+        cmd.arg(fp)
             .arg(lease)
             .arg(record_ms)
             .arg(fence_millis(record_ms));
-        let claim = parse_claim(self.eval(&invocation).await?)?;
-        if let Claim::Acquired { token, .. } = claim {
-            if let Err(why) = self.replicated(key).await {
+        let claim = parse_claim(self.eval(script, &cmd).await?)?;
+        if let (Claim::Acquired { token, .. }, Some(_)) = (&claim, self.wait_for_replicas) {
+            let token = *token;
+            // Boxed: only with `wait_for_replicas`, kept out of the state of every claim's
+            // future.
+            if let Err(why) = Box::pin(self.replicated(key)).await {
                 // A failover now could lose the claim and let a second caller run the body:
                 // give the claim back, and run nothing.
                 let _ = self.release(key, token).await;
@@ -61,20 +65,19 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<()> {
         let ttl = millis(ttl);
-        let (ttl_arg, fence_arg) = (ttl.to_string(), fence_millis(ttl).to_string());
-        self.held(
-            &self.scripts.complete,
-            key,
-            token,
-            &[
-                record,
-                ttl_arg.as_bytes(),
-                fence_arg.as_bytes(),
-                self.publish.as_bytes(),
-            ],
-        )
-        .await?;
-        if let Err(why) = self.replicated(key).await {
+        let script = &self.scripts.complete;
+        let bytes = record.len() + 3 * U64_DIGITS + self.publish.len();
+        let mut cmd = self.script_cmd(script, key, 5, bytes);
+        cmd.arg(token.0)
+            .arg(record)
+            .arg(ttl)
+            .arg(fence_millis(ttl))
+            .arg(self.publish);
+        self.held(script, key, &cmd).await?;
+        if self.wait_for_replicas.is_none() {
+            return Ok(());
+        }
+        if let Err(why) = Box::pin(self.replicated(key)).await {
             tracing::warn!(target: "idem", key = %key, token = token.0, why,
                 "result stored on the master but not replicated as asked; a failover now may lose it");
         }
@@ -82,34 +85,22 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
-        self.held(
-            &self.scripts.release,
-            key,
-            token,
-            &[self.publish.as_bytes()],
-        )
-        .await
+        let script = &self.scripts.release;
+        let mut cmd = self.script_cmd(script, key, 2, U64_DIGITS + self.publish.len());
+        cmd.arg(token.0).arg(self.publish);
+        self.held(script, key, &cmd).await
     }
 
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
         let lease = millis(lease);
         let record_ms = in_flight_millis(lease);
-        let (lease_arg, record_arg, fence_arg) = (
-            lease.to_string(),
-            record_ms.to_string(),
-            fence_millis(record_ms).to_string(),
-        );
-        self.held(
-            &self.scripts.renew,
-            key,
-            token,
-            &[
-                lease_arg.as_bytes(),
-                record_arg.as_bytes(),
-                fence_arg.as_bytes(),
-            ],
-        )
-        .await
+        let script = &self.scripts.renew;
+        let mut cmd = self.script_cmd(script, key, 4, 4 * U64_DIGITS);
+        cmd.arg(token.0)
+            .arg(lease)
+            .arg(record_ms)
+            .arg(fence_millis(record_ms));
+        self.held(script, key, &cmd).await
     }
 
     async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
@@ -132,13 +123,10 @@ impl Store for RedisStore {
     }
 
     async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {
-        let (record, fence) = self.keys(key);
-        let mut invocation = self.scripts.forget.key(record);
-        invocation
-            .key(fence)
-            .arg(if force { "1" } else { "" })
-            .arg(self.publish);
-        let forgotten = parse_forgotten(key, self.eval(&invocation).await?)?;
+        let script = &self.scripts.forget;
+        let mut cmd = self.script_cmd(script, key, 2, 1 + self.publish.len());
+        cmd.arg(if force { "1" } else { "" }).arg(self.publish);
+        let forgotten = parse_forgotten(key, self.eval(script, &cmd).await?)?;
         if forgotten != Forgotten::Absent {
             if let Err(why) = self.replicated(key).await {
                 tracing::warn!(target: "idem", key = %key, why,
@@ -156,8 +144,10 @@ impl Store for RedisStore {
         let reads = keys.into_iter().filter_map(|record| {
             let key = scan::storage_key(&self.prefix, &record)?;
             Some(async move {
-                let invocation = self.scripts.inspect.key(record);
-                parse_summary(key, self.eval(&invocation).await?)
+                let script = &self.scripts.inspect;
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(script.get_hash()).arg(1).arg(record);
+                parse_summary(key, self.eval(script, &cmd).await?)
             })
         });
         let records = futures_util::future::join_all(reads)
