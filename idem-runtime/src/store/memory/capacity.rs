@@ -24,14 +24,16 @@ pub const DEFAULT_MAX_RECORDS: usize = 250_000;
 pub const DEFAULT_MAX_BYTES: usize = 128 << 20;
 
 /// The bytes a record costs beyond its key and its result, as this store counts them: the
-/// hash-table slot with its share of the table's spare room, the shared key's allocation, the
-/// entry of the expiry index, and the result's allocation.
+/// hash-table bucket with its share of the table's spare room, the shared key's allocation, the
+/// record's own allocation, the entry of the expiry index, and the result's allocation.
 ///
 /// Measured with a counting allocator (`benches/memory_footprint.rs`): a million records with
-/// 16-byte results took 437 bytes of heap each, so 357 beyond key and result. That count was
-/// taken just after the hash table grew, when it is at its emptiest (under half full), so it is
-/// close to the most a record costs; 384 adds the allocator's own headers of the two
-/// allocations a record makes (its key and its result).
+/// 16-byte results took 437 bytes of heap each when the table held the records themselves, so
+/// 357 beyond key and result; since it holds them boxed (24-byte buckets), 348 bytes, so 268.
+/// Both counts were taken just after the hash table grew, when it is at its emptiest (under
+/// half full), so they are close to the most a record costs; 384 covers the larger with the
+/// allocator's own headers of the two allocations a record then made (its key and its result),
+/// and the smaller with those of the three it makes now.
 pub const ENTRY_OVERHEAD: usize = 384;
 
 /// The bytes of a storage key (64 hex digits).

@@ -3,7 +3,8 @@
 //! - `slot`: one record and when it is live, exists, and is due;
 //! - `expiry`: the index of when records are due, which removing expired ones walks;
 //! - `capacity`: the limits, their builder and the accounting that enforces them;
-//! - `scan`: listing the records a page at a time.
+//! - `scan`: listing the records a page at a time;
+//! - `table`: the hash table's key, which keeps its hash so that growing the table stays cheap.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,12 +29,14 @@ mod capacity;
 mod expiry;
 mod scan;
 mod slot;
+mod table;
 
 pub use capacity::{MemoryStoreBuilder, DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, ENTRY_OVERHEAD};
 
 use capacity::{Full, Limits, Usage, ENTRY_BYTES};
 use expiry::ExpiryIndex;
 use slot::{Slot, SlotState};
+use table::{KeyHasher, MapKey, Probe, StoredHash};
 
 /// How many due records a claim removes on its way: more than one, so expired records drain
 /// faster than new ones arrive, and few enough to cost a write next to nothing.
@@ -85,10 +88,12 @@ impl Default for MemoryStore {
 }
 
 struct Inner {
-    /// Keys are shared with the expiry index, so the index costs a pointer per entry. Hashed
-    /// with foldhash (randomly seeded per process) rather than SipHash: keys are already
-    /// uniform SHA-256 digests, and this map is on every call's path.
-    records: DashMap<Arc<StorageKey>, Slot, foldhash::fast::RandomState>,
+    /// Keys are shared with the expiry index, so the index costs a pointer per entry, and keep
+    /// their hash (foldhash, seeded per store: `key_hasher`), and records are boxed, so that the
+    /// table's doubling moves 24-byte buckets and reads nothing else (`table`).
+    records: DashMap<MapKey, Box<Slot>, StoredHash>,
+    /// Hashes the keys of `records`, once per operation.
+    key_hasher: KeyHasher,
     /// When each record is due for removal: exactly one entry per record with a deadline.
     expiries: ExpiryIndex,
     limits: Limits,
@@ -115,7 +120,8 @@ impl MemoryStore {
     fn with_limits(limits: Limits) -> Self {
         MemoryStore {
             inner: Arc::new(Inner {
-                records: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+                records: DashMap::with_hasher(StoredHash::default()),
+                key_hasher: KeyHasher::default(),
                 expiries: ExpiryIndex::new(),
                 limits,
                 usage: Usage::default(),
@@ -174,6 +180,11 @@ impl MemoryStore {
         full.error(&self.inner.limits, &self.inner.usage)
     }
 
+    /// `key` with its hash, to look it up in the table.
+    fn probe<'k>(&self, key: &'k StorageKey) -> Probe<'k> {
+        self.inner.key_hasher.probe(key)
+    }
+
     /// Accounts for a record taken out of the map (its index entry is removed here too).
     fn removed(&self, key: &StorageKey, slot: &Slot) {
         self.inner.expiries.remove(key, slot.token, slot.due);
@@ -193,7 +204,8 @@ impl MemoryStore {
         for d in due {
             // The entry was the record's own deadline when taken; a record changed since has a
             // new one in the index, and stays.
-            let gone = self.inner.records.remove_if(&*d.key, |_, slot| {
+            let probe = self.probe(&d.key);
+            let gone = self.inner.records.remove_if(probe.lookup(), |_, slot| {
                 slot.token == d.token && slot.due == Some(d.at) && !slot.exists(now)
             });
             if let Some((_, slot)) = gone {
@@ -229,19 +241,19 @@ impl MemoryStore {
     /// One attempt at a claim; `Err(full)` when a new record does not fit.
     fn try_claim(
         &self,
-        key: &StorageKey,
+        key: &Probe<'_>,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
         now: Instant,
     ) -> std::result::Result<Claim, Full> {
         let (inner, limits) = (&self.inner, &self.inner.limits);
-        match inner.records.entry(Arc::new(key.clone())) {
+        match inner.records.entry(MapKey::new(key)) {
             Entry::Vacant(e) => {
                 inner.usage.reserve(limits, 1, ENTRY_BYTES)?;
                 let token = self.next_token();
                 let slot = Slot::in_flight(fingerprint, token, now + lease);
-                inner.expiries.insert(e.key(), token, slot.due);
-                e.insert(slot);
+                inner.expiries.insert(e.key().key(), token, slot.due);
+                e.insert(Box::new(slot));
                 Ok(Claim::Acquired {
                     token: FencingToken(token),
                     takeover: false,
@@ -254,12 +266,12 @@ impl MemoryStore {
                     return Ok(old.live_claim(fingerprint));
                 }
                 let takeover = old.in_flight_now();
-                inner.expiries.remove(e.key(), old.token, old.due);
+                inner.expiries.remove(e.key().key(), old.token, old.due);
                 inner.usage.release(0, old.record_len());
                 let token = self.next_token();
                 let slot = Slot::in_flight(fingerprint, token, now + lease);
-                inner.expiries.insert(e.key(), token, slot.due);
-                e.insert(slot);
+                inner.expiries.insert(e.key().key(), token, slot.due);
+                **e.get_mut() = slot;
                 Ok(Claim::Acquired {
                     token: FencingToken(token),
                     takeover,
@@ -299,7 +311,8 @@ impl MemoryStore {
         f: impl FnOnce(&Arc<StorageKey>, &mut Slot) -> T,
     ) -> Result<T> {
         let now = Instant::now();
-        let Some(mut entry) = self.inner.records.get_mut(key) else {
+        let probe = self.probe(key);
+        let Some(mut entry) = self.inner.records.get_mut(probe.lookup()) else {
             return Err(Error::lease_lost(key));
         };
         let held = entry.token == token.0 && entry.in_flight_now() && entry.exists(now);
@@ -307,7 +320,7 @@ impl MemoryStore {
             return Err(Error::lease_lost(key));
         }
         let (key, slot) = entry.pair_mut();
-        Ok(f(key, slot))
+        Ok(f(key.key(), slot))
     }
 }
 
@@ -328,20 +341,21 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Claim> {
         let now = Instant::now();
+        let probe = self.probe(key);
         // Look first under a shared lock: hits (the common case of a retry) need no write lock
         // and no key allocation.
-        if let Some(slot) = self.inner.records.get(key) {
+        if let Some(slot) = self.inner.records.get(probe.lookup()) {
             if slot.is_live(now) {
                 return Ok(slot.live_claim(fingerprint));
             }
         }
         self.sweep(now, SWEEP_PER_WRITE, false);
-        match self.try_claim(key, fingerprint, lease, now) {
+        match self.try_claim(&probe, fingerprint, lease, now) {
             Ok(claim) => Ok(claim),
             Err(_) => {
                 // Full: make room from the expired records, never from live ones.
                 self.sweep(now, usize::MAX, true);
-                self.try_claim(key, fingerprint, lease, now)
+                self.try_claim(&probe, fingerprint, lease, now)
                     .map_err(|full| self.full(full))
             }
         }
@@ -369,13 +383,14 @@ impl Store for MemoryStore {
 
     async fn release(&self, key: &StorageKey, token: FencingToken) -> Result<()> {
         let now = Instant::now();
-        let removed = self.inner.records.remove_if(key, |_, slot| {
+        let probe = self.probe(key);
+        let removed = self.inner.records.remove_if(probe.lookup(), |_, slot| {
             slot.token == token.0 && slot.in_flight_now() && slot.exists(now)
         });
         let Some((key, slot)) = removed else {
             return Err(Error::lease_lost(key));
         };
-        self.removed(&key, &slot);
+        self.removed(key.key(), &slot);
         self.after_removals(1);
         self.notify_change();
         Ok(())
@@ -396,7 +411,7 @@ impl Store for MemoryStore {
         Ok(self
             .inner
             .records
-            .get(key)
+            .get(self.probe(key).lookup())
             .filter(|s| s.exists(now))
             .map(|s| s.stored()))
     }
@@ -414,7 +429,8 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut outcome = Forgotten::Absent;
         let mut refused = false;
-        let removed = self.inner.records.remove_if(key, |_, slot| {
+        let probe = self.probe(key);
+        let removed = self.inner.records.remove_if(probe.lookup(), |_, slot| {
             let token = FencingToken(slot.token);
             if !slot.exists(now) {
                 // Expired already: gone for every reader; take it out all the same.
@@ -435,7 +451,7 @@ impl Store for MemoryStore {
             });
         }
         if let Some((key, slot)) = removed {
-            self.removed(&key, &slot);
+            self.removed(key.key(), &slot);
             self.after_removals(1);
             self.notify_change();
         }
@@ -446,7 +462,7 @@ impl Store for MemoryStore {
         let after = scan::resume_after(cursor)?;
         let mut pager = scan::Pager::new(after.as_ref(), limit, Instant::now());
         for entry in self.inner.records.iter() {
-            pager.offer(entry.key(), entry.value());
+            pager.offer(entry.key().key(), entry.value());
         }
         Ok(pager.finish())
     }
