@@ -15,11 +15,13 @@
 //! against a baseline measured in the same run, a latency measured against the other side in
 //! the same run, or a count. Runs in well under 3 minutes on 2 cores.
 //!
-//! Arguments naming sections (`memory`, `contention`, `stores`, `scale`, `wakeup`) run only
-//! those; without any, all run.
+//! Arguments naming sections (`memory`, `contention`, `stores`, `scale`, `wakeup`, `http`) run
+//! only those; without any, all run.
 
 #[cfg(feature = "redis")]
 mod local_part;
+#[cfg(feature = "http")]
+mod http_part;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod measure;
 #[cfg(feature = "postgres")]
@@ -370,8 +372,14 @@ async fn section_scale(r: &mut Report) {
     );
 }
 
-/// `--profile hit|miss|cached`: only run that path 20k times, for `valgrind --tool=callgrind`.
+/// `--profile hit|miss|cached|plain|http-first|http-replay`: only run that path 20k times, for
+/// `valgrind --tool=callgrind`.
 fn profile(what: &str) {
+    // `http-first`, `http-replay`: the IdempotencyLayer-wrapped router, without sockets.
+    #[cfg(feature = "http")]
+    if let Some(mode) = what.strip_prefix("http-") {
+        return http_part::profile(mode);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -405,7 +413,7 @@ fn main() {
         return profile(args.get(i + 1).map_or("hit", |s| s.as_str()));
     }
     let json_out = args.iter().any(|a| a == "--json");
-    const SECTIONS: [&str; 5] = ["memory", "contention", "stores", "scale", "wakeup"];
+    const SECTIONS: [&str; 6] = ["memory", "contention", "stores", "scale", "wakeup", "http"];
     let named: Vec<&str> = args[1..]
         .iter()
         .map(String::as_str)
@@ -443,6 +451,15 @@ fn main() {
         {
             r.section("5. waking waiters");
             r.row("not built", "run with --features redis,postgres".into());
+        }
+    }
+    if runs("http") {
+        #[cfg(feature = "http")]
+        http_part::section(&mut r);
+        #[cfg(not(feature = "http"))]
+        {
+            r.section("6. HTTP");
+            r.row("not built", "run with --features http,redis".into());
         }
     }
     if json_out {
