@@ -977,6 +977,10 @@ async fn duplicates(r: &mut Report, targets: &[Target], delay: Duration) -> Res<
         );
         let worst = runs.iter().copied().max().unwrap_or(0) as f64;
         r.field(&format!("http_{stem}_duplicate_runs{suffix}"), worst);
+        if stem == "idem_memory" {
+            // The headline name: IdempotencyLayer on the memory store.
+            r.field(&format!("http_idem_duplicate_runs{suffix}"), worst);
+        }
     }
     Ok(())
 }
