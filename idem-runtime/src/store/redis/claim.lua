@@ -1,6 +1,13 @@
 local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'record', 'lease_until')
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+-- The server's time, read only where it decides something (a lease's end, a new claim): a
+-- completed record is live until Redis expires it, so a hit needs no TIME.
+local now, now_ms
+local function clock()
+  if not now then
+    now = redis.call('TIME')
+    now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  end
+end
 local state = rec[1]
 if state then
   if state ~= 'in_flight' and state ~= 'completed' then
@@ -12,6 +19,7 @@ if state then
     if not lease_until then
       return {'corrupt', 'lease_until is not a number'}
     end
+    clock()
     expired = lease_until <= now_ms
   end
   if not expired then
@@ -32,6 +40,7 @@ elseif redis.call('EXISTS', KEYS[1]) == 1 then
   return {'corrupt', 'record hash without a state field'}
 end
 local fence = redis.call('HMGET', KEYS[2], 'last', 'open')
+clock()
 local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local last = tonumber(fence[1])
 if last and last >= token then

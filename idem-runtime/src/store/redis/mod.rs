@@ -431,11 +431,16 @@ impl RedisStore {
     /// `ScriptInvocation` copies every key and argument into a vector of its own first, then
     /// into the command).
     fn script_cmd(&self, script: &Script, key: &StorageKey, args: usize, arg_bytes: usize) -> Cmd {
-        let mut keys = String::with_capacity(self.prefix.len() + key.as_str().len() + 9);
-        self.push_record_key(&mut keys, key);
-        let record_len = keys.len();
-        keys.push_str(FENCE_SUFFIX);
-        let (hash, record, fence) = (script.get_hash(), &keys[..record_len], &keys[..]);
+        let (hash, hex) = (script.get_hash(), key.as_str());
+        let record = KeyArg {
+            prefix: &self.prefix,
+            hex,
+            suffix: "",
+        };
+        let fence = KeyArg {
+            suffix: FENCE_SUFFIX,
+            ..record
+        };
         let bytes = 7 + hash.len() + 1 + record.len() + fence.len() + arg_bytes;
         let mut cmd = Cmd::with_capacity(5 + args, bytes);
         cmd.arg("EVALSHA").arg(hash).arg(2).arg(record).arg(fence);
@@ -520,6 +525,32 @@ impl RedisStore {
             other => Err(store_error(format!(
                 "unexpected reply from a store script: {other:?}"
             ))),
+        }
+    }
+}
+
+/// A record's key (`{prefix}:{<hex>}`), or its fence's (with [`FENCE_SUFFIX`]), written as a
+/// command's argument without a `String` of its own.
+#[derive(Clone, Copy)]
+struct KeyArg<'a> {
+    prefix: &'a str,
+    hex: &'a str,
+    suffix: &'static str,
+}
+
+impl KeyArg<'_> {
+    fn len(&self) -> usize {
+        self.prefix.len() + self.hex.len() + self.suffix.len() + 3
+    }
+}
+
+impl redis::ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's own buffer cannot fail.
+        for part in [self.prefix, ":{", self.hex, "}", self.suffix] {
+            let _ = arg.write_all(part.as_bytes());
         }
     }
 }
