@@ -42,6 +42,10 @@ pub struct Call {
     on_unknown: OnUnknown,
     recovery: Option<Duration>,
     version: u32,
+    /// Whether a result is decoded back before it is stored, to refuse one that could not be
+    /// replayed (see [`encode_payload`](crate::record::encode_payload)). Off only for types
+    /// of this crate whose encoding is known to round-trip (the HTTP layer's responses).
+    pub(crate) check_decodes: bool,
 }
 
 impl Call {
@@ -62,6 +66,7 @@ impl Call {
             on_unknown: OnUnknown::Refuse,
             recovery: None,
             version: 0,
+            check_decodes: true,
         }
     }
 
@@ -436,6 +441,7 @@ impl Call {
             max_record_bytes: self.max_record_bytes,
             on_unknown: self.on_unknown,
             recovery: self.recovery.unwrap_or(DEFAULT_RECOVERY.min(self.ttl)),
+            check_decodes: self.check_decodes,
             renewal: Default::default(),
         }))
     }

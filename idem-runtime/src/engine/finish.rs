@@ -41,6 +41,8 @@ pub(super) struct Holding {
     pub(super) on_unknown: OnUnknown,
     /// How long a record of an unknown outcome refuses calls.
     pub(super) recovery: Duration,
+    /// Whether a result is decoded back before it is stored (see `Call::check_decodes`).
+    pub(super) check_decodes: bool,
     /// The lease's renewal once the body has ended, kept until the outcome is stored.
     pub(super) renewal: Mutex<Option<Renewal>>,
 }
@@ -158,6 +160,9 @@ impl Holding {
         let (output, kept, unknown_err) = {
             let result = output.into_result();
             let kept = match &result {
+                Ok(v) if !self.check_decodes => {
+                    Some((Outcome::Ok, serde_json::to_vec(v), type_name::<R::Ok>()))
+                }
                 Ok(v) => Some((
                     Outcome::Ok,
                     encode_payload(serde_json::to_vec(v), |b| {

@@ -104,6 +104,9 @@ impl Running {
     }
 }
 
+/// A body's future, boxed so that it can move to a task where it stopped.
+type Work<R> = Pin<Box<dyn Future<Output = (R, Ended)> + Send>>;
+
 /// A body that runs in its caller's future and moves to a task of its own only if the caller
 /// stops waiting: the one path of a body that must outlive its caller (a detached
 /// `#[idempotent]` call, an HTTP layer's handler). Counted for [`drain`] from the start (a
@@ -114,7 +117,7 @@ impl Running {
 /// hands the body, boxed and pinned where it stopped, to a task on the call's runtime, in the
 /// caller's span, where it runs to its end and its outcome is stored.
 pub(super) struct InPlace<R: Send + 'static> {
-    work: Option<Pin<Box<dyn Future<Output = (R, Ended)> + Send>>>,
+    work: Option<Work<R>>,
     /// Keeps the body counted for [`drain`] while it runs, in place or on its task.
     counted: Option<TaskTrackerToken>,
     runtime: Handle,

@@ -11,6 +11,8 @@
 //! Members with the same key keep their order. A body that is not valid JSON (or nests deeper
 //! than [`MAX_DEPTH`]) counts by its bytes, as do bodies of every other type.
 
+use std::borrow::Cow;
+
 use http::header::CONTENT_TYPE;
 use http::{request, HeaderMap};
 
@@ -62,12 +64,18 @@ pub(super) fn canonical_json(input: &[u8]) -> Option<Vec<u8>> {
     (parser.pos == input.len()).then_some(out)
 }
 
+/// A JSON string of the input: its decoded bytes (what keys sort by) and its canonical encoding.
+struct JsonString<'a> {
+    decoded: Cow<'a, [u8]>,
+    encoded: Cow<'a, [u8]>,
+}
+
 struct Parser<'a> {
     input: &'a [u8],
     pos: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
         self.input.get(self.pos).copied()
     }
@@ -88,7 +96,8 @@ impl Parser<'_> {
             b'[' => self.array(out, depth + 1),
             b'"' => {
                 let s = self.string()?;
-                serde_json::to_writer(&mut *out, &s).ok()
+                out.extend_from_slice(&s.encoded);
+                Some(())
             }
             b't' => self.literal(out, b"true"),
             b'f' => self.literal(out, b"false"),
@@ -141,20 +150,41 @@ impl Parser<'_> {
         (self.pos > start).then_some(())
     }
 
-    /// A string, decoded (serde_json checks its escapes and its UTF-8).
-    fn string(&mut self) -> Option<String> {
+    /// A string: its decoded UTF-8 bytes and its canonical encoding (as serde_json writes it,
+    /// quotes included). One without escapes is both its own bytes, borrowed (serde_json
+    /// escapes nothing else in a string without control characters); one with escapes is
+    /// decoded and written again by serde_json, which checks the escapes.
+    fn string(&mut self) -> Option<JsonString<'a>> {
         let start = self.pos;
         self.eat(b'"')?;
+        let mut escaped = false;
         loop {
             match self.peek()? {
                 b'"' => break,
-                b'\\' => self.pos += 2,
+                b'\\' => {
+                    escaped = true;
+                    self.pos += 2
+                }
                 0x00..=0x1f => return None,
                 _ => self.pos += 1,
             }
         }
         self.pos += 1;
-        serde_json::from_slice(&self.input[start..self.pos]).ok()
+        let input: &'a [u8] = self.input;
+        let raw = &input[start..self.pos];
+        if !escaped {
+            std::str::from_utf8(&raw[1..raw.len() - 1]).ok()?;
+            return Some(JsonString {
+                decoded: Cow::Borrowed(&raw[1..raw.len() - 1]),
+                encoded: Cow::Borrowed(raw),
+            });
+        }
+        let decoded: String = serde_json::from_slice(raw).ok()?;
+        let encoded = serde_json::to_vec(&decoded).ok()?;
+        Some(JsonString {
+            decoded: Cow::Owned(decoded.into_bytes()),
+            encoded: Cow::Owned(encoded),
+        })
     }
 
     fn array(&mut self, out: &mut Vec<u8>, depth: usize) -> Option<()> {
@@ -187,7 +217,10 @@ impl Parser<'_> {
             return None;
         }
         self.eat(b'{')?;
-        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        // The members' values are written one after another into `values`; each member keeps
+        // its key and the range of its value.
+        let mut members: Vec<(JsonString<'a>, usize, usize)> = Vec::new();
+        let mut values = Vec::new();
         self.skip_whitespace();
         if self.eat(b'}').is_none() {
             loop {
@@ -196,9 +229,9 @@ impl Parser<'_> {
                 self.skip_whitespace();
                 self.eat(b':')?;
                 self.skip_whitespace();
-                let mut value = Vec::new();
-                self.value(&mut value, depth)?;
-                members.push((key, value));
+                let start = values.len();
+                self.value(&mut values, depth)?;
+                members.push((key, start, values.len()));
                 self.skip_whitespace();
                 if self.eat(b',').is_some() {
                     continue;
@@ -208,15 +241,15 @@ impl Parser<'_> {
             }
         }
         // Stable: members with equal keys keep their order (the last one wins in most parsers).
-        members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        members.sort_by(|a, b| a.0.decoded.cmp(&b.0.decoded));
         out.push(b'{');
-        for (i, (key, value)) in members.iter().enumerate() {
+        for (i, (key, start, end)) in members.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            serde_json::to_writer(&mut *out, key).ok()?;
+            out.extend_from_slice(&key.encoded);
             out.push(b':');
-            out.extend_from_slice(value);
+            out.extend_from_slice(&values[*start..*end]);
         }
         out.push(b'}');
         Some(())

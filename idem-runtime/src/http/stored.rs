@@ -204,6 +204,48 @@ mod tests {
         assert_eq!(res.body(), &Bytes::from_static(b"{\"id\":1}"));
     }
 
+    /// The layer stores responses without decoding each back (`Call::check_decodes`): every
+    /// response must decode from its JSON into the same status, headers and body.
+    #[test]
+    fn every_response_decodes_back_from_its_json() {
+        let bodies: Vec<Vec<u8>> = vec![
+            vec![],
+            b"plain".to_vec(),
+            "quotes \" and \\ and \n, \u{1F600} \u{2028}"
+                .as_bytes()
+                .to_vec(),
+            (0..=255).collect(),
+            vec![0xff, 0xfe, b'a'],
+            vec![0; 3],
+        ];
+        for (i, body) in bodies.into_iter().enumerate() {
+            let stored = StoredResponse {
+                status: [100, 200, 201, 404, 599, 999][i],
+                headers: vec![
+                    (
+                        "content-type".into(),
+                        StoredBytes(Bytes::from_static(b"a/b")),
+                    ),
+                    ("x-bin".into(), StoredBytes(Bytes::from(vec![0x80, 0x81]))),
+                    ("x-empty".into(), StoredBytes(Bytes::new())),
+                ],
+                body: StoredBytes(Bytes::from(body.clone())),
+                fresh_head: None,
+            };
+            let json = serde_json::to_vec(&stored).unwrap();
+            let back: StoredResponse = serde_json::from_slice(&json).unwrap();
+            assert_eq!(back.status, stored.status);
+            assert_eq!(back.body.0, body);
+            let pairs = |r: &StoredResponse| -> Vec<(String, Bytes)> {
+                r.headers
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.0.clone()))
+                    .collect()
+            };
+            assert_eq!(pairs(&back), pairs(&stored));
+        }
+    }
+
     #[test]
     fn binary_bodies_round_trip_as_base64() {
         let body: Vec<u8> = (0..=255).collect();
