@@ -9,25 +9,27 @@
 //! Sections: (1) the in-memory hit and miss paths against a plain call, the `cached` crate and
 //! a moka lookup; (2) contention; (3) Redis and PostgreSQL round trips and statements per call,
 //! counted from the servers' own statistics, and calls per second against a raw client issuing
-//! the same commands; (4) memory per record at 1M records and purge time against expired and
-//! live records; (5) waking waiters in another process, with the stores' notification and
-//! with polling as before it, wake-up latency and commands per waiter. Every figure is a ratio
+//! the same commands; (4) the first-request rate as the memory store fills to 1M records,
+//! memory per record at 1M records and purge time against expired and live records; (5)
+//! waking waiters in another process, with the stores' notification and with polling as
+//! before it, wake-up latency and commands per waiter. Every figure is a ratio
 //! against a baseline measured in the same run, a latency measured against the other side in
 //! the same run, or a count. Runs in well under 3 minutes on 2 cores.
 //!
 //! Arguments naming sections (`memory`, `contention`, `stores`, `scale`, `wakeup`, `http`) run
 //! only those; without any, all run.
 
-#[cfg(feature = "redis")]
-mod local_part;
 #[cfg(feature = "http")]
 mod http_part;
+#[cfg(feature = "redis")]
+mod local_part;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod measure;
 #[cfg(feature = "postgres")]
 mod postgres_part;
 #[cfg(feature = "redis")]
 mod redis_part;
+mod scale;
 mod stores;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod wakeup;
@@ -39,10 +41,9 @@ mod wakeup_report;
 use std::future::Future;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use idem_support::workload::*;
-use idempotency::{MemoryStore, StorageKey, Store};
 use serde_json::{json, Map, Value};
 
 /// Median ns per call of `f` over `rounds` rounds of `n` calls, each call given its index.
@@ -267,111 +268,6 @@ fn section_contention(r: &mut Report) {
     }
 }
 
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-/// A record of the workload's size: the envelope around a ~200-byte receipt.
-fn sample_record(token: u64) -> Vec<u8> {
-    let payload = serde_json::to_vec(&compute(&request(token))).unwrap();
-    idem_runtime::record::Record {
-        outcome: idem_runtime::record::Outcome::Ok,
-        fingerprint: Some(idempotency::Fingerprint([7; 32])),
-        token,
-        completed_at_ms: 0,
-        ttl_ms: 86_400_000,
-        type_name: std::any::type_name::<Receipt>(),
-        operation: "",
-        result_version: 0,
-        payload: &payload,
-    }
-    .encode()
-}
-
-async fn fill(store: &MemoryStore, from: u64, n: u64, ttl: Duration) {
-    let fp = idempotency::Fingerprint([7; 32]);
-    for i in from..from + n {
-        let key = StorageKey::derive("bench", &i).unwrap();
-        let idempotency::store::Claim::Acquired { token, .. } = store
-            .claim(&key, Some(&fp), Duration::from_secs(60))
-            .await
-            .unwrap()
-        else {
-            panic!("fresh key")
-        };
-        store
-            .complete(&key, token, &sample_record(token.0), ttl)
-            .await
-            .unwrap();
-    }
-}
-
-async fn section_scale(r: &mut Report) {
-    r.section("4. scale: memory store");
-    const RECORDS: u64 = 1_000_000;
-    let store = idem_support::workload::unbounded_memory_store();
-    let before = rss_bytes();
-    let start = Instant::now();
-    fill(&store, 0, RECORDS, Duration::from_secs(3600)).await;
-    let fill_secs = start.elapsed().as_secs_f64();
-    let per_record = (rss_bytes().saturating_sub(before)) as f64 / RECORDS as f64;
-    let record_len = sample_record(1).len();
-    r.row(
-        "resident memory per record at 1M records",
-        format!(
-            "{per_record:>9.0} B   (record bytes {record_len}, {:.1}x)",
-            per_record / record_len as f64
-        ),
-    );
-    r.row(
-        "filling 1M records (claim + complete)",
-        format!("{:>9.2} s", fill_secs),
-    );
-    r.field("memory_bytes_per_record", per_record);
-    r.field("memory_record_payload_bytes", record_len as f64);
-    drop(store);
-
-    // Purge: time against expired and live records.
-    let mut rows = Vec::new();
-    for (expired, live) in [(10_000u64, 0u64), (10_000, 200_000), (100_000, 200_000)] {
-        let store = idem_support::workload::unbounded_memory_store();
-        fill(&store, 0, live, Duration::from_secs(3600)).await;
-        fill(&store, live, expired, Duration::from_millis(1)).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let start = Instant::now();
-        store.purge_expired().await.unwrap();
-        let secs = start.elapsed().as_secs_f64();
-        // New claims sweep a few expired records each, so the purge finds what they left.
-        assert_eq!(store.len() as u64, live);
-        rows.push((expired, live, secs));
-    }
-    let base = rows[0].2;
-    for (expired, live, secs) in &rows {
-        r.row(
-            &format!("purge_expired: {expired:>7} expired, {live:>7} live"),
-            format!(
-                "{:>9.2} ms   {:.1}x the first row",
-                secs * 1000.0,
-                secs / base
-            ),
-        );
-        r.field(
-            &format!("purge_{expired}_expired_{live}_live_ms"),
-            secs * 1000.0,
-        );
-    }
-    r.row(
-        "target: purge time proportional to expired, not all",
-        verdict(rows[1].2 < 3.0 * rows[0].2 && rows[2].2 > 3.0 * rows[1].2),
-    );
-}
-
 /// `--profile hit|miss|cached|plain|http-first|http-replay`: only run that path 20k times, for
 /// `valgrind --tool=callgrind`.
 fn profile(what: &str) {
@@ -442,7 +338,7 @@ fn main() {
         rt.block_on(stores::section_stores(&mut r));
     }
     if runs("scale") {
-        rt.block_on(section_scale(&mut r));
+        rt.block_on(scale::section(&mut r));
     }
     if runs("wakeup") {
         #[cfg(any(feature = "redis", feature = "postgres"))]
