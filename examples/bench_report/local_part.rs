@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use idempotency::{LocalCache, MemoryStore, RedisStore};
 use idempotency::redis::redis::{self, aio::MultiplexedConnection};
+use idempotency::{LocalCache, MemoryStore, RedisStore};
 
 use crate::measure::{call, Res};
 use crate::Report;
