@@ -9,80 +9,52 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idempotency::store::{Claim, FencingToken, Forgotten, ScanPage, StoredRecord};
+use idem_testkit::{Hooks, Intercept};
+use idempotency::store::{Claim, FencingToken, Forgotten};
 use idempotency::{idempotent, Error, Fingerprint, LocalCache, MemoryStore, StorageKey, Store};
 
-/// A store that counts the calls that reach it.
-#[derive(Clone)]
-struct Counted {
-    inner: Arc<dyn Store>,
-    claims: Arc<AtomicUsize>,
-    completes: Arc<AtomicUsize>,
-}
-
-impl Counted {
-    fn new(inner: Arc<dyn Store>) -> Self {
-        Counted {
-            inner,
-            claims: Arc::default(),
-            completes: Arc::default(),
-        }
-    }
-    fn claims(&self) -> usize {
-        self.claims.load(SeqCst)
-    }
+/// Counts the calls that reach the store behind the cache.
+#[derive(Default)]
+struct CountCalls {
+    claims: AtomicUsize,
+    completes: AtomicUsize,
 }
 
 #[async_trait]
-impl Store for Counted {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    fn durable(&self) -> bool {
-        self.inner.durable()
-    }
+impl Hooks for CountCalls {
     async fn claim(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> idempotency::Result<Claim> {
         self.claims.fetch_add(1, SeqCst);
-        self.inner.claim(key, fingerprint, lease).await
+        inner.claim(key, fingerprint, lease).await
     }
+
     async fn complete(
         &self,
+        inner: &dyn Store,
         key: &StorageKey,
         token: FencingToken,
         record: &[u8],
         ttl: Duration,
     ) -> idempotency::Result<()> {
         self.completes.fetch_add(1, SeqCst);
-        self.inner.complete(key, token, record, ttl).await
+        inner.complete(key, token, record, ttl).await
     }
-    async fn release(&self, key: &StorageKey, token: FencingToken) -> idempotency::Result<()> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> idempotency::Result<()> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &StorageKey) -> idempotency::Result<Option<StoredRecord>> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self) -> idempotency::Result<u64> {
-        self.inner.purge_expired().await
-    }
-    async fn forget(&self, key: &StorageKey, force: bool) -> idempotency::Result<Forgotten> {
-        self.inner.forget(key, force).await
-    }
-    async fn scan(&self, cursor: Option<&str>, limit: usize) -> idempotency::Result<ScanPage> {
-        self.inner.scan(cursor, limit).await
-    }
+}
+
+/// `inner`, its calls counted.
+type Counted = Arc<Intercept<Arc<dyn Store>, CountCalls>>;
+
+fn counted(inner: Arc<dyn Store>) -> Counted {
+    Arc::new(Intercept::with_hooks(inner, CountCalls::default()))
+}
+
+fn claims(store: &Counted) -> usize {
+    store.hooks().claims.load(SeqCst)
 }
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -106,13 +78,16 @@ fn unique(prefix: &str) -> String {
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 async fn a_local_hit_makes_no_store_call(backend: Arc<dyn Store>) {
-    let counted = Counted::new(backend);
-    let store = LocalCache::new(&counted);
+    let counted = counted(backend);
+    let store = LocalCache::new(counted.clone());
     let order = unique("order");
     let first = charge(store.clone(), order.clone(), 100, DAY)
         .await
         .unwrap();
-    assert_eq!((counted.claims(), counted.completes.load(SeqCst)), (1, 1));
+    assert_eq!(
+        (claims(&counted), counted.hooks().completes.load(SeqCst)),
+        (1, 1)
+    );
     for _ in 0..20 {
         assert_eq!(
             charge(store.clone(), order.clone(), 100, DAY)
@@ -121,17 +96,17 @@ async fn a_local_hit_makes_no_store_call(backend: Arc<dyn Store>) {
             first
         );
     }
-    assert_eq!(counted.claims(), 1, "20 replays, no store call");
+    assert_eq!(claims(&counted), 1, "20 replays, no store call");
 
     // The fingerprint is checked on a local hit: other arguments under the key are refused,
     // without a store call, and run nothing.
     let reused = charge(store.clone(), order.clone(), 999, DAY).await;
     assert!(matches!(reused, Err(Error::KeyReuse { .. })), "{reused:?}");
-    assert_eq!(counted.claims(), 1);
+    assert_eq!(claims(&counted), 1);
 
     // Another process (a second cache over the same store) reads the record once from the
     // store, then replays it locally.
-    let other = LocalCache::new(&counted);
+    let other = LocalCache::new(counted.clone());
     for _ in 0..5 {
         assert_eq!(
             charge(other.clone(), order.clone(), 100, DAY)
@@ -140,7 +115,7 @@ async fn a_local_hit_makes_no_store_call(backend: Arc<dyn Store>) {
             first
         );
     }
-    assert_eq!(counted.claims(), 2, "one store read for the second process");
+    assert_eq!(claims(&counted), 2, "one store read for the second process");
 }
 
 #[tokio::test]
@@ -160,8 +135,8 @@ async fn redis_a_local_hit_makes_no_store_call() {
 #[tokio::test]
 async fn a_claim_in_flight_is_never_cached() {
     let inner = MemoryStore::new();
-    let counted = Counted::new(Arc::new(inner.clone()));
-    let store = LocalCache::new(&counted);
+    let counted = counted(Arc::new(inner.clone()));
+    let store = LocalCache::new(counted.clone());
     let key = StorageKey::derive("local_cache", "in-flight").unwrap();
     let Claim::Acquired { token, .. } = store
         .claim(&key, None, Duration::from_secs(30))
@@ -174,7 +149,7 @@ async fn a_claim_in_flight_is_never_cached() {
         let again = store.claim(&key, None, Duration::from_secs(30)).await;
         assert_eq!(again.unwrap(), Claim::InFlight);
         assert_eq!(
-            counted.claims(),
+            claims(&counted),
             1 + round,
             "each claim of a key in flight asks the store"
         );
@@ -250,17 +225,17 @@ async fn forgotten_through_the_cache_stops_at_once_and_elsewhere_within_the_boun
 
 #[tokio::test]
 async fn a_zero_bound_keeps_nothing() {
-    let counted = Counted::new(Arc::new(MemoryStore::new()));
+    let counted = counted(Arc::new(MemoryStore::new()));
     let store = LocalCache::builder()
         .max_age(Duration::ZERO)
-        .build(&counted);
+        .build(counted.clone());
     let order = unique("zero");
     let first = charge(store.clone(), order.clone(), 1, DAY).await.unwrap();
     assert_eq!(
         charge(store.clone(), order.clone(), 1, DAY).await.unwrap(),
         first
     );
-    assert_eq!(counted.claims(), 2, "the replay came from the store");
+    assert_eq!(claims(&counted), 2, "the replay came from the store");
     assert_eq!(store.cached(), 0);
 }
 
@@ -276,8 +251,8 @@ mod http_layer {
 
     #[tokio::test]
     async fn a_replayed_response_makes_no_store_call() {
-        let counted = Counted::new(Arc::new(MemoryStore::new()));
-        let layer = IdempotencyLayer::shared(LocalCache::new(&counted), "local");
+        let counted = counted(Arc::new(MemoryStore::new()));
+        let layer = IdempotencyLayer::shared(LocalCache::new(counted.clone()), "local");
         let runs = Arc::new(AtomicUsize::new(0));
         let svc = layer.layer(service_fn({
             let runs = runs.clone();
@@ -303,10 +278,10 @@ mod http_layer {
         }
         assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
         assert_eq!(runs.load(SeqCst), 1);
-        assert_eq!(counted.claims(), 1, "4 replays, no store call");
+        assert_eq!(claims(&counted), 1, "4 replays, no store call");
         // Another body under the key: refused on the local hit.
         let res = svc.clone().oneshot(post("{\"a\":2}")).await.unwrap();
         assert_eq!(res.status(), 422);
-        assert_eq!((runs.load(SeqCst), counted.claims()), (1, 1));
+        assert_eq!((runs.load(SeqCst), claims(&counted)), (1, 1));
     }
 }

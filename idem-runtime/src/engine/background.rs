@@ -22,6 +22,7 @@ use super::storing::{store_with_retries, Patience};
 const MAX_BACKGROUND_STORING: Duration = Duration::from_secs(24 * 3600);
 
 /// A claimed key, its store, and the runtime its background work runs on.
+#[derive(Clone)]
 pub(super) struct Background {
     pub(super) runtime: Handle,
     pub(super) store: Arc<dyn Store>,

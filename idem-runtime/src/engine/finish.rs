@@ -22,7 +22,7 @@ use crate::store::FencingToken;
 
 use super::background::Background;
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
-use super::renewal::{LeaseOf, Renewal};
+use super::renewal::Renewal;
 use super::running::{Cut, Ended};
 use super::storing::{store_with_retries, Patience};
 
@@ -103,17 +103,13 @@ impl Holding {
         let context = CallContext::new(key.clone(), token, self.takeover, deadline.clone());
         // Registered with the keeper thread before the body is first polled: a body that
         // blocks its thread from the start keeps its lease all the same.
-        let renewal = Renewal::start(LeaseOf {
-            store: self.background.store.clone(),
-            key: key.clone(),
-            token,
-            lease: self.lease,
-            labels,
-            context: context.clone(),
+        let renewal = Renewal::start(
+            &self.background,
+            self.lease,
+            self.claimed_at,
+            context.clone(),
             deadline,
-            runtime: self.background.runtime.clone(),
-            claimed_at: self.claimed_at,
-        });
+        );
         // From here on the body may have done its side effect.
         let ran = Stopwatch::start();
         let body = catch_unwind(context.scope(body));

@@ -16,14 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use crate::context::{CallContext, Deadline};
 use crate::error::Error;
-use crate::key::StorageKey;
-use crate::metrics::{count, timed, Event, Labels, StoreOp};
-use crate::store::{FencingToken, Store};
+use crate::metrics::{count, timed, Event, StoreOp};
+
+use super::background::Background;
 
 /// The most renewals of one lease in flight at once: a slow store delays renewals without
 /// spacing them out, up to this many.
@@ -47,14 +46,11 @@ struct Lease {
     /// the keeper's lock.
     due: AtomicU64,
     period: Duration,
-    store: Arc<dyn Store>,
-    key: StorageKey,
-    token: FencingToken,
+    /// The claimed key, its store and runtime.
+    claim: Background,
     lease: Duration,
-    labels: Labels,
     context: CallContext,
     deadline: Arc<Deadline>,
-    runtime: Handle,
     span: tracing::Span,
     /// Set once the body has ended: a refused renewal then means nothing (storing the outcome
     /// finds out whether there was a takeover).
@@ -62,39 +58,28 @@ struct Lease {
     in_flight: AtomicUsize,
 }
 
-/// Everything [`Renewal::start`] is given.
-pub(super) struct LeaseOf {
-    pub(super) store: Arc<dyn Store>,
-    pub(super) key: StorageKey,
-    pub(super) token: FencingToken,
-    pub(super) lease: Duration,
-    pub(super) labels: Labels,
-    pub(super) context: CallContext,
-    pub(super) deadline: Arc<Deadline>,
-    pub(super) runtime: Handle,
-    /// When the claim was sent: renewals are timed from then.
-    pub(super) claimed_at: tokio::time::Instant,
-}
-
 impl Renewal {
-    /// Registers `lease` with the keeper: its first renewal falls due a quarter of the lease
-    /// after the claim was sent.
-    pub(super) fn start(lease: LeaseOf) -> Renewal {
+    /// Registers the lease of the claim `claim` (of `lease`, sent at `claimed_at`) with the
+    /// keeper: its first renewal falls due a quarter of the lease after the claim was sent.
+    /// Each acknowledged renewal moves `deadline` forward; a refused one marks `context` lost.
+    pub(super) fn start(
+        claim: &Background,
+        lease: Duration,
+        claimed_at: tokio::time::Instant,
+        context: CallContext,
+        deadline: Arc<Deadline>,
+    ) -> Renewal {
         let keeper = keeper();
-        let period = lease.lease / 4;
-        let due = keeper.nanos(lease.claimed_at.into_std() + period);
+        let period = lease / 4;
+        let due = keeper.nanos(claimed_at.into_std() + period);
         let lease = Arc::new(Lease {
             id: keeper.next_id.fetch_add(1, Ordering::Relaxed),
             due: AtomicU64::new(due),
             period,
-            store: lease.store,
-            key: lease.key,
-            token: lease.token,
-            lease: lease.lease,
-            labels: lease.labels,
-            context: lease.context,
-            deadline: lease.deadline,
-            runtime: lease.runtime,
+            claim: claim.clone(),
+            lease,
+            context,
+            deadline,
             span: tracing::Span::current(),
             body_ended: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -221,19 +206,20 @@ fn send(lease: Arc<Lease>) {
         return;
     }
     let span = lease.span.clone();
-    let runtime = lease.runtime.clone();
+    let runtime = lease.claim.runtime.clone();
     // A runtime that shut down drops the renewal unsent: its calls are gone too.
     runtime.spawn(
         async move {
             let sent = tokio::time::Instant::now();
+            let claim = &lease.claim;
             let renewed = timed(
                 StoreOp::Renew,
-                lease.labels,
-                lease.store.renew(&lease.key, lease.token, lease.lease),
+                claim.labels,
+                claim.store.renew(&claim.key, claim.token, lease.lease),
             )
             .await;
             lease.in_flight.fetch_sub(1, Ordering::AcqRel);
-            let (key, token) = (&lease.key, lease.token);
+            let (key, token) = (&claim.key, claim.token);
             match renewed {
                 Ok(()) => {
                     lease.deadline.acknowledged(sent);
@@ -252,7 +238,7 @@ fn send(lease: Arc<Lease>) {
                     keeper().remove(&lease);
                 }
                 Err(e) => {
-                    count(Event::StoreError, lease.labels);
+                    count(Event::StoreError, claim.labels);
                     tracing::warn!(target: "idem", key = %key, error = %e, "lease renewal failed; will retry");
                 }
             }

@@ -157,9 +157,7 @@ impl<R: Send + 'static> Future for InPlace<R> {
         let out = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready((out, ended))) => {
-                if let Ended::Finished = ended {
-                    registry().finished.fetch_add(1, Ordering::Relaxed);
-                }
+                ended.count();
                 Ok(out)
             }
             Err(panic) => Err(panic),
@@ -183,10 +181,7 @@ impl<R: Send + 'static> Drop for InPlace<R> {
         // crash: recorded in the background if that still can run, else left to the lease).
         self.runtime.spawn(
             async move {
-                let (_, ended) = work.await;
-                if let Ended::Finished = ended {
-                    registry().finished.fetch_add(1, Ordering::Relaxed);
-                }
+                work.await.1.count();
                 drop(counted);
             }
             .instrument(std::mem::replace(&mut self.span, tracing::Span::none())),
@@ -206,7 +201,16 @@ where
         .spawn_on(work.instrument(tracing::Span::current()), runtime);
 }
 
-/// How a spawned body ended.
+impl Ended {
+    /// Counts a body that ran to its end, for [`drain`]'s report.
+    fn count(self) {
+        if let Ended::Finished = self {
+            registry().finished.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How a body that may outlive its caller ended.
 pub(super) enum Ended {
     /// It ran to its end (its outcome stored, released or recorded as unknown).
     Finished,
