@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use idem_runtime::{
     Claim, FencingToken, Fingerprint, Forgotten, Result, ScanPage, StorageKey, Store, StoredRecord,
 };
@@ -143,6 +144,28 @@ pub trait Hooks: Send + Sync {
     async fn wait_for_change(&self, inner: &dyn Store, key: &StorageKey, max: Duration) {
         inner.wait_for_change(key, max).await
     }
+
+    /// [`Store::save_step`]; by default the inner store's.
+    async fn save_step(
+        &self,
+        inner: &dyn Store,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        inner.save_step(key, token, name, record).await
+    }
+
+    /// [`Store::load_steps`]; by default the inner store's.
+    async fn load_steps(
+        &self,
+        inner: &dyn Store,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        inner.load_steps(key, token).await
+    }
 }
 
 /// The [`Hooks`] that change nothing: an [`Intercept`] with them is the inner store, plus the
@@ -262,6 +285,24 @@ impl<S: Store, H: Hooks> Store for Intercept<S, H> {
     }
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         self.hooks.wait_for_change(&self.inner, key, max).await
+    }
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        self.hooks
+            .save_step(&self.inner, key, token, name, record)
+            .await
+    }
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        self.hooks.load_steps(&self.inner, key, token).await
     }
 }
 

@@ -122,7 +122,9 @@ macro_rules! __with_cases {
             expired_claim_with_another_fingerprint_is_taken_over,
             forget_completed_runs_the_body_again, forget_in_flight_is_refused_unless_forced,
             forced_forget_fences_the_holder_off, forget_wakes_waiters, forget_absent_is_absent,
-            forget_racing_complete_is_one_order, scan_lists_what_get_reports}
+            forget_racing_complete_is_one_order, scan_lists_what_get_reports,
+            steps_are_fenced_by_the_token, takeover_keeps_the_steps,
+            renewal_keeps_the_steps_and_zero_hands_them_on, steps_go_with_the_record}
     };
 }
 

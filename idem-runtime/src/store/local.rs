@@ -289,4 +289,23 @@ impl Store for LocalCache {
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         self.inner.wait_for_change(key, max).await
     }
+
+    /// A call's steps are never cached here: they belong to a call in flight.
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        self.inner.save_step(key, token, name, record).await
+    }
+
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        self.inner.load_steps(key, token).await
+    }
 }

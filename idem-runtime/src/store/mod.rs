@@ -17,7 +17,7 @@
 //! [`ABANDONED_CLAIM_RETENTION`] ago, and only then deleted without a takeover.
 //!
 //! A store is the atomic protocol only: `claim`, `complete`, `release`, `renew`, `get`,
-//! `purge_expired`, an operator's `forget` and `scan`, and a change notification for waiters (`wait_for_change`). Runtimes,
+//! `purge_expired`, a call's steps (`save_step`, `load_steps`), an operator's `forget` and `scan`, and a change notification for waiters (`wait_for_change`). Runtimes,
 //! spawning, retries and policy belong to the engine, which holds the store as an
 //! `Arc<dyn Store>` (see [`IntoStore`]). Every backend passes the same conformance suite, which
 //! the `idem-testkit` crate publishes for other people's stores. Stores treat the record bytes
@@ -250,6 +250,59 @@ pub trait Store: Send + Sync {
         )))
     }
 
+    /// Records the completed step `name` of the call in flight under exactly `token` (its lease
+    /// perhaps ended, but nobody took over), replacing a step of the same name: the engine's
+    /// durable steps (`idempotency::step`). `record` is opaque, like a result.
+    ///
+    /// A call's steps belong to its record and share its life:
+    ///
+    /// - a claim that **takes over** an in-flight record (`takeover: true`) keeps its steps, so
+    ///   the new holder can [load](Store::load_steps) them; any other claim that acquires the
+    ///   key (none there, or a completed record past its ttl) starts with none;
+    /// - [`renew`](Store::renew) keeps them (also a renewal of zero, which ends the lease now
+    ///   so that the next claim takes over and resumes);
+    /// - [`complete`](Store::complete) drops them (the result replaces them), and
+    ///   [`release`](Store::release), [`forget`](Store::forget) and the purge of an abandoned
+    ///   claim delete them with the record.
+    ///
+    /// Fails with [`Error::LeaseLost`] and changes nothing if another token holds the key, the
+    /// record is completed, or it is absent, as for [`complete`](Store::complete): a holder
+    /// that lost its lease cannot record a step. One round trip.
+    ///
+    /// The default refuses with [`Error::Config`]: a store written before steps existed cannot
+    /// keep them (a call's `step` then fails before running, rather than run unrecorded).
+    /// Every built-in store implements it.
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        let _ = (key, token, name, record);
+        Err(Error::config(format!(
+            "the {} store cannot keep the steps of a call (it does not implement Store::save_step)",
+            self.backend()
+        )))
+    }
+
+    /// The steps recorded for the call in flight under exactly `token` (see
+    /// [`save_step`](Store::save_step)), as `(name, record)` pairs in no particular order, one
+    /// per name. Fails with [`Error::LeaseLost`] if `token` does not hold the key, as
+    /// [`save_step`](Store::save_step) does. One round trip; the engine asks only after a
+    /// takeover (a claim that did not take over starts with no steps).
+    ///
+    /// The default returns none, which is right for a store that cannot
+    /// [save](Store::save_step) them.
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        let _ = (key, token);
+        Ok(Vec::new())
+    }
+
     /// Whether [`wait_for_change`](Store::wait_for_change) returns as soon as the record under
     /// the key changes, from any process (Redis pub/sub, PostgreSQL `LISTEN`, an in-process
     /// store). Waiting calls then sleep up to [`WAIT_SAFETY_NET`] between claims instead of
@@ -309,6 +362,12 @@ macro_rules! forward_store {
             }
             async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
                 (**self).wait_for_change(key, max).await
+            }
+            async fn save_step(&self, key: &StorageKey, token: FencingToken, name: &str, record: &[u8]) -> Result<()> {
+                (**self).save_step(key, token, name, record).await
+            }
+            async fn load_steps(&self, key: &StorageKey, token: FencingToken) -> Result<Vec<(String, Bytes)>> {
+                (**self).load_steps(key, token).await
             }
         }
     )*};

@@ -21,11 +21,13 @@ mod calls;
 mod lease_end;
 mod operate;
 mod protocol;
+mod steps;
 
 pub use calls::*;
 pub use lease_end::*;
 pub use operate::*;
 pub use protocol::*;
+pub use steps::*;
 
 /// The fingerprint `n` (32 bytes of `n`).
 fn fp(n: u8) -> Fingerprint {

@@ -267,9 +267,13 @@ impl MemoryStore {
                 }
                 let takeover = old.in_flight_now();
                 inner.expiries.remove(e.key().key(), old.token, old.due);
-                inner.usage.release(0, old.record_len());
+                // A takeover keeps the call's steps (their bytes stay accounted for); anything
+                // else starts afresh.
+                let steps = e.get_mut().take_steps();
+                inner.usage.release(0, e.get().record_len());
                 let token = self.next_token();
-                let slot = Slot::in_flight(fingerprint, token, now + lease);
+                let mut slot = Slot::in_flight(fingerprint, token, now + lease);
+                slot.put_steps(steps);
                 inner.expiries.insert(e.key().key(), token, slot.due);
                 **e.get_mut() = slot;
                 Ok(Claim::Acquired {
@@ -291,6 +295,8 @@ impl MemoryStore {
         let inner = &self.inner;
         self.with_held(key, token, |key, slot| {
             inner.usage.reserve(&inner.limits, 0, record.len())?;
+            // The result replaces the call's steps.
+            inner.usage.release(0, slot.record_len());
             inner.expiries.remove(key, slot.token, slot.due);
             slot.state = SlotState::Completed {
                 expires_at,
@@ -298,6 +304,33 @@ impl MemoryStore {
             };
             slot.due = Some(expires_at);
             inner.expiries.insert(key, slot.token, slot.due);
+            Ok(())
+        })
+    }
+
+    /// One attempt at saving a step: `Ok(Err(full))` when it does not fit.
+    fn try_save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<std::result::Result<(), Full>> {
+        let inner = &self.inner;
+        self.with_held(key, token, |_, slot| {
+            inner
+                .usage
+                .reserve(&inner.limits, 0, slot::step_len(name, record))?;
+            let mut steps = slot.take_steps().unwrap_or_default();
+            let record = Bytes::copy_from_slice(record);
+            match steps.iter_mut().find(|(n, _)| &**n == name) {
+                Some((_, old)) => {
+                    inner.usage.release(0, slot::step_len(name, old));
+                    *old = record;
+                }
+                None => steps.push((name.into(), record)),
+            }
+            slot.put_steps(Some(steps));
             Ok(())
         })
     }
@@ -401,7 +434,9 @@ impl Store for MemoryStore {
         let expiries = &self.inner.expiries;
         self.with_held(key, token, |key, slot| {
             expiries.remove(key, slot.token, slot.due);
+            let steps = slot.take_steps();
             *slot = Slot::in_flight(slot.fingerprint.as_ref(), slot.token, lease_until);
+            slot.put_steps(steps);
             expiries.insert(key, slot.token, slot.due);
         })
     }
@@ -423,6 +458,30 @@ impl Store for MemoryStore {
     async fn purge_expired_up_to(&self, limit: u64) -> Result<u64> {
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         Ok(self.sweep(Instant::now(), limit, true))
+    }
+
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        if let Err(full) = self.try_save_step(key, token, name, record)? {
+            self.sweep(Instant::now(), usize::MAX, true);
+            if self.try_save_step(key, token, name, record)?.is_err() {
+                return Err(self.full(full));
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        self.with_held(key, token, |_, slot| slot.steps())
     }
 
     async fn forget(&self, key: &StorageKey, force: bool) -> Result<Forgotten> {

@@ -19,16 +19,31 @@ pub(super) struct Slot {
     pub(super) due: Option<Instant>,
 }
 
+/// The steps of a call in flight: `(name, record)`, one per name, in the order first saved.
+pub(super) type Steps = Vec<(Box<str>, Bytes)>;
+
 /// In flight or completed.
 pub(super) enum SlotState {
-    InFlight { lease_until: Instant },
-    Completed { expires_at: Instant, record: Bytes },
+    /// `steps`: the call's saved steps, if any (kept through renewals and takeovers).
+    InFlight {
+        lease_until: Instant,
+        steps: Option<Box<Steps>>,
+    },
+    Completed {
+        expires_at: Instant,
+        record: Bytes,
+    },
 }
 
 /// When an in-flight record whose lease ends at `lease_until` is abandoned and may be purged;
 /// `None` for never (a lease too long to add the retention to).
 pub(super) fn abandoned_at(lease_until: Instant) -> Option<Instant> {
     lease_until.checked_add(ABANDONED_CLAIM_RETENTION)
+}
+
+/// The bytes a step takes, for the store's byte limit.
+pub(super) fn step_len(name: &str, record: &[u8]) -> usize {
+    name.len() + record.len()
 }
 
 impl Slot {
@@ -41,15 +56,22 @@ impl Slot {
         Slot {
             fingerprint: fingerprint.copied(),
             token,
-            state: SlotState::InFlight { lease_until },
+            state: SlotState::InFlight {
+                lease_until,
+                steps: None,
+            },
             due: abandoned_at(lease_until),
         }
     }
 
-    /// The bytes of the stored result (0 while in flight).
+    /// The bytes of the stored result, or of the steps while in flight.
     pub(super) fn record_len(&self) -> usize {
         match &self.state {
-            SlotState::InFlight { .. } => 0,
+            SlotState::InFlight { steps, .. } => steps
+                .iter()
+                .flat_map(|s| s.iter())
+                .map(|(name, record)| step_len(name, record))
+                .sum(),
             SlotState::Completed { record, .. } => record.len(),
         }
     }
@@ -67,7 +89,7 @@ impl Slot {
     /// in-flight one within its lease.
     pub(super) fn is_live(&self, now: Instant) -> bool {
         match &self.state {
-            SlotState::InFlight { lease_until } => *lease_until > now,
+            SlotState::InFlight { lease_until, .. } => *lease_until > now,
             SlotState::Completed { expires_at, .. } => *expires_at > now,
         }
     }
@@ -106,8 +128,38 @@ impl Slot {
     /// When the record's current period ends: its lease, or its ttl.
     pub(super) fn period_end(&self) -> Instant {
         match &self.state {
-            SlotState::InFlight { lease_until } => *lease_until,
+            SlotState::InFlight { lease_until, .. } => *lease_until,
             SlotState::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+}
+
+impl Slot {
+    /// Takes the steps out of an in-flight record (none from a completed one).
+    pub(super) fn take_steps(&mut self) -> Option<Box<Steps>> {
+        match &mut self.state {
+            SlotState::InFlight { steps, .. } => steps.take(),
+            SlotState::Completed { .. } => None,
+        }
+    }
+
+    /// Puts steps into an in-flight record (a completed one has none).
+    pub(super) fn put_steps(&mut self, taken: Option<Box<Steps>>) {
+        if let SlotState::InFlight { steps, .. } = &mut self.state {
+            *steps = taken;
+        }
+    }
+
+    /// The steps of an in-flight record, as `(name, record)` pairs.
+    pub(super) fn steps(&self) -> Vec<(String, Bytes)> {
+        match &self.state {
+            SlotState::InFlight {
+                steps: Some(steps), ..
+            } => steps
+                .iter()
+                .map(|(name, record)| (name.to_string(), record.clone()))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 }
