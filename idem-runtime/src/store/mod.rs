@@ -42,6 +42,8 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) mod steps_blob;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod tls_provider;
 mod url;
