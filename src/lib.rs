@@ -103,8 +103,10 @@ pub use idem_runtime::{
     DrainReport, Error, ErrorPolicy, Fingerprint, FingerprintBuilder, Fingerprintable,
     IdempotentResult, IntoDuration, IntoKey, IntoStore, LocalCache, MemoryStore, OnConflict,
     OnReplay, OnUnknown, Operation, ReplayInfo, Result, Served, Storable, StorageKey, Store,
-    MIN_LEASE,
+    MAX_STEP_NAME_LEN, MIN_LEASE,
 };
+#[cfg(feature = "runtime")]
+pub use idem_runtime::{step, step_key};
 
 #[cfg(feature = "runtime")]
 /// What a running body knows of its own call: [`context::current()`] gives its

@@ -55,6 +55,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::step::{self, StepBook};
+use crate::engine::Storable;
 use crate::error::{Error, Result};
 use crate::key::StorageKey;
 use crate::store::FencingToken;
@@ -116,6 +118,13 @@ pub struct CallContext {
     takeover: bool,
     lost: CancellationToken,
     deadline: Arc<Deadline>,
+    steps: Arc<StepBook>,
+}
+
+impl std::fmt::Debug for StepBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepBook")
+    }
 }
 
 impl CallContext {
@@ -124,6 +133,7 @@ impl CallContext {
         token: FencingToken,
         takeover: bool,
         deadline: Arc<Deadline>,
+        steps: Arc<StepBook>,
     ) -> Self {
         CallContext {
             key,
@@ -131,7 +141,29 @@ impl CallContext {
             takeover,
             lost: CancellationToken::new(),
             deadline,
+            steps,
         }
+    }
+
+    pub(crate) fn steps(&self) -> &StepBook {
+        &self.steps
+    }
+
+    /// Runs `body` as the step `name` of this call: [`step`](crate::step), for a task that
+    /// does not see the call as its own (a task the body spawned, given this context).
+    pub async fn step<T, E, F>(&self, name: impl AsRef<str>, body: F) -> Result<T, E>
+    where
+        T: Storable,
+        E: From<Error> + 'static,
+        F: std::future::Future<Output = Result<T, E>>,
+    {
+        step::run(self, name.as_ref(), body).await
+    }
+
+    /// An idempotency key for the downstream system of this call's step `name`:
+    /// [`step_key`](crate::step_key).
+    pub fn step_key(&self, name: &str) -> String {
+        step::derive_key(&self.key, name)
     }
 
     pub(crate) fn mark_lost(&self) {

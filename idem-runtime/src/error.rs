@@ -143,6 +143,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// idem was used in a way that cannot be made idempotent, so it refused rather than run
+    /// unrecorded: a [`step`](crate::step) outside an idempotent call (or in a task the body
+    /// spawned, which does not see the call), two steps of one name in one call (name the
+    /// steps of a loop `format!("item-{i}")`), an empty step name. The step did not run;
+    /// retrying does not help: fix the code.
+    #[error("idempotency misuse: {reason}")]
+    Misuse {
+        /// What was done, and how to do it instead.
+        reason: String,
+    },
+
     /// The encoded result is larger than the configured limit, so it was not stored.
     #[error("result of {size} bytes exceeds the record size limit of {limit} bytes")]
     TooLarge {
@@ -214,6 +225,13 @@ impl Error {
     /// Builds an [`Error::Config`] with a reason.
     pub fn config(reason: impl Into<String>) -> Self {
         Error::Config {
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds an [`Error::Misuse`] with a reason.
+    pub fn misuse(reason: impl Into<String>) -> Self {
+        Error::Misuse {
             reason: reason.into(),
         }
     }

@@ -31,6 +31,7 @@ pub use engine::{drain, running, DrainReport};
 pub use engine::{
     Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable, MIN_LEASE,
 };
+pub use engine::{step, step_key, MAX_STEP_NAME_LEN};
 pub use engine::{Purger, PurgerHandle, PurgerStats};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};

@@ -148,6 +148,8 @@ pub(crate) enum StoreOp {
     Release,
     Renew,
     Get,
+    SaveStep,
+    LoadSteps,
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
@@ -159,6 +161,8 @@ impl StoreOp {
             StoreOp::Release => "release",
             StoreOp::Renew => "renew",
             StoreOp::Get => "get",
+            StoreOp::SaveStep => "save_step",
+            StoreOp::LoadSteps => "load_steps",
         }
     }
 }

@@ -145,6 +145,11 @@ pub trait Hooks: Send + Sync {
         inner.wait_for_change(key, max).await
     }
 
+    /// [`Store::keeps_steps`]; by default the inner store's.
+    fn keeps_steps(&self, inner: &dyn Store) -> bool {
+        inner.keeps_steps()
+    }
+
     /// [`Store::save_step`]; by default the inner store's.
     async fn save_step(
         &self,
@@ -285,6 +290,9 @@ impl<S: Store, H: Hooks> Store for Intercept<S, H> {
     }
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         self.hooks.wait_for_change(&self.inner, key, max).await
+    }
+    fn keeps_steps(&self) -> bool {
+        self.hooks.keeps_steps(&self.inner)
     }
     async fn save_step(
         &self,

@@ -124,7 +124,8 @@ macro_rules! __with_cases {
             forced_forget_fences_the_holder_off, forget_wakes_waiters, forget_absent_is_absent,
             forget_racing_complete_is_one_order, scan_lists_what_get_reports,
             steps_are_fenced_by_the_token, takeover_keeps_the_steps,
-            renewal_keeps_the_steps_and_zero_hands_them_on, steps_go_with_the_record}
+            renewal_keeps_the_steps_and_zero_hands_them_on, steps_go_with_the_record,
+            an_interrupted_call_resumes_its_steps}
     };
 }
 

@@ -95,6 +95,24 @@ impl Background {
         });
     }
 
+    /// Suspends the claim without being awaited (from a destructor): see
+    /// [`Holding::suspend`](super::finish).
+    pub(super) fn suspend(&self) {
+        let (store, key, token, labels) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.labels,
+        );
+        spawn_work(&self.runtime, |_| async move {
+            let suspended = store.renew(&key, token, Duration::ZERO);
+            if let Err(e) = timed(StoreOp::Renew, labels, suspended).await {
+                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
+                    "background suspend failed; the lease will expire");
+            }
+        });
+    }
+
     /// Releases the claim without being awaited (from a destructor).
     pub(super) fn release(&self) {
         let (store, key, token, labels) = (

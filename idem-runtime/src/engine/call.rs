@@ -443,6 +443,7 @@ impl Call {
             recovery: self.recovery.unwrap_or(DEFAULT_RECOVERY.min(self.ttl)),
             check_decodes: self.check_decodes,
             renewal: Default::default(),
+            steps: Default::default(),
         }))
     }
 }

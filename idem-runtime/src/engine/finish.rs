@@ -5,7 +5,7 @@
 use std::any::type_name;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use super::background::Background;
 use super::policy::{ErrorPolicy, IdempotentResult, OnUnknown};
 use super::renewal::Renewal;
 use super::running::{Cut, Ended};
+use super::step::StepBook;
 use super::storing::{store_with_retries, Patience};
 
 /// A claimed key and everything needed to run the body under it, store its outcome, and do the
@@ -45,6 +46,8 @@ pub(super) struct Holding {
     pub(super) check_decodes: bool,
     /// The lease's renewal once the body has ended, kept until the outcome is stored.
     pub(super) renewal: Mutex<Option<Renewal>>,
+    /// The call's steps, once the body is about to run.
+    pub(super) steps: OnceLock<Arc<StepBook>>,
 }
 
 /// How storing an outcome ended.
@@ -100,7 +103,28 @@ impl Holding {
             armed: true,
         };
         let deadline = Arc::new(Deadline::new(self.claimed_at, self.lease));
-        let context = CallContext::new(key.clone(), token, self.takeover, deadline.clone());
+        let steps = Arc::new(StepBook::new(
+            self.background.store.clone(),
+            labels,
+            self.fingerprint,
+            self.expect,
+            self.ttl,
+            self.max_record_bytes,
+            &errors,
+        ));
+        if self.takeover {
+            // Until they are loaded, the holder before may have left steps: an interruption
+            // now must keep them.
+            steps.may_hold_steps();
+        }
+        let _ = self.steps.set(steps.clone());
+        let context = CallContext::new(
+            key.clone(),
+            token,
+            self.takeover,
+            deadline.clone(),
+            steps.clone(),
+        );
         // Registered with the keeper thread before the body is first polled: a body that
         // blocks its thread from the start keeps its lease all the same.
         let renewal = Renewal::start(
@@ -110,6 +134,28 @@ impl Holding {
             context.clone(),
             deadline,
         );
+        if self.takeover {
+            // The steps the holder before completed, replayed rather than run again.
+            let loaded = timed(
+                StoreOp::LoadSteps,
+                labels,
+                self.background.store.load_steps(key, token),
+            )
+            .await;
+            match loaded {
+                Ok(loaded) => steps.loaded(loaded),
+                Err(e) => {
+                    guard.armed = false;
+                    if !matches!(e, Error::LeaseLost { .. }) {
+                        count(Event::StoreError, labels);
+                    }
+                    tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,
+                        "could not load the steps of the call taken over; suspending it");
+                    self.suspend().await;
+                    return (fail(e), Ended::Finished);
+                }
+            }
+        }
         // From here on the body may have done its side effect.
         let ran = Stopwatch::start();
         let body = catch_unwind(context.scope(body));
@@ -293,9 +339,46 @@ impl Holding {
         count(Event::Release, self.background.labels);
     }
 
-    /// Releases the claim: nothing happened that a retry must not repeat. Whether the store
-    /// took it (a claim already lost counts: there is nothing left to release).
+    /// Whether the call is to be resumed (a step was begun, or the store may hold steps of it):
+    /// then its claim is suspended, never released nor recorded as an unknown outcome (see
+    /// [`step`](super::step)).
+    fn has_steps(&self) -> bool {
+        self.steps.get().is_some_and(|s| s.kept())
+    }
+
+    /// Suspends the claim of a call whose steps the store may hold: its lease ends now, its
+    /// steps stay, and the next call with the key takes it over and resumes (a release, or a
+    /// record of an unknown outcome, would throw the steps away). Whether the store took it.
+    async fn suspend(&self) -> bool {
+        drop(self.take_renewal());
+        let labels = self.background.labels;
+        let (key, token) = (self.key(), self.token());
+        let suspended = self.background.store.renew(key, token, Duration::ZERO);
+        match timed(StoreOp::Renew, labels, suspended).await {
+            Ok(()) => {
+                tracing::info!(target: "idem", key = %key, token = token.0,
+                    "suspended with its steps; the next call with this key resumes it");
+                true
+            }
+            Err(e) => {
+                let lost = matches!(e, Error::LeaseLost { .. });
+                if !lost {
+                    count(Event::StoreError, labels);
+                }
+                tracing::warn!(target: "idem", key = %key, error = %e,
+                    "suspend failed; the lease will expire, and the next call resumes then");
+                lost
+            }
+        }
+    }
+
+    /// Releases the claim: nothing happened that a retry must not repeat (a call with steps is
+    /// [suspended](Self::suspend) instead). Whether the store took it (a claim already lost
+    /// counts: there is nothing left to release).
     async fn release(&self) -> bool {
+        if self.has_steps() {
+            return self.suspend().await;
+        }
         self.releasing();
         let labels = self.background.labels;
         let (key, token) = (self.key(), self.token());
@@ -323,6 +406,12 @@ impl Holding {
 
     /// [`release`](Self::release) from a destructor.
     fn release_in_background(&self, reason: &'static str) {
+        if self.has_steps() {
+            drop(self.take_renewal());
+            tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "suspending");
+            self.background.suspend();
+            return;
+        }
         self.releasing();
         tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "releasing");
         self.background.release();
@@ -332,8 +421,14 @@ impl Holding {
     /// alike: record it ([`OnUnknown::Refuse`]: the record to store) or release the claim
     /// ([`OnUnknown::Rerun`]).
     fn unknown_outcome(&self, reason: &str) -> Unknown {
-        count(Event::UnknownOutcome, self.background.labels);
         let (key, token) = (self.key(), self.token());
+        if self.has_steps() {
+            // The steps that completed are known; the one running, if any, may run again.
+            tracing::warn!(target: "idem", key = %key, token = token.0, reason,
+                "interrupted in a body with steps; keeping them for the next call to resume");
+            return Unknown::Suspend;
+        }
+        count(Event::UnknownOutcome, self.background.labels);
         match self.on_unknown {
             OnUnknown::Rerun => {
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
@@ -354,6 +449,7 @@ impl Holding {
     async fn unknown(&self, reason: &str) -> bool {
         match self.unknown_outcome(reason) {
             Unknown::Release => self.release().await,
+            Unknown::Suspend => self.suspend().await,
             Unknown::Record(record) => match self.store(record, self.recovery).await {
                 Stored::Pending(e) => {
                     tracing::error!(target: "idem", key = %self.key(), token = self.token().0, error = %e,
@@ -369,7 +465,7 @@ impl Holding {
     /// destructor: in the background.
     fn unknown_in_background(&self, reason: &'static str) {
         match self.unknown_outcome(reason) {
-            Unknown::Release => self.release_in_background(reason),
+            Unknown::Release | Unknown::Suspend => self.release_in_background(reason),
             Unknown::Record(record) => {
                 let renewal = self.take_renewal();
                 self.background.store_later(
@@ -388,6 +484,8 @@ impl Holding {
 enum Unknown {
     /// Release the claim (at least once).
     Release,
+    /// Suspend the claim: the store may hold its steps.
+    Suspend,
     /// Store this record of the unknown outcome (at most once).
     Record(Vec<u8>),
 }

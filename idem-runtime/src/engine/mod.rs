@@ -9,6 +9,7 @@
 //!   became of it;
 //! - `storing`: the one rule for writing an outcome whose body has run (retries, a full store),
 //!   used in the caller and in the background;
+//! - `step`: a body's durable steps, recorded one by one and replayed when a call resumes;
 //! - `renewal`: the lease keeper, a thread that renews the leases held while bodies run;
 //! - `background`: work that outlives the caller (storing after the caller left, releasing
 //!   from a destructor);
@@ -39,6 +40,7 @@ mod policy;
 mod purger;
 mod renewal;
 mod running;
+pub(crate) mod step;
 mod storing;
 
 #[cfg(feature = "http")]
@@ -54,3 +56,4 @@ pub use purger::{
     DEFAULT_PURGE_JITTER,
 };
 pub use running::{drain, running, DrainReport};
+pub use step::{step, step_key, MAX_STEP_NAME_LEN};

@@ -80,11 +80,28 @@ type Decode<E> = fn(&[u8]) -> serde_json::Result<E>;
 
 /// Which `Err` results are kept and replayed (`cache_errors`). By default none: the claim is
 /// released so a retry runs the body again.
+///
+/// The same policy decides which errors of the call's [steps](crate::step) are kept, for the
+/// steps whose error type is the call's.
 pub struct ErrorPolicy<E> {
     pub(super) keep: Option<fn(&E) -> bool>,
     pub(super) codec: Option<(Encode<E>, Decode<E>)>,
     pub(super) unknown: Option<fn(&E) -> bool>,
+    /// The policy as a `dyn Any`, for the call's steps to find by their error type: set where
+    /// `E: 'static` is known (a policy that keeps errors).
+    pub(super) erase: Option<fn(&Self) -> ErasedPolicy>,
 }
+
+/// An [`ErrorPolicy`] of some error type, for the steps of a call.
+pub(super) type ErasedPolicy = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+impl<E> Clone for ErrorPolicy<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for ErrorPolicy<E> {}
 
 impl<E> ErrorPolicy<E> {
     /// Keep no errors (the default).
@@ -93,6 +110,7 @@ impl<E> ErrorPolicy<E> {
             keep: None,
             codec: None,
             unknown: None,
+            erase: None,
         }
     }
 
@@ -105,7 +123,7 @@ impl<E> ErrorPolicy<E> {
     }
 }
 
-impl<E: Storable> ErrorPolicy<E> {
+impl<E: Storable + 'static> ErrorPolicy<E> {
     /// Keep every error (`cache_errors = true`).
     pub fn always() -> Self {
         fn yes<E>(_: &E) -> bool {
@@ -120,6 +138,7 @@ impl<E: Storable> ErrorPolicy<E> {
             keep: Some(keep),
             codec: Some((|e| serde_json::to_vec(e), |b| serde_json::from_slice(b))),
             unknown: None,
+            erase: Some(|policy| std::sync::Arc::new(*policy)),
         }
     }
 }

@@ -290,6 +290,10 @@ impl Store for LocalCache {
         self.inner.wait_for_change(key, max).await
     }
 
+    fn keeps_steps(&self) -> bool {
+        self.inner.keeps_steps()
+    }
+
     /// A call's steps are never cached here: they belong to a call in flight.
     async fn save_step(
         &self,

@@ -252,6 +252,14 @@ pub trait Store: Send + Sync {
         )))
     }
 
+    /// Whether this store keeps the steps of a call ([`save_step`](Store::save_step) and
+    /// [`load_steps`](Store::load_steps)): a step on a store that cannot fails before it runs.
+    /// Default `false`, for stores written before steps existed; every built-in store says
+    /// `true`.
+    fn keeps_steps(&self) -> bool {
+        false
+    }
+
     /// Records the completed step `name` of the call in flight under exactly `token` (its lease
     /// perhaps ended, but nobody took over), replacing a step of the same name: the engine's
     /// durable steps (`idempotency::step`). `record` is opaque, like a result.
@@ -334,6 +342,9 @@ macro_rules! forward_store {
             }
             fn notifies_changes(&self) -> bool {
                 (**self).notifies_changes()
+            }
+            fn keeps_steps(&self) -> bool {
+                (**self).keeps_steps()
             }
             async fn claim(&self, key: &StorageKey, fingerprint: Option<&Fingerprint>, lease: Duration) -> Result<Claim> {
                 (**self).claim(key, fingerprint, lease).await

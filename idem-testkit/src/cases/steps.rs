@@ -224,3 +224,61 @@ pub async fn steps_go_with_the_record(store: Arc<dyn Store>, _: bool) {
     let t = acquire(&*store, &key, LONG).await;
     assert_eq!(steps_of(&*store, &key, t).await, vec![], "after forget");
 }
+
+/// Through [`Call`](idem_runtime::Call): a call cut off after two of its three steps is
+/// resumed by the next call with its key, which replays the two and runs the third; the two
+/// ran once, and every later caller gets the resumed call's result.
+pub async fn an_interrupted_call_resumes_its_steps(store: Arc<dyn Store>, _: bool) {
+    use idem_runtime::{step, Call, Error, ErrorPolicy, OnConflict};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    let key = unique("steps-resume");
+    let runs: Arc<[AtomicUsize; 3]> = Arc::default();
+    let body = |hang: bool| {
+        let runs = runs.clone();
+        async move {
+            let a: u64 = step("a", async {
+                runs[0].fetch_add(1, SeqCst);
+                Ok::<_, Error>(rand::random::<u32>() as u64)
+            })
+            .await?;
+            let b: String = step("b", async {
+                runs[1].fetch_add(1, SeqCst);
+                Ok::<_, Error>(format!("b{a}"))
+            })
+            .await?;
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            let c: u64 = step("c", async {
+                runs[2].fetch_add(1, SeqCst);
+                Ok::<_, Error>(a + 1)
+            })
+            .await?;
+            Ok::<_, Error>(format!("{a}/{b}/{c}"))
+        }
+    };
+    let call = || {
+        Call::new(key.clone())
+            .store(store.clone())
+            .fingerprint(Some(fp(1)))
+            .lease(Duration::from_secs(10))
+            .on_conflict(OnConflict::Wait(Duration::from_secs(20)))
+    };
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        call().run(ErrorPolicy::never(), body(true)),
+    )
+    .await;
+    assert!(cut.is_err(), "the first call hangs after its second step");
+    let resumed = call()
+        .run(ErrorPolicy::never(), body(false))
+        .await
+        .expect("the next call resumes the first");
+    let counts: Vec<usize> = runs.iter().map(|r| r.load(SeqCst)).collect();
+    assert_eq!(counts, vec![1, 1, 1], "each step ran once: {counts:?}");
+    let again = call().run(ErrorPolicy::never(), body(false)).await.unwrap();
+    assert_eq!(again, resumed, "a later caller gets the same result");
+    let counts: Vec<usize> = runs.iter().map(|r| r.load(SeqCst)).collect();
+    assert_eq!(counts, vec![1, 1, 1], "a replay runs no step: {counts:?}");
+}

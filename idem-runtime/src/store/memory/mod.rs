@@ -460,6 +460,10 @@ impl Store for MemoryStore {
         Ok(self.sweep(Instant::now(), limit, true))
     }
 
+    fn keeps_steps(&self) -> bool {
+        true
+    }
+
     async fn save_step(
         &self,
         key: &StorageKey,
