@@ -65,6 +65,10 @@
 //!   is taken over when its lease expires.
 //! - **Fencing reaches the body**: inside a body, [`context::current()`] gives its [`CallContext`](context::CallContext): the
 //!   fencing token to pass to the downstream write, and whether the claim was lost.
+//! - **Durable steps**: inside a body, [`step`]`("charge", async { .. })` records a side
+//!   effect's value as it completes, so a call resumed after a crash (or an interruption)
+//!   replays the steps that completed and runs only the rest; [`step_key`] gives the step's
+//!   downstream system an idempotency key that is the same in every run of the call.
 //! - **Fail closed**: if the store cannot be reached, the body does not run ([`Error::Store`]).
 //! - **Safe across deploys**: an operation's `name = "..."` is part of its storage key and
 //!   survives moving or renaming the function; results are checked by schema version and by
