@@ -646,3 +646,44 @@ mod http_layer {
         assert_eq!(ledger.runs("email"), 2);
     }
 }
+
+/// Another request under the key of an unfinished call with steps (a client reusing a key):
+/// `KeyReuse`, nothing runs, and the first request's retry still resumes with its steps.
+#[tokio::test]
+async fn another_request_cannot_resume_someone_elses_steps() {
+    let store = Arc::new(MemoryStore::new());
+    let (k, ledger) = (key("reuse"), Ledger::default());
+    let call = |fp: u8| {
+        Call::new(k.clone())
+            .store(store.clone())
+            .fingerprint(Some(Fingerprint([fp; 32])))
+            .on_conflict(OnConflict::Wait(Duration::from_secs(10)))
+    };
+    let body = |ledger: Ledger, amount: u64, hang: bool| async move {
+        let charged: u64 = step("charge", async {
+            ledger.start("charge");
+            Ok::<_, Error>(amount)
+        })
+        .await?;
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, Error>(charged)
+    };
+    let cut = tokio::time::timeout(
+        Duration::from_millis(200),
+        call(1).run(ErrorPolicy::never(), body(ledger.clone(), 100, true)),
+    )
+    .await;
+    assert!(cut.is_err());
+    let other = call(2)
+        .run(ErrorPolicy::never(), body(ledger.clone(), 200, false))
+        .await;
+    assert!(matches!(other, Err(Error::KeyReuse { .. })), "{other:?}");
+    let resumed = call(1)
+        .run(ErrorPolicy::never(), body(ledger.clone(), 100, false))
+        .await
+        .unwrap();
+    assert_eq!(resumed, 100);
+    assert_eq!(ledger.runs("charge"), 1);
+}

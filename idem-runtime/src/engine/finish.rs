@@ -142,11 +142,11 @@ impl Holding {
                 self.background.store.load_steps(key, token),
             )
             .await;
-            match loaded {
-                Ok(loaded) => steps.loaded(loaded),
+            match loaded.and_then(|loaded| steps.loaded(key, loaded)) {
+                Ok(()) => {}
                 Err(e) => {
                     guard.armed = false;
-                    if !matches!(e, Error::LeaseLost { .. }) {
+                    if matches!(e, Error::Store { .. } | Error::StoreFull { .. }) {
                         count(Event::StoreError, labels);
                     }
                     tracing::warn!(target: "idem", key = %key, token = token.0, error = %e,

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use crate::context::{self, CallContext};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
+use crate::key::StorageKey;
 use crate::metrics::{count, timed, Event, Labels, StoreOp};
 use crate::record::{encode_payload, Expected, Outcome, Record};
 use crate::store::Store;
@@ -179,14 +180,26 @@ impl StepBook {
         self.book().kept = true;
     }
 
-    /// The steps a holder before this one completed, loaded after a takeover.
-    pub(super) fn loaded(&self, steps: Vec<(String, Bytes)>) {
+    /// The steps a holder before this one completed, loaded after a takeover. They must be
+    /// of this call's request: a step stored with another fingerprint is [`Error::KeyReuse`]
+    /// (the key was reused for another request while the first was unfinished; its steps are
+    /// kept for its own retry), a damaged one [`Error::Corrupt`].
+    pub(super) fn loaded(&self, key: &StorageKey, steps: Vec<(String, Bytes)>) -> Result<()> {
+        for (_, record) in &steps {
+            let record = Record::decode(record).map_err(|e| e.with_key(key))?;
+            if matches!((record.fingerprint, self.fingerprint), (Some(a), Some(b)) if a != b) {
+                return Err(Error::KeyReuse {
+                    key: Some(key.clone()),
+                });
+            }
+        }
         let mut book = self.book();
         book.kept = !steps.is_empty();
         book.done = steps
             .into_iter()
             .map(|(name, record)| (name.into_boxed_str(), record))
             .collect();
+        Ok(())
     }
 
     /// Whether the call is to be resumed: a step was begun, or the store may hold steps of
@@ -336,7 +349,7 @@ where
 }
 
 /// [`step_key`] of the call under `key`.
-pub(crate) fn derive_key(key: &crate::key::StorageKey, name: &str) -> String {
+pub(crate) fn derive_key(key: &StorageKey, name: &str) -> String {
     let mut hash = Sha256::new();
     hash.update(b"idem step key\0");
     hash.update(key.as_str().as_bytes());
