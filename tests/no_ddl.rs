@@ -135,6 +135,104 @@ mod postgres {
         PostgresStore::connect_with(&url(), &options).await.unwrap();
     }
 
+    /// Whether the table `table` (`schema.name`) has the column `column`.
+    async fn has_column(
+        client: &idempotency::postgres::tokio_postgres::Client,
+        table: &str,
+        column: &str,
+    ) -> bool {
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1)
+                     AND attname = $2 AND NOT attisdropped)",
+                &[&table, &column],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// A table an earlier version made (no `steps` column): refused without DDL, naming the one
+    /// statement to run and changing nothing; upgraded in place, its records kept, by a default
+    /// connect; then accepted without DDL.
+    #[tokio::test]
+    async fn a_table_without_steps_is_upgraded_or_refused() {
+        let Some(table) = fresh_table("no_ddl_steps").await else {
+            return;
+        };
+        let client = admin().await.unwrap();
+        let (schema, name) = table.split_once('.').unwrap();
+        let quoted = format!("\"{schema}\".\"{name}\"");
+        // The schema of the version before steps.
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {quoted} (key text PRIMARY KEY, token bigint NOT NULL, fingerprint bytea, state text NOT NULL CHECK (state IN ('in_flight', 'completed')), record bytea, expires_at timestamptz NOT NULL);
+                 CREATE SEQUENCE \"{schema}\".\"{name}_token_seq\" AS bigint MINVALUE 1 CACHE 1 NO CYCLE;
+                 CREATE INDEX \"{name}_expires_idx\" ON {quoted} (expires_at);
+                 INSERT INTO {quoted} VALUES ('{}', 1, NULL, 'completed', 'r', now() + interval '1 hour')",
+                StorageKey::derive("no-ddl", "old").unwrap().as_str()
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{}", describe(&e)));
+
+        let options = PostgresOptions::new().table(&table).create_table(false);
+        let err = PostgresStore::connect_with(&url(), &options)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("table `{table}` has no column `steps`")),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!(
+                "run `ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS steps bytea;`"
+            )),
+            "names the statement: {message}"
+        );
+        assert!(
+            !has_column(&client, &table, "steps").await,
+            "nothing changed"
+        );
+
+        // A default connect adds the column; the record made before is still there.
+        let store = PostgresStore::connect_with_table(&url(), &table)
+            .await
+            .unwrap();
+        assert!(has_column(&client, &table, "steps").await);
+        let old = StorageKey::derive("no-ddl", "old").unwrap();
+        assert!(matches!(
+            store.get(&old).await.unwrap(),
+            Some(r) if matches!(r.state, RecordState::Completed { .. })
+        ));
+        // Connecting again with DDL changes nothing, and without DDL is accepted; steps work.
+        PostgresStore::connect_with_table(&url(), &table)
+            .await
+            .unwrap();
+        let store = PostgresStore::connect_with(&url(), &options).await.unwrap();
+        let key = StorageKey::derive("no-ddl", "steps").unwrap();
+        let Claim::Acquired { token, .. } = store
+            .claim(&key, None, Duration::from_secs(30))
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh key is acquired");
+        };
+        store.save_step(&key, token, "a", b"1").await.unwrap();
+        let steps = store.load_steps(&key, token).await.unwrap();
+        assert_eq!(steps.len(), 1, "{steps:?}");
+        assert_eq!((steps[0].0.as_str(), &steps[0].1[..]), ("a", &b"1"[..]));
+
+        client
+            .batch_execute(&format!(
+                "DROP TABLE {quoted}; DROP SEQUENCE \"{schema}\".\"{name}_token_seq\""
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    }
+
     /// A role with exactly the README's grants on a table the README's DDL made (in a schema of
     /// its own, where the role may not create anything) runs every step of the protocol, and
     /// only with `create_table(false)`.
@@ -196,6 +294,17 @@ mod postgres {
             .renew(&key, token, lease)
             .await
             .map_err(step("renew"))?;
+        store
+            .save_step(&key, token, "s", b"1")
+            .await
+            .map_err(step("save_step"))?;
+        let steps = store
+            .load_steps(&key, token)
+            .await
+            .map_err(step("load_steps"))?;
+        if steps.len() != 1 {
+            return Err(format!("load_steps: {steps:?}"));
+        }
         store
             .complete(&key, token, b"r", Duration::from_secs(60))
             .await

@@ -1,4 +1,7 @@
 -- $1 key, $2 fingerprint (or NULL), $3 lease in microseconds. See the module docs.
+-- A takeover of an in-flight row keeps its steps for the new holder; acquiring a completed row
+-- past its ttl starts with none, as does an insert. `cur` does not read the steps: a claim that
+-- finds a live record never needs them.
 WITH cur AS (
     SELECT token, fingerprint, state, record, expires_at > now() AS live
     FROM {table} WHERE key = $1::text
@@ -17,7 +20,8 @@ ins AS (
         fingerprint = CASE WHEN r.expires_at <= now() THEN excluded.fingerprint ELSE r.fingerprint END,
         state       = CASE WHEN r.expires_at <= now() THEN excluded.state       ELSE r.state       END,
         record      = CASE WHEN r.expires_at <= now() THEN excluded.record      ELSE r.record      END,
-        expires_at  = CASE WHEN r.expires_at <= now() THEN excluded.expires_at  ELSE r.expires_at  END
+        expires_at  = CASE WHEN r.expires_at <= now() THEN excluded.expires_at  ELSE r.expires_at  END,
+        steps       = CASE WHEN r.expires_at <= now() AND r.state <> 'in_flight' THEN NULL ELSE r.steps END
     RETURNING r.token, r.fingerprint, r.state, r.record
 ),
 found AS (

@@ -17,8 +17,11 @@
 //!
 //! [`PostgresStore::connect`] creates the table, its token sequence and its expiry index if they
 //! are missing (`idem_records` by default; [`PostgresStore::schema_sql`] gives the statements for
-//! a migration tool). With [`PostgresOptions::create_table`]`(false)` it runs no DDL and only
-//! checks that the table and the sequence exist; the role then needs `SELECT, INSERT, UPDATE,
+//! a migration tool), and adds the `steps` column to a table an earlier version made without it
+//! (`ALTER TABLE ... ADD COLUMN IF NOT EXISTS`: a nullable column without a default, so the
+//! table is not rewritten). With [`PostgresOptions::create_table`]`(false)` it runs no DDL and
+//! only checks that the table, its `steps` column and the sequence exist, refusing with
+//! [`Error::Config`] that names what to run; the role then needs `SELECT, INSERT, UPDATE,
 //! DELETE` on the table and `USAGE` on the sequence (`LISTEN`/`NOTIFY` need no grant):
 //!
 //! ```sql
@@ -28,8 +31,11 @@
 //!     fingerprint bytea,                    -- NULL: matches any request
 //!     state       text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
 //!     record      bytea,                    -- the encoded record, once completed
-//!     expires_at  timestamptz NOT NULL      -- end of the lease while in flight, of the ttl once completed
+//!     expires_at  timestamptz NOT NULL,     -- end of the lease while in flight, of the ttl once completed
+//!     steps       bytea                     -- the call's steps while in flight (NULL: none), see below
 //! );
+//! -- A table made before steps existed gets the column (no rewrite: nullable, no default).
+//! ALTER TABLE idem_records ADD COLUMN IF NOT EXISTS steps bytea;
 //! -- Fencing tokens: strictly increasing across the whole table, across takeovers and deletes.
 //! -- Not owned by the table, so `TRUNCATE ... RESTART IDENTITY` cannot rewind it.
 //! CREATE SEQUENCE IF NOT EXISTS idem_records_token_seq AS bigint MINVALUE 1 CACHE 1 NO CYCLE;
@@ -69,6 +75,17 @@
 //! have ended, as long as nobody took over and the claim is not abandoned); no row means the
 //! claim was lost ([`Error::LeaseLost`]) and nothing changed.
 //!
+//! A call's steps live in its own row, in `steps`: frames of (u32 big-endian name length, the
+//! name, u32 big-endian record length, the record). [`save_step`](super::Store::save_step) is
+//! one `UPDATE ... SET steps = coalesce(steps, '') || <frame>` under the same guard, so it never
+//! reads the steps; a name saved again is appended again and its last frame counts.
+//! [`load_steps`](super::Store::load_steps) is one `SELECT` under the guard. The guard holds
+//! against a concurrent takeover at `READ COMMITTED`: an `UPDATE` that waited for the row's lock
+//! checks its `WHERE` again on the row the other writer left, so a step is either saved before
+//! a takeover, which keeps it for the new holder, or refused. A claim that takes over an
+//! in-flight row keeps its steps, one that acquires a completed row past its ttl sets them to
+//! `NULL`, as `complete` does; `release`, `forget` and the purge delete them with the row.
+//!
 //! Waiters woken together share their claims: when a `complete` wakes the calls of this process
 //! that wait for its key (see [`wait_for_change`](super::Store::wait_for_change)), the first of
 //! them to claim lets the others reach their claims, and those of the same fingerprint that do
@@ -104,13 +121,14 @@
 //! call): a connection the server closed (`pg_terminate_backend`, a restart) is dropped when it
 //! is next taken from the pool. A connection found broken during a call is removed from the
 //! pool, and the statement runs once more on another connection if that is safe: always when it
-//! had not reached the server yet, and for `claim`, `get`, `renew`, `purge_expired` and `scan`
-//! in any case (a repeated claim that had reached the server finds that claim in flight, as a
-//! retrying caller would). `complete`, `release` and `forget` that may have reached the server
-//! are not repeated: the call fails with [`Error::Store`] (for `complete`, exec then returns the
-//! result unstored; a repeat would report a lost lease for a stored result, or a forgotten
-//! record as absent). While the server is down every call fails with [`Error::Store`]; the
-//! first call after it is back works.
+//! had not reached the server yet, and for `claim`, `get`, `renew`, `purge_expired`, `scan`,
+//! `save_step` and `load_steps` in any case (a repeated claim that had reached the server finds
+//! that claim in flight, as a retrying caller would; a repeated `save_step` appends the same
+//! frame again, which counts once). `complete`, `release` and `forget` that may have reached
+//! the server are not repeated: the call fails with [`Error::Store`] (for `complete`, exec then
+//! returns the result unstored; a repeat would report a lost lease for a stored result, or a
+//! forgotten record as absent). While the server is down every call fails with
+//! [`Error::Store`]; the first call after it is back works.
 //!
 //! The statements are prepared once per connection, so a pooler in between (PgBouncer) must
 //! run in session mode, or in transaction mode with prepared-statement support (1.21+).
@@ -244,7 +262,9 @@ impl PostgresStore {
     /// background ([`PostgresOptions::purge_in_background`], [`PostgresOptions::purger`]).
     ///
     /// Without `create_table`, a table or token sequence that does not exist (or that the role
-    /// cannot see) is [`Error::Config`] naming it; nothing is created.
+    /// cannot see) is [`Error::Config`] naming it, and so is a table without the `steps` column
+    /// (made by an earlier version), naming the statement that adds it; nothing is created or
+    /// changed.
     pub async fn connect_with(url: &str, options: &PostgresOptions) -> Result<Self> {
         let sql = Sql::new(&options.table)?;
         let (url, tls_params) = tls_params::split(url)?;
@@ -333,29 +353,40 @@ impl PostgresStore {
     }
 
     /// Checks, creating nothing, that the table and its token sequence exist and this role can
-    /// see them; [`Error::Config`] names the one missing and what to run.
+    /// see them, and that the table has the `steps` column; [`Error::Config`] names the one
+    /// missing and what to run.
     async fn check_table(&self) -> Result<()> {
         let row = self
             .query_opt(&self.sql.check, &[], Repeat::Safe)
             .await?
             .ok_or_else(|| Error::store(BACKEND, "the table check returned no row"))?;
-        let (has_table, has_sequence): (bool, bool) = (row.get(0), row.get(1));
-        let missing = match (has_table, has_sequence) {
-            (true, true) => return Ok(()),
-            (false, _) => format!("table `{}`", self.sql.table),
-            (true, false) => format!(
+        let (has_table, has_sequence, has_steps): (bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        let missing = match (has_table, has_sequence, has_steps) {
+            (true, true, true) => return Ok(()),
+            (false, _, _) => format!("table `{}`", self.sql.table),
+            (true, false, _) => format!(
                 "token sequence `{}` of the table `{}`",
                 self.sql.sequence, self.sql.table
             ),
+            // A table made by a version before steps: one statement, no table rewrite (the
+            // column is nullable, without a default).
+            (true, true, false) => {
+                return Err(Error::config(format!(
+                    "the PostgreSQL table `{}` has no column `steps` (it was made by an earlier version of idem), and changing it is off (nothing was changed): have a role that may alter the table run `{}`, or connect once with `PostgresOptions::create_table(true)`",
+                    self.sql.table, self.sql.add_steps
+                )))
+            }
         };
         Err(Error::config(format!(
             "the PostgreSQL {missing} does not exist (or this role cannot see it), and creating it is off (nothing was created): check the table name, or have a role that may create tables run the statements of `PostgresStore::schema_sql` (the README's \"PostgreSQL without DDL\" lists them), or connect once with `PostgresOptions::create_table(true)`"
         )))
     }
 
-    /// Creates the table, its token sequence and its expiry index if they are missing (the
-    /// statements of [`schema_sql`](Self::schema_sql), in one transaction, serialised with
-    /// other processes doing the same by an advisory lock). The schema must exist.
+    /// Creates the table, its token sequence and its expiry index if they are missing, and adds
+    /// the `steps` column to a table made by an earlier version (the statements of
+    /// [`schema_sql`](Self::schema_sql), in one transaction, serialised with other processes
+    /// doing the same by an advisory lock). The schema must exist.
     pub async fn create_table(&self) -> Result<()> {
         let client = self
             .pool
@@ -366,7 +397,8 @@ impl PostgresStore {
         result.map_err(|e| Failure::new(client, "could not create the table", e, true).error)
     }
 
-    /// The statements that create the table, its sequence and its index, for a migration tool.
+    /// The statements that create the table, its sequence and its index, and add the `steps`
+    /// column to a table made by an earlier version, for a migration tool.
     pub fn schema_sql(&self) -> &str {
         &self.sql.schema
     }

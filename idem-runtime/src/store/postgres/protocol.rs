@@ -4,18 +4,24 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::{row, Plan, PostgresStore, Repeat, BACKEND};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
-use crate::store::{Claim, FencingToken, Forgotten, RecordState, ScanPage, Store, StoredRecord};
+use crate::store::{
+    steps_blob, Claim, FencingToken, Forgotten, RecordState, ScanPage, Store, StoredRecord,
+};
 
 /// Rows deleted per statement by [`Store::purge_expired`], so a large purge does not hold one
 /// long transaction.
 const PURGE_BATCH: u64 = 10_000;
 /// Leases and ttls are capped at about a century (and stay exact in a float8 of microseconds).
 const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
+/// PostgreSQL keeps no value longer than 1 GiB: a step's frame beyond it could never be saved
+/// (and [`steps_blob::append`] would panic on a part beyond 4 GiB).
+const MAX_VALUE: usize = 1 << 30;
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -145,6 +151,52 @@ impl Store for PostgresStore {
             .filter(|_| full)
             .map(|r| r.key.as_str().to_owned());
         Ok(ScanPage { records, next })
+    }
+
+    /// Steps live in the record's row, in its `steps` column (see the
+    /// [module docs](super#one-statement-per-step)).
+    fn keeps_steps(&self) -> bool {
+        true
+    }
+
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        // The frame: two u32 lengths and the bytes.
+        let size = name.len().saturating_add(record.len()).saturating_add(8);
+        if size > MAX_VALUE {
+            return Err(Error::TooLarge {
+                size,
+                limit: MAX_VALUE,
+            });
+        }
+        // Appended to the steps by the statement, without reading them (see save_step.sql).
+        let frame = steps_blob::append(None, name, record);
+        // Repeating a save that did reach the server appends the same frame again: the last
+        // frame of a name counts, so the steps are the same.
+        self.held(&self.sql.save_step, key, token, &[&frame], Repeat::Safe)
+            .await
+    }
+
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        // A token beyond i64 was never issued by the sequence, so it cannot hold the key.
+        let Ok(token) = i64::try_from(token.0) else {
+            return Err(Error::lease_lost(key));
+        };
+        let row = self
+            .query_opt(&self.sql.load_steps, &[&key.as_str(), &token], Repeat::Safe)
+            .await?
+            // No row: the token does not hold the key (see load_steps.sql).
+            .ok_or_else(|| Error::lease_lost(key))?;
+        row::steps(&row).map_err(|e| e.with_key(key))
     }
 
     fn notifies_changes(&self) -> bool {

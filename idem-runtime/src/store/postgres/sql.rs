@@ -20,7 +20,11 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// Run before [`SCHEMA`] in one simple query (an implicit transaction, so the lock is held to
 /// the end), so processes starting together do not race.
 const CREATE_LOCK: &str = include_str!("create_lock.sql");
-/// Whether the table and its sequence exist, for a store that may not create them.
+/// Adds the `steps` column to a table made before steps existed: the statement of [`SCHEMA`]
+/// that a store without DDL names when the column is missing.
+const ADD_STEPS: &str = include_str!("add_steps.sql");
+/// Whether the table, its sequence and its `steps` column exist, for a store that may not
+/// create them.
 const CHECK: &str = include_str!("check.sql");
 /// The claim: one statement that reads, draws a token only if it acquires, and writes.
 const CLAIM: &str = include_str!("claim.sql");
@@ -41,6 +45,10 @@ const PURGE: &str = include_str!("purge.sql");
 const FORGET: &str = include_str!("forget.sql");
 /// A page of the listing, in key order.
 const SCAN: &str = include_str!("scan.sql");
+/// Appends a step to the steps of a claim, guarded by its token.
+const SAVE_STEP: &str = include_str!("save_step.sql");
+/// The steps of a claim, guarded by its token.
+const LOAD_STEPS: &str = include_str!("load_steps.sql");
 
 /// The statements of one table, formatted once.
 pub(super) struct Sql {
@@ -52,7 +60,10 @@ pub(super) struct Sql {
     pub(super) schema: String,
     /// `schema` behind an advisory lock, so processes starting together do not race.
     pub(super) create: String,
-    /// Whether the table and its sequence exist (two booleans).
+    /// The one statement that adds the `steps` column to a table made before steps existed
+    /// (also in `schema`).
+    pub(super) add_steps: String,
+    /// Whether the table, its sequence and its `steps` column exist (three booleans).
     pub(super) check: String,
     pub(super) claim: String,
     pub(super) complete: String,
@@ -62,6 +73,8 @@ pub(super) struct Sql {
     pub(super) purge: String,
     pub(super) forget: String,
     pub(super) scan: String,
+    pub(super) save_step: String,
+    pub(super) load_steps: String,
 }
 
 impl Sql {
@@ -74,6 +87,7 @@ impl Sql {
             channel: names.channel.clone(),
             create: fill(CREATE_LOCK, &names) + &schema,
             schema,
+            add_steps: fill(ADD_STEPS, &names).trim().to_owned(),
             check: fill(CHECK, &names),
             claim: fill(CLAIM, &names),
             complete: fill(COMPLETE, &names),
@@ -83,6 +97,8 @@ impl Sql {
             purge: fill(PURGE, &names),
             forget: fill(FORGET, &names),
             scan: fill(SCAN, &names),
+            save_step: fill(SAVE_STEP, &names),
+            load_steps: fill(LOAD_STEPS, &names),
         })
     }
 }
@@ -227,9 +243,18 @@ mod tests {
             &sql.purge,
             &sql.forget,
             &sql.scan,
+            &sql.add_steps,
+            &sql.save_step,
+            &sql.load_steps,
         ] {
             assert!(!statement.contains(['{', '}']), "{statement}");
         }
+        // The statement a store without DDL names is the one the schema runs.
+        assert_eq!(
+            sql.add_steps,
+            "ALTER TABLE \"app\".\"Idem\" ADD COLUMN IF NOT EXISTS steps bytea;"
+        );
+        assert!(sql.schema.contains(&format!("\n{}\n", sql.add_steps)));
         assert!(sql
             .check
             .contains("to_regclass('\"app\".\"Idem_token_seq\"')"));
@@ -249,6 +274,8 @@ mod tests {
             &sql.purge,
             &sql.forget,
             &sql.scan,
+            &sql.save_step,
+            &sql.load_steps,
         ] {
             assert!(guarded.contains(&retention), "{guarded}");
         }
