@@ -4,7 +4,8 @@
 //! database runs in WAL mode with a busy timeout, a claim is one `BEGIN IMMEDIATE` transaction,
 //! and `complete`, `release` and `renew` are each one statement guarded by the fencing token
 //! (and by the claim not being abandoned; its lease may have ended, see
-//! [`ABANDONED_CLAIM_RETENTION`]).
+//! [`ABANDONED_CLAIM_RETENTION`]). [`Store::save_step`] is one `BEGIN IMMEDIATE` transaction
+//! guarded the same way, [`Store::load_steps`] one guarded read.
 //!
 //! # Schema
 //!
@@ -30,15 +31,29 @@
 //!     state       INTEGER NOT NULL CHECK (state IN (0, 1)), -- 0 in flight, 1 completed
 //!     expires_at  INTEGER NOT NULL,                   -- unix ms: lease end, or ttl end
 //!     record      BLOB,                               -- the encoded record once completed
-//!     claimed_at  INTEGER                             -- unix ms of the claim, or NULL
+//!     claimed_at  INTEGER,                            -- unix ms of the claim, or NULL
+//!     steps       BLOB                                -- in flight: the call's steps, or NULL
 //! ) STRICT;
 //! CREATE INDEX idem_records_expires_at ON idem_records (expires_at);
 //! ```
 //!
-//! `claimed_at` is only shown to operators ([`Store::scan`]). Opening a file whose table
-//! predates it adds it (`ALTER TABLE ... ADD COLUMN`, a change of the schema alone, no row
-//! rewritten); the schema version stays 1, since builds of before name their columns and keep
-//! working on the file. Rows they claim, and rows claimed before, hold `NULL` (no claim time).
+//! `claimed_at` is only shown to operators ([`Store::scan`]). `steps` holds the steps a call in
+//! flight saved ([`Store::save_step`]), in the row itself so that they share its life: a
+//! takeover keeps them, any other claim that acquires the key and [`Store::complete`] set them
+//! to `NULL`, and a release, a forget or a purge deletes them with the row. They are framed as
+//! one value, a sequence of (u32 big-endian name length, name in UTF-8, u32 big-endian record
+//! length, record), one per name; saving a step reads the value, replaces or appends its frame
+//! and writes it back, in one write transaction. A claim that finds a live record never reads
+//! the column, so replays cost what they did before steps existed.
+//!
+//! Opening a file whose table predates `claimed_at` or `steps` adds them
+//! (`ALTER TABLE ... ADD COLUMN`, a change of the schema alone, no row rewritten); the schema
+//! version stays 1, since builds of before name their columns and keep working on the file;
+//! with [`SqliteOptions::create_tables`]`(false)` such a file is refused ([`Error::Config`],
+//! naming the statements to run) and left as it was. Rows they claim, and rows claimed before, hold `NULL` (no claim time, no steps). Builds of
+//! before steps neither keep nor clear the column: while both kinds of build share a file, a row
+//! that an old build claims afresh over a completed one may still hold the steps of an earlier
+//! call, which a takeover by a new build would then load.
 //!
 //! A completed row whose `expires_at` has passed counts as absent. An in-flight row whose
 //! `expires_at` (its lease) has passed may be taken over by [`Store::claim`], but until then it
@@ -87,11 +102,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use bytes::Bytes;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{Mutex, Notify};
 
 use super::{
-    Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord, ABANDONED_CLAIM_RETENTION,
+    steps_blob, Claim, FencingToken, Forgotten, ScanPage, Store, StoredRecord,
+    ABANDONED_CLAIM_RETENTION,
 };
 use crate::engine::PurgerHandle;
 use crate::error::{Error, Result};
@@ -116,10 +133,20 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const SCHEMA: &str = include_str!("schema.sql");
 /// The file's schema version, once [`SCHEMA`] ran.
 const SCHEMA_VERSION_SQL: &str = include_str!("schema_version.sql");
-/// Whether the table has `claimed_at` (a table made before it existed lacks it).
-const HAS_CLAIMED_AT: &str = include_str!("has_claimed_at.sql");
-/// Adds `claimed_at` to a table made before it existed.
-const ADD_CLAIMED_AT: &str = include_str!("add_claimed_at.sql");
+/// Whether the table has a column (a table made before it existed lacks it).
+const HAS_COLUMN: &str = include_str!("has_column.sql");
+/// The columns added to `idem_records` after it was first released, in the order they were
+/// added: opening a file made before one of them adds it.
+const ADDED_COLUMNS: [AddedColumn; 2] = [
+    AddedColumn {
+        name: "claimed_at",
+        add: include_str!("add_claimed_at.sql"),
+    },
+    AddedColumn {
+        name: "steps",
+        add: include_str!("add_steps.sql"),
+    },
+];
 /// How many of idem's two tables the file holds.
 const HAS_TABLES: &str = include_str!("has_tables.sql");
 /// The next fencing token.
@@ -136,6 +163,10 @@ const RENEW: &str = include_str!("renew.sql");
 const PURGE: &str = include_str!("purge.sql");
 /// Deletes the row of a key (forget has judged it under the write lock).
 const FORGET: &str = include_str!("forget.sql");
+/// Reads the steps of a claim, guarded by its token.
+const LOAD_STEPS: &str = include_str!("load_steps.sql");
+/// Writes the steps of a claim, guarded by its token.
+const SAVE_STEP: &str = include_str!("save_step.sql");
 
 /// The most rows one statement of [`Store::purge_expired`] deletes: each batch is a
 /// transaction of its own, short enough not to hold up other processes' writes.
@@ -160,8 +191,8 @@ pub struct SqliteStore {
 
 struct Inner {
     // One connection per store, behind an async mutex, rather than a pool: SQLite admits one
-    // writer per file at a time, and every operation here but `get` (and a claim that finds a
-    // live record) writes. Several connections in one process would only contend for the file's
+    // writer per file at a time, and every operation here but `get`, `load_steps` and `scan`
+    // (and a claim that finds a live record) writes. Several connections in one process would only contend for the file's
     // write lock through `busy_timeout`, which sleeps and retries, unfairly and with added
     // latency; tasks queued on a fair async mutex wait their turn without sleeping and without
     // occupying a blocking thread. The blocking calls themselves run in `spawn_blocking`, each
@@ -296,12 +327,43 @@ enum Opened {
     Missing(Missing),
 }
 
+/// A column of `idem_records` that a file made before it existed lacks.
+#[derive(Debug)]
+struct AddedColumn {
+    name: &'static str,
+    /// The `ALTER TABLE` statement (after comment lines) that adds it.
+    add: &'static str,
+}
+
+impl AddedColumn {
+    /// The statement that adds the column, without its comments.
+    fn statement(&self) -> String {
+        self.add
+            .lines()
+            .filter(|l| !l.starts_with("--"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The [`ADDED_COLUMNS`] that the file's `idem_records` lacks.
+fn absent_columns(conn: &Connection) -> rusqlite::Result<Vec<&'static AddedColumn>> {
+    let mut absent = Vec::new();
+    for column in &ADDED_COLUMNS {
+        if !conn.query_row(HAS_COLUMN, [column.name], |row| row.get::<_, bool>(0))? {
+            absent.push(column);
+        }
+    }
+    Ok(absent)
+}
+
 /// What a file opened without creating lacks.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 enum Missing {
     File,
     Tables,
-    ClaimedAt,
+    /// Columns of `idem_records` added after the file's table was made (never empty).
+    Columns(Vec<&'static AddedColumn>),
 }
 
 /// The [`Error::Config`] of a file opened without creating that lacks `what`.
@@ -315,14 +377,22 @@ fn missing(path: &Path, what: Missing) -> Error {
         Missing::Tables => format!(
             "the SQLite database `{path}` has no idem table `idem_records` (or `idem_meta`), and creating tables is off: check the path (is it the application's idem store?), or {advice}; nothing was written"
         ),
-        Missing::ClaimedAt => format!(
-            "the table `idem_records` in `{path}` was made by an older build (no `claimed_at` column), and changing the schema is off: {advice}, or run `{}`; nothing was written",
-            ADD_CLAIMED_AT
-                .lines()
-                .filter(|l| !l.starts_with("--"))
+        Missing::Columns(columns) => {
+            let names = columns
+                .iter()
+                .map(|c| format!("`{}`", c.name))
                 .collect::<Vec<_>>()
-                .join(" ")
-        ),
+                .join(" and ");
+            let plural = if columns.len() == 1 { "" } else { "s" };
+            let statements = columns
+                .iter()
+                .map(|c| c.statement())
+                .collect::<Vec<_>>()
+                .join("; ");
+            format!(
+                "the table `idem_records` in `{path}` was made by an older build (no {names} column{plural}), and changing the schema is off: {advice}, or run `{statements}`; nothing was written"
+            )
+        }
     })
 }
 
@@ -341,12 +411,25 @@ fn try_open(path: &Path, create: bool) -> rusqlite::Result<Opened> {
         )?
     };
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    if !create {
+    // Without `create`, the file's schema version, once checked. Everything a file must hold
+    // is checked before the switch to WAL below, which writes the file's header: a refused file
+    // is left exactly as it was.
+    let checked_version = if create {
+        None
+    } else {
         let tables: i64 = conn.query_row(HAS_TABLES, [], |row| row.get(0))?;
         if tables != 2 {
             return Ok(Opened::Missing(Missing::Tables));
         }
-    }
+        let version: i64 = conn.query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))?;
+        if version == SCHEMA_VERSION {
+            let absent = absent_columns(&conn)?;
+            if !absent.is_empty() {
+                return Ok(Opened::Missing(Missing::Columns(absent)));
+            }
+        }
+        Some(version)
+    };
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -356,18 +439,16 @@ fn try_open(path: &Path, create: bool) -> rusqlite::Result<Opened> {
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     let mut conn = conn;
-    if !create {
-        let version: i64 = conn.query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))?;
-        if version == SCHEMA_VERSION && !conn.query_row(HAS_CLAIMED_AT, [], |row| row.get(0))? {
-            return Ok(Opened::Missing(Missing::ClaimedAt));
-        }
+    if let Some(version) = checked_version {
         return Ok(Opened::Ready(conn, version));
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
     let version: i64 = tx.query_row(SCHEMA_VERSION_SQL, [], |row| row.get(0))?;
-    if version == SCHEMA_VERSION && !tx.query_row(HAS_CLAIMED_AT, [], |row| row.get(0))? {
-        tx.execute_batch(ADD_CLAIMED_AT)?;
+    if version == SCHEMA_VERSION {
+        for column in absent_columns(&tx)? {
+            tx.execute_batch(column.add)?;
+        }
     }
     tx.commit()?;
     Ok(Opened::Ready(conn, version))
@@ -456,7 +537,8 @@ fn claim_blocking(
                 fingerprint.as_ref().map(|f| &f.0[..]),
                 raw_token,
                 after(now, lease),
-                now
+                now,
+                takeover
             ])
         })
         .map_err(sql_err)?;
@@ -489,6 +571,51 @@ fn forget_blocking(conn: &mut Connection, key: &StorageKey, force: bool) -> Resu
         .map_err(sql_err)?;
     tx.commit().map_err(sql_err)?;
     Ok(forgotten)
+}
+
+/// The steps of the claim `key`/`token` as stored (`None` for none yet), or
+/// [`Error::LeaseLost`] if it no longer holds the key (see [`guarded`]).
+fn held_steps(
+    conn: &Connection,
+    key: &StorageKey,
+    token: i64,
+    now: i64,
+) -> Result<Option<Vec<u8>>> {
+    conn.prepare_cached(LOAD_STEPS)
+        .and_then(|mut stmt| {
+            stmt.query_row(params![key.as_str(), token, abandoned_before(now)], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+        .map_err(sql_err)?
+        .ok_or_else(|| Error::lease_lost(key))
+}
+
+/// Sets the step `name` of the claim `key`/`token` to `record`: reads its steps, replaces or
+/// appends the step, and writes them back, all under the write lock so that no other save (or
+/// a takeover, a completion) comes in between.
+fn save_step_blocking(
+    conn: &mut Connection,
+    key: &StorageKey,
+    token: i64,
+    name: &str,
+    record: &[u8],
+) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err)?;
+    // The clock is read after the lock is held, as in a claim.
+    let now = now_ms();
+    let steps = held_steps(&tx, key, token, now)?;
+    let steps = steps_blob::append(steps.as_deref(), name, record);
+    guarded(
+        &tx,
+        key,
+        SAVE_STEP,
+        params![steps, key.as_str(), token, abandoned_before(now)],
+    )?;
+    tx.commit().map_err(sql_err)
 }
 
 /// Runs one statement guarded by `key`, `token` and an in-flight row that is not abandoned (its
@@ -650,6 +777,49 @@ impl Store for SqliteStore {
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let _ = key;
         let _ = tokio::time::timeout(max, self.inner.changed.notified()).await;
+    }
+
+    fn keeps_steps(&self) -> bool {
+        true
+    }
+
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        let token = sql_token(key, token)?;
+        if name.len().max(record.len()) > steps_blob::MAX_PART_LEN {
+            // SQLite refuses such a value anyway (its limit is 1 GB); say so before framing it.
+            return Err(Error::store(
+                BACKEND,
+                format!(
+                    "the step `{}` is too large to keep: {} bytes of name, {} of record",
+                    name.chars().take(64).collect::<String>(),
+                    name.len(),
+                    record.len()
+                ),
+            ));
+        }
+        let (key, name, record) = (key.clone(), name.to_owned(), record.to_vec());
+        self.with_conn(move |conn| save_step_blocking(conn, &key, token, &name, &record))
+            .await
+    }
+
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        let token = sql_token(key, token)?;
+        let key = key.clone();
+        self.with_conn(move |conn| match held_steps(conn, &key, token, now_ms())? {
+            None => Ok(Vec::new()),
+            Some(steps) => steps_blob::decode(&steps).map_err(|e| e.with_key(&key)),
+        })
+        .await
     }
 }
 

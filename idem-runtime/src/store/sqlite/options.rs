@@ -57,8 +57,10 @@ impl SqliteOptions {
 
     /// Whether opening may create the file and the tables `idem_meta` and `idem_records` (and
     /// add a column a table made by an older build lacks): `true` by default. With `false` the
-    /// store writes no schema: a file that does not exist, or one without idem's tables, is
-    /// [`Error::Config`](crate::Error::Config) and is left as it was. For tools that must not
+    /// store writes no schema: a file that does not exist, one without idem's tables, or one
+    /// whose `idem_records` lacks a column of this build (`claimed_at`, `steps`; the error names
+    /// the `ALTER TABLE` to run), is [`Error::Config`](crate::Error::Config) and is left as it
+    /// was. For tools that must not
     /// change what they inspect (the `idem` command), and for files whose schema a migration
     /// owns.
     pub fn create_tables(mut self, create: bool) -> Self {

@@ -18,9 +18,10 @@ CREATE TABLE IF NOT EXISTS idem_records (
     state       INTEGER NOT NULL CHECK (state IN (0, 1)), -- 0 in flight, 1 completed
     expires_at  INTEGER NOT NULL,                     -- unix ms: lease end, or ttl end
     record      BLOB,                                 -- the encoded record once completed
-    claimed_at  INTEGER                               -- unix ms of the claim, or NULL (see below)
+    claimed_at  INTEGER,                              -- unix ms of the claim, or NULL (see below)
+    steps       BLOB                                  -- in flight: the call's steps, or NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
--- A table made before `claimed_at` existed gets it from has_claimed_at.sql and
--- add_claimed_at.sql, run after this file; its rows, and the rows that builds of before
--- claim, hold NULL there.
+-- A table made before `claimed_at` or `steps` existed gets them from has_column.sql and
+-- add_claimed_at.sql, add_steps.sql, run after this file; its rows, and the rows that builds
+-- of before claim, hold NULL there.

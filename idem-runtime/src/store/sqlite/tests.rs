@@ -321,3 +321,227 @@ async fn purge_up_to_removes_at_most_the_limit() {
     assert_eq!(steps, [2, 2, 1, 0]);
     assert!(store.get(&live).await.unwrap().is_some());
 }
+
+/// `idem_records` as builds of before steps made it (with `claimed_at`, without `steps`), and
+/// a row those builds wrote.
+const TABLE_OF_BEFORE_STEPS: &str = "
+    CREATE TABLE idem_meta (id INTEGER PRIMARY KEY CHECK (id = 1),
+        schema_version INTEGER NOT NULL, last_token INTEGER NOT NULL) STRICT;
+    INSERT INTO idem_meta VALUES (1, 1, 7);
+    CREATE TABLE idem_records (key TEXT PRIMARY KEY NOT NULL, fingerprint BLOB,
+        token INTEGER NOT NULL, state INTEGER NOT NULL CHECK (state IN (0, 1)),
+        expires_at INTEGER NOT NULL, record BLOB, claimed_at INTEGER) STRICT;
+    CREATE INDEX idem_records_expires_at ON idem_records (expires_at);";
+
+fn has_steps_column(path: &Path) -> bool {
+    Connection::open(path)
+        .unwrap()
+        .query_row(HAS_COLUMN, ["steps"], |r| r.get(0))
+        .unwrap()
+}
+
+/// A file made before `steps` existed gets the column when opened (its schema version stays),
+/// its rows keep working, and a step saved there is loaded back; builds of before still write
+/// their rows.
+#[tokio::test]
+async fn a_table_of_before_steps_gets_the_column() {
+    let dir = temp_dir("steps-column");
+    let old = key("old");
+    {
+        let raw = Connection::open(db(&dir)).unwrap();
+        raw.execute_batch(TABLE_OF_BEFORE_STEPS).unwrap();
+        raw.execute(
+            "INSERT INTO idem_records (key, fingerprint, token, state, expires_at, record, claimed_at) VALUES (?1, NULL, 7, 0, ?2, NULL, ?3)",
+            params![old.as_str(), now_ms() + 60_000, now_ms()],
+        )
+        .unwrap();
+    }
+    assert!(!has_steps_column(&db(&dir)));
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    assert!(has_steps_column(&db(&dir)));
+    let raw = Connection::open(db(&dir)).unwrap();
+    let version: i64 = raw.query_row(SCHEMA_VERSION_SQL, [], |r| r.get(0)).unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+
+    // The claim an old build made has no steps yet, and takes them.
+    let held = FencingToken(7);
+    assert!(store.load_steps(&old, held).await.unwrap().is_empty());
+    store.save_step(&old, held, "charge", b"c1").await.unwrap();
+    store.save_step(&old, held, "ship", b"s1").await.unwrap();
+    store.save_step(&old, held, "charge", b"c2").await.unwrap();
+    let mut steps = store.load_steps(&old, held).await.unwrap();
+    steps.sort();
+    assert_eq!(
+        steps,
+        [
+            ("charge".to_owned(), Bytes::from_static(b"c2")),
+            ("ship".to_owned(), Bytes::from_static(b"s1")),
+        ]
+    );
+    store.complete(&old, held, b"r", LONG).await.unwrap();
+    let stored: Option<Vec<u8>> = raw
+        .query_row(
+            "SELECT steps FROM idem_records WHERE key = ?1",
+            [old.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, None, "the result replaces the steps");
+
+    // A claim of this build, on the upgraded file.
+    let fresh = key("fresh");
+    let t = acquire(&store, &fresh).await;
+    assert!(t.0 > 7, "the token counter of the file goes on");
+    store.save_step(&fresh, t, "a", b"1").await.unwrap();
+    assert_eq!(
+        store.load_steps(&fresh, t).await.unwrap(),
+        [("a".to_owned(), Bytes::from_static(b"1"))]
+    );
+
+    // A build of before writes its rows without the column, and this one reads them.
+    let older = key("older");
+    raw.execute(
+        "INSERT INTO idem_records (key, fingerprint, token, state, expires_at, record, claimed_at) VALUES (?1, NULL, 9, 0, ?2, NULL, ?3)",
+        params![older.as_str(), now_ms() + 60_000, now_ms()],
+    )
+    .unwrap();
+    assert!(store
+        .load_steps(&older, FencingToken(9))
+        .await
+        .unwrap()
+        .is_empty());
+    // Reopening finds nothing more to add.
+    drop(SqliteStore::open(db(&dir)).await.unwrap());
+}
+
+/// Without `create_tables`, a file made before `steps` existed is refused, naming the column
+/// and the statement that adds it, and is left as it was.
+#[tokio::test]
+async fn without_creating_tables_a_table_of_before_steps_is_refused() {
+    let no_ddl = SqliteOptions::new().create_tables(false);
+    let dir = temp_dir("steps-no-ddl");
+    Connection::open(db(&dir))
+        .unwrap()
+        .execute_batch(TABLE_OF_BEFORE_STEPS)
+        .unwrap();
+    let bytes = std::fs::read(db(&dir)).unwrap();
+    let err = SqliteStore::open_with(db(&dir), &no_ddl).await.unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("(no `steps` column)"), "{message}");
+    assert!(
+        message.contains("run `ALTER TABLE idem_records ADD COLUMN steps BLOB`"),
+        "{message}"
+    );
+    assert!(
+        std::fs::read(db(&dir)).unwrap() == bytes,
+        "the file is unchanged"
+    );
+    assert!(!has_steps_column(&db(&dir)));
+
+    // A table of before both added columns names both.
+    let dir = temp_dir("columns-no-ddl");
+    Connection::open(db(&dir))
+        .unwrap()
+        .execute_batch(&TABLE_OF_BEFORE_STEPS.replace(", claimed_at INTEGER", ""))
+        .unwrap();
+    let err = SqliteStore::open_with(db(&dir), &no_ddl).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("(no `claimed_at` and `steps` columns)"),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "run `ALTER TABLE idem_records ADD COLUMN claimed_at INTEGER; ALTER TABLE idem_records ADD COLUMN steps BLOB`"
+        ),
+        "{message}"
+    );
+
+    // Once opened with it, the same options open the file.
+    drop(SqliteStore::open(db(&dir)).await.unwrap());
+    SqliteStore::open_with(db(&dir), &no_ddl).await.unwrap();
+}
+
+/// Damaged steps are a corrupt error naming the key when loaded; a save keeps the damage (it
+/// never drops steps silently), and a replay never reads them.
+#[tokio::test]
+async fn damaged_steps_are_corrupt_when_loaded_and_not_read_by_a_replay() {
+    let dir = temp_dir("steps-corrupt");
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let raw = Connection::open(db(&dir)).unwrap();
+    let k = key("k");
+    let t = acquire(&store, &k).await;
+    store.save_step(&k, t, "a", b"1").await.unwrap();
+    // A frame whose name length runs past the end, after the good one.
+    let mut damaged = steps_blob::append(None, "a", b"1");
+    damaged.extend_from_slice(&[0, 0, 0, 0xff]);
+    raw.execute(
+        "UPDATE idem_records SET steps = ?1 WHERE key = ?2",
+        params![damaged, k.as_str()],
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let err = store.load_steps(&k, t).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { key: Some(at), .. } if *at == k),
+            "{err:?}"
+        );
+        store.save_step(&k, t, "b", b"2").await.unwrap();
+    }
+
+    // A completed row that holds steps (as a build of before leaves them) replays as usual.
+    let done = key("done");
+    let t = acquire(&store, &done).await;
+    store.complete(&done, t, b"r", LONG).await.unwrap();
+    raw.execute(
+        "UPDATE idem_records SET steps = x'ffffffff' WHERE key = ?1",
+        [done.as_str()],
+    )
+    .unwrap();
+    assert_eq!(
+        store.claim(&done, None, LONG).await.unwrap(),
+        Claim::Completed(Bytes::from_static(b"r"))
+    );
+}
+
+/// A claim that acquires over a completed row past its ttl starts with no steps, even where a
+/// build of before left some in the row; a takeover of an in-flight row keeps them.
+#[tokio::test]
+async fn only_a_takeover_keeps_the_steps_of_the_row() {
+    let dir = temp_dir("steps-claim");
+    let store = SqliteStore::open(db(&dir)).await.unwrap();
+    let raw = Connection::open(db(&dir)).unwrap();
+    let left = steps_blob::append(None, "stale", b"x");
+    let (expired, taken) = (key("expired"), key("taken"));
+
+    let t = acquire(&store, &expired).await;
+    store.complete(&expired, t, b"r", LONG).await.unwrap();
+    raw.execute(
+        "UPDATE idem_records SET steps = ?1, expires_at = 0 WHERE key = ?2",
+        params![left, expired.as_str()],
+    )
+    .unwrap();
+    let Claim::Acquired { token, takeover } = store.claim(&expired, None, LONG).await.unwrap()
+    else {
+        panic!("acquires")
+    };
+    assert!(!takeover);
+    assert!(store.load_steps(&expired, token).await.unwrap().is_empty());
+
+    let t = acquire(&store, &taken).await;
+    store.save_step(&taken, t, "kept", b"k").await.unwrap();
+    store.renew(&taken, t, Duration::ZERO).await.unwrap();
+    let Claim::Acquired { token, takeover } = store.claim(&taken, None, LONG).await.unwrap() else {
+        panic!("takes over")
+    };
+    assert!(takeover);
+    assert_eq!(
+        store.load_steps(&taken, token).await.unwrap(),
+        [("kept".to_owned(), Bytes::from_static(b"k"))]
+    );
+    assert!(matches!(
+        store.load_steps(&taken, t).await,
+        Err(Error::LeaseLost { .. })
+    ));
+}
