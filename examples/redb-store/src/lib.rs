@@ -18,10 +18,17 @@
 //!
 //! # Layout
 //!
-//! Two tables: `idem_records` maps a storage key (64 hex digits) to `(token, expires_at,
+//! Three tables: `idem_records` maps a storage key (64 hex digits) to `(token, expires_at,
 //! fingerprint, record)`: `expires_at` in Unix milliseconds is the lease's end while the record
 //! is in flight (`record` is `None`), the ttl's end once completed. `idem_meta` holds the last
-//! token handed out.
+//! token handed out. `idem_steps` maps `(storage key, step name)` to the step's record: the
+//! durable steps of a call in flight ([`Store::save_step`]), which sort together under their key
+//! so that one range reads or deletes them.
+//!
+//! A call's steps exist only while its record is in flight: a takeover keeps them, and every
+//! transaction that ends the claim otherwise (complete, release, forget, purge, a claim that
+//! replaces an abandoned claim) deletes them in the same transaction, so a claim of an absent
+//! key or of an expired result finds none without looking.
 //!
 //! An in-flight record whose lease ended stays its holder's (who may still complete, renew or
 //! release it) until a claim takes it over, or until it has been abandoned for
@@ -59,6 +66,8 @@ const RECORDS: TableDefinition<&str, RowValue> = TableDefinition::new("idem_reco
 /// The last fencing token handed out, under [`LAST_TOKEN`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("idem_meta");
 const LAST_TOKEN: &str = "last_token";
+/// `(storage key, step name)` to the step's record, while the key's record is in flight.
+const STEPS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idem_steps");
 
 /// A store in one redb file: embedded and durable (every commit is fsynced).
 ///
@@ -89,6 +98,7 @@ impl RedbStore {
             let txn = db.begin_write()?;
             txn.open_table(RECORDS)?;
             txn.open_table(META)?;
+            txn.open_table(STEPS)?;
             txn.commit()?;
             Ok(db)
         })
@@ -307,11 +317,13 @@ fn held(
 }
 
 /// Replaces the row `token` holds under `key` with `change(row, now)`, in one write
-/// transaction; [`Error::LeaseLost`] and no change if `token` does not hold it.
+/// transaction, and deletes the call's steps if `ends_steps`; [`Error::LeaseLost`] and no
+/// change if `token` does not hold it.
 fn update_held(
     db: &Database,
     key: &str,
     token: FencingToken,
+    ends_steps: bool,
     change: impl FnOnce(Row, i64) -> Row,
 ) -> Step<()> {
     write(db, |txn| {
@@ -319,8 +331,38 @@ fn update_held(
         let now = now_ms();
         let row = change(held(&records, key, token, now)?, now);
         records.insert(key, row.value())?;
+        if ends_steps {
+            drop_steps(txn, key)?;
+        }
         Ok(())
     })
+}
+
+/// The names of the steps saved under `key`: the range of `idem_steps` that starts at
+/// `(key, "")`, up to the first entry of another key.
+fn step_names(
+    steps: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    key: &str,
+) -> Step<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in steps.range((key, "")..)? {
+        let (k, _) = entry?;
+        let (of, name) = k.value();
+        if of != key {
+            break;
+        }
+        names.push(name.to_owned());
+    }
+    Ok(names)
+}
+
+/// Deletes the steps saved under `key`, inside the transaction that ends its claim.
+fn drop_steps(txn: &WriteTransaction, key: &str) -> Step<()> {
+    let mut steps = txn.open_table(STEPS)?;
+    for name in step_names(&steps, key)? {
+        steps.remove((key, name.as_str()))?;
+    }
+    Ok(())
 }
 
 /// The next fencing token, taken inside the claim's transaction.
@@ -356,7 +398,15 @@ fn claim_blocking(
         let now = now_ms();
         let takeover = match Row::read(&records, key)? {
             Some(row) if row.is_live(now) => return Ok(row.live_claim(fingerprint.as_ref())),
-            Some(row) => row.record.is_none(),
+            Some(row) => {
+                // A takeover of a claim that still exists keeps its steps for the new holder;
+                // a claim abandoned for the retention (not yet purged) loses them, as its purge
+                // would have deleted them. An expired result has none.
+                if row.record.is_none() && !row.exists(now) {
+                    drop_steps(txn, key)?;
+                }
+                row.record.is_none()
+            }
             None => false,
         };
         let row = Row {
@@ -404,7 +454,8 @@ impl Store for RedbStore {
     ) -> Result<()> {
         let (key, record) = (key.clone(), record.to_vec());
         self.with_db(move |db| {
-            update_held(db, key.as_str(), token, |held, now| Row {
+            // The result replaces the call's steps.
+            update_held(db, key.as_str(), token, true, |held, now| Row {
                 expires_at: now.saturating_add(ms(ttl)),
                 record: Some(record),
                 ..held
@@ -422,6 +473,7 @@ impl Store for RedbStore {
                 let mut records = txn.open_table(RECORDS)?;
                 held(&records, key.as_str(), token, now_ms())?;
                 records.remove(key.as_str())?;
+                drop_steps(txn, key.as_str())?;
                 Ok(())
             })
         })
@@ -433,7 +485,8 @@ impl Store for RedbStore {
     async fn renew(&self, key: &StorageKey, token: FencingToken, lease: Duration) -> Result<()> {
         let key = key.clone();
         self.with_db(move |db| {
-            update_held(db, key.as_str(), token, |held, now| Row {
+            // A renewal keeps the steps (also one of zero, which hands them to a takeover).
+            update_held(db, key.as_str(), token, false, |held, now| Row {
                 expires_at: now.saturating_add(ms(lease)),
                 ..held
             })
@@ -457,11 +510,19 @@ impl Store for RedbStore {
                 let mut records = txn.open_table(RECORDS)?;
                 let now = now_ms();
                 let mut removed = 0;
-                records.retain(|_, (_, expires_at, _, record)| {
+                // Only claims can have steps: a completion deleted its call's.
+                let mut abandoned = Vec::new();
+                records.retain(|key, (_, expires_at, _, record)| {
                     let gone = Row::expired(expires_at, record.is_some(), now);
                     removed += u64::from(gone);
+                    if gone && record.is_none() {
+                        abandoned.push(key.to_owned());
+                    }
                     !gone
                 })?;
+                for key in &abandoned {
+                    drop_steps(txn, key)?;
+                }
                 Ok(removed)
             })
         })
@@ -475,6 +536,7 @@ impl Store for RedbStore {
             write(db, |txn| {
                 let mut records = txn.open_table(RECORDS)?;
                 let now = now_ms();
+                // `(key, whether it was a claim)`: only claims can have steps.
                 let mut gone = Vec::new();
                 for entry in records.iter()? {
                     if gone.len() as u64 >= limit {
@@ -483,11 +545,14 @@ impl Store for RedbStore {
                     let (key, value) = entry?;
                     let (_, expires_at, _, record) = value.value();
                     if Row::expired(expires_at, record.is_some(), now) {
-                        gone.push(key.value().to_owned());
+                        gone.push((key.value().to_owned(), record.is_none()));
                     }
                 }
-                for key in &gone {
+                for (key, claim) in &gone {
                     records.remove(key.as_str())?;
+                    if *claim {
+                        drop_steps(txn, key)?;
+                    }
                 }
                 Ok(gone.len() as u64)
             })
@@ -512,6 +577,7 @@ impl Store for RedbStore {
                         None => return Err(Error::InFlight { key: Some(key) }.into()),
                     };
                     records.remove(key.as_str())?;
+                    drop_steps(txn, key.as_str())?;
                     Ok(forgotten)
                 })
             })
@@ -557,8 +623,158 @@ impl Store for RedbStore {
         .await
     }
 
+    /// Steps are rows of `idem_steps`.
+    fn keeps_steps(&self) -> bool {
+        true
+    }
+
+    /// One write transaction: the step's row, if `token` holds the key.
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        let (key, name, record) = (key.clone(), name.to_owned(), record.to_vec());
+        self.with_db(move |db| {
+            write(db, |txn| {
+                held(&txn.open_table(RECORDS)?, key.as_str(), token, now_ms())?;
+                let mut steps = txn.open_table(STEPS)?;
+                steps.insert((key.as_str(), name.as_str()), record.as_slice())?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// One read of a snapshot: the key's range of `idem_steps`, if `token` holds the key.
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        let key = key.clone();
+        self.with_db(move |db| {
+            let snapshot = db.begin_read()?;
+            held(
+                &snapshot.open_table(RECORDS)?,
+                key.as_str(),
+                token,
+                now_ms(),
+            )?;
+            let mut found = Vec::new();
+            for entry in snapshot.open_table(STEPS)?.range((key.as_str(), "")..)? {
+                let (k, record) = entry?;
+                let (of, name) = k.value();
+                if of != key.as_str() {
+                    break;
+                }
+                found.push((name.to_owned(), Bytes::copy_from_slice(record.value())));
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn wait_for_change(&self, key: &StorageKey, max: Duration) {
         let _ = key;
         let _ = tokio::time::timeout(max, self.inner.changed.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store in a temporary directory (kept alive by the returned guard).
+    async fn store() -> (RedbStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("idem.redb")).await.unwrap();
+        (store, dir)
+    }
+
+    fn key(n: u8) -> StorageKey {
+        StorageKey::from_hex(&format!("{n:02x}").repeat(32)).unwrap()
+    }
+
+    /// Claims `key` and saves two steps under the claim.
+    async fn claim_with_steps(store: &RedbStore, key: &StorageKey) -> FencingToken {
+        let Claim::Acquired { token, .. } = store
+            .claim(key, None, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh key is acquired");
+        };
+        for name in ["a", "b"] {
+            store.save_step(key, token, name, b"r").await.unwrap();
+        }
+        token
+    }
+
+    /// Moves the lease of `key` to end longer than the retention ago: its claim is abandoned.
+    async fn abandon(store: &RedbStore, key: &StorageKey) {
+        let key = key.clone();
+        store
+            .with_db(move |db| {
+                write(db, |txn| {
+                    let mut records = txn.open_table(RECORDS)?;
+                    let mut row = Row::read(&records, key.as_str())?.expect("a row");
+                    row.expires_at = abandoned_before(now_ms()) - 1_000;
+                    records.insert(key.as_str(), row.value())?;
+                    Ok(())
+                })
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Every step row of the file, as `(key, name)`.
+    async fn all_steps(store: &RedbStore) -> Vec<(String, String)> {
+        store
+            .with_db(|db| {
+                let snapshot = db.begin_read()?;
+                let mut all = Vec::new();
+                for entry in snapshot.open_table(STEPS)?.iter()? {
+                    let (k, _) = entry?;
+                    let (key, name) = k.value();
+                    all.push((key.to_owned(), name.to_owned()));
+                }
+                Ok(all)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// The steps of an abandoned claim go with it, whether a purge or a claim removes it, and
+    /// the steps of the keys around it stay.
+    #[tokio::test]
+    async fn abandoned_claims_take_their_steps_with_them() {
+        let (store, _dir) = store().await;
+        let (first, purged, second, reclaimed, last) = (key(1), key(2), key(3), key(4), key(5));
+        for k in [&first, &purged, &second, &reclaimed, &last] {
+            claim_with_steps(&store, k).await;
+        }
+        abandon(&store, &purged).await;
+        assert_eq!(store.purge_expired().await.unwrap(), 1);
+        abandon(&store, &second).await;
+        assert_eq!(store.purge_expired_up_to(10).await.unwrap(), 1);
+        abandon(&store, &reclaimed).await;
+        let Claim::Acquired { token, .. } = store
+            .claim(&reclaimed, None, Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("an abandoned claim is replaced");
+        };
+        assert_eq!(store.load_steps(&reclaimed, token).await.unwrap(), vec![]);
+        let keys: Vec<String> = all_steps(&store)
+            .await
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let (first, last) = (first.as_str().to_owned(), last.as_str().to_owned());
+        assert_eq!(keys, [first.clone(), first, last.clone(), last]);
     }
 }

@@ -35,7 +35,13 @@ if state then
     end
     return {'completed', rec[3]}
   end
-  redis.call('DEL', KEYS[1])
+  -- Only an in-flight record whose lease ended gets here (a completed one is live until Redis
+  -- expires it): a takeover. It keeps the call's steps (the `s:` fields and the `steps`
+  -- marker) for the new holder; the HSET below replaces state, token, lease_until and
+  -- claimed_at, and fp, which goes if the new claim has none.
+  if ARGV[1] == '' and rec[2] then
+    redis.call('HDEL', KEYS[1], 'fp')
+  end
 elseif redis.call('EXISTS', KEYS[1]) == 1 then
   return {'corrupt', 'record hash without a state field'}
 end

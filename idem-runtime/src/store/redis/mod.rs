@@ -7,17 +7,23 @@
 //!
 //! | key | type | fields | expires |
 //! |---|---|---|---|
-//! | `{prefix}:{<hex>}` — the record | hash | `state` (`in_flight` or `completed`), `token` (decimal), `fp` (the raw 32 fingerprint bytes; absent = no fingerprint), `lease_until` (in flight only: the end of the lease, server time in Unix milliseconds, decimal), `claimed_at` (when the key was claimed, server time in Unix milliseconds, decimal; for operators), `record` (the encoded [`crate::record::Record`], completed only) | `PX` = the lease plus [`ABANDONED_CLAIM_RETENTION`] while in flight, `PX` = the ttl once completed |
+//! | `{prefix}:{<hex>}` — the record | hash | `state` (`in_flight` or `completed`), `token` (decimal), `fp` (the raw 32 fingerprint bytes; absent = no fingerprint), `lease_until` (in flight only: the end of the lease, server time in Unix milliseconds, decimal), `claimed_at` (when the key was claimed, server time in Unix milliseconds, decimal; for operators), `record` (the encoded [`crate::record::Record`], completed only), `s:<name>` (the record of the call's step `name`, in flight only; see [`Store::save_step`](crate::store::Store::save_step)), `steps` (`1` once the call saved a step, in flight only) | `PX` = the lease plus [`ABANDONED_CLAIM_RETENTION`] while in flight, `PX` = the ttl once completed |
 //! | `{prefix}:{<hex>}:fence` — the fence | hash | `last` (the last token handed out for this key), `open` (`1` while a claim is neither completed nor released) | `PX` = the record's own expiry plus [`FENCE_GRACE`] |
 //!
 //! (`{prefix}` stands for the prefix as given, `idem` by default; the braces around `<hex>` are
 //! literal and form the hash tag.) The user's key never appears in Redis: only its SHA-256.
 //!
+//! A call's steps live in its record's hash, so they share its expiry, its deletion (`release`,
+//! `forget`) and its cluster slot, with no key of their own. A takeover keeps them (the claim
+//! script rewrites the claim's fields in place rather than replacing the hash), `complete`
+//! drops them (it finds them by the `steps` marker, read with the fields it reads anyway, so a
+//! call without steps pays nothing), and a claim of an absent key starts without any.
+//!
 //! # Atomicity and round trips
 //!
-//! `claim`, `complete`, `release` and `renew` are each one Lua script (`EVALSHA`, loaded with
-//! `SCRIPT LOAD` only when the server answers `NOSCRIPT`, e.g. after a restart), so each is one
-//! atomic step and one round trip. `get` is one `HGETALL`. A replayed call therefore costs one
+//! `claim`, `complete`, `release`, `renew`, `save_step` and `load_steps` are each one Lua script
+//! (`EVALSHA`, loaded with `SCRIPT LOAD` only when the server answers `NOSCRIPT`, e.g. after a
+//! restart), so each is one atomic step and one round trip. `get` is one `HGETALL`. A replayed call therefore costs one
 //! round trip, a first call two (claim, complete).
 //!
 //! For operators, `forget` is one script too: it deletes the record (a completed one, or one in
@@ -173,12 +179,14 @@ const FENCE_SUFFIX: &str = ":fence";
 /// lease plus the retention), fence ms. Returns `{'acquired', token, takeover}`,
 /// `{'completed', record}`, `{'in_flight'}`, `{'reuse'}` or `{'corrupt', reason}`.
 ///
-/// An in-flight record whose `lease_until` has passed is taken over, whatever its fingerprint;
-/// one without `lease_until` (written before it existed) is live until its `PX` removes it.
+/// An in-flight record whose `lease_until` has passed is taken over, whatever its fingerprint,
+/// keeping the call's steps; one without `lease_until` (written before it existed) is live
+/// until its `PX` removes it.
 const CLAIM: &str = include_str!("claim.lua");
 
-/// KEYS: record, fence. ARGV: token, record bytes, ttl ms, fence ms. Returns 1, or 0 if the
-/// key is not in flight under the token (its lease may have ended).
+/// KEYS: record, fence. ARGV: token, record bytes, ttl ms, fence ms, the publish command.
+/// Drops the call's steps. Returns 1, or 0 if the key is not in flight under the token (its
+/// lease may have ended).
 const COMPLETE: &str = include_str!("complete.lua");
 
 /// KEYS: record, fence. ARGV: token. Returns 1, or 0 if the key is not in flight under the
@@ -188,6 +196,15 @@ const RELEASE: &str = include_str!("release.lua");
 /// KEYS: record, fence. ARGV: token, lease ms, record ms, fence ms. Returns 1, or 0 if the key
 /// is not in flight under the token (its lease may have ended: it then gets a new one).
 const RENEW: &str = include_str!("renew.lua");
+
+/// KEYS: record, fence (unused, passed as by every script). ARGV: token, step name, step record.
+/// Sets the step's `s:<name>` field and the `steps` marker. Returns 1, or 0 if the key is not in
+/// flight under the token (its lease may have ended).
+const SAVE_STEP: &str = include_str!("save_step.lua");
+
+/// KEYS: record, fence (unused). ARGV: token. Returns the steps as a flat array (name, record,
+/// name, record...), or 0 if the key is not in flight under the token.
+const LOAD_STEPS: &str = include_str!("load_steps.lua");
 
 /// KEYS: record, fence. ARGV: force (`1` or empty), the publish command. Deletes a completed
 /// record, or an in-flight one if forced, keeping the fence. Returns `{'absent'}`,
@@ -203,6 +220,8 @@ struct Scripts {
     complete: Script,
     release: Script,
     renew: Script,
+    save_step: Script,
+    load_steps: Script,
     forget: Script,
     inspect: Script,
 }
@@ -387,6 +406,8 @@ impl RedisStore {
                 complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
                 renew: Script::new(RENEW),
+                save_step: Script::new(SAVE_STEP),
+                load_steps: Script::new(LOAD_STEPS),
                 forget: Script::new(FORGET),
                 inspect: Script::new(INSPECT),
             }),
@@ -658,6 +679,136 @@ mod tests {
                     store.is_cluster()
                 );
             }
+        }
+    }
+
+    /// A key no other test (or run) uses.
+    fn fresh_key() -> StorageKey {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let (pid, n) = (std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        StorageKey::from_hex(&format!("{nanos:032x}{pid:016x}{n:016x}")).unwrap()
+    }
+
+    /// The record hash of `key`, field by field.
+    async fn fields(store: &RedisStore, key: &StorageKey) -> Vec<(String, Vec<u8>)> {
+        let mut fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(store.record_key(key))
+            .query_async(&mut store.connection())
+            .await
+            .unwrap();
+        fields.sort();
+        fields
+    }
+
+    fn names(fields: &[(String, Vec<u8>)]) -> Vec<&str> {
+        fields.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    /// The layout of a call's steps: `s:<name>` fields and the `steps` marker in the record's
+    /// own hash; a renewal of zero ends the lease now and keeps the hash for the retention; a
+    /// takeover keeps the steps and drops a fingerprint the new claim lacks; the completion
+    /// drops every step (more than one `HDEL` slice of them) and the marker.
+    #[tokio::test]
+    async fn steps_live_in_the_record_hash_until_the_completion() {
+        use crate::fingerprint::Fingerprint;
+        use crate::store::{Claim, FencingToken, Store};
+        const STEPS: usize = 1_200;
+        for store in test_stores().await {
+            let cluster = store.is_cluster();
+            let key = fresh_key();
+            let record_key = store.record_key(&key);
+            let lease = Duration::from_secs(60);
+            let Claim::Acquired { token, .. } = store
+                .claim(&key, Some(&Fingerprint([3; 32])), lease)
+                .await
+                .unwrap()
+            else {
+                panic!("a fresh key is acquired");
+            };
+            store.save_step(&key, token, "a", b"\x00one").await.unwrap();
+            for i in 0..STEPS {
+                let name = format!("n{i}");
+                store.save_step(&key, token, &name, b"r").await.unwrap();
+            }
+            let hash = fields(&store, &key).await;
+            assert!(
+                hash.contains(&("s:a".into(), b"\x00one".to_vec())),
+                "{cluster}"
+            );
+            assert!(hash.contains(&("steps".into(), b"1".to_vec())), "{cluster}");
+            assert_eq!(hash.len(), 5 + 2 + STEPS, "{:?}", &names(&hash)[..8]);
+
+            // A renewal of zero: the lease ends now, the hash stays for the retention.
+            store.renew(&key, token, Duration::ZERO).await.unwrap();
+            let mut con = store.connection();
+            let (lease_until, pttl): (u64, i64) = redis::pipe()
+                .cmd("HGET")
+                .arg(&record_key)
+                .arg("lease_until")
+                .cmd("PTTL")
+                .arg(&record_key)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            let (secs, micros): (u64, u64) =
+                redis::cmd("TIME").query_async(&mut con).await.unwrap();
+            let now_ms = secs * 1000 + micros / 1000;
+            assert!(
+                lease_until <= now_ms && lease_until + 5_000 > now_ms,
+                "{lease_until} vs {now_ms}"
+            );
+            let retention = millis(ABANDONED_CLAIM_RETENTION) as i64;
+            assert!(
+                pttl <= retention && pttl > retention - 5_000,
+                "{pttl} vs {retention}"
+            );
+
+            // A takeover without a fingerprint: the steps stay, the old fingerprint goes.
+            let taken = loop {
+                match store.claim(&key, None, lease).await.unwrap() {
+                    Claim::Acquired { token, takeover } => {
+                        assert!(takeover);
+                        break token;
+                    }
+                    Claim::InFlight => tokio::time::sleep(Duration::from_millis(5)).await,
+                    other => panic!("{other:?}"),
+                }
+            };
+            assert!(taken > token);
+            let hash = fields(&store, &key).await;
+            assert!(!names(&hash).contains(&"fp"), "{cluster}");
+            assert!(hash.contains(&("token".into(), taken.0.to_string().into_bytes())));
+            assert_eq!(
+                store.load_steps(&key, taken).await.unwrap().len(),
+                STEPS + 1
+            );
+            assert!(matches!(
+                store.load_steps(&key, FencingToken(token.0)).await,
+                Err(Error::LeaseLost { .. })
+            ));
+
+            // The completion leaves the result alone.
+            store.complete(&key, taken, b"result", lease).await.unwrap();
+            let hash = fields(&store, &key).await;
+            assert_eq!(
+                names(&hash),
+                ["claimed_at", "record", "state", "token"],
+                "{cluster}"
+            );
+            let stored = store.get(&key).await.unwrap().unwrap();
+            assert_eq!(stored.fingerprint, None);
+
+            let _: () = redis::cmd("DEL")
+                .arg(&record_key)
+                .arg(format!("{record_key}{FENCE_SUFFIX}"))
+                .query_async(&mut store.connection())
+                .await
+                .unwrap();
         }
     }
 

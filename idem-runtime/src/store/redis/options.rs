@@ -15,7 +15,7 @@ pub struct RedisOptions {
     pub(super) root_certificate: Option<Vec<u8>>,
     /// A PEM certificate chain and its PEM private key, for `rediss://` URLs.
     pub(super) client_certificate: Option<(Vec<u8>, Vec<u8>)>,
-    /// `WAIT replicas timeout` after each claim and completion.
+    /// `WAIT replicas timeout` after each claim, completion and saved step.
     pub(super) wait_for_replicas: Option<(u32, Duration)>,
     /// How often the eviction policy is checked again while the store runs.
     pub(super) eviction_check_interval: Duration,
@@ -62,12 +62,13 @@ impl RedisOptions {
         self
     }
 
-    /// After each claim and each completion, wait (`WAIT replicas timeout`) until `replicas`
-    /// replicas of the key's master have acknowledged the write, or `timeout` has passed. A
-    /// claim that fewer replicas acknowledged is released and fails with [`Error::Store`]
-    /// (the body does not run: a failover could lose the claim and let a second caller run
-    /// it); a completion that fewer acknowledged is kept and logged (the caller has its
-    /// result). Costs one round trip per claim and per completion.
+    /// After each claim, each completion and each saved step, wait (`WAIT replicas timeout`)
+    /// until `replicas` replicas of the key's master have acknowledged the write, or `timeout`
+    /// has passed. A claim that fewer replicas acknowledged is released and fails with
+    /// [`Error::Store`] (the body does not run: a failover could lose the claim and let a
+    /// second caller run it); a completion or a step that fewer acknowledged is kept and logged
+    /// (the caller has its result, the step has run). Costs one round trip per claim, per
+    /// completion and per step.
     ///
     /// `WAIT` does not make replication synchronous: a replica that acknowledged may still not
     /// be the one promoted, and a write acknowledged by none is still applied on the master.

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use redis::Value;
 
-use super::reply::{parse_claim, parse_forgotten, parse_record, parse_summary};
+use super::reply::{parse_claim, parse_forgotten, parse_record, parse_steps, parse_summary};
 use super::{
     fence_millis, in_flight_millis, millis, notify, redis_error, scan, RedisStore, BACKEND,
 };
@@ -103,6 +104,43 @@ impl Store for RedisStore {
         self.held(script, key, &cmd).await
     }
 
+    /// One script: sets the step's field in the record's hash if `token` holds the key (see the
+    /// [module docs](super#data-layout)). With [`RedisOptions::wait_for_replicas`](super::RedisOptions::wait_for_replicas),
+    /// a step that fewer replicas acknowledged is kept and logged, as a completion is.
+    async fn save_step(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+        name: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        let script = &self.scripts.save_step;
+        let bytes = U64_DIGITS + name.len() + record.len();
+        let mut cmd = self.script_cmd(script, key, 3, bytes);
+        cmd.arg(token.0).arg(name).arg(record);
+        self.held(script, key, &cmd).await?;
+        if self.wait_for_replicas.is_none() {
+            return Ok(());
+        }
+        if let Err(why) = Box::pin(self.replicated(key)).await {
+            tracing::warn!(target: "idem", key = %key, token = token.0, step = name, why,
+                "step stored on the master but not replicated as asked; a failover now may lose it");
+        }
+        Ok(())
+    }
+
+    /// One script: the step fields of the record's hash, if `token` holds the key.
+    async fn load_steps(
+        &self,
+        key: &StorageKey,
+        token: FencingToken,
+    ) -> Result<Vec<(String, Bytes)>> {
+        let script = &self.scripts.load_steps;
+        let mut cmd = self.script_cmd(script, key, 1, U64_DIGITS);
+        cmd.arg(token.0);
+        parse_steps(key, self.eval(script, &cmd).await?)
+    }
+
     async fn get(&self, key: &StorageKey) -> Result<Option<StoredRecord>> {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.record_key(key));
@@ -156,6 +194,11 @@ impl Store for RedisStore {
             .filter_map(Result::transpose)
             .collect::<Result<Vec<_>>>()?;
         Ok(ScanPage { records, next })
+    }
+
+    /// Steps live in the record's hash (see the [module docs](super#data-layout)).
+    fn keeps_steps(&self) -> bool {
+        true
     }
 
     fn notifies_changes(&self) -> bool {

@@ -247,6 +247,40 @@ pub(super) fn parse_forgotten(key: &StorageKey, reply: Value) -> Result<Forgotte
     }
 }
 
+/// Decodes the reply of the load-steps script: a flat array of step names and records, or 0
+/// when the token does not hold the key ([`Error::LeaseLost`]). A name that is not UTF-8 was not
+/// written by idem (names are `&str`): [`Error::Corrupt`].
+pub(super) fn parse_steps(key: &StorageKey, reply: Value) -> Result<Vec<(String, Bytes)>> {
+    let flat = match reply {
+        Value::Array(flat) => flat,
+        Value::Int(0) => return Err(Error::lease_lost(key)),
+        other => {
+            return Err(store_error(format!(
+                "unexpected reply from the load-steps script: {other:?}"
+            )))
+        }
+    };
+    let mut steps = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let Some(name) = it.next() {
+        let (Value::BulkString(name), Some(Value::BulkString(record))) = (name, it.next()) else {
+            return Err(store_error(
+                "unexpected reply from the load-steps script: not name, record pairs",
+            ));
+        };
+        let name = String::from_utf8(name).map_err(|e| {
+            Error::corrupt(format!(
+                "Redis record has a step whose name is not UTF-8: {:?}",
+                String::from_utf8_lossy(e.as_bytes())
+            ))
+            .with_key(key)
+        })?;
+        // Take the reply's buffer rather than copy it, as for a completed record.
+        steps.push((name, Bytes::from(record)));
+    }
+    Ok(steps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,5 +498,35 @@ mod tests {
             parse_summary(key(), Value::Array(vec![Value::Nil, Value::Nil])),
             Err(Error::Store { .. })
         ));
+    }
+
+    #[test]
+    fn step_replies_decode() {
+        let reply = |items: &[&[u8]]| Value::Array(items.iter().map(|i| bulk(i)).collect());
+        assert_eq!(
+            parse_steps(
+                &key(),
+                reply(&[b"a", b"\x00r1", "b/2 \u{fc}".as_bytes(), b""])
+            )
+            .unwrap(),
+            vec![
+                ("a".to_owned(), Bytes::from_static(b"\x00r1")),
+                ("b/2 \u{fc}".to_owned(), Bytes::new()),
+            ]
+        );
+        assert_eq!(parse_steps(&key(), reply(&[])).unwrap(), vec![]);
+        match parse_steps(&key(), Value::Int(0)) {
+            Err(Error::LeaseLost { key: Some(k) }) => assert_eq!(k, key()),
+            other => panic!("{other:?}"),
+        }
+        let err = parse_steps(&key(), reply(&[b"\xff", b"r"])).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+        assert_eq!(err.storage_key(), Some(&key()));
+        for junk in [Value::Nil, Value::Int(1), reply(&[b"a"])] {
+            assert!(matches!(
+                parse_steps(&key(), junk),
+                Err(Error::Store { .. })
+            ));
+        }
     }
 }
