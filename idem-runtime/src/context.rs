@@ -149,7 +149,7 @@ impl CallContext {
         &self.steps
     }
 
-    /// Runs `body` as the step `name` of this call: [`step`](crate::step), for a task that
+    /// Runs `body` as the step `name` of this call: [`step`](fn@crate::step), for a task that
     /// does not see the call as its own (a task the body spawned, given this context).
     pub async fn step<T, E, F>(&self, name: impl AsRef<str>, body: F) -> Result<T, E>
     where

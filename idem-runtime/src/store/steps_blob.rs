@@ -13,7 +13,7 @@
 //! and a frame is found by walking those before it. A call saves few steps, and reads them once,
 //! after a takeover, so the walk costs nothing that matters.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use bytes::Bytes;
 
@@ -66,15 +66,19 @@ pub(crate) fn append(existing: Option<&[u8]>, name: &str, record: &[u8]) -> Vec<
     out
 }
 
-/// The steps held in `blob` (a value from [`append`]), as `(name, record)` pairs in the order
-/// their names were first saved.
+/// The steps held in `blob`, as `(name, record)` pairs in the order their names were first
+/// saved. A name may stand in more than one frame, and then its **last** frame is the step:
+/// SQLite replaces a step where it stands ([`append`]), while PostgreSQL appends a frame in one
+/// `UPDATE` (`steps || frame`) without reading those before it, so a save repeated after a lost
+/// reply leaves a name twice.
 ///
 /// A value that does not walk to its end as whole frames (a length running past the end, a
-/// name that is not UTF-8, a name twice) is [`Error::Corrupt`], saying where: the stores wrote
-/// it with [`append`], so it was damaged since.
+/// name that is not UTF-8) is [`Error::Corrupt`], saying where: it was damaged since it was
+/// written.
 pub(crate) fn decode(blob: &[u8]) -> Result<Vec<(String, Bytes)>> {
-    let mut steps = Vec::new();
-    let mut seen = HashSet::new();
+    let mut steps: Vec<(String, Bytes)> = Vec::new();
+    // The index in `steps` of each name.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
     let mut rest = blob;
     while !rest.is_empty() {
         let at = blob.len() - rest.len();
@@ -96,12 +100,14 @@ pub(crate) fn decode(blob: &[u8]) -> Result<Vec<(String, Bytes)>> {
                 "the steps of a call are damaged: the name of the step at byte {at} is not UTF-8"
             ))
         })?;
-        if !seen.insert(name) {
-            return Err(Error::corrupt(format!(
-                "the steps of a call are damaged: the step `{name}` is recorded twice (at byte {at})"
-            )));
+        let record = Bytes::copy_from_slice(record);
+        match seen.get(name) {
+            Some(&i) => steps[i].1 = record,
+            None => {
+                seen.insert(name, steps.len());
+                steps.push((name.to_owned(), record));
+            }
         }
-        steps.push((name.to_owned(), Bytes::copy_from_slice(record)));
         rest = after;
     }
     Ok(steps)
@@ -245,16 +251,21 @@ mod tests {
         let err = decode(&bad_name).expect_err("a name not UTF-8");
         assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
         assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
 
-        // The same name twice (append never writes it).
-        let mut twice = append(None, "a", b"1");
-        twice.extend_from_slice(&append(None, "a", b"2"));
-        let err = decode(&twice).expect_err("a name twice");
-        assert!(
-            err.to_string()
-                .contains("`a` is recorded twice (at byte 10)"),
-            "{err}"
-        );
+    /// PostgreSQL appends a frame per save: the last frame of a name is the step, where the
+    /// name first stood.
+    #[test]
+    fn the_last_frame_of_a_name_is_its_step() {
+        let blob = [
+            append(None, "a", b"1"),
+            append(None, "b", b"2"),
+            append(None, "a", b"333"),
+            append(None, "", b""),
+            append(None, "a", b""),
+        ]
+        .concat();
+        assert_eq!(steps(&blob), owned(&[("a", b""), ("b", b"2"), ("", b"")]));
     }
 
     #[test]

@@ -19,7 +19,11 @@
 //! are missing (`idem_records` by default; [`PostgresStore::schema_sql`] gives the statements for
 //! a migration tool), and adds the `steps` column to a table an earlier version made without it
 //! (`ALTER TABLE ... ADD COLUMN IF NOT EXISTS`: a nullable column without a default, so the
-//! table is not rewritten). With [`PostgresOptions::create_table`]`(false)` it runs no DDL and
+//! table is not rewritten). It first reads the catalog, and runs no DDL when all of them are
+//! there: an `ALTER TABLE` takes the table's ACCESS EXCLUSIVE lock even when it changes nothing,
+//! so every process that starts would queue the claims behind it, and behind any long
+//! transaction on the table (a role that may not create anything then connects too). With
+//! [`PostgresOptions::create_table`]`(false)` it runs no DDL and
 //! only checks that the table, its `steps` column and the sequence exist, refusing with
 //! [`Error::Config`] that names what to run; the role then needs `SELECT, INSERT, UPDATE,
 //! DELETE` on the table and `USAGE` on the sequence (`LISTEN`/`NOTIFY` need no grant):
@@ -313,7 +317,11 @@ impl PostgresStore {
             purger: None,
         };
         if options.create_table {
-            store.create_table().await?;
+            // DDL only when something is missing: it locks the table even when it changes
+            // nothing (see check.sql).
+            if store.table_state().await? != (true, true, true, true) {
+                store.create_table().await?;
+            }
         } else {
             store.check_table().await?;
         }
@@ -356,12 +364,8 @@ impl PostgresStore {
     /// see them, and that the table has the `steps` column; [`Error::Config`] names the one
     /// missing and what to run.
     async fn check_table(&self) -> Result<()> {
-        let row = self
-            .query_opt(&self.sql.check, &[], Repeat::Safe)
-            .await?
-            .ok_or_else(|| Error::store(BACKEND, "the table check returned no row"))?;
-        let (has_table, has_sequence, has_steps): (bool, bool, bool) =
-            (row.get(0), row.get(1), row.get(2));
+        // A missing index costs speed, not correctness: not this check's to refuse.
+        let (has_table, has_sequence, has_steps, _) = self.table_state().await?;
         let missing = match (has_table, has_sequence, has_steps) {
             (true, true, true) => return Ok(()),
             (false, _, _) => format!("table `{}`", self.sql.table),
@@ -381,6 +385,16 @@ impl PostgresStore {
         Err(Error::config(format!(
             "the PostgreSQL {missing} does not exist (or this role cannot see it), and creating it is off (nothing was created): check the table name, or have a role that may create tables run the statements of `PostgresStore::schema_sql` (the README's \"PostgreSQL without DDL\" lists them), or connect once with `PostgresOptions::create_table(true)`"
         )))
+    }
+
+    /// Whether the table, its token sequence, the table's `steps` column and its expiry index
+    /// exist (as this role sees them).
+    async fn table_state(&self) -> Result<(bool, bool, bool, bool)> {
+        let row = self
+            .query_opt(&self.sql.check, &[], Repeat::Safe)
+            .await?
+            .ok_or_else(|| Error::store(BACKEND, "the table check returned no row"))?;
+        Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
     }
 
     /// Creates the table, its token sequence and its expiry index if they are missing, and adds
