@@ -8,8 +8,9 @@
 //! parent parses, and every step appends `<step> <key> <pid>` to a ledger file outside the store
 //! where its side effect starts (one `O_APPEND` write per line), so the ledger shows every run
 //! of a step whatever the store says. Each test runs on SQLite (a fresh file) and, with their
-//! features, on Redis (`IDEM_REDIS_URL`) and PostgreSQL (`IDEM_POSTGRES_URL`), skipped with a
-//! message when unreachable unless `IDEM_REQUIRE_SERVICES=1`; every run has a random scope.
+//! features, on Redis (`IDEM_REDIS_URL`), a Redis Cluster (`IDEM_REDIS_CLUSTER_URL`) and
+//! PostgreSQL (`IDEM_POSTGRES_URL`), skipped with a message when unreachable unless
+//! `IDEM_REQUIRE_SERVICES=1`; every run has a random scope.
 #![cfg(all(feature = "sqlite", unix))]
 
 use std::collections::HashMap;
@@ -508,5 +509,13 @@ over_store!(
     super::url_from(
         "IDEM_POSTGRES_URL",
         "postgres://postgres@127.0.0.1:5432/test"
+    )
+);
+#[cfg(feature = "redis")]
+over_store!(
+    redis_cluster,
+    super::url_from(
+        "IDEM_REDIS_CLUSTER_URL",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
     )
 );
