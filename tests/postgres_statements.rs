@@ -1,6 +1,9 @@
 //! Statements per call, counted by the server: a replayed call (hit) is one statement, a first
-//! call (miss) two: claim, complete. One test in its own binary, so nothing else runs on the
-//! server from this process while it counts.
+//! call (miss) two: claim, complete. Durable steps cost one statement each on a first run (a
+//! body of three steps: claim, three `save_step`, complete, five) and none on a replay of the
+//! completed call (its claim alone, one). The two tests are the only ones of this binary, each
+//! in a database of its own, and they take turns (`SERIAL`), so nothing else runs on the server
+//! from this process while one counts.
 //!
 //! Every statement `PostgresStore` runs is a transaction of its own, so PostgreSQL's
 //! `pg_stat_database.xact_commit` counts them. The test works in a database of its own (so other
@@ -16,7 +19,7 @@ use std::time::Duration;
 use idem_support::postgres::{self, Own};
 use idempotency::postgres::deadpool_postgres::Pool;
 use idempotency::postgres::tokio_postgres;
-use idempotency::{Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey};
+use idempotency::{step, Call, Error, ErrorPolicy, Fingerprint, PostgresStore, StorageKey};
 
 const CALLS: u64 = 100;
 const ROUNDS: usize = 4;
@@ -104,6 +107,7 @@ async fn call(store: &PostgresStore, key: StorageKey) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_statement_per_hit_two_per_miss() {
+    let _serial = SERIAL.lock().await;
     let admin = match postgres::admin().await {
         Ok(client) => client,
         Err(e) => {
@@ -192,6 +196,131 @@ async fn one_statement_per_hit_two_per_miss() {
         "a hit writes nothing: {hits:?}"
     );
     assert_eq!(hits.last_token, 0, "a hit draws no token: {hits:?}");
+
+    drop(counting);
+    postgres::drop_database(&admin, &database).await.unwrap();
+}
+
+/// The two tests of this binary take turns: each counts in a database of its own, so neither
+/// could see the other's transactions, but the header's promise (nothing else of this process
+/// runs on the server while a test counts) then holds as well.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An idempotent call whose body runs three durable steps, first run (`replay: false`) or the
+/// replay of a completed call (`replay: true`, whose body must not run).
+async fn steps_call(store: &PostgresStore, key: StorageKey, replay: bool) {
+    let out: Result<u32, Error> = Call::new(key)
+        .store(store)
+        .fingerprint(Some(Fingerprint([7; 32])))
+        .lease(Duration::from_secs(30))
+        .run(ErrorPolicy::never(), async move {
+            assert!(!replay, "a replay of a completed call runs no body");
+            let a = step("a", async { Ok::<_, Error>(1u32) }).await?;
+            let b = step("b", async { Ok::<_, Error>(2u32) }).await?;
+            let c = step("c", async { Ok::<_, Error>(3u32) }).await?;
+            Ok(a + b + c)
+        })
+        .await;
+    assert_eq!(out.unwrap(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_one_statement_each_on_a_first_run_none_on_a_replay() {
+    let _serial = SERIAL.lock().await;
+    let admin = match postgres::admin().await {
+        Ok(client) => client,
+        Err(e) => {
+            idem_support::unavailable("PostgreSQL", format!("{e} ({})", postgres::url()));
+            return;
+        }
+    };
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        version >= 150000,
+        "pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}"
+    );
+
+    // A database of its own, apart from the other test's (another label: each drops only the
+    // stale databases of its own label), and a pool of one connection to it.
+    let database = postgres::create_own(&admin, Own::Database, "idem_stmt_steps")
+        .await
+        .unwrap();
+    let mut config: tokio_postgres::Config = postgres::url().parse().unwrap();
+    config.dbname(&database);
+    let pool = postgres::pool(&config, 1);
+    let store = PostgresStore::from_pool(pool.clone(), "idem_records").unwrap();
+    store.create_table().await.unwrap();
+    let counting = Counting {
+        pool,
+        database: database.clone(),
+    };
+
+    // Prepare claim, save_step and complete on the one connection first.
+    for i in 0..3 {
+        steps_call(&store, key("warm-steps", i), false).await;
+        steps_call(&store, key("warm-steps", i), true).await;
+    }
+    counting.read().await.unwrap();
+
+    let store = &store;
+    let mut round = 0;
+    let first_runs = counting
+        .measure(|| {
+            round += 1;
+            let label = format!("steps{round}");
+            async move {
+                for i in 0..CALLS {
+                    steps_call(store, key(&label, i), false).await;
+                }
+            }
+        })
+        .await;
+    let replays = counting
+        .measure(|| async move {
+            for _ in 0..CALLS {
+                steps_call(store, key("warm-steps", 0), true).await;
+            }
+        })
+        .await;
+    println!("{CALLS} first runs of 3 steps: {first_runs:?}\n{CALLS} replays: {replays:?}");
+
+    let calls = CALLS as i64;
+    assert_eq!(
+        first_runs.xact_commit,
+        5 * calls,
+        "claim + 3 save_step + complete per first run: {first_runs:?}"
+    );
+    assert_eq!(
+        first_runs.inserted, calls,
+        "a claim inserts a row: {first_runs:?}"
+    );
+    assert_eq!(
+        first_runs.updated,
+        4 * calls,
+        "each save_step and the complete update it: {first_runs:?}"
+    );
+    assert_eq!(first_runs.deleted, 0, "nothing deleted: {first_runs:?}");
+    assert_eq!(
+        first_runs.last_token, calls,
+        "one token per claim: {first_runs:?}"
+    );
+    assert_eq!(
+        replays.xact_commit, calls,
+        "a replay is its claim alone: {replays:?}"
+    );
+    assert_eq!(
+        (replays.inserted, replays.updated, replays.deleted),
+        (0, 0, 0),
+        "a replay writes nothing: {replays:?}"
+    );
+    assert_eq!(
+        replays.last_token, 0,
+        "a replay draws no token: {replays:?}"
+    );
 
     drop(counting);
     postgres::drop_database(&admin, &database).await.unwrap();
