@@ -136,6 +136,12 @@ pub(crate) struct StepBook {
     book: Mutex<Book>,
 }
 
+// A context stays unwind safe (as it was before steps): the book's state is behind a mutex
+// whose poisoning is ignored on purpose (each update leaves it consistent), and the store and
+// the erased policy are only read.
+impl std::panic::RefUnwindSafe for StepBook {}
+impl std::panic::UnwindSafe for StepBook {}
+
 #[derive(Default)]
 struct Book {
     /// The names of the steps begun in this run of the body.
