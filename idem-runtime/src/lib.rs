@@ -28,10 +28,10 @@ pub mod store;
 pub use context::CallContext;
 pub use engine::OnReplay;
 pub use engine::{drain, running, DrainReport};
+pub use engine::{step, step_key, MAX_STEP_NAME_LEN};
 pub use engine::{
     Call, ErrorPolicy, IdempotentResult, IntoDuration, OnConflict, OnUnknown, Storable, MIN_LEASE,
 };
-pub use engine::{step, step_key, MAX_STEP_NAME_LEN};
 pub use engine::{Purger, PurgerHandle, PurgerStats};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder, Fingerprintable};
