@@ -145,9 +145,10 @@ impl std::panic::UnwindSafe for StepBook {}
 #[derive(Default)]
 struct Book {
     /// The names of the steps begun in this run of the body.
-    begun: HashSet<Box<str>>,
+    /// (Maps made on first use: a call without steps pays nothing for them.)
+    begun: Option<HashSet<Box<str>>>,
     /// The steps an earlier holder completed (loaded after a takeover), until replayed.
-    done: HashMap<Box<str>, Bytes>,
+    done: Option<HashMap<Box<str>, Bytes>>,
     /// Whether the call is to be resumed rather than released or refused: a step was begun in
     /// this run, or the store may hold steps of an earlier holder.
     kept: bool,
@@ -201,10 +202,12 @@ impl StepBook {
         }
         let mut book = self.book();
         book.kept = !steps.is_empty();
-        book.done = steps
-            .into_iter()
-            .map(|(name, record)| (name.into_boxed_str(), record))
-            .collect();
+        book.done = Some(
+            steps
+                .into_iter()
+                .map(|(name, record)| (name.into_boxed_str(), record))
+                .collect(),
+        );
         Ok(())
     }
 
@@ -225,12 +228,12 @@ impl StepBook {
         }
         let mut book = self.book();
         book.kept = true;
-        if !book.begun.insert(name.into()) {
+        if !book.begun.get_or_insert_default().insert(name.into()) {
             return Err(Error::misuse(format!(
                 "step `{name}` ran twice in one call: a step's name identifies its stored value, so two steps may not share one (name the steps of a loop `format!(\"item-{{i}}\")`)"
             )));
         }
-        Ok(book.done.remove(name))
+        Ok(book.done.as_mut().and_then(|done| done.remove(name)))
     }
 
     /// The encoded record of a step's `Ok` value, or of an `Err` the call keeps; `None` for an
