@@ -160,6 +160,6 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), crate::CASES.len());
-        assert_eq!(crate::CASES.len(), 30);
+        assert_eq!(crate::CASES.len(), 35);
     }
 }
