@@ -67,7 +67,13 @@ async fn the_memory_store_is_purged_in_the_background() {
 async fn a_sqlite_store_is_purged_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idem.db");
-    let store: Arc<dyn Store> = Arc::new(idempotency::SqliteStore::open(&path).await.unwrap());
+    // Without the store's own background purger, so that every removal is this purger's.
+    let options = idempotency::sqlite::SqliteOptions::new().purge_in_background(false);
+    let store: Arc<dyn Store> = Arc::new(
+        idempotency::SqliteStore::open_with(&path, &options)
+            .await
+            .unwrap(),
+    );
     fill(&*store, 10).await;
     let rows = rusqlite::Connection::open(&path).unwrap();
     let count = || {
