@@ -907,6 +907,13 @@ async fn paused_holder(backend: Backend) {
             "{tag} the taker charged"
         );
 
+        // The taker got the key once the holder's lease lapsed in the store, which can be as
+        // early as three quarters of a lease after the stop (its last renewal went out up to a
+        // quarter before it). Keep the holder stopped for a whole lease at least, so that it
+        // resumes past its own deadline however quickly the taker ran.
+        if let Some(rest) = PAUSE_LEASE.checked_sub(stopped_at.elapsed()) {
+            tokio::time::sleep(rest + Duration::from_millis(100)).await;
+        }
         let paused = stopped_at.elapsed();
         assert!(
             paused > PAUSE_LEASE,
