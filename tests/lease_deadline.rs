@@ -25,6 +25,8 @@ use tokio::sync::Notify;
 
 /// The stores of these tests, by name, or `None` for one that is unreachable (skipped).
 async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
+    // `mut` is used only with the redis or postgres feature.
+    #[allow(unused_mut)]
     let mut out: Vec<(&'static str, Arc<dyn Store>)> =
         vec![("memory", Arc::new(MemoryStore::new()))];
     #[cfg(feature = "redis")]

@@ -11,7 +11,6 @@
 mod signed_webhook;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -333,7 +332,7 @@ async fn signed_webhook_on_sqlite() {
     let mut h = Harness::start(Arc::new(store)).await;
     let (events, duplicates) = concurrent_duplicates(&mut h, "sqlite").await;
     // A late redelivery still finds the record (ttl 96h).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let late = h
         .signed(&event_body(
             "evt_sqlite_a",
