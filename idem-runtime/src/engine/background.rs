@@ -95,36 +95,27 @@ impl Background {
         });
     }
 
-    /// Suspends the claim without being awaited (from a destructor): see
-    /// [`Holding::suspend`](super::finish).
-    pub(super) fn suspend(&self) {
+    /// Gives the claim back without being awaited (from a destructor): releases it, or, for a
+    /// call with steps (`keep_steps`), suspends it (its lease ends now and its steps stay; see
+    /// `Holding::suspend`). A failure leaves the lease to expire.
+    pub(super) fn give_back(&self, keep_steps: bool) {
         let (store, key, token, labels) = (
             self.store.clone(),
             self.key.clone(),
             self.token,
             self.labels,
         );
-        spawn_work(&self.runtime, |_| async move {
-            let suspended = store.renew(&key, token, Duration::ZERO);
-            if let Err(e) = timed(StoreOp::Renew, labels, suspended).await {
-                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
-                    "background suspend failed; the lease will expire");
-            }
-        });
-    }
-
-    /// Releases the claim without being awaited (from a destructor).
-    pub(super) fn release(&self) {
-        let (store, key, token, labels) = (
-            self.store.clone(),
-            self.key.clone(),
-            self.token,
-            self.labels,
-        );
-        spawn_work(&self.runtime, |_| async move {
-            if let Err(e) = timed(StoreOp::Release, labels, store.release(&key, token)).await {
-                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e,
-                    "background release failed; the lease will expire");
+        spawn_work(&self.runtime, move |_| async move {
+            let (what, given) = if keep_steps {
+                let suspended = store.renew(&key, token, Duration::ZERO);
+                ("suspend", timed(StoreOp::Renew, labels, suspended).await)
+            } else {
+                let released = store.release(&key, token);
+                ("release", timed(StoreOp::Release, labels, released).await)
+            };
+            if let Err(e) = given {
+                tracing::debug!(target: "idem", key = %key, token = token.0, error = %e, what,
+                    "background give-back failed; the lease will expire");
             }
         });
     }

@@ -409,12 +409,12 @@ impl Holding {
         if self.has_steps() {
             drop(self.take_renewal());
             tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "suspending");
-            self.background.suspend();
+            self.background.give_back(true);
             return;
         }
         self.releasing();
         tracing::debug!(target: "idem", key = %self.key(), token = self.token().0, reason, "releasing");
-        self.background.release();
+        self.background.give_back(false);
     }
 
     /// The one rule for a body whose outcome is unknown, in the caller and in a destructor
