@@ -1,7 +1,7 @@
 //! The argument tables of the README and of the crate docs list exactly the attribute's
 //! arguments, in the order of the attribute's own docs (`idem-macros/src/lib.rs`), which is the
 //! order of the parser's table as its "expected one of" error lists it (the error
-//! `tests/ui/unknown-argument.stderr` holds, and `tests/ui.rs` checks): three tables, one list.
+//! `ui-tests/tests/ui/unknown-argument.stderr` holds, and `ui-tests/tests/ui.rs` checks): three tables, one list.
 
 /// The argument names in the first column of the markdown table under `header`, each line
 /// stripped of `prefix` (`//! ` for crate docs).
@@ -40,7 +40,7 @@ fn arguments(text: &str, prefix: &str) -> Vec<String> {
 /// The argument names the parser knows, in its table's order: the list of its "expected one of"
 /// error.
 fn parser_arguments() -> Vec<String> {
-    let error = include_str!("ui/unknown-argument.stderr");
+    let error = include_str!("../ui-tests/tests/ui/unknown-argument.stderr");
     let list = error
         .lines()
         .find_map(|l| l.split_once("expected one of ").map(|(_, list)| list))
