@@ -83,6 +83,7 @@
 //! | `SqliteStore` | `sqlite` | embedded and durable: one file, several processes on one machine |
 //! | `RedisStore` | `redis` | many processes and machines |
 //! | `PostgresStore` | `postgres` | many processes, when the data already lives in PostgreSQL |
+//! | `DynamoDbStore` | `dynamodb` | many processes on AWS, without a server to run |
 //!
 //! Other features: `http` (`http::IdempotencyLayer`, a tower layer for
 //! `Idempotency-Key`), `axum` (`Error` is an axum response, so a handler can use `?`),
@@ -94,7 +95,7 @@
 //! are on; idem passes it explicitly and installs no process default, except before a
 //! `rediss://` connection, whose `redis` crate needs one). [`install`] sets the store of
 //! functions without `store = ...`; [`connect`] opens one from a URL (`memory`, `sqlite:PATH`,
-//! `redis://...`, `postgres://...`).
+//! `redis://...`, `postgres://...`, `dynamodb://...`).
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -145,6 +146,8 @@ pub mod store {
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use idem_client as client;
+#[cfg(feature = "dynamodb")]
+pub use idem_runtime::DynamoDbStore;
 #[cfg(feature = "http")]
 pub use idem_runtime::http;
 #[cfg(feature = "postgres")]
@@ -160,6 +163,15 @@ pub use idem_runtime::SqliteStore;
 pub mod postgres {
     pub use idem_runtime::store::postgres::{
         deadpool_postgres, tokio_postgres, PostgresOptions, DEFAULT_POOL_SIZE, DEFAULT_TABLE,
+    };
+}
+
+/// The DynamoDB backend's defaults, options and SDK crate, for [`DynamoDbStore`].
+#[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+pub mod dynamodb {
+    pub use idem_runtime::store::dynamodb::{
+        aws_sdk_dynamodb, DynamoDbOptions, ATTEMPT_TIMEOUT, DEFAULT_TABLE, FENCE_GRACE,
     };
 }
 

@@ -12,8 +12,8 @@
 //! Each test is written once over a store URL and instantiated for SQLite (a fresh file) and,
 //! with their features, for Redis (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`) and
 //! PostgreSQL (`IDEM_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`), and a
-//! Redis Cluster (`IDEM_REDIS_CLUSTER_URL`, the nodes `.ci/redis-cluster` starts), which
-//! are skipped with a message when unreachable unless `IDEM_REQUIRE_SERVICES=1`. Every run uses
+//! Redis Cluster (`IDEM_REDIS_CLUSTER_URL`, the nodes `.ci/redis-cluster` starts), and DynamoDB
+//! (`IDEM_DYNAMODB_URL`, a table of each test's own), which are skipped with a message when unreachable unless `IDEM_REQUIRE_SERVICES=1`. Every run uses
 //! a random scope, so runs never share records in a shared server.
 #![cfg(all(feature = "sqlite", unix))]
 
@@ -716,6 +716,38 @@ over_store!(
         "postgres://postgres@127.0.0.1:5432/test"
     )
 );
+/// DynamoDB (a table per test) without `processes_share_exactly_once`: its 4 processes' 1200
+/// calls, with waiters polling, need more than the ~100 requests a second the local server
+/// (moto, one request at a time) answers, so they miss its 20 s deadline. The exactly-once
+/// claim under contention is `conformance_dynamodb.rs`'s racing claims.
+#[cfg(feature = "dynamodb")]
+mod dynamodb {
+    fn world() -> Option<super::World> {
+        let table = idem_support::dynamodb::fresh_table("proc");
+        super::World::new("dynamodb", Some(idem_support::dynamodb::url_for(&table)))
+    }
+
+    #[test]
+    fn killed_holder_is_taken_over_after_its_lease() {
+        if let Some(world) = world() {
+            super::killed_holder_is_taken_over_after_its_lease(world);
+        }
+    }
+
+    #[test]
+    fn stopped_holder_is_fenced_off() {
+        if let Some(world) = world() {
+            super::stopped_holder_is_fenced_off(world);
+        }
+    }
+
+    #[test]
+    fn results_outlive_their_process() {
+        if let Some(world) = world() {
+            super::results_outlive_their_process(world);
+        }
+    }
+}
 #[cfg(feature = "redis")]
 over_store!(
     redis_cluster,

@@ -8,8 +8,8 @@
 //! parent parses, and every step appends `<step> <key> <pid>` to a ledger file outside the store
 //! where its side effect starts (one `O_APPEND` write per line), so the ledger shows every run
 //! of a step whatever the store says. Each test runs on SQLite (a fresh file) and, with their
-//! features, on Redis (`IDEM_REDIS_URL`), a Redis Cluster (`IDEM_REDIS_CLUSTER_URL`) and
-//! PostgreSQL (`IDEM_POSTGRES_URL`), skipped with a message when unreachable unless
+//! features, on Redis (`IDEM_REDIS_URL`), a Redis Cluster (`IDEM_REDIS_CLUSTER_URL`),
+//! PostgreSQL (`IDEM_POSTGRES_URL`) and DynamoDB (`IDEM_DYNAMODB_URL`, a table per test), skipped with a message when unreachable unless
 //! `IDEM_REQUIRE_SERVICES=1`; every run has a random scope.
 #![cfg(all(feature = "sqlite", unix))]
 
@@ -510,6 +510,13 @@ over_store!(
         "IDEM_POSTGRES_URL",
         "postgres://postgres@127.0.0.1:5432/test"
     )
+);
+#[cfg(feature = "dynamodb")]
+over_store!(
+    dynamodb,
+    Some(idem_support::dynamodb::url_for(
+        &idem_support::dynamodb::fresh_table("steps")
+    ))
 );
 #[cfg(feature = "redis")]
 over_store!(

@@ -2,16 +2,17 @@
 //! cannot be reached: never with the URL's password.
 //!
 //! `idem` inspects an application's store and changes nothing it did not ask to: it creates no
-//! SQLite file, no table and no schema (a missing one is exit 2, naming it), and starts no
-//! background purger (`idem purge` purges when asked).
+//! SQLite file, no table (PostgreSQL or DynamoDB) and no schema (a missing one is exit 2, naming
+//! it), and starts no background purger (`idem purge` purges when asked).
 
 use std::sync::Arc;
 
+use idem_runtime::store::dynamodb::DynamoDbOptions;
 use idem_runtime::store::is_secret_url_param as is_secret;
 use idem_runtime::store::postgres::{PostgresOptions, DEFAULT_TABLE};
 use idem_runtime::store::sqlite::SqliteOptions;
 use idem_runtime::store::StoreUrl;
-use idem_runtime::{Error, PostgresStore, RedisStore, SqliteStore, Store};
+use idem_runtime::{DynamoDbStore, Error, PostgresStore, RedisStore, SqliteStore, Store};
 
 use crate::failure::{Exit, Failure, Outcome};
 
@@ -56,7 +57,7 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
     if target.in_process() {
         return Err(Failure::new(
             Exit::Usage,
-            format!("a memory store lives inside the process that created it: `idem` cannot reach it (give the URL of a SQLite, PostgreSQL or Redis store: {OPENS})"),
+            format!("a memory store lives inside the process that created it: `idem` cannot reach it (give the URL of a SQLite, PostgreSQL, Redis or DynamoDB store: {OPENS})"),
         ));
     }
     let mut sqlite_path = None;
@@ -88,6 +89,12 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
         PostgresStore::connect_with(url, &options)
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>)
+    } else if matches!(target, StoreUrl::DynamoDb) {
+        // The table is the URL's; a missing one is refused, not created.
+        let options = DynamoDbOptions::new().create_table(false);
+        DynamoDbStore::connect_with(url, &options)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
     } else if let Some(prefix) = location.prefix {
         RedisStore::connect_with_prefix(url, prefix)
             .await
@@ -110,8 +117,9 @@ pub async fn open(location: &Location<'_>) -> Outcome<Arc<dyn Store>> {
 const OPENS: &str = "`sqlite:PATH` or `sqlite:///abs/path` (an existing file), \
 `redis://...`, `rediss://...`, `redis+unix:///path/to/redis.sock` (or `unix://`), \
 `redis+cluster://host:port,host:port,...` (or `rediss+cluster://`), `postgres://...` \
-(or `postgresql://`), or a PostgreSQL `key=value` string such as \
-`host=127.0.0.1 user=app dbname=app`";
+(or `postgresql://`), a PostgreSQL `key=value` string such as \
+`host=127.0.0.1 user=app dbname=app`, or `dynamodb://TABLE?region=...&endpoint=...` \
+(an existing table)";
 
 /// The message of a `url` that names no store: what `idem` opens instead, and what it does not.
 fn not_a_store(url: &str) -> String {

@@ -42,6 +42,8 @@ pub use served::{observe, ReplayInfo, Served};
 pub use store::connect;
 pub use store::local::LocalCache;
 pub use store::memory::MemoryStore;
+#[cfg(feature = "dynamodb")]
+pub use store::dynamodb::DynamoDbStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]

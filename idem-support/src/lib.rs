@@ -3,8 +3,8 @@
 //! private `redis-server`, PostgreSQL schemas and databases of a run's own, Redis `MONITOR`
 //! and PostgreSQL statement counting, a slow TCP proxy, worker processes, and the bench workload.
 //!
-//! The backends' parts follow the features of the same names (`sqlite`, `redis`, `postgres`),
-//! which the facade's features of those names turn on for its tests.
+//! The backends' parts follow the features of the same names (`sqlite`, `redis`, `postgres`,
+//! `dynamodb`), which the facade's features of those names turn on for its tests.
 #![warn(missing_docs)]
 
 use std::sync::Arc;
@@ -14,6 +14,8 @@ use idem_runtime::{MemoryStore, Store};
 pub use idem_testkit::unique;
 
 mod down;
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 #[cfg(feature = "redis")]
 pub mod monitor;
 #[cfg(feature = "postgres")]

@@ -33,6 +33,8 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
 
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 mod inspect;
 pub mod local;
 pub mod memory;
@@ -42,7 +44,7 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
 pub(crate) mod steps_blob;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod tls_provider;
@@ -438,7 +440,9 @@ built_in_into_store!(
     #[cfg(feature = "redis")]
     redis::RedisStore,
     #[cfg(feature = "postgres")]
-    postgres::PostgresStore
+    postgres::PostgresStore,
+    #[cfg(feature = "dynamodb")]
+    dynamodb::DynamoDbStore
 );
 
 /// The bytes idem writes for a completed call whose `Ok` value is the JSON `payload` of a type
@@ -488,7 +492,12 @@ pub fn default_store() -> Arc<dyn Store> {
     }
     let mut slot = DEFAULT_STORE.write().unwrap_or_else(|p| p.into_inner());
     slot.get_or_insert_with(|| {
-        if cfg!(any(feature = "sqlite", feature = "redis", feature = "postgres")) {
+        if cfg!(any(
+            feature = "sqlite",
+            feature = "redis",
+            feature = "postgres",
+            feature = "dynamodb"
+        )) {
             tracing::warn!(target: "idem",
                 "no store installed: using a memory store, which deduplicates calls within this process only; call idempotency::install(store) at start-up (e.g. with idempotency::connect(\"redis://...\")), or give the function `store = ...`");
         }
@@ -508,7 +517,9 @@ pub fn default_store() -> Arc<dyn Store> {
 ///   `unix:///path/to/redis.sock`, `redis+cluster://host:port,host:port,...` or
 ///   `rediss+cluster://...` (feature `redis`; see `RedisStore::connect`);
 /// - `postgres://...`, `postgresql://...`, or a `key=value` connection string such as
-///   `host=127.0.0.1 user=app dbname=app` (feature `postgres`; see `PostgresStore::connect`).
+///   `host=127.0.0.1 user=app dbname=app` (feature `postgres`; see `PostgresStore::connect`);
+/// - `dynamodb://TABLE?region=...&endpoint=...` (feature `dynamodb`; see
+///   `DynamoDbStore::connect`).
 ///
 /// [`StoreUrl`] reads a URL the same way without opening it. An empty URL, an unknown scheme,
 /// a scheme whose feature this build lacks, and a SQLite URL it cannot honour are
@@ -535,6 +546,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
         StoreUrl::Redis => Ok(Arc::new(redis::RedisStore::connect(url).await?)),
         #[cfg(feature = "postgres")]
         StoreUrl::Postgres => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
+        #[cfg(feature = "dynamodb")]
+        StoreUrl::DynamoDb => Ok(Arc::new(dynamodb::DynamoDbStore::connect(url).await?)),
         #[allow(unreachable_patterns)]
         other => Err(Error::config(format!(
             "store URL `{}` needs the `{}` feature of idempotency, which this build lacks",

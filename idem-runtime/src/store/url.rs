@@ -17,8 +17,8 @@ pub(crate) const ACCEPTED: &str = "`memory` (a store inside this process only), 
 `sqlite:PATH`, `sqlite:///abs/path` or `sqlite::memory:` (optionally `?mode=rwc`, the default, \
 or `?mode=rw`: the file must exist), `redis://...`, `rediss://...`, \
 `redis+unix:///path/to/redis.sock` (or `unix://`), `redis+cluster://host:port,host:port,...` \
-(or `rediss+cluster://`), `postgres://...` (or `postgresql://`), or a PostgreSQL `key=value` \
-string such as `host=127.0.0.1 user=app dbname=app`";
+(or `rediss+cluster://`), `postgres://...` (or `postgresql://`), a PostgreSQL `key=value` \
+string such as `host=127.0.0.1 user=app dbname=app`, or `dynamodb://TABLE?region=...&endpoint=...`";
 
 /// What a store URL names, read as [`connect`](super::connect) reads it: for a tool that opens
 /// stores by URL and checks what it was given first (the `idem` command refuses `memory`,
@@ -33,6 +33,7 @@ string such as `host=127.0.0.1 user=app dbname=app`";
 /// | `redis://`, `rediss://`, `redis+unix://`, `unix://` | one Redis server (TCP, TLS, Unix socket) |
 /// | `redis+cluster://h:p,h:p`, `rediss+cluster://` | a Redis Cluster |
 /// | `postgres://`, `postgresql://`, `host=... dbname=...` | PostgreSQL (URL or `key=value`) |
+/// | `dynamodb://TABLE?region=..&endpoint=..` | a DynamoDB table |
 ///
 /// A SQLite URL is read by the `url` crate: its path is percent-decoded (`%20` for a space,
 /// `%3F` for a `?`, `%23` for a `#`; `.` and `..` in an absolute path are resolved), and its
@@ -58,6 +59,8 @@ pub enum StoreUrl {
     Redis,
     /// A PostgreSQL server, by URL or `key=value` connection string.
     Postgres,
+    /// A DynamoDB table (`dynamodb://TABLE?region=...&endpoint=...`).
+    DynamoDb,
 }
 
 impl StoreUrl {
@@ -74,6 +77,7 @@ impl StoreUrl {
                 "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" | "rediss+cluster",
             ) => Some(StoreUrl::Redis),
             Some("postgres" | "postgresql") => Some(StoreUrl::Postgres),
+            Some("dynamodb") => Some(StoreUrl::DynamoDb),
             Some(_) => None,
             None if is_key_value(url) => Some(StoreUrl::Postgres),
             None => None,
@@ -86,7 +90,7 @@ impl StoreUrl {
         match self {
             StoreUrl::Memory => true,
             StoreUrl::Sqlite { path, .. } => path == Path::new(":memory:"),
-            StoreUrl::Redis | StoreUrl::Postgres => false,
+            StoreUrl::Redis | StoreUrl::Postgres | StoreUrl::DynamoDb => false,
         }
     }
 
@@ -97,6 +101,7 @@ impl StoreUrl {
             StoreUrl::Sqlite { .. } => Some("sqlite"),
             StoreUrl::Redis => Some("redis"),
             StoreUrl::Postgres => Some("postgres"),
+            StoreUrl::DynamoDb => Some("dynamodb"),
         }
     }
 }
@@ -404,6 +409,14 @@ mod tests {
             ),
             ("  dbname = test host=/run/postgresql", StoreUrl::Postgres),
             ("host=db options='-c search_path=a:b'", StoreUrl::Postgres),
+            (
+                "dynamodb://idem_records?region=eu-west-1",
+                StoreUrl::DynamoDb,
+            ),
+            (
+                "dynamodb://t?endpoint=http://127.0.0.1:8000",
+                StoreUrl::DynamoDb,
+            ),
         ];
         for (url, want) in cases {
             assert_eq!(StoreUrl::parse(url).unwrap(), Some(want), "{url}");
@@ -429,6 +442,7 @@ mod tests {
             .unwrap()
             .in_process());
         assert!(!StoreUrl::Redis.in_process());
+        assert!(!StoreUrl::DynamoDb.in_process());
     }
 
     #[test]
@@ -454,6 +468,7 @@ mod tests {
             "`redis+cluster://host:port,host:port,...`",
             "`postgres://...`",
             "`key=value`",
+            "`dynamodb://TABLE?region=...&endpoint=...`",
         ] {
             assert!(
                 empty.contains(form) && unknown.contains(form),
