@@ -50,6 +50,7 @@ mod postgres {
             .replace("{table}", "idem_records")
             .replace("{sequence}", "idem_records_token_seq")
             .replace("{index}", "idem_records_expires_idx")
+            .replace("{status_index}", "idem_records_status_idx")
     }
 
     #[test]
@@ -188,7 +189,7 @@ mod postgres {
         );
         assert!(
             message.contains(&format!(
-                "run `ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS steps bytea;`"
+                "run `ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS steps bytea; ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS operation text, "
             )),
             "names the statement: {message}"
         );

@@ -1,5 +1,6 @@
 //! Statements per call, counted by the server: a replayed call (hit) is one statement, a first
-//! call (miss) two: claim, complete. Durable steps cost one statement each on a first run (a
+//! call (miss) two: claim, complete; the readable columns (issue 24) are written by those same
+//! two statements. Durable steps cost one statement each on a first run (a
 //! body of three steps: claim, three `save_step`, complete, five) and none on a replay of the
 //! completed call (its claim alone, one). The two tests are the only ones of this binary, each
 //! in a database of its own, and they take turns (`SERIAL`), so nothing else runs on the server
@@ -196,6 +197,25 @@ async fn one_statement_per_hit_two_per_miss() {
         "a hit writes nothing: {hits:?}"
     );
     assert_eq!(hits.last_token, 0, "a hit draws no token: {hits:?}");
+
+    // Those same statements wrote the readable columns (issue 24): every row of the table, each
+    // made by one claim and one complete, carries them, with no statement added.
+    let client = counting.pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE status = 'completed' AND operation IS NULL
+                        AND result = '42'::jsonb AND created_at IS NOT NULL
+                        AND completed_at >= created_at AND fingerprint_hex = repeat('07', 32))
+             FROM idem_records",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (rows, readable): (i64, i64) = (row.get(0), row.get(1));
+    assert!(rows >= CALLS as i64, "{rows}");
+    assert_eq!(readable, rows, "every row has its readable columns");
+    drop(client);
 
     drop(counting);
     postgres::drop_database(&admin, &database).await.unwrap();

@@ -36,7 +36,9 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 
 mod expect;
+mod readable;
 pub use expect::Expected;
+pub(crate) use readable::{Readable, STATUS_PROCESSING};
 
 /// The magic bytes every record starts with.
 pub const MAGIC: &[u8; 4] = b"IDEM";

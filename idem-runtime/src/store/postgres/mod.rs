@@ -24,7 +24,7 @@
 //! so every process that starts would queue the claims behind it, and behind any long
 //! transaction on the table (a role that may not create anything then connects too). With
 //! [`PostgresOptions::create_table`]`(false)` it runs no DDL and
-//! only checks that the table, its `steps` column and the sequence exist, refusing with
+//! only checks that the table, its `steps` and readable columns and the sequence exist, refusing with
 //! [`Error::Config`] that names what to run; the role then needs `SELECT, INSERT, UPDATE,
 //! DELETE` on the table and `USAGE` on the sequence (`LISTEN`/`NOTIFY` need no grant):
 //!
@@ -36,16 +36,32 @@
 //!     state       text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
 //!     record      bytea,                    -- the encoded record, once completed
 //!     expires_at  timestamptz NOT NULL,     -- end of the lease while in flight, of the ttl once completed
-//!     steps       bytea                     -- the call's steps while in flight (NULL: none), see below
+//!     steps       bytea,                    -- the call's steps while in flight (NULL: none), see below
+//!     -- Readable columns, for operators (see "Reading records with SQL" in the README); the
+//!     -- engine reads only the columns above, `record` being the source of truth:
+//!     operation       text,                 -- the operation's name (NULL in flight, for plain calls)
+//!     status          text,                 -- 'processing', 'completed', 'failed' (a kept error), 'unknown'
+//!     result          jsonb,                -- the stored answer, when it is JSON
+//!     created_at      timestamptz,          -- the time of the claim that holds or completed the row
+//!     completed_at    timestamptz,          -- when the result was stored
+//!     fingerprint_hex text                  -- the fingerprint in hex
 //! );
 //! -- A table made before steps existed gets the column (no rewrite: nullable, no default).
 //! ALTER TABLE idem_records ADD COLUMN IF NOT EXISTS steps bytea;
+//! -- A table made before the readable columns gets them the same way (one statement).
+//! ALTER TABLE idem_records ADD COLUMN IF NOT EXISTS operation text, ADD COLUMN IF NOT EXISTS status text, ...;
 //! -- Fencing tokens: strictly increasing across the whole table, across takeovers and deletes.
 //! -- Not owned by the table, so `TRUNCATE ... RESTART IDENTITY` cannot rewind it.
 //! CREATE SEQUENCE IF NOT EXISTS idem_records_token_seq AS bigint MINVALUE 1 CACHE 1 NO CYCLE;
 //! -- For purging: `DELETE ... WHERE expires_at <= now() AND ...` walks this index, not the table.
 //! CREATE INDEX IF NOT EXISTS idem_records_expires_idx ON idem_records (expires_at);
+//! -- For operators: stuck claims and unknown outcomes by status and age.
+//! CREATE INDEX IF NOT EXISTS idem_records_status_idx ON idem_records (status, created_at);
 //! ```
+//!
+//! The readable columns are derived from the record when it is written (by the record module,
+//! the same way for every store) and never read back: rows written before they existed hold
+//! `NULL` there and are still read, checked and replayed through `record`.
 //!
 //! A record is live (stands in a claim's way) while `expires_at > now()`. A completed row past
 //! its ttl counts as absent. An in-flight row past its lease may be taken over by
@@ -104,7 +120,8 @@
 //! stays fenced off after a new claim. [`scan`](super::Store::scan) pages through the table in
 //! key order (`WHERE key > <cursor> ORDER BY key LIMIT n`, the cursor being the last key of the
 //! page), and [`purge_expired_up_to`](super::Store::purge_expired_up_to) is one batch of the
-//! purge. The table keeps no claim time, so a listing's `claimed_at` is `None`.
+//! purge. A listing's `claimed_at` is the row's `created_at`, the time of its latest acquiring
+//! claim (`None` for rows claimed before the column existed).
 //!
 //! # Time
 //!
@@ -319,7 +336,7 @@ impl PostgresStore {
         if options.create_table {
             // DDL only when something is missing: it locks the table even when it changes
             // nothing (see check.sql).
-            if store.table_state().await? != (true, true, true, true) {
+            if !store.table_state().await?.complete() {
                 store.create_table().await?;
             }
         } else {
@@ -361,40 +378,63 @@ impl PostgresStore {
     }
 
     /// Checks, creating nothing, that the table and its token sequence exist and this role can
-    /// see them, and that the table has the `steps` column; [`Error::Config`] names the one
-    /// missing and what to run.
+    /// see them, and that the table has the `steps` column and the readable columns;
+    /// [`Error::Config`] names what is missing and what to run.
     async fn check_table(&self) -> Result<()> {
         // A missing index costs speed, not correctness: not this check's to refuse.
-        let (has_table, has_sequence, has_steps, _) = self.table_state().await?;
-        let missing = match (has_table, has_sequence, has_steps) {
-            (true, true, true) => return Ok(()),
-            (false, _, _) => format!("table `{}`", self.sql.table),
-            (true, false, _) => format!(
+        let state = self.table_state().await?;
+        let missing = match (state.table, state.sequence) {
+            (true, true) => None,
+            (false, _) => Some(format!("table `{}`", self.sql.table)),
+            (true, false) => Some(format!(
                 "token sequence `{}` of the table `{}`",
                 self.sql.sequence, self.sql.table
-            ),
-            // A table made by a version before steps: one statement, no table rewrite (the
-            // column is nullable, without a default).
-            (true, true, false) => {
-                return Err(Error::config(format!(
-                    "the PostgreSQL table `{}` has no column `steps` (it was made by an earlier version of idem), and changing it is off (nothing was changed): have a role that may alter the table run `{}`, or connect once with `PostgresOptions::create_table(true)`",
-                    self.sql.table, self.sql.add_steps
-                )))
-            }
+            )),
         };
+        if let Some(missing) = missing {
+            return Err(Error::config(format!(
+                "the PostgreSQL {missing} does not exist (or this role cannot see it), and creating it is off (nothing was created): check the table name, or have a role that may create tables run the statements of `PostgresStore::schema_sql` (the README's \"PostgreSQL without DDL\" lists them), or connect once with `PostgresOptions::create_table(true)`"
+            )));
+        }
+        // A table made by an earlier version: one statement per group of columns, no table
+        // rewrite (the columns are nullable, without a default).
+        let mut absent = Vec::new();
+        let mut statements = Vec::new();
+        if !state.steps {
+            absent.push("column `steps`");
+            statements.push(self.sql.add_steps.as_str());
+        }
+        if !state.readable {
+            absent.push(
+                "readable columns (`operation`, `status`, `result`, `created_at`, `completed_at`, `fingerprint_hex`)",
+            );
+            statements.push(self.sql.add_readable.as_str());
+        }
+        if absent.is_empty() {
+            return Ok(());
+        }
         Err(Error::config(format!(
-            "the PostgreSQL {missing} does not exist (or this role cannot see it), and creating it is off (nothing was created): check the table name, or have a role that may create tables run the statements of `PostgresStore::schema_sql` (the README's \"PostgreSQL without DDL\" lists them), or connect once with `PostgresOptions::create_table(true)`"
+            "the PostgreSQL table `{}` has no {} (it was made by an earlier version of idem), and changing it is off (nothing was changed): have a role that may alter the table run `{}`, or connect once with `PostgresOptions::create_table(true)`",
+            self.sql.table,
+            absent.join(" and no "),
+            statements.join(" ")
         )))
     }
 
-    /// Whether the table, its token sequence, the table's `steps` column and its expiry index
-    /// exist (as this role sees them).
-    async fn table_state(&self) -> Result<(bool, bool, bool, bool)> {
+    /// What of the table exists (as this role sees it).
+    async fn table_state(&self) -> Result<TableState> {
         let row = self
             .query_opt(&self.sql.check, &[], Repeat::Safe)
             .await?
             .ok_or_else(|| Error::store(BACKEND, "the table check returned no row"))?;
-        Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
+        Ok(TableState {
+            table: row.get(0),
+            sequence: row.get(1),
+            steps: row.get(2),
+            index: row.get(3),
+            readable: row.get(4),
+            status_index: row.get(5),
+        })
     }
 
     /// Creates the table, its token sequence and its expiry index if they are missing, and adds
@@ -564,6 +604,32 @@ impl PostgresStore {
             0 => Err(Error::lease_lost(key)),
             _ => Ok(()),
         }
+    }
+}
+
+/// What of a table exists: the row of check.sql.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TableState {
+    table: bool,
+    sequence: bool,
+    steps: bool,
+    /// The expiry index.
+    index: bool,
+    /// The readable columns (`operation`, `status`, `result`, `created_at`, `completed_at`,
+    /// `fingerprint_hex`), all six.
+    readable: bool,
+    status_index: bool,
+}
+
+impl TableState {
+    /// Whether everything `schema.sql` makes is there, so connecting runs no DDL.
+    fn complete(&self) -> bool {
+        self.table
+            && self.sequence
+            && self.steps
+            && self.index
+            && self.readable
+            && self.status_index
     }
 }
 

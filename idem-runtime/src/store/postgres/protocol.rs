@@ -10,6 +10,7 @@ use super::{row, Plan, PostgresStore, Repeat, BACKEND};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
+use crate::record::Readable;
 use crate::store::{
     steps_blob, Claim, FencingToken, Forgotten, RecordState, ScanPage, Store, StoredRecord,
 };
@@ -80,13 +81,19 @@ impl Store for PostgresStore {
         record: &[u8],
         ttl: Duration,
     ) -> Result<()> {
+        // The readable columns, derived from the record by the record module (NULL for bytes
+        // that are not a record).
+        let readable = Readable::of(record);
+        let operation = readable.and_then(|r| r.operation);
+        let status = readable.map(|r| r.status);
+        let result = readable.and_then(|r| r.result);
         // Repeating a complete that did reach the server would report a lost lease for a
         // stored result; the caller gets `Error::Store` and exec returns the result unstored.
         self.held(
             &self.sql.complete,
             key,
             token,
-            &[&record, &micros(ttl)],
+            &[&record, &micros(ttl), &operation, &status, &result],
             Repeat::Never,
         )
         .await

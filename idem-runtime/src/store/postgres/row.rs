@@ -75,7 +75,7 @@ pub(super) fn record(row: &Row) -> Result<StoredRecord> {
 }
 
 /// A record of a listing: a row of the scan statement (the columns of the get statement, then
-/// `key` and `expires_at`).
+/// `key`, `expires_at` and `created_at`, the claim time).
 pub(super) fn summary(row: &Row) -> Result<RecordSummary> {
     let raw_key: &str = column(row, 4)?;
     let key = StorageKey::from_hex(raw_key).ok_or_else(|| {
@@ -84,8 +84,13 @@ pub(super) fn summary(row: &Row) -> Result<RecordSummary> {
         ))
     })?;
     let stored = record(row).map_err(|e| e.with_key(&key))?;
-    // The table keeps no claim time.
-    Ok(RecordSummary::new(key, stored, column(row, 5)?, None))
+    // The claim time is NULL for rows claimed before the column existed.
+    Ok(RecordSummary::new(
+        key,
+        stored,
+        column(row, 5)?,
+        column(row, 6)?,
+    ))
 }
 
 /// What the forget statement found and did: no row for no record, else its one row (`state`,

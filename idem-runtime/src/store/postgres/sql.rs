@@ -1,21 +1,24 @@
 //! The statements of one table: the `.sql` files of this folder, with the table's names filled
 //! into their placeholders.
 //!
-//! The files name the table, its sequence and its index `{table}`, `{sequence}` and `{index}`,
+//! The files name the table, its sequence and its indexes `{table}`, `{sequence}`, `{index}`
+//! (expiry) and `{status_index}`,
 //! the channel its changes are announced on `{channel}`, and write
 //! [`ABANDONED_CLAIM_RETENTION`] in microseconds as `{retention_us}`; [`fill`] puts in the
 //! quoted names of [`Names`] and the number, once per store. `{exists}` stands for the
 //! condition of a row that still exists ([`EXISTS`]).
 
 use crate::error::{Error, Result};
+use crate::record::STATUS_PROCESSING;
 use crate::store::ABANDONED_CLAIM_RETENTION;
 
 const SEQUENCE_SUFFIX: &str = "_token_seq";
 const INDEX_SUFFIX: &str = "_expires_idx";
+const STATUS_INDEX_SUFFIX: &str = "_status_idx";
 /// PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1).
 const MAX_IDENTIFIER: usize = 63;
 
-/// The table, its sequence and its index, created if missing.
+/// The table, its sequence and its indexes, created if missing.
 const SCHEMA: &str = include_str!("schema.sql");
 /// Run before [`SCHEMA`] in one simple query (an implicit transaction, so the lock is held to
 /// the end), so processes starting together do not race.
@@ -23,8 +26,12 @@ const CREATE_LOCK: &str = include_str!("create_lock.sql");
 /// Adds the `steps` column to a table made before steps existed: the statement of [`SCHEMA`]
 /// that a store without DDL names when the column is missing.
 const ADD_STEPS: &str = include_str!("add_steps.sql");
-/// Whether the table, its sequence and its `steps` column exist, for a store that may not
-/// create them.
+/// Adds the readable columns (`operation`, `status`, `result`, `created_at`, `completed_at`,
+/// `fingerprint_hex`) to a table made before they existed: the statement of [`SCHEMA`] that a
+/// store without DDL names when one is missing.
+const ADD_READABLE: &str = include_str!("add_readable.sql");
+/// Whether the table, its sequence, its `steps` and readable columns and its indexes exist,
+/// for a store that may not create them.
 const CHECK: &str = include_str!("check.sql");
 /// The claim: one statement that reads, draws a token only if it acquires, and writes.
 const CLAIM: &str = include_str!("claim.sql");
@@ -63,7 +70,11 @@ pub(super) struct Sql {
     /// The one statement that adds the `steps` column to a table made before steps existed
     /// (also in `schema`).
     pub(super) add_steps: String,
-    /// Whether the table, its sequence and its `steps` column exist (three booleans).
+    /// The one statement that adds the readable columns to a table made before they existed
+    /// (also in `schema`).
+    pub(super) add_readable: String,
+    /// Whether the table, its sequence, its `steps` column, its expiry index, its readable
+    /// columns and its status index exist (six booleans).
     pub(super) check: String,
     pub(super) claim: String,
     pub(super) complete: String,
@@ -88,6 +99,7 @@ impl Sql {
             create: fill(CREATE_LOCK, &names) + &schema,
             schema,
             add_steps: fill(ADD_STEPS, &names).trim().to_owned(),
+            add_readable: fill(ADD_READABLE, &names).trim().to_owned(),
             check: fill(CHECK, &names),
             claim: fill(CLAIM, &names),
             complete: fill(COMPLETE, &names),
@@ -104,7 +116,8 @@ impl Sql {
 }
 
 /// `template` with its placeholders filled in: `{exists}` by [`EXISTS`] (first, as it holds a
-/// placeholder itself), `{table}`, `{sequence}` and `{index}` by the quoted names,
+/// placeholder itself), `{table}`, `{sequence}`, `{index}` and `{status_index}` by the quoted
+/// names, `{processing}` by the status of a claim in flight ([`STATUS_PROCESSING`]),
 /// `{retention_us}` by [`ABANDONED_CLAIM_RETENTION`] in microseconds.
 fn fill(template: &str, names: &Names) -> String {
     template
@@ -112,6 +125,8 @@ fn fill(template: &str, names: &Names) -> String {
         .replace("{table}", &names.table)
         .replace("{sequence}", &names.sequence)
         .replace("{index}", &names.index)
+        .replace("{status_index}", &names.status_index)
+        .replace("{processing}", STATUS_PROCESSING)
         .replace("{channel}", &names.channel)
         .replace(
             "{retention_us}",
@@ -119,11 +134,12 @@ fn fill(template: &str, names: &Names) -> String {
         )
 }
 
-/// The quoted names of a table and its sequence and index.
+/// The quoted names of a table and its sequence and indexes.
 struct Names {
     table: String,
     sequence: String,
     index: String,
+    status_index: String,
     /// `idem_` and the table's name (`.` as `__`), cut to an identifier's length.
     channel: String,
 }
@@ -155,7 +171,10 @@ impl Names {
         if schema.is_some_and(|s| s.len() > MAX_IDENTIFIER) {
             return Err(invalid("the schema name is longer than 63 bytes"));
         }
-        let longest_suffix = SEQUENCE_SUFFIX.len().max(INDEX_SUFFIX.len());
+        let longest_suffix = SEQUENCE_SUFFIX
+            .len()
+            .max(INDEX_SUFFIX.len())
+            .max(STATUS_INDEX_SUFFIX.len());
         if name.len() + longest_suffix > MAX_IDENTIFIER {
             return Err(invalid(&format!(
                 "the table name is longer than {} bytes (its index name must fit in 63)",
@@ -178,6 +197,7 @@ impl Names {
             table: qualify(name),
             sequence: qualify(&format!("{name}{SEQUENCE_SUFFIX}")),
             index: format!("\"{name}{INDEX_SUFFIX}\""),
+            status_index: format!("\"{name}{STATUS_INDEX_SUFFIX}\""),
             channel,
         })
     }
@@ -226,6 +246,7 @@ mod tests {
         assert_eq!(n.table, "\"app\".\"Idem\"");
         assert_eq!(n.sequence, "\"app\".\"Idem_token_seq\"");
         assert_eq!(n.index, "\"Idem_expires_idx\"");
+        assert_eq!(n.status_index, "\"Idem_status_idx\"");
     }
 
     #[test]
@@ -244,6 +265,7 @@ mod tests {
             &sql.forget,
             &sql.scan,
             &sql.add_steps,
+            &sql.add_readable,
             &sql.save_step,
             &sql.load_steps,
         ] {
@@ -256,9 +278,19 @@ mod tests {
         );
         assert!(sql.schema.contains(&format!("\n{}\n", sql.add_steps)));
         assert!(sql
+            .add_readable
+            .starts_with("ALTER TABLE \"app\".\"Idem\" ADD COLUMN IF NOT EXISTS operation text, "));
+        assert!(sql.schema.contains(&format!("\n{}\n", sql.add_readable)));
+        assert!(sql
+            .schema
+            .contains("CREATE INDEX IF NOT EXISTS \"Idem_status_idx\" ON \"app\".\"Idem\" (status, created_at);"));
+        assert!(sql
             .check
             .contains("to_regclass('\"app\".\"Idem_token_seq\"')"));
         assert!(sql.claim.contains("nextval('\"app\".\"Idem_token_seq\"')"));
+        assert!(sql
+            .claim
+            .contains("NULL, 'processing', NULL, clock_timestamp()"));
         assert!(sql.create.starts_with(
             "SELECT pg_advisory_xact_lock(hashtext('idem_runtime.create_table:\"app\".\"Idem\"'));\nCREATE TABLE"
         ));

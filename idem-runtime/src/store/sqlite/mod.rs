@@ -32,10 +32,23 @@
 //!     expires_at  INTEGER NOT NULL,                   -- unix ms: lease end, or ttl end
 //!     record      BLOB,                               -- the encoded record once completed
 //!     claimed_at  INTEGER,                            -- unix ms of the claim, or NULL
-//!     steps       BLOB                                -- in flight: the call's steps, or NULL
+//!     steps       BLOB,                               -- in flight: the call's steps, or NULL
+//!     -- Readable columns, for operators (see "Reading records with SQL" in the README); the
+//!     -- engine reads only the columns above, `record` being the source of truth:
+//!     operation       TEXT,    -- the operation's name (NULL in flight and for plain calls)
+//!     status          TEXT,    -- 'processing', 'completed', 'failed' (a kept error), 'unknown'
+//!     result          TEXT,    -- the stored answer as JSON text, when it is JSON
+//!     created_at      TEXT,    -- the claim time, ISO-8601 UTC ('2026-12-07T13:30:00.123Z')
+//!     completed_at    TEXT,    -- the completion time, ISO-8601 UTC
+//!     fingerprint_hex TEXT     -- the fingerprint in hex
 //! ) STRICT;
 //! CREATE INDEX idem_records_expires_at ON idem_records (expires_at);
+//! CREATE INDEX idem_records_status ON idem_records (status, created_at);
 //! ```
+//!
+//! The readable columns are derived from the record when it is written (by the record module,
+//! the same way for every store) and never read back: rows written before they existed hold
+//! `NULL` there and are still read, checked and replayed through `record`.
 //!
 //! `claimed_at` is only shown to operators ([`Store::scan`]). `steps` holds the steps a call in
 //! flight saved ([`Store::save_step`]), in the row itself so that they share its life: a
@@ -46,7 +59,7 @@
 //! and writes it back, in one write transaction. A claim that finds a live record never reads
 //! the column, so replays cost what they did before steps existed.
 //!
-//! Opening a file whose table predates `claimed_at` or `steps` adds them
+//! Opening a file whose table predates `claimed_at`, `steps` or the readable columns adds them
 //! (`ALTER TABLE ... ADD COLUMN`, a change of the schema alone, no row rewritten); the schema
 //! version stays 1, since builds of before name their columns and keep working on the file;
 //! with [`SqliteOptions::create_tables`]`(false)` such a file is refused ([`Error::Config`],
@@ -114,6 +127,7 @@ use crate::engine::PurgerHandle;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::StorageKey;
+use crate::record::{Readable, STATUS_PROCESSING};
 
 mod options;
 mod row;
@@ -137,7 +151,7 @@ const SCHEMA_VERSION_SQL: &str = include_str!("schema_version.sql");
 const HAS_COLUMN: &str = include_str!("has_column.sql");
 /// The columns added to `idem_records` after it was first released, in the order they were
 /// added: opening a file made before one of them adds it.
-const ADDED_COLUMNS: [AddedColumn; 2] = [
+const ADDED_COLUMNS: [AddedColumn; 8] = [
     AddedColumn {
         name: "claimed_at",
         add: include_str!("add_claimed_at.sql"),
@@ -146,7 +160,33 @@ const ADDED_COLUMNS: [AddedColumn; 2] = [
         name: "steps",
         add: include_str!("add_steps.sql"),
     },
+    AddedColumn {
+        name: "operation",
+        add: include_str!("add_operation.sql"),
+    },
+    AddedColumn {
+        name: "status",
+        add: include_str!("add_status.sql"),
+    },
+    AddedColumn {
+        name: "result",
+        add: include_str!("add_result.sql"),
+    },
+    AddedColumn {
+        name: "created_at",
+        add: include_str!("add_created_at.sql"),
+    },
+    AddedColumn {
+        name: "completed_at",
+        add: include_str!("add_completed_at.sql"),
+    },
+    AddedColumn {
+        name: "fingerprint_hex",
+        add: include_str!("add_fingerprint_hex.sql"),
+    },
 ];
+/// The index of the readable `status` column, made once the columns are there.
+const STATUS_INDEX: &str = include_str!("status_index.sql");
 /// How many of idem's two tables the file holds.
 const HAS_TABLES: &str = include_str!("has_tables.sql");
 /// The next fencing token.
@@ -449,6 +489,7 @@ fn try_open(path: &Path, create: bool) -> rusqlite::Result<Opened> {
         for column in absent_columns(&tx)? {
             tx.execute_batch(column.add)?;
         }
+        tx.execute_batch(STATUS_INDEX)?;
     }
     tx.commit()?;
     Ok(Opened::Ready(conn, version))
@@ -538,7 +579,9 @@ fn claim_blocking(
                 raw_token,
                 after(now, lease),
                 now,
-                takeover
+                takeover,
+                STATUS_PROCESSING,
+                fingerprint.as_ref().map(Fingerprint::to_hex)
             ])
         })
         .map_err(sql_err)?;
@@ -664,6 +707,12 @@ impl Store for SqliteStore {
         ttl: Duration,
     ) -> Result<()> {
         let token = sql_token(key, token)?;
+        // The readable columns, derived from the record by the record module (NULL for bytes
+        // that are not a record).
+        let readable = Readable::of(record);
+        let operation = readable.and_then(|r| r.operation).map(str::to_owned);
+        let status = readable.map(|r| r.status);
+        let result = readable.and_then(|r| r.result).map(str::to_owned);
         let (key, record) = (key.clone(), record.to_vec());
         self.with_conn(move |conn| {
             let now = now_ms();
@@ -676,7 +725,11 @@ impl Store for SqliteStore {
                     after(now, ttl),
                     key.as_str(),
                     token,
-                    abandoned_before(now)
+                    abandoned_before(now),
+                    operation,
+                    status,
+                    result,
+                    now
                 ],
             )
         })

@@ -19,9 +19,16 @@ CREATE TABLE IF NOT EXISTS idem_records (
     expires_at  INTEGER NOT NULL,                     -- unix ms: lease end, or ttl end
     record      BLOB,                                 -- the encoded record once completed
     claimed_at  INTEGER,                              -- unix ms of the claim, or NULL (see below)
-    steps       BLOB                                  -- in flight: the call's steps, or NULL
+    steps       BLOB,                                 -- in flight: the call's steps, or NULL
+    -- Readable columns, for operators (the engine reads only the columns above):
+    operation       TEXT,    -- the operation's name (NULL in flight and for plain calls)
+    status          TEXT,    -- 'processing', 'completed', 'failed' (a kept error), 'unknown'
+    result          TEXT,    -- the stored answer as JSON text, when it is JSON
+    created_at      TEXT,    -- the claim time, ISO-8601 UTC ('2026-12-07T13:30:00.123Z')
+    completed_at    TEXT,    -- the completion time, ISO-8601 UTC
+    fingerprint_hex TEXT     -- the fingerprint in hex
 ) STRICT;
 CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);
--- A table made before `claimed_at` or `steps` existed gets them from has_column.sql and
--- add_claimed_at.sql, add_steps.sql, run after this file; its rows, and the rows that builds
--- of before claim, hold NULL there.
+-- A table made before `claimed_at`, `steps` or the readable columns existed gets them from
+-- has_column.sql and the add_*.sql files, run after this file, and then the status index from
+-- status_index.sql; its rows, and the rows that builds of before claim, hold NULL there.

@@ -428,9 +428,13 @@ async fn without_creating_tables_a_table_of_before_steps_is_refused() {
     let err = SqliteStore::open_with(db(&dir), &no_ddl).await.unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err:?}");
     let message = err.to_string();
-    assert!(message.contains("(no `steps` column)"), "{message}");
+    // The readable columns came after steps: named too.
     assert!(
-        message.contains("run `ALTER TABLE idem_records ADD COLUMN steps BLOB`"),
+        message.contains("(no `steps` and `operation` and `status` and `result` and `created_at` and `completed_at` and `fingerprint_hex` columns)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("run `ALTER TABLE idem_records ADD COLUMN steps BLOB; ALTER TABLE idem_records ADD COLUMN operation TEXT; "),
         "{message}"
     );
     assert!(
@@ -448,12 +452,12 @@ async fn without_creating_tables_a_table_of_before_steps_is_refused() {
     let err = SqliteStore::open_with(db(&dir), &no_ddl).await.unwrap_err();
     let message = err.to_string();
     assert!(
-        message.contains("(no `claimed_at` and `steps` columns)"),
+        message.contains("(no `claimed_at` and `steps` and `operation` and"),
         "{message}"
     );
     assert!(
         message.contains(
-            "run `ALTER TABLE idem_records ADD COLUMN claimed_at INTEGER; ALTER TABLE idem_records ADD COLUMN steps BLOB`"
+            "run `ALTER TABLE idem_records ADD COLUMN claimed_at INTEGER; ALTER TABLE idem_records ADD COLUMN steps BLOB; ALTER TABLE idem_records ADD COLUMN operation TEXT; "
         ),
         "{message}"
     );

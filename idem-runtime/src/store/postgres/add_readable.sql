@@ -1,0 +1,1 @@
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS operation text, ADD COLUMN IF NOT EXISTS status text, ADD COLUMN IF NOT EXISTS result jsonb, ADD COLUMN IF NOT EXISTS created_at timestamptz, ADD COLUMN IF NOT EXISTS completed_at timestamptz, ADD COLUMN IF NOT EXISTS fingerprint_hex text;
