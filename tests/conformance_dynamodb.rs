@@ -354,3 +354,83 @@ async fn altered_items_are_errors_not_panics() {
         .unwrap();
     assert!(matches!(store.get(&k).await, Err(Error::Corrupt { .. })));
 }
+
+/// Counts the requests a client sends (each attempt), at the SDK's last step before the wire.
+#[derive(Debug, Clone, Default)]
+struct Requests(Arc<std::sync::atomic::AtomicUsize>);
+
+impl idempotency::dynamodb::aws_sdk_dynamodb::config::Intercept for Requests {
+    fn name(&self) -> &'static str {
+        "Requests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &idempotency::dynamodb::aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &idempotency::dynamodb::aws_sdk_dynamodb::config::RuntimeComponents,
+        _: &mut idempotency::dynamodb::aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), idempotency::dynamodb::aws_sdk_dynamodb::error::BoxError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Requests {
+    /// The requests sent since the last call.
+    fn take(&self) -> usize {
+        self.0.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The round trips the README and the module docs promise: a claim is one request, hit or
+/// miss (and key reuse); complete, renew, save_step, load_steps, get one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_call() {
+    use idempotency::dynamodb::aws_sdk_dynamodb::Client;
+
+    let Some(store) = fresh_dynamodb().await else {
+        return;
+    };
+    let requests = Requests::default();
+    let config = store
+        .client()
+        .config()
+        .to_builder()
+        .interceptor(requests.clone())
+        .build();
+    let options = DynamoDbOptions::new()
+        .table(store.table())
+        .create_table(false);
+    let counted = DynamoDbStore::from_client(Client::from_conf(config), &options)
+        .await
+        .unwrap();
+    assert_eq!(requests.take(), 1, "connecting: DescribeTable");
+    let k = key("trips");
+    let t = acquire(&counted, &k, LONG).await;
+    assert_eq!(requests.take(), 1, "a claim that acquires (a miss)");
+    counted.save_step(&k, t, "one", b"1").await.unwrap();
+    assert_eq!(requests.take(), 1, "save_step");
+    counted.renew(&k, t, LONG).await.unwrap();
+    assert_eq!(requests.take(), 1, "renew");
+    assert_eq!(counted.load_steps(&k, t).await.unwrap().len(), 1);
+    assert_eq!(requests.take(), 1, "load_steps");
+    assert_eq!(
+        counted.claim(&k, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::InFlight
+    );
+    assert_eq!(requests.take(), 1, "a claim finding it in flight");
+    counted.complete(&k, t, &record(t.0), LONG).await.unwrap();
+    assert_eq!(requests.take(), 1, "complete");
+    assert!(matches!(
+        counted.claim(&k, Some(&fp(1)), LONG).await.unwrap(),
+        Claim::Completed(_)
+    ));
+    assert_eq!(requests.take(), 1, "a claim that replays (a hit)");
+    assert_eq!(
+        counted.claim(&k, Some(&fp(2)), LONG).await.unwrap(),
+        Claim::KeyReuse
+    );
+    assert_eq!(requests.take(), 1, "a claim finding key reuse");
+    assert!(counted.get(&k).await.unwrap().is_some());
+    assert_eq!(requests.take(), 1, "get");
+}
