@@ -99,16 +99,16 @@
 //! (DynamoDB has no server time in its expressions), in milliseconds: keep the clocks of the
 //! processes sharing a table synchronised (NTP), as a skew of `s` moves leases by `s`.
 //!
-//! Every item carries `expires`, DynamoDB's TTL attribute (Unix seconds, rounded up): the ttl's
-//! end for a completed record, the lease's end plus [`ABANDONED_CLAIM_RETENTION`] for a claim,
+//! Every item carries `expires`, DynamoDB's TTL attribute (Unix seconds, rounded up): the ttl's end
+//! for a completed record, the lease's end plus
+//! [`ABANDONED_CLAIM_RETENTION`](crate::store::ABANDONED_CLAIM_RETENTION) for a claim,
 //! [`FENCE_GRACE`] after the release for a tombstone. DynamoDB deletes expired items late (within
-//! days, not at once), so every read applies the expiry itself: a completed record past its
-//! `until` is absent to `claim` (the claim's condition compares `until`, not `expires`), `get`,
-//! `forget` and `scan`, and a claim whose lease ended longer than the retention ago is
-//! abandoned. [`purge_expired`](crate::store::Store::purge_expired) deletes such items at once
-//! (a `Scan` with a filter, then conditional deletes), for servers without TTL (DynamoDB Local,
-//! moto) or a cleanup that cannot wait; on AWS it is not needed, and no purger runs in the
-//! background.
+//! days, not at once), so every read applies the expiry itself: a completed record past its `until`
+//! is absent to `claim` (the claim's condition compares `until`, not `expires`), `get`, `forget`
+//! and `scan`, and a claim whose lease ended longer than the retention ago is abandoned.
+//! [`purge_expired`](crate::store::Store::purge_expired) deletes such items at once (a `Scan` with
+//! a filter, then conditional deletes), for servers without TTL (DynamoDB Local, moto) or a cleanup
+//! that cannot wait; on AWS it is not needed, and no purger runs in the background.
 //!
 //! # Waiting
 //!
