@@ -9,6 +9,7 @@ side of both clients under test.
 Two paths are answered by the proxy itself and never forwarded:
 
   GET /__counts   the counts so far, as JSON: {"PutItem": 12, "GetItem": 3, ...}
+  GET /__times    the upstream's time so far, ns by operation (request sent to reply read)
   GET /__quit     stop the proxy (the driver script's clean exit)
 
 Usage: count_proxy.py LISTEN_PORT UPSTREAM_PORT [MAX_SECONDS]
@@ -22,9 +23,11 @@ import json
 import socket
 import sys
 import threading
+import time
 from collections import Counter
 
 COUNTS = Counter()
+TIMES = Counter()
 LOCK = threading.Lock()
 # Headers the proxy must not copy hop to hop (it re-frames bodies by Content-Length).
 HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
@@ -85,9 +88,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for attempt in range(2):
             conn = self._upstream()
             try:
+                start = time.perf_counter_ns()
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                with LOCK:
+                    TIMES[op] += time.perf_counter_ns() - start
                 break
             except (http.client.HTTPException, OSError):
                 # A keep-alive connection the upstream closed: reconnect once.
@@ -107,6 +113,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/__counts":
             with LOCK:
                 body = json.dumps(dict(COUNTS), sort_keys=True).encode()
+            self._reply(200, body)
+            return
+        if self.path == "/__times":
+            with LOCK:
+                body = json.dumps(dict(TIMES), sort_keys=True).encode()
             self._reply(200, body)
             return
         if self.path == "/__quit":

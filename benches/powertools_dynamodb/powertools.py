@@ -6,7 +6,8 @@ validation) against a table on a local DynamoDB server reached through count_pro
 rounds it makes raw GetItems (the baseline), first calls of new keys (misses: the body runs)
 and replays of those keys (hits: the stored result comes back), and reads the proxy's counts
 around each batch, so the round trips per call are counted at the server side, by operation
-(X-Amz-Target). N calls of each kind in all; it checks that the body ran once per miss, never
+(X-Amz-Target), with the time the server took to answer them (the proxy's wait on moto).
+N calls of each kind in all; it checks that the body ran once per miss, never
 on a hit, and that every hit returned the first call's result.
 
 Wall time per call is reported against a baseline measured in the same run: a raw GetItem of
@@ -38,8 +39,9 @@ from aws_lambda_powertools.utilities.idempotency import (
 )
 
 
-def counts(endpoint):
-    with urllib.request.urlopen(endpoint + "/__counts", timeout=5) as r:
+def counts(endpoint, what="counts"):
+    """The proxy's requests (`counts`) or upstream ns (`times`) so far, by operation."""
+    with urllib.request.urlopen(f"{endpoint}/__{what}", timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -53,14 +55,16 @@ class Phase:
         self.calls = 0
         self.ns = 0
         self.requests = {}
+        self.server_ns = 0
 
     def measure(self, endpoint, keys, f):
-        before = counts(endpoint)
+        before, before_ns = counts(endpoint), counts(endpoint, "times")
         start = time.perf_counter_ns()
         for i in keys:
             f(i)
         self.ns += time.perf_counter_ns() - start
-        after = counts(endpoint)
+        after, after_ns = counts(endpoint), counts(endpoint, "times")
+        self.server_ns += sum(after_ns.values()) - sum(before_ns.values())
         self.calls += len(keys)
         for op, n in after.items():
             d = n - before.get(op, 0)
@@ -71,6 +75,7 @@ class Phase:
         return {
             "calls": self.calls,
             "ns_per_call": self.ns / self.calls,
+            "server_ns_per_call": self.server_ns / self.calls,
             "requests_per_call": {op: n / self.calls for op, n in sorted(self.requests.items())},
         }
 

@@ -71,3 +71,7 @@ fi
 
 curl -s -m 2 -o /dev/null "$endpoint/__quit" || true
 "$py" "$here/table.py" "${sides[@]}"
+if [ "${IDEM_SIDE:-1}" != 0 ]; then
+    echo "idem: aws-sdk-dynamodb $(awk '/^name = "aws-sdk-dynamodb"$/ { getline; gsub(/[^0-9.]/, ""); print }' "$root/Cargo.lock") (Cargo.lock), release build"
+fi
+echo "server: the one on 127.0.0.1:$moto_port (requirements.txt pins moto[server] 5.2.5), through count_proxy.py on :$proxy_port"

@@ -2,7 +2,8 @@
 """Prints run.sh's table from the sides' JSON outputs (powertools.py, the idem example).
 
 Each input: {"side", "versions", "baseline": {...}, "miss": {...}, "hit": {...}} where each
-phase has "calls", "ns_per_call" and "requests_per_call" ({operation: requests per call}).
+phase has "calls", "ns_per_call", "server_ns_per_call" (the proxy's wait on the server) and
+"requests_per_call" ({operation: requests per call}).
 """
 
 import json
@@ -17,8 +18,8 @@ def ops(per_call):
 
 def main():
     sides = [json.load(open(p)) for p in sys.argv[1:]]
-    print("| side | call | calls | round trips per call (by X-Amz-Target) | total | us per call | vs own GetItem |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    print("| side | call | calls | round trips per call (by X-Amz-Target) | total | us per call | of which in the server | vs own GetItem |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for s in sides:
         base = s["baseline"]["ns_per_call"]
         for phase in ("miss", "hit", "baseline"):
@@ -27,7 +28,8 @@ def main():
             total = sum(p["requests_per_call"].values())
             print(
                 f"| {s['side']} | {label} | {p['calls']} | {ops(p['requests_per_call'])} | {total:g} "
-                f"| {p['ns_per_call'] / 1e3:.0f} | {p['ns_per_call'] / base:.2f}x |"
+                f"| {p['ns_per_call'] / 1e3:.0f} | {p['server_ns_per_call'] / 1e3:.0f} "
+                f"| {p['ns_per_call'] / base:.2f}x |"
             )
     print()
     for s in sides:
