@@ -157,7 +157,7 @@ async fn post(store: &Arc<dyn Store>, path: &str, key: &str) -> StatusCode {
             "/boom",
             post_route(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
         )
-        .route("/hang", post_route(|| std::future::pending::<StatusCode>()))
+        .route("/hang", post_route(std::future::pending::<StatusCode>))
         .layer(layer);
     let request = Request::post(path)
         .header("idempotency-key", key)

@@ -38,6 +38,8 @@ use crate::fingerprint::Fingerprint;
 mod expect;
 mod readable;
 pub use expect::Expected;
+/// The readable columns of the SQL stores.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) use readable::{Readable, STATUS_PROCESSING};
 
 /// The magic bytes every record starts with.
