@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idempotency::dynamodb::aws_sdk_dynamodb::types::AttributeValue;
-use idempotency::{DynamoDbStore, idempotent};
+use idempotency::{idempotent, DynamoDbStore};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The call's input: Powertools hashes this whole payload into its key; idem keys by the id.

@@ -146,10 +146,10 @@ pub mod store {
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use idem_client as client;
-#[cfg(feature = "dynamodb")]
-pub use idem_runtime::DynamoDbStore;
 #[cfg(feature = "http")]
 pub use idem_runtime::http;
+#[cfg(feature = "dynamodb")]
+pub use idem_runtime::DynamoDbStore;
 #[cfg(feature = "postgres")]
 pub use idem_runtime::PostgresStore;
 #[cfg(feature = "redis")]

@@ -266,8 +266,9 @@ fn checks(run: impl Fn(&str) -> Rows, backend: &str) {
             (op(), Some("failed".into()), one()),
             // The HTTP layer's 201: no operation name.
             (None, Some("completed".into()), one()),
-            // The attribute's and the layer's: an unknown outcome's record names no operation.
-            (None, Some("unknown".into()), Some("2".into())),
+            // The attribute's unknown outcome names its operation; the layer's has none.
+            (op(), Some("unknown".into()), one()),
+            (None, Some("unknown".into()), one()),
             (None, Some("processing".into()), Some("2".into())),
         ])
     );

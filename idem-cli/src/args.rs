@@ -19,14 +19,15 @@ Exit codes:
 /// Works on every store URL that `idempotency::connect` accepts except `memory` (a store
 /// inside the process that created it): `sqlite:PATH`, `sqlite:///abs/path`, `postgres://...`
 /// or a PostgreSQL `key=value` string, `redis://...`, `rediss://...`,
-/// `redis+unix:///path/to/redis.sock`, `redis+cluster://host:port,...`. The password of a URL
-/// is never printed.
+/// `redis+unix:///path/to/redis.sock`, `redis+cluster://host:port,...`,
+/// `dynamodb://TABLE?region=...&endpoint=...`. The password of a URL is never printed.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The store's URL: `sqlite:///abs/path` or `sqlite:PATH` (the file must exist),
     /// `postgres://USER@HOST/DB` or `host=HOST user=USER dbname=DB`, `redis://HOST:PORT`,
-    /// `rediss://...`, `redis+unix:///path/to/redis.sock`, `redis+cluster://HOST:PORT,HOST:PORT`.
+    /// `rediss://...`, `redis+unix:///path/to/redis.sock`, `redis+cluster://HOST:PORT,HOST:PORT`,
+    /// `dynamodb://TABLE?region=REGION&endpoint=URL` (an existing table).
     /// Not `memory`: a memory store lives inside the process that created it.
     #[arg(long, env = "IDEM_STORE", value_name = "URL", global = true)]
     pub store: Option<String>,

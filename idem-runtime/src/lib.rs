@@ -40,10 +40,10 @@ pub use key::{IntoKey, Operation, StorageKey};
 pub use metrics::{counters, Counters};
 pub use served::{observe, ReplayInfo, Served};
 pub use store::connect;
-pub use store::local::LocalCache;
-pub use store::memory::MemoryStore;
 #[cfg(feature = "dynamodb")]
 pub use store::dynamodb::DynamoDbStore;
+pub use store::local::LocalCache;
+pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]

@@ -18,6 +18,7 @@ const ALL_FEATURES: bool = cfg!(all(
     feature = "sqlite",
     feature = "redis",
     feature = "postgres",
+    feature = "dynamodb",
     feature = "http",
     feature = "axum",
     feature = "uuid",

@@ -438,7 +438,14 @@ impl Holding {
             OnUnknown::Refuse => {
                 tracing::warn!(target: "idem", key = %key, token = token.0, reason,
                     "outcome unknown; recording it, calls with this key are refused (at most once)");
-                Unknown::Record(Record::unknown(token.0, reason, self.recovery).encode())
+                Unknown::Record(
+                    Record {
+                        // The operation, so that a row of an unknown outcome says whose it is.
+                        operation: self.expect.operation.unwrap_or(""),
+                        ..Record::unknown(token.0, reason, self.recovery)
+                    }
+                    .encode(),
+                )
             }
         }
     }
