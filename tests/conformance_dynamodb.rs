@@ -434,3 +434,40 @@ async fn round_trips_per_call() {
     assert!(counted.get(&k).await.unwrap().is_some());
     assert_eq!(requests.take(), 1, "get");
 }
+
+/// A result or step too large for a DynamoDB item is `TooLarge` before any request, as on the
+/// other stores, and leaves the claim held: its holder can still store a smaller one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_the_item_limit_is_too_large() {
+    let Some(store) = fresh_dynamodb().await else {
+        return;
+    };
+    let k = key("too_large");
+    let token = acquire(&store, &k, LONG).await;
+    let big = vec![7u8; 400 * 1024];
+    match store.complete(&k, token, &big, LONG).await {
+        Err(Error::TooLarge { size, limit }) => {
+            assert_eq!(size, big.len());
+            assert!(limit < 409_600, "{limit}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    match store.save_step(&k, token, "charge", &big).await {
+        Err(Error::TooLarge { .. }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // Still held, and a result that fits lands.
+    store
+        .save_step(&k, token, "charge", b"small")
+        .await
+        .unwrap();
+    store
+        .complete(&k, token, &record(token.0), LONG)
+        .await
+        .unwrap();
+    let stored = store.get(&k).await.unwrap().expect("a record");
+    assert!(
+        matches!(stored.state, RecordState::Completed { .. }),
+        "{stored:?}"
+    );
+}

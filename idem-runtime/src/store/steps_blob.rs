@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 /// The longest name or record a frame can hold: its length must fit the frame's `u32`. Both
 /// SQLite and PostgreSQL refuse values longer than 1 GiB, far less, so a store that checks
 /// against this bound before [`append`] never reaches its panic.
+/// (PostgreSQL and DynamoDB check their own, smaller, bounds.)
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) const MAX_PART_LEN: usize = u32::MAX as usize;
 
 /// The steps `existing` (a value from [`append`], or `None` for none yet) with the step `name`

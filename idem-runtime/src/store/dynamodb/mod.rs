@@ -43,8 +43,10 @@
 //! [`DynamoDbStore::connect`] creates the table when missing (on-demand capacity) and turns on
 //! its TTL on `expires` (`UpdateTimeToLive`); with [`DynamoDbOptions::create_table`]`(false)` it
 //! only checks that the table exists with that key, and refuses with [`Error::Config`] naming it
-//! otherwise. An item, steps included, must fit DynamoDB's 400 KB item limit: a larger result
-//! or step fails with [`Error::Store`].
+//! otherwise. An item, steps included, must fit DynamoDB's 400 KB item limit: a result or a
+//! step larger than 399 KiB fails with [`Error::TooLarge`] before any request (the call's
+//! outcome is then unknown, as on the other stores); steps that each fit but together overflow
+//! their call's item fail with DynamoDB's `ValidationException`, an [`Error::Store`].
 //!
 //! # Round trips
 //!

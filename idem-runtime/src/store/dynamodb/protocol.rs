@@ -26,6 +26,23 @@ const CLAIM_CONDITION: &str = "attribute_not_exists(#pk) OR #until <= :now";
 /// The guard of a holder's write: in flight under exactly `:tok`, not abandoned.
 const HELD: &str = "#st = :in_flight AND #tok = :tok AND #until > :abandoned";
 
+/// The largest record (or step frame) one write sends: DynamoDB's item limit (400 KB, 409 600
+/// bytes, names and values) less room for the item's other attributes (key, state, token,
+/// fingerprint, times: under 300 bytes). A larger one is [`Error::TooLarge`] before any request,
+/// as it is on the other stores, instead of DynamoDB's `ValidationException` as a store error.
+pub(super) const MAX_VALUE: usize = 409_600 - 1_024;
+
+/// [`Error::TooLarge`] when `size` bytes cannot fit in an item.
+fn fits(size: usize) -> Result<()> {
+    if size > MAX_VALUE {
+        return Err(Error::TooLarge {
+            size,
+            limit: MAX_VALUE,
+        });
+    }
+    Ok(())
+}
+
 /// What a conditional `UpdateItem` did.
 enum Written {
     /// The condition held; the item as it was before (with `ALL_OLD`), if there was one.
@@ -218,6 +235,7 @@ impl Store for DynamoDbStore {
         record: &[u8],
         ttl: Duration,
     ) -> Result<()> {
+        fits(record.len())?;
         let until = after(now_ms(), ttl);
         let values = vec![
             (":completed", s(State::Completed.as_str())),
@@ -355,12 +373,10 @@ impl Store for DynamoDbStore {
         name: &str,
         record: &[u8],
     ) -> Result<()> {
-        if name.len() > steps_blob::MAX_PART_LEN || record.len() > steps_blob::MAX_PART_LEN {
-            return Err(Error::store(
-                super::BACKEND,
-                "a step longer than 4 GiB cannot be framed",
-            ));
-        }
+        // The frame: two u32 lengths and the bytes. The steps of a call share its item, so
+        // steps that each fit can still overflow it together: that is DynamoDB's
+        // `ValidationException`, an `Error::Store`.
+        fits(name.len().saturating_add(record.len()).saturating_add(8))?;
         let frame = steps_blob::append(None, name, record);
         let values = vec![
             (
