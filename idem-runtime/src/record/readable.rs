@@ -62,23 +62,39 @@ impl<'a> Readable<'a> {
 }
 
 /// `payload` as text if it is one JSON value that both serde_json and PostgreSQL's `jsonb`
-/// accept: `jsonb` refuses the escape `\u0000`, and a refused value would fail the statement
-/// that stores the record, so such a payload (rare) gets no readable result.
+/// accept: `jsonb` refuses the escape `\u0000` and unpaired surrogate escapes, and a refused
+/// value would fail the statement that stores the record, so such a payload (rare: serde_json
+/// writes neither but for a NUL, or a `RawValue` holding them) gets no readable result.
+///
+/// This runs on every complete of a SQL store, so it allocates nothing: the JSON is checked
+/// without being built (`IgnoredAny`), then scanned once for those escapes.
 fn json_text(payload: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(payload).ok()?;
-    let value = serde_json::from_str::<serde_json::Value>(text).ok()?;
-    (!has_nul(&value)).then_some(text)
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    (!has_refused_escape(text)).then_some(text)
 }
 
-/// Whether a string or an object key in `value` holds U+0000 (written `\u0000` in JSON).
-fn has_nul(value: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+/// Whether the JSON `text` (already checked to be JSON) holds, in a string or an object key,
+/// the escape `\u0000` or a surrogate escape (`\uD800` to `\uDFFF`; paired ones are refused
+/// too, to keep this a plain scan). In valid JSON a backslash appears only inside strings, as
+/// the start of an escape, so each one is read with the character it escapes: `\\u0000` (an
+/// escaped backslash, then `u0000`) is not a NUL.
+fn has_refused_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = bytes[i..].iter().position(|&b| b == b'\\') {
+        let escape = i + at + 1;
+        if let Some([b'u', a, b, c, d]) = bytes.get(escape..escape + 5) {
+            let nul = [*a, *b, *c, *d] == *b"0000";
+            let surrogate = a.eq_ignore_ascii_case(&b'd')
+                && matches!(b.to_ascii_lowercase(), b'8'..=b'9' | b'a'..=b'f');
+            if nul || surrogate {
+                return true;
+            }
+        }
+        i = escape + 1;
     }
+    false
 }
 
 #[cfg(test)]
@@ -138,6 +154,11 @@ mod tests {
             let view = Readable::of(&bytes).unwrap();
             assert_eq!(view.result, None, "{payload:?}");
             assert_eq!(view.operation, None);
+        }
+        // Surrogate escapes, paired or not, and in either case.
+        for payload in [&br#""\ud800""#[..], br#""\uDBFF\uDC00""#, br#"["\uDfFf"]"#] {
+            let bytes = encoded(Outcome::Ok, "", payload);
+            assert_eq!(Readable::of(&bytes).unwrap().result, None, "{payload:?}");
         }
         // Other escapes are fine.
         let bytes = encoded(Outcome::Ok, "", br#""a\u0001\\u0000""#);
